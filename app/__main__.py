@@ -1,0 +1,86 @@
+"""``unitscale-explorer [--config FILE] [--screenshot PNG]``: the desktop program."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+SCREENSHOT_SIZE = (1600, 1000)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="unitscale-explorer", description=__doc__)
+    parser.add_argument("--config", metavar="FILE", help="open this .json or .toml config")
+    parser.add_argument("--screenshot", metavar="PNG",
+                        help="open at 1600×1000, let pending work finish, save the window to "
+                             "PNG and exit (works offscreen)")
+    parser.add_argument("--exit-on-first-paint", action="store_true",
+                        help=argparse.SUPPRESS)  # benchmarks/cold_start.py
+    return parser.parse_args(argv)
+
+
+def _quit_on_first_paint(app, window) -> None:
+    """Quit the event loop once the window has painted (cold-start benchmark)."""
+    from PySide6.QtCore import QEvent, QObject, QTimer
+
+    class FirstPaint(QObject):
+        def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+            if event.type() == QEvent.Type.Paint:
+                QTimer.singleShot(0, app.quit)
+            return False
+
+    window._first_paint_filter = FirstPaint(window)
+    window.installEventFilter(window._first_paint_filter)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    t0 = time.perf_counter()
+    args = _parse(argv)
+    from unitscale_core.config import ConfigError, load
+
+    config = None
+    if args.config:
+        try:
+            config = load(args.config)
+        except ConfigError as exc:
+            print(f"unitscale-explorer: error: {exc}", file=sys.stderr)
+            return 2
+
+    from PySide6.QtWidgets import QApplication
+
+    from .main_window import MainWindow
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("Unit Scaling Explorer")
+    app.setStyle("Fusion")
+    remember = args.screenshot is None and not args.exit_on_first_paint
+    window = MainWindow(config, restore_settings=remember)
+    if args.screenshot:
+        window.resize(*SCREENSHOT_SIZE)
+        window.show()
+        window.wait_for_background()
+        for _ in range(5):  # let queued results and layout settle before grabbing
+            app.processEvents()
+            time.sleep(0.02)
+        ok = window.grab().save(args.screenshot)
+        print(f"first paint after {time.perf_counter() - t0:.2f} s; saved {args.screenshot}")
+        window.close()
+        if not ok:
+            print(f"unitscale-explorer: error: could not write {args.screenshot}", file=sys.stderr)
+            return 1
+        return 0
+    if args.exit_on_first_paint:
+        _quit_on_first_paint(app, window)
+    window.show()
+    return app.exec()
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

@@ -1,0 +1,351 @@
+"""The positional panel: live heatmaps of sinusoidal, learned, T5, RoPE and ALiBi positions.
+
+Linked to the config (``positional``, ``d_model``, ``max_len``, ``n_heads``) while "follow the
+model" is ticked; any control of its own overrides that. Up to ``SYNC_LIMIT`` positions it
+recomputes in the GUI thread (a few ms); longer ranges go to the worker, latest wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from unitscale_core.config import ModelConfig
+from unitscale_core.positional import PositionalError
+from unitscale_core.positional_views import (
+    KINDS,
+    SYNC_LIMIT,
+    VIEW_LABELS,
+    ViewResult,
+    ViewSpec,
+    compute_view,
+)
+
+from ..widgets.heatmap import Heatmap
+from ..worker import Worker
+
+MAX_LENGTH = 16384
+CHANNEL = "positional"
+KIND_LABELS = {
+    "sinusoidal": "Sinusoidal (Vaswani et al.)",
+    "learned": "Learned table",
+    "relative": "Relative (T5 buckets)",
+    "rope": "RoPE (rotary)",
+    "alibi": "ALiBi (linear bias)",
+}
+CMAPS = {"encoding": "CET-D1", "similarity_dot": "viridis", "similarity_cosine": "viridis",
+         "head_bias": "magma", "distance": "viridis"}
+CURVE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+                 "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _format(value_label: str, row_name: str, col_name: str):
+    def fmt(row: int, col: int, value: float) -> str:
+        return f"{row_name} {row}, {col_name} {col}: {value_label} = {value:.4g}"
+    return fmt
+
+
+class SchemeView(QWidget):
+    """One scheme's matrix (heatmap) or curves (plot), with its note underneath."""
+
+    def __init__(self, name: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName(name)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.stack = QStackedWidget()
+        self.heatmap = Heatmap()
+        self.heatmap.setObjectName(f"{name}Heatmap")
+        self.curves = pg.PlotWidget(background="w")
+        self.curves.setObjectName(f"{name}Curves")
+        self.curves.addLegend(offset=(-10, 10), labelTextColor="k")
+        self.curves.showGrid(x=True, y=True, alpha=0.3)
+        self.stack.addWidget(self.heatmap)
+        self.stack.addWidget(self.curves)
+        self.note = QLabel(objectName=f"{name}Note")
+        self.note.setWordWrap(True)
+        layout.addWidget(self.stack, 1)
+        layout.addWidget(self.note)
+        self.result: ViewResult | None = None
+
+    def show_result(self, result: ViewResult, view: str) -> None:
+        self.result = result
+        self.note.setText(result.note)
+        if result.matrix is not None:
+            self.stack.setCurrentWidget(self.heatmap)
+            self.heatmap.set_colormap(CMAPS.get(view, "viridis"))
+            rows = "query position" if "query" in result.ylabel else "position"
+            cols = result.xlabel.replace(" j", "").replace(" i", "")
+            self.heatmap.set_matrix(
+                result.matrix, title=result.title, xlabel=result.xlabel, ylabel=result.ylabel,
+                row_coords=result.row_coords, col_coords=result.col_coords,
+                symmetric=result.symmetric, robust=result.robust,
+                formatter=_format(result.value_label, rows, cols))
+            return
+        self.stack.setCurrentWidget(self.curves)
+        plot = self.curves.getPlotItem()
+        plot.clear()
+        plot.setTitle(result.title, color="k")
+        plot.setLabel("bottom", result.xlabel, color="k")
+        plot.setLabel("left", result.ylabel, color="k")
+        for i, curve in enumerate(result.curves[:24]):
+            pen = pg.mkPen(CURVE_COLOURS[i % len(CURVE_COLOURS)], width=2)
+            plot.plot(curve.x, curve.y, pen=pen, name=curve.name)
+
+    def show_error(self, message: str) -> None:
+        self.result = None
+        self.note.setText(f"⚠ {message}")
+        self.heatmap.set_matrix(np.zeros((1, 1)), title="")
+        self.stack.setCurrentWidget(self.heatmap)
+
+
+class PositionalPanel(QWidget):
+    """Controls on top, one or two scheme views below (side by side when comparing)."""
+
+    computed = Signal()  # emitted after views show a new result (tests, screenshots)
+
+    def __init__(self, config: ModelConfig, worker: Worker, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("positionalPanel")
+        self.worker = worker
+        self._updating = False
+        self._request_id = 0
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+
+        controls = QGridLayout()
+        self.follow = QCheckBox("follow the model", objectName="posFollow", checked=True)
+        self.follow.setToolTip("Take the scheme, d_model, max_len and heads from the model "
+                               "config; changing any control here stops following.")
+        self.kind = self._combo("posKind", [(KIND_LABELS[k], k) for k in KINDS],
+                                "Positional scheme to show")
+        self.compare = self._combo("posCompare", [("(no comparison)", None)] +
+                                   [(KIND_LABELS[k], k) for k in KINDS],
+                                   "Show a second scheme side by side, same sizes and view")
+        self.view = self._combo("posView", [(label, v) for v, label in VIEW_LABELS.items()],
+                                "Encoding: position × dimension. Similarity: between positions "
+                                "(what the scheme knows about distance). Per-head bias: ALiBi "
+                                "and T5 logit biases. Score vs distance: curves.")
+        self.length = self._spin("posLength", 1, MAX_LENGTH, "Positions shown (max_len)")
+        self.d_model = self._spin("posDModel", 2, 8192, "Encoding width (sinusoidal, random "
+                                  "learned) or rotated size (RoPE: the head size d_model/heads)")
+        self.heads = self._spin("posHeads", 1, 256, "Heads (ALiBi slopes)")
+        self.head = self._spin("posHead", 0, 255, "Head shown by the per-head bias view")
+        self.buckets = self._spin("posBuckets", 2, 1024, "T5 buckets (num_buckets)")
+        self.max_distance = self._spin("posMaxDistance", 2, 100000, "T5 max_distance")
+        self.bidirectional = QCheckBox("bidirectional", objectName="posBidirectional",
+                                       checked=True)
+        self.bidirectional.setToolTip("T5 encoder buckets (both directions); off: decoder "
+                                      "(causal) buckets")
+        self.bidirectional.toggled.connect(self._on_control)
+        self.base = QDoubleSpinBox(objectName="posBase")
+        self.base.setRange(1.5, 1e9)
+        self.base.setDecimals(1)
+        self.base.setKeyboardTracking(False)
+        self.base.setToolTip("Base of the frequencies θᵢ = base^(−2i/d) (sinusoidal, RoPE)")
+        self.base.valueChanged.connect(self._on_control)
+        self.learned_source = self._combo(
+            "posLearnedSource", [("all-MiniLM-L6-v2 checkpoint", "minilm"),
+                                 ("random init N(0,1)", "random")],
+            "Learned table: the bundled checkpoint's trained positions, or nn.Embedding's init")
+
+        rows = [
+            ("scheme", self.kind), ("compare with", self.compare), ("view", self.view),
+            ("positions", self.length), ("d_model", self.d_model), ("heads", self.heads),
+            ("head", self.head), ("base", self.base), ("buckets", self.buckets),
+            ("max distance", self.max_distance), ("learned source", self.learned_source),
+        ]
+        controls.addWidget(self.follow, 0, 0, 1, 2)
+        controls.addWidget(self.bidirectional, 0, 2, 1, 2)
+        for i, (label, widget) in enumerate(rows):
+            r, c = 1 + i // 4, (i % 4) * 2
+            lab = QLabel(label)
+            lab.setToolTip(widget.toolTip())
+            controls.addWidget(lab, r, c, Qt.AlignmentFlag.AlignRight)
+            controls.addWidget(widget, r, c + 1)
+        layout.addLayout(controls)
+
+        buttons = QHBoxLayout()
+        self.status = QLabel(objectName="posStatus")
+        buttons.addWidget(self.status, 1)
+        for text, name, slot in (("Export PNG…", "posExportPng", self._export_png),
+                                 ("Export NPY…", "posExportNpy", self._export_npy)):
+            button = QPushButton(text, objectName=name)
+            button.clicked.connect(slot)
+            buttons.addWidget(button)
+        layout.addLayout(buttons)
+
+        views = QHBoxLayout()
+        self.primary = SchemeView("posPrimary")
+        self.secondary = SchemeView("posSecondary")
+        self.secondary.hide()
+        views.addWidget(self.primary, 1)
+        views.addWidget(self.secondary, 1)
+        layout.addLayout(views, 1)
+
+        worker.finished_job.connect(self._on_result)
+        worker.failed_job.connect(self._on_failure)
+        self._set_defaults()
+        self.update_config(config)
+
+    # -- controls ------------------------------------------------------------------------------
+    def _combo(self, name: str, items, tip: str) -> QComboBox:
+        box = QComboBox(objectName=name)
+        for label, data in items:
+            box.addItem(label, data)
+        box.setToolTip(tip)
+        box.currentIndexChanged.connect(self._on_control)
+        return box
+
+    def _spin(self, name: str, lo: int, hi: int, tip: str) -> QSpinBox:
+        spin = QSpinBox(objectName=name)
+        spin.setRange(lo, hi)
+        spin.setKeyboardTracking(False)
+        spin.setToolTip(tip)
+        spin.valueChanged.connect(self._on_control)
+        return spin
+
+    def _set_defaults(self) -> None:
+        self._updating = True
+        d = ViewSpec()
+        self.base.setValue(d.base)
+        self.buckets.setValue(d.buckets)
+        self.max_distance.setValue(d.max_distance)
+        self._updating = False
+
+    def spec(self, kind: str | None = None) -> ViewSpec:
+        """The current controls as a ViewSpec (for ``kind``, default the primary scheme)."""
+        kind = kind or self.kind.currentData()
+        return ViewSpec(kind=kind, view=self.view.currentData(), length=self.length.value(),
+                        d_model=self.d_model.value(), n_heads=self.heads.value(),
+                        head=self.head.value(), base=self.base.value(),
+                        buckets=self.buckets.value(), max_distance=self.max_distance.value(),
+                        bidirectional=self.bidirectional.isChecked(),
+                        learned_source=self.learned_source.currentData())
+
+    def update_config(self, config: ModelConfig) -> None:
+        """Take the model's scheme and sizes when following it, then recompute."""
+        if self.follow.isChecked():
+            self._updating = True
+            if config.positional in KINDS:
+                self.kind.setCurrentIndex(self.kind.findData(config.positional))
+            self.length.setValue(min(config.max_len, MAX_LENGTH))
+            # RoPE rotates each head's vectors; the other schemes span the whole width.
+            width = config.head_dim if config.positional == "rope" else config.d_model
+            self.d_model.setValue(min(width, self.d_model.maximum()))
+            self.heads.setValue(min(config.n_heads, self.heads.maximum()))
+            self.bidirectional.setChecked(config.architecture == "encoder")
+            self._updating = False
+            self._model_note = ("the model uses no positions; showing the last scheme"
+                                if config.positional == "none" else "")
+        self.recompute()
+
+    def _on_control(self, *_args) -> None:
+        if self._updating:
+            return
+        sender = self.sender()
+        if sender is not None and sender is not self.follow and sender in (
+                self.kind, self.length, self.d_model, self.heads):
+            self.follow.setChecked(False)
+        self.recompute()
+
+    # -- compute -------------------------------------------------------------------------------
+    def _specs(self) -> list[ViewSpec]:
+        specs = [self.spec()]
+        other = self.compare.currentData()
+        if other is not None:
+            specs.append(self.spec(other))
+        return specs
+
+    def recompute(self) -> None:
+        """Recompute now (moderate sizes) or in the worker (long ranges)."""
+        self.head.setMaximum(max(0, self.heads.value() - 1))
+        specs = self._specs()
+        self.secondary.setVisible(len(specs) > 1)
+        if self.length.value() <= SYNC_LIMIT:
+            self._request_id = 0
+            self.worker.cancel(CHANNEL)
+            self._show([_safe_compute(s) for s in specs])
+        else:
+            self.status.setText(f"computing {self.length.value()} positions in the worker…")
+            self._request_id = self.worker.submit(
+                CHANNEL, lambda: [_safe_compute(s) for s in specs])
+
+    def _on_result(self, channel: str, request_id: int, results) -> None:
+        if channel == CHANNEL and request_id == self._request_id:
+            self._show(results)
+
+    def _on_failure(self, channel: str, request_id: int, message: str) -> None:
+        if channel == CHANNEL and request_id == self._request_id:
+            self.status.setText(f"⚠ {message}")
+
+    def _show(self, results: list[ViewResult | str]) -> None:
+        view = self.view.currentData()
+        for target, result in zip((self.primary, self.secondary), results):
+            if isinstance(result, str):
+                target.show_error(result)
+            else:
+                target.show_result(result, view)
+        note = getattr(self, "_model_note", "")
+        self.status.setText(note or f"{self.length.value()} positions")
+        self.computed.emit()
+
+    # -- export --------------------------------------------------------------------------------
+    def _export_png(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export view as PNG", "positional.png",
+                                              "PNG image (*.png)")
+        if path:
+            self.export_png(path)
+
+    def _export_npy(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export data as NPY", "positional.npy",
+                                              "NumPy array (*.npy)")
+        if path:
+            self.export_npy(path)
+
+    def export_png(self, path: str | Path) -> None:
+        """The primary view (heatmap or curves) as a PNG image."""
+        widget = self.primary.stack.currentWidget()
+        if widget is self.primary.heatmap:
+            self.primary.heatmap.export_png(path)
+        else:
+            from pyqtgraph.exporters import ImageExporter
+
+            ImageExporter(self.primary.curves.getPlotItem()).export(str(path))
+
+    def export_npy(self, path: str | Path) -> None:
+        """The primary view's data: the matrix shown, or the curves stacked ``[n_curves, n]``."""
+        from unitscale_core.atomic import atomic_open
+
+        result = self.primary.result
+        if result is None:
+            raise PositionalError("nothing to export: the view shows an error")
+        data = result.matrix if result.matrix is not None else np.stack(
+            [np.asarray(c.y, dtype=np.float64) for c in result.curves])
+        with atomic_open(path, "wb") as handle:
+            np.save(handle, data, allow_pickle=False)
+
+
+def _safe_compute(spec: ViewSpec) -> ViewResult | str:
+    """The view, or the one-line reason it cannot be drawn (e.g. odd d_model for RoPE)."""
+    try:
+        return compute_view(spec)
+    except (PositionalError, ValueError) as exc:
+        return str(exc)

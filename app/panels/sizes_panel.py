@@ -1,0 +1,115 @@
+"""The sizes panel: parameters, FLOPs and memory of the current config, live.
+
+Recomputes synchronously on every valid config (all arithmetic, microseconds). Each row's
+tooltip gives the formula behind its number.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from unitscale_core.config import ModelConfig
+from unitscale_core.sizing import format_bytes, format_count, size_report
+
+# (key path in size_report, label, kind, formula tooltip)
+ROWS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
+    (("total",), "Parameters", "count",
+     "Sum of the components below; equals sum(p.numel()) of the built torch model."),
+    (("components", "token_embedding"), "  token embedding", "count", "V · h"),
+    (("components", "position"), "  positions", "count",
+     "learned: max_len · h per stack; relative (T5): 32 buckets · heads per stack; else 0"),
+    (("components", "attention"), "  self-attention", "count",
+     "layers · (4h² + 4h bias)  — Q, K, V and output projections"),
+    (("components", "cross_attention"), "  cross-attention", "count",
+     "decoder layers · (4h² + 4h bias), encoder-decoder only"),
+    (("components", "ffn"), "  feed-forward", "count",
+     "layers · (2hf + f + h)  — SwiGLU: layers · (3hf + 2f + h)"),
+    (("components", "norms"), "  LayerNorms", "count",
+     "(2 per layer, 3 in a cross-attending layer, + 1 final per stack) · (h + h bias)"),
+    (("components", "lm_head"), "  output head", "count", "V · h, or 0 when tied to the embedding"),
+    (("non_embedding",), "Non-embedding (N)", "count",
+     "Kaplan et al. 2020: attention + feed-forward + norms (no embedding or head)"),
+    (("flops_per_token", "forward"), "FLOPs / token, forward", "count",
+     "2·N_matmul + 2·L_attn·s·h  (Kaplan et al. 2020, Table 1); N_matmul includes the head V·h"),
+    (("flops_per_token", "training"), "FLOPs / token, training", "count",
+     "3 × forward = 6·N_matmul + 6·L_attn·s·h (backward costs twice the forward)"),
+    (("flops_per_token", "attention"), "  of which attention", "count",
+     "2·L_attn·s·h: QKᵀ and A·V, dense, every self- and cross-attention block"),
+    (("memory_bytes", "weights"), "Memory: weights", "bytes", "p · N  (p = bytes per element)"),
+    (("memory_bytes", "gradients"), "Memory: gradients", "bytes", "p · N"),
+    (("memory_bytes", "optimizer"), "Memory: Adam state", "bytes",
+     "8·N (two fp32 moments) + 4·N fp32 master weights unless fp32"),
+    (("memory_bytes", "activations"), "Memory: activations", "bytes",
+     "Korthikanti et al. 2022: per layer sbh(34 + 5as/h) at p=2, f=4h, with dropout; "
+     "generalised to p, f, SwiGLU; + final norm + fp32 logits 4sbV"),
+    (("memory_bytes", "total"), "Memory: training total", "bytes",
+     "weights + gradients + Adam state + activations"),
+    (("memory_bytes", "kv_cache"), "KV cache (inference)", "bytes",
+     "2 · decoder layers · b · s · h · p (×2 with cross-attention); 0 for an encoder"),
+)
+
+
+class SizesPanel(QWidget):
+    """A read-only table of :func:`unitscale_core.sizing.size_report`."""
+
+    def __init__(self, config: ModelConfig, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("sizesPanel")
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        self.caption = QLabel(objectName="sizesCaption")
+        layout.addWidget(self.caption)
+        self.table = QTableWidget(len(ROWS), 4, objectName="sizesTable")
+        self.table.setHorizontalHeaderLabels(["Quantity", "Value", "Exact", "Formula"])
+        self.table.verticalHeader().hide()
+        self.table.verticalHeader().setDefaultSectionSize(22)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setAlternatingRowColors(True)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
+        self.table.setWordWrap(False)
+        for row, (_, label, _, formula) in enumerate(ROWS):
+            for col, text in ((0, label), (3, formula)):
+                item = QTableWidgetItem(text)
+                item.setToolTip(formula)
+                self.table.setItem(row, col, item)
+        layout.addWidget(self.table, 1)
+        self.report: dict = {}
+        self.update_config(config)
+
+    def value(self, label: str) -> str:
+        """The shown value of the row whose label (stripped) is ``label`` (for tests)."""
+        for row, (_, text, _, _) in enumerate(ROWS):
+            if text.strip() == label:
+                return self.table.item(row, 1).text()
+        raise KeyError(label)
+
+    def update_config(self, config: ModelConfig) -> None:
+        """Recompute every row for ``config``."""
+        self.report = report = size_report(config)
+        self.caption.setText(
+            f"{config.architecture}, {config.dtype}, batch {config.batch_size} × "
+            f"{config.seq_len} tokens — hover a row for its formula")
+        for row, (path, _, kind, formula) in enumerate(ROWS):
+            value = report
+            for key in path:
+                value = value[key]
+            shown = format_bytes(value) if kind == "bytes" else format_count(value)
+            for col, text in ((1, shown), (2, f"{value:,}")):
+                item = QTableWidgetItem(text)
+                item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                item.setToolTip(formula)
+                self.table.setItem(row, col, item)

@@ -1,0 +1,114 @@
+"""The ``unitscale`` command line: JSON shape, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from unitscale_core.cli import main
+from unitscale_core.config import ModelConfig, save
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_params_json(capsys, tmp_path):
+    path = tmp_path / "gpt2.json"
+    save(ModelConfig(d_model=768, n_heads=12, d_ff=3072, n_layers=12, vocab_size=50257,
+                     max_len=1024, seq_len=1024), path)
+    code, out, err = run(capsys, "params", "--config", str(path), "--json")
+    assert code == 0 and err == ""
+    data = json.loads(out)
+    assert data["total"] == 124_439_808
+    assert set(data) >= {"total", "components", "flops_per_token", "memory_bytes"}
+    assert sum(data["components"].values()) == data["total"]
+
+
+def test_params_text(capsys):
+    code, out, _ = run(capsys, "params")
+    assert code == 0 and "parameters" in out and "KV cache" in out
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ('{"d_model": 100, "n_heads": 12}', "d_model=100 is not divisible by n_heads=12"),
+    ('{"d_modle": 1}', "unknown key 'd_modle'"),
+    ('{"d_model": ', "not valid JSON"),
+])
+def test_user_errors_are_one_line_exit_2(capsys, tmp_path, content, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    code, out, err = run(capsys, "params", "--config", str(path))
+    assert code == 2 and out == ""
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_flag_exits_2(capsys):
+    assert main(["params", "--nope"]) == 2
+
+
+def test_console_script_runs_as_a_process(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("seq_len = 4096\n")
+    proc = subprocess.run([sys.executable, "-m", "unitscale_core.cli", "params", "--config",
+                           str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("unitscale params: error: seq_len=4096 is above max_len=512")
+
+
+def test_positional_alibi_npy(capsys, tmp_path):
+    out = tmp_path / "alibi.npy"
+    code, stdout, _ = run(capsys, "positional", "--kind", "alibi", "--max-len", "32",
+                          "--heads", "8", "--out", str(out))
+    assert code == 0 and "[8, 32, 32]" in stdout
+    bias = np.load(out, allow_pickle=False)
+    assert bias.shape == (8, 32, 32)
+    assert bias[0, 0, 5] == pytest.approx(-0.5 * 5)  # slope 1/2 for head 0 of 8
+
+
+def test_positional_relative_matches_transformers(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    out = tmp_path / "rel.npy"
+    assert main(["positional", "--kind", "relative", "--max-len", "40", "--buckets", "16",
+                 "--max-distance", "20", "--out", str(out)]) == 0
+    rel = torch.arange(40)[None, :] - torch.arange(40)[:, None]
+    want = t5.T5Attention._relative_position_bucket(rel, True, 16, 20).numpy()
+    np.testing.assert_array_equal(np.load(out), want)
+
+
+def test_positional_learned_from_checkpoint(capsys, tmp_path):
+    from safetensors.numpy import save_file
+
+    table = np.arange(30, dtype=np.float32).reshape(10, 3)
+    save_file({"transformer.wpe.weight": table}, str(tmp_path / "model.safetensors"))
+    out = tmp_path / "pos.npy"
+    assert main(["positional", "--kind", "learned", "--max-len", "4", "--model", str(tmp_path),
+                 "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), table[:4])
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--kind", "rope", "--max-len", "8", "--d-model", "7"], "d_model=7 must be even"),
+    (["--kind", "sinusoidal", "--max-len", "0"], "max_len=0"),
+    (["--kind", "learned", "--max-len", "600"], "above the checkpoint's 512 positions"),
+    (["--kind", "alibi", "--max-len", "8", "--model", "minilm"], "--model is only for"),
+])
+def test_positional_user_errors(capsys, tmp_path, argv, needle):
+    out = tmp_path / "x.npy"
+    code, stdout, err = run(capsys, "positional", *argv, "--out", str(out))
+    assert code == 2 and needle in err and err.count("\n") == 1
+    assert not out.exists()  # nothing partially written
+
+
+def test_pickle_only_folder_is_refused_without_opening_it(capsys, tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle, and never unpickled")
+    code, _, err = run(capsys, "positional", "--kind", "learned", "--max-len", "4", "--model",
+                       str(tmp_path), "--out", str(tmp_path / "x.npy"))
+    assert code == 2 and "only safetensors" in err

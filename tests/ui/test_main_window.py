@@ -1,0 +1,141 @@
+"""pytest-qt: typing into the model panel updates the sizes panel and MainWindow.config."""
+
+from __future__ import annotations
+
+import pytest
+from PySide6.QtCore import QPoint, Qt
+from PySide6.QtWidgets import QCheckBox, QComboBox, QDockWidget, QLabel, QSpinBox, QWidget
+
+from app.main_window import MainWindow
+from unitscale_core import ModelConfig, count_parameters
+from unitscale_core.config import FIELD_NAMES
+from unitscale_core.sizing import format_count
+
+
+@pytest.fixture
+def window(qtbot):
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitExposed(win)
+    return win
+
+
+def editor(win: MainWindow, name: str) -> QWidget:
+    widget = win.findChild(QWidget, name)
+    assert widget is not None, name
+    return widget
+
+
+def type_into(qtbot, spin: QSpinBox, text: str) -> None:
+    spin.setFocus()
+    spin.selectAll()
+    qtbot.keyClicks(spin.lineEdit(), text)
+    qtbot.keyClick(spin.lineEdit(), Qt.Key.Key_Tab)
+
+
+def exact_total(win: MainWindow) -> str:
+    return win.sizes_panel.table.item(0, 2).text()
+
+
+def test_panels_and_editors_are_named(window):
+    assert window.findChild(QWidget, "modelPanel") is window.model_panel
+    assert window.findChild(QWidget, "sizesPanel") is window.sizes_panel
+    for name in FIELD_NAMES:
+        assert editor(window, name).toolTip()
+    assert window.config == ModelConfig()
+
+
+def test_typing_a_valid_value_updates_config_and_sizes(qtbot, window):
+    with qtbot.waitSignal(window.config_changed):
+        type_into(qtbot, editor(window, "d_model"), "512")
+    assert window.config.d_model == 512
+    expected = count_parameters(window.config)["total"]
+    assert exact_total(window) == f"{expected:,}"
+    assert window.sizes_panel.value("Parameters") == format_count(expected)
+    assert not editor(window, "d_model_error").isVisible()
+
+
+def test_invalid_value_marks_editor_and_keeps_last_valid_config(qtbot, window):
+    before = window.config
+    shown_before = exact_total(window)
+    changes = []
+    window.config_changed.connect(changes.append)
+    type_into(qtbot, editor(window, "d_model"), "102")
+    error = window.findChild(QLabel, "d_model_error")
+    assert error.isVisible()
+    assert error.text() == "d_model=102 is not divisible by n_heads=4"
+    assert editor(window, "d_model").property("invalid") is True
+    assert window.config == before and exact_total(window) == shown_before
+    assert changes == []  # nothing downstream ran
+    # fixing another field makes the draft valid again: 102 / 6 heads = 17
+    type_into(qtbot, editor(window, "n_heads"), "6")
+    assert not error.isVisible()
+    assert window.config.d_model == 102 and window.config.n_heads == 6
+    assert changes and changes[-1] == window.config
+
+
+def test_seq_len_above_max_len_is_explained(qtbot, window):
+    type_into(qtbot, editor(window, "seq_len"), "4096")
+    assert editor(window, "seq_len_error").text() == "seq_len=4096 is above max_len=512"
+    assert window.config.seq_len == 128
+
+
+def test_zero_layers_is_refused(qtbot, window):
+    type_into(qtbot, editor(window, "n_layers"), "0")
+    assert "n_layers=0 must be positive" in editor(window, "n_layers_error").text()
+    assert window.config.n_layers == 4
+
+
+def test_combo_and_checkbox_edits(qtbot, window):
+    arch = editor(window, "architecture")
+    assert isinstance(arch, QComboBox)
+    arch.setCurrentText("encoder-decoder")
+    assert window.config.architecture == "encoder-decoder"
+    assert editor(window, "n_decoder_layers").isEnabled()
+    tie = editor(window, "tie_embeddings")
+    assert isinstance(tie, QCheckBox)
+    qtbot.mouseClick(tie, Qt.MouseButton.LeftButton, pos=QPoint(8, tie.height() // 2))
+    assert window.config.tie_embeddings is False
+    assert exact_total(window) == f"{count_parameters(window.config)['total']:,}"
+
+
+def test_preset_fills_every_field(qtbot, window):
+    preset = window.findChild(QComboBox, "preset")
+    index = preset.findData("gpt2-small")
+    preset.setCurrentIndex(index)
+    preset.activated.emit(index)
+    assert window.config.d_model == 768 and window.config.vocab_size == 50257
+    assert exact_total(window) == "124,439,808"
+    assert editor(window, "d_model").value() == 768
+
+
+def test_view_menu_restores_closed_docks(qtbot, window):
+    dock = window.findChild(QDockWidget, "sizesPanelDock")
+    dock.close()
+    assert not dock.isVisible()
+    window.restore_default_layout()
+    assert dock.isVisible()
+
+
+def test_status_bar_names_the_device(qtbot, window):
+    qtbot.waitUntil(lambda: "torch" in window.device_label.text(), timeout=30_000)
+    assert window.device_label.text().startswith(("CPU", "CUDA", "MPS"))
+
+
+def test_open_and_save_config(qtbot, window, tmp_path):
+    path = tmp_path / "m.toml"
+    window.model_panel.findChild(QSpinBox, "n_layers").setValue(7)
+    assert window.save_config(str(path))
+    fresh = MainWindow()
+    qtbot.addWidget(fresh)
+    assert fresh.open_config(str(path))
+    assert fresh.config == window.config
+    assert fresh.model_panel.findChild(QSpinBox, "n_layers").value() == 7
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"d_model": 100, "n_heads": 12}')
+    before = fresh.config
+    assert not fresh.open_config(str(bad))
+    assert fresh.config == before
+    assert "d_model=100 is not divisible" in fresh.statusBar().currentMessage()
+    fresh.close()

@@ -1,0 +1,94 @@
+"""The worker thread: latest wins, cancellation, failures, and stopping while busy."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from app.worker import Worker
+
+
+@pytest.fixture
+def worker(qtbot):
+    w = Worker()
+    yield w
+    assert w.stop(2000)
+
+
+def test_latest_wins_under_rapid_requests(qtbot, worker):
+    gate = threading.Event()
+    ran: list[int] = []
+    done: list[tuple[int, object]] = []
+    worker.finished_job.connect(lambda ch, rid, res: done.append((rid, res)))
+
+    def blocker():
+        gate.wait(5)
+        return "first"
+
+    with qtbot.waitSignal(worker.started_job):  # occupies the thread while requests pile up
+        worker.submit("other", blocker)
+    ids = [worker.submit("calc", lambda i=i: ran.append(i) or i) for i in range(200)]
+    assert worker.pending_count() == 1  # one pending per channel, no queue growth
+    gate.set()
+    qtbot.waitUntil(lambda: len(done) == 2, timeout=5000)
+    assert ran == [199]  # only the newest of the 200 ran
+    assert done[-1] == (ids[-1], 199)
+    assert worker.is_latest("calc", ids[-1]) and not worker.is_latest("calc", ids[0])
+
+
+def test_cancel_running_job(qtbot, worker):
+    steps: list[int] = []
+    cancelled: list[int] = []
+    worker.cancelled_job.connect(lambda ch, rid: cancelled.append(rid))
+
+    def long_job():
+        for i in range(1000):
+            worker.check_cancelled()
+            steps.append(i)
+            time.sleep(0.005)
+        return "finished"
+
+    rid = worker.submit("long", long_job)
+    qtbot.waitUntil(lambda: len(steps) > 3)
+    worker.cancel("long")
+    qtbot.waitUntil(lambda: cancelled == [rid], timeout=2000)
+    assert len(steps) < 1000
+
+
+def test_failure_then_success(qtbot, worker):
+    failures: list[str] = []
+    results: list[object] = []
+    worker.failed_job.connect(lambda ch, rid, msg: failures.append(msg))
+    worker.finished_job.connect(lambda ch, rid, res: results.append(res))
+
+    def boom():
+        raise RuntimeError("non-finite values in layer 3\nmore detail")
+
+    def oom():
+        raise MemoryError()
+
+    worker.submit("a", boom)
+    qtbot.waitUntil(lambda: len(failures) == 1)
+    worker.submit("a", oom)
+    qtbot.waitUntil(lambda: len(failures) == 2)
+    worker.submit("a", lambda: 42)
+    qtbot.waitUntil(lambda: results == [42])
+    assert failures == ["non-finite values in layer 3", "out of memory"]
+
+
+def test_stop_while_busy_returns_quickly(qtbot):
+    w = Worker()
+
+    def long_job():
+        while True:
+            w.check_cancelled()
+            time.sleep(0.01)
+
+    with qtbot.waitSignal(w.started_job):
+        w.submit("long", long_job)
+    t0 = time.perf_counter()
+    assert w.stop(2000)
+    assert time.perf_counter() - t0 < 2.0
+    assert not w.isRunning()

@@ -1,0 +1,126 @@
+"""The ``unitscale`` command line: the headless side of Unit Scaling Explorer.
+
+User errors (bad config, bad flag value) print one line to stderr and exit 2, never a
+traceback. This is the only module that writes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .config import ModelConfig, load
+from .sizing import format_bytes, format_count, size_report
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """A mistake in the command line that the user can fix."""
+
+
+def _load_config(path: str | None) -> ModelConfig:
+    return ModelConfig() if path is None else load(path)
+
+
+def cmd_params(args: argparse.Namespace) -> str:
+    """Size breakdown: parameters, FLOPs per token, training memory, KV cache."""
+    cfg = _load_config(args.config)
+    report = size_report(cfg)
+    if args.json:
+        return json.dumps(report, indent=2)
+    lines = [f"parameters      {report['total']:>18,}  ({format_count(report['total'])})"]
+    for name, count in report["components"].items():
+        lines.append(f"  {name:<14}{count:>18,}")
+    flops = report["flops_per_token"]
+    lines.append(f"FLOPs/token     forward {format_count(flops['forward'])}, "
+                 f"training {format_count(flops['training'])}")
+    mem = report["memory_bytes"]
+    lines.append(f"training memory {format_bytes(mem['total'])} ({cfg.dtype}, Adam, batch "
+                 f"{cfg.batch_size} × {cfg.seq_len})")
+    for key in ("weights", "gradients", "optimizer", "activations"):
+        lines.append(f"  {key:<14}{format_bytes(mem[key]):>18}")
+    lines.append(f"KV cache        {format_bytes(mem['kv_cache'])}")
+    return "\n".join(lines)
+
+
+def cmd_positional(args: argparse.Namespace) -> str:
+    """Write a positional encoding as .npy (see positional_views.export_array for shapes)."""
+    import numpy as np
+
+    from .atomic import atomic_open
+    from .positional_views import ViewSpec, export_array, minilm_folder
+
+    if args.kind != "learned" and args.model is not None:
+        raise UserError(f"--model is only for --kind learned, not {args.kind}")
+    folder = None if args.model in (None, "minilm") else args.model
+    if args.kind == "learned" and folder is None:
+        folder = minilm_folder()
+    spec = ViewSpec(kind=args.kind, length=args.max_len, d_model=args.d_model,
+                    n_heads=args.heads, base=args.base, buckets=args.buckets,
+                    max_distance=args.max_distance, bidirectional=not args.causal)
+    array = export_array(spec, folder)
+    with atomic_open(args.out, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    return f"wrote {args.out}: {args.kind}, shape {list(array.shape)}, {array.dtype}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unitscale",
+        description="Unit Scaling Explorer, headless: sizes and scales of Transformer configs.",
+    )
+    parser.add_argument("--version", action="version", version=f"unitscale {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("params", help="parameter count, FLOPs per token and memory of a config")
+    p.add_argument("--config", metavar="FILE", help="a .json or .toml config (default: built-in)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("positional", help="write a positional encoding to a .npy file")
+    p.add_argument("--kind", required=True,
+                   choices=("sinusoidal", "learned", "relative", "rope", "alibi"))
+    p.add_argument("--max-len", type=int, required=True, metavar="N", help="positions")
+    p.add_argument("--d-model", type=int, default=512, metavar="D",
+                   help="width (sinusoidal) or rotated size (rope); default 512")
+    p.add_argument("--heads", type=int, default=8, metavar="H", help="ALiBi heads (default 8)")
+    p.add_argument("--buckets", type=int, default=32, metavar="B", help="T5 buckets (32)")
+    p.add_argument("--max-distance", type=int, default=128, metavar="M",
+                   help="T5 max distance (128)")
+    p.add_argument("--causal", action="store_true", help="T5 causal (unidirectional) buckets")
+    p.add_argument("--base", type=float, default=10000.0, metavar="B",
+                   help="sinusoidal / rope base (10000)")
+    p.add_argument("--model", metavar="minilm|FOLDER",
+                   help="learned: the bundled MiniLM (default) or a safetensors checkpoint folder")
+    p.add_argument("--out", required=True, metavar="FILE.npy")
+    p.set_defaults(func=cmd_positional)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one-line usage error
+        return int(exc.code or 0) and EXIT_USER_ERROR
+    func: Callable[[argparse.Namespace], str] = args.func
+    try:
+        out = func(args)
+    except ValueError as exc:  # ConfigError and every user-caused error subclass ValueError
+        print(f"unitscale {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(out)
+    return 0
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main_exit()
