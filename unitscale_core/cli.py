@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -68,6 +70,33 @@ def cmd_positional(args: argparse.Namespace) -> str:
     return f"wrote {args.out}: {args.kind}, shape {list(array.shape)}, {array.dtype}"
 
 
+def _with_param(cfg: ModelConfig, param: str | None) -> ModelConfig:
+    return cfg if param is None else cfg.replace(parametrization=param)
+
+
+def _rows_text(rows) -> str:
+    lines = [f"{'kind':<16} {'tensor':<36} {'rms':>11}  {'log2':>6}"]
+    for r in rows:
+        log2 = f"{math.log2(r.rms):6.1f}" if r.rms > 0 and math.isfinite(r.rms) else "     -"
+        lines.append(f"{r.kind:<16} {r.name:<36} {r.rms:11.4g}  {log2}")
+    return "\n".join(lines)
+
+
+def cmd_measure(args: argparse.Namespace) -> str:
+    """One forward+backward pass; RMS of every tensor (same JSON shape as ``predict``)."""
+    from .measure import measure
+
+    cfg = _with_param(_load_config(args.config), args.param)
+    if args.device is not None:
+        cfg = cfg.replace(device=args.device)
+    rows = measure(cfg)
+    if args.json:
+        return json.dumps({"config": cfg.to_dict(), "parametrization": cfg.parametrization,
+                           "source": "measured", "tensors": [r.to_json() for r in rows]},
+                          indent=1)
+    return _rows_text(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unitscale",
@@ -80,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="a .json or .toml config (default: built-in)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("measure", help="measure every tensor's RMS in one training step")
+    p.add_argument("--config", metavar="FILE", help="a .json or .toml config (default: built-in)")
+    p.add_argument("--param", choices=("standard", "unit", "umup"),
+                   help="override the file's parametrization")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the device")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("positional", help="write a positional encoding to a .npy file")
     p.add_argument("--kind", required=True,
@@ -113,7 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # ConfigError and every user-caused error subclass ValueError
         print(f"unitscale {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(out)
+    try:
+        print(out)
+    except BrokenPipeError:  # `unitscale … | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unitscale_core import ConfigError, ModelConfig, build_model
+from unitscale_core import ModelConfig, build_model
 from unitscale_core.config import ATTENTIONS, POSITIONALS
 from unitscale_core.model import allowed
 
@@ -121,6 +121,13 @@ def test_same_seed_same_weights_and_rng_untouched():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_unit_parametrizations_are_refused_until_built():
-    with pytest.raises(ConfigError, match="parametrization='unit' cannot be run yet"):
-        build_model(ModelConfig(parametrization="unit", **SMALL))
+@pytest.mark.parametrize("param", ["unit", "umup"])
+@pytest.mark.parametrize("arch", ["encoder", "decoder", "encoder-decoder"])
+def test_unit_scaled_models_run(param, arch):
+    cfg = ModelConfig(parametrization=param, architecture=arch, **SMALL)
+    model = build_model(cfg)
+    idx = torch.randint(0, 61, (2, 24))
+    logits = model(idx, idx) if arch == "encoder-decoder" else model(idx)
+    loss = model.loss(logits, idx)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,20 +1,66 @@
 """Transformer building blocks: attention, feed-forward, encoder and decoder layers.
 
 Shapes in comments: B batch, T query length, S key length, C = d_model, H heads, D = C / H,
-F = d_ff. Parametrization ``standard`` = plain ``torch.nn`` with PyTorch's default
-initialisations and no scale factors.
+F = d_ff. Every op goes through ``ops`` (see :mod:`.ops`), so one set of modules serves the
+standard, unit-scaled and u-μP parametrizations. ``Tap`` modules are identity points whose
+module names are the tensor names measurement reports (``layers.0.attn.probs`` …).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .ops import StandardOps
+
+
+class Tap(nn.Identity):
+    """A named point in the forward pass; hooks on it see the tensor and its gradient."""
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product is the parametrization's (``ops.linear``).
+
+    ``role`` is ``"hidden"``, ``"ffn"`` (feed-forward matrices, whose factors mirror each
+    other) or ``"readout"`` (the output head, which u-μP scales by ``1/fan_in``). Initialised
+    by ``ops.init_linear``.
+    """
+
+    def __init__(self, fan_in: int, fan_out: int, bias: bool, ops: StandardOps,
+                 role: str = "hidden"):
+        super().__init__(fan_in, fan_out, bias=bias)
+        self.ops, self.role = ops, role
+        ops.init_linear(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ops.linear(x, self.weight, self.bias, self.role)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` (N(0, 1)) looked up through ``ops.embedding``."""
+
+    def __init__(self, rows: int, dim: int, ops: StandardOps):
+        super().__init__(rows, dim)
+        self.ops = ops
+        ops.init_embedding(self)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.ops.embedding(ids, self.weight)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (gain 1, bias 0; bias only with ``cfg.bias``) through ``ops``."""
+
+    def __init__(self, cfg: ModelConfig, ops: StandardOps):
+        super().__init__(cfg.d_model, bias=cfg.bias)
+        self.ops = ops
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ops.layer_norm(x, self)
 
 
 @dataclass
@@ -23,17 +69,14 @@ class PositionContext:
 
     ``bias``: additive logits bias ``(H, T, S)`` (T5 relative buckets or ALiBi) or None;
     ``rope``: ``(cos, sin)`` each ``(T, D/2)`` for rotary embeddings, or None;
-    ``allowed``: bool ``(T, S)`` attention pattern, or None for full attention.
+    ``allowed``: bool ``(T, S)`` attention pattern, or None for full attention;
+    ``causal``: whether the pattern hides future keys (u-μP's attention model uses it).
     """
 
     bias: Tensor | None = None
     rope: tuple[Tensor, Tensor] | None = None
     allowed: Tensor | None = None
-
-
-def make_norm(cfg: ModelConfig) -> nn.LayerNorm:
-    """LayerNorm over C with gain (and bias when ``cfg.bias``), PyTorch's default init."""
-    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+    causal: bool = False
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -48,21 +91,26 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention: ``softmax(QKᵀ/√D + bias + mask) V``, then an output projection.
+    """Multi-head attention: ``softmax(QKᵀ·m + bias + mask) V``, then an output projection.
 
-    Self-attention when ``memory`` is None, cross-attention otherwise (keys and values from
-    ``memory``). When ``capture`` is set, the probabilities ``(B, H, T, S)`` are kept in
-    ``self.probs`` without changing the output.
+    ``m = 1/√D`` (standard, unit) or ``1/D`` (u-μP). Self-attention when ``memory`` is None,
+    cross-attention otherwise (keys and values from ``memory``). When ``capture`` is set, the
+    probabilities ``(B, H, T, S)`` are kept in ``self.probs`` without changing the output.
+    Taps: ``scores`` (logits before masking), ``probs``, ``context`` (``P V``, heads merged).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops: StandardOps):
         super().__init__()
         c = cfg.d_model
+        self.ops = ops
         self.n_heads = cfg.n_heads
-        self.q = nn.Linear(c, c, bias=cfg.bias)
-        self.k = nn.Linear(c, c, bias=cfg.bias)
-        self.v = nn.Linear(c, c, bias=cfg.bias)
-        self.o = nn.Linear(c, c, bias=cfg.bias)
+        self.q = Linear(c, c, cfg.bias, ops)
+        self.k = Linear(c, c, cfg.bias, ops)
+        self.v = Linear(c, c, cfg.bias, ops)
+        self.scores = Tap()
+        self.probs_tap = Tap()
+        self.context = Tap()
+        self.o = Linear(c, c, cfg.bias, ops)
         self.dropout = cfg.dropout
         self.capture = False
         self.probs: Tensor | None = None
@@ -73,91 +121,110 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: PositionContext, memory: Tensor | None = None,
                 key_padding_mask: Tensor | None = None) -> Tensor:
+        ops = self.ops
         src = x if memory is None else memory
         q, k, v = self._heads(self.q(x)), self._heads(self.k(src)), self._heads(self.v(src))
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+        q, k, v = ops.attention_in(q, k, v, ctx.causal)
+        scores = self.scores(ops.scores(q, k))  # (B, H, T, S)
         if ctx.bias is not None:
             scores = scores + ctx.bias
         keep = ctx.allowed  # (T, S)
         if key_padding_mask is not None:  # (B, S), True = padding (torch's convention)
             pad_keep = ~key_padding_mask[:, None, None, :]
             keep = pad_keep if keep is None else keep & pad_keep
+        scores = ops.softmax_in(scores, ctx.causal)
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         if key_padding_mask is not None:  # a query whose keys are all padding attends to nothing
             probs = torch.nan_to_num(probs, nan=0.0)
+        probs = self.probs_tap(probs)
         if self.capture:
             self.probs = probs.detach()
-        probs = F.dropout(probs, self.dropout, self.training)
-        y = (probs @ v).transpose(1, 2).flatten(2)  # (B, T, C)
-        return self.o(y)
+        probs = ops.dropout(ops.softmax_out(probs, ctx.causal), self.dropout, self.training)
+        y = ops.attention_out(ops.attend(probs, v), k.shape[-2], ctx.causal)  # (B, H, T, D)
+        return self.o(self.context(y.transpose(1, 2).flatten(2)))  # (B, T, C)
 
 
 class FeedForward(nn.Module):
     """``down(act(up(x)))``; SwiGLU: ``down(silu(gate(x)) ⊙ up(x))`` (Shazeer 2020)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops: StandardOps):
         super().__init__()
         c, f = cfg.d_model, cfg.d_ff
+        self.ops = ops
         self.activation = cfg.activation
         if cfg.activation == "swiglu":
-            self.gate = nn.Linear(c, f, bias=cfg.bias)
-        self.up = nn.Linear(c, f, bias=cfg.bias)
-        self.down = nn.Linear(f, c, bias=cfg.bias)
+            self.gate = Linear(c, f, cfg.bias, ops, role="ffn")
+        self.up = Linear(c, f, cfg.bias, ops, role="ffn")
+        self.act = Tap()
+        self.down = Linear(f, c, cfg.bias, ops, role="ffn")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":
-            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, F)
-        elif self.activation == "relu":
-            h = F.relu(self.up(x))
+            h = self.ops.swiglu(self.up(x), self.gate(x))  # (B, T, F)
         else:
-            h = F.gelu(self.up(x))
-        return self.down(h)  # (B, T, C); the residual branch applies dropout
+            h = self.ops.activation(self.up(x), self.activation)
+        return self.down(self.act(h))  # (B, T, C); the residual branch applies dropout
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention then feed-forward, each in a residual branch.
+    """Self-attention then feed-forward, each in a τ-weighted residual branch.
 
-    pre-norm: ``x + f(norm(x))``; post-norm: ``norm(x + f(x))`` (Vaswani et al. 2017).
+    pre-norm: ``x ← add(f(norm(x)), x)``; post-norm: ``x ← norm(add(f(x), x))`` (Vaswani et
+    al. 2017), where ``add`` is the parametrization's residual add (τ-weighted when unit-scaled).
+    Tap ``after_attn`` is the residual stream between the two sub-blocks.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops: StandardOps, taus: tuple[float, ...]):
         super().__init__()
+        self.ops = ops
+        self.taus = taus
         self.pre_norm = cfg.norm == "pre"
         self.dropout = cfg.dropout
-        self.norm1 = make_norm(cfg)
-        self.attn = Attention(cfg)
-        self.norm2 = make_norm(cfg)
-        self.ffn = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg, ops)
+        self.attn = Attention(cfg, ops)
+        self.after_attn = Tap()
+        self.norm2 = LayerNorm(cfg, ops)
+        self.ffn = FeedForward(cfg, ops)
 
-    def _residual(self, x: Tensor, norm: nn.Module, branch) -> Tensor:
+    def _residual(self, x: Tensor, norm: nn.Module, branch: Callable[[Tensor], Tensor],
+                  tau: float) -> Tensor:
+        ops = self.ops
+        res, skip = ops.residual_split(x, tau)
         if self.pre_norm:
-            return x + F.dropout(branch(norm(x)), self.dropout, self.training)
-        return norm(x + F.dropout(branch(x), self.dropout, self.training))
+            res = norm(res)
+        y = ops.residual_add(ops.dropout(branch(res), self.dropout, self.training), skip, tau)
+        return y if self.pre_norm else norm(y)
 
     def forward(self, x: Tensor, ctx: PositionContext,
                 key_padding_mask: Tensor | None = None) -> Tensor:
-        x = self._residual(x, self.norm1, lambda h: self.attn(h, ctx, None, key_padding_mask))
-        return self._residual(x, self.norm2, self.ffn)
+        x = self._residual(x, self.norm1, lambda h: self.attn(h, ctx, None, key_padding_mask),
+                           self.taus[0])
+        return self._residual(self.after_attn(x), self.norm2, self.ffn, self.taus[1])
 
 
 class DecoderLayer(EncoderLayer):
-    """Masked self-attention, cross-attention over ``memory``, then feed-forward."""
+    """Masked self-attention, cross-attention over ``memory``, then feed-forward.
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.cross_norm = make_norm(cfg)
-        self.cross_attn = Attention(cfg)
+    ``taus`` = (self-attention, cross-attention, feed-forward); tap ``after_cross``.
+    """
+
+    def __init__(self, cfg: ModelConfig, ops: StandardOps, taus: tuple[float, ...]):
+        super().__init__(cfg, ops, (taus[0], taus[2]))
+        self.cross_tau = taus[1]
+        self.cross_norm = LayerNorm(cfg, ops)
+        self.cross_attn = Attention(cfg, ops)
+        self.after_cross = Tap()
 
     def forward(self, x: Tensor, ctx: PositionContext, memory: Tensor | None = None,
                 cross_ctx: PositionContext | None = None,
                 tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None) -> Tensor:
         x = self._residual(x, self.norm1,
-                           lambda h: self.attn(h, ctx, None, tgt_key_padding_mask))
-        x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
-            h, cross_ctx or PositionContext(), memory, memory_key_padding_mask))
-        return self._residual(x, self.norm2, self.ffn)
+                           lambda h: self.attn(h, ctx, None, tgt_key_padding_mask), self.taus[0])
+        x = self._residual(self.after_attn(x), self.cross_norm, lambda h: self.cross_attn(
+            h, cross_ctx or PositionContext(), memory, memory_key_padding_mask), self.cross_tau)
+        return self._residual(self.after_cross(x), self.norm2, self.ffn, self.taus[1])

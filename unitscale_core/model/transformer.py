@@ -12,14 +12,14 @@ single-stack model, ``encoder.layers.{i}.…`` / ``decoder.layers.{i}.…`` in a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import positional
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
 from ..sizing import RELATIVE_BUCKETS, RELATIVE_MAX_DISTANCE
-from .layers import DecoderLayer, EncoderLayer, PositionContext, make_norm
+from .layers import DecoderLayer, Embedding, EncoderLayer, LayerNorm, Linear, PositionContext, Tap
 from .masks import allowed
+from .ops import StandardOps, make_ops
 
 TORCH_DTYPES = {
     "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -41,31 +41,33 @@ class Positions(nn.Module):
     * none: nothing.
     """
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    def __init__(self, cfg: ModelConfig, ops: StandardOps, causal: bool):
         super().__init__()
         self.cfg = cfg
+        self.ops = ops
         self.kind = cfg.positional
         self.causal = causal
         if self.kind == "learned":
-            self.table = nn.Embedding(cfg.max_len, cfg.d_model)
+            self.table = Embedding(cfg.max_len, cfg.d_model, ops)
         elif self.kind == "relative":
-            self.rel_bias = nn.Embedding(RELATIVE_BUCKETS, cfg.n_heads)
+            self.rel_bias = Embedding(RELATIVE_BUCKETS, cfg.n_heads, ops)
 
     def embed(self, x: Tensor) -> Tensor:
         """Add absolute positions to token embeddings ``x: (B, T, C)``."""
         t = x.shape[1]
         if self.kind == "learned":
-            return x + self.table(torch.arange(t, device=x.device))
+            return self.ops.add_positions(x, self.table(torch.arange(t, device=x.device)))
         if self.kind == "sinusoidal":
             pe = torch.from_numpy(positional.sinusoidal(t, self.cfg.d_model))
-            return x + pe.to(device=x.device, dtype=x.dtype)
+            return self.ops.add_positions(x, pe.to(device=x.device, dtype=x.dtype))
         return x
 
     def context(self, t: int, device: torch.device, dtype: torch.dtype) -> PositionContext:
         """Logit bias, rotary angles and attention pattern for self-attention over t tokens."""
         cfg = self.cfg
         ctx = PositionContext(allowed=allowed(t, t, cfg.attention, cfg.window, self.causal,
-                                              device=device))
+                                              device=device),
+                              causal=self.causal or cfg.attention == "causal")
         if self.kind == "relative":
             rel = positional.relative_positions(t, t)  # (T, T): key − query
             buckets = positional.t5_relative_bucket(
@@ -88,21 +90,33 @@ def _pattern_override(mask: Tensor | None, ctx: PositionContext) -> PositionCont
     return ctx
 
 
+def _stack_taus(ops: StandardOps, n_layers: int, per_layer: list[str]) -> list[tuple]:
+    """Residual weights of each layer's sub-blocks, from the parametrization's depth rule."""
+    taus = ops.taus(per_layer * n_layers)
+    k = len(per_layer)
+    return [tuple(taus[i * k:(i + 1) * k]) for i in range(n_layers)]
+
+
 class Encoder(nn.Module):
-    """A stack of encoder layers then a final LayerNorm (the seed's §5.1.1 ``Encoder``)."""
+    """A stack of encoder layers then a final LayerNorm (the seed's §5.1.1 ``Encoder``).
+
+    Tap ``embed``: token embeddings plus absolute positions, the residual stream's start.
+    """
 
     causal = False
 
-    def __init__(self, cfg: ModelConfig, n_layers: int):
+    def __init__(self, cfg: ModelConfig, n_layers: int, ops: StandardOps):
         super().__init__()
-        self.pos = Positions(cfg, causal=self.causal)
-        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(n_layers)])
-        self.norm = make_norm(cfg)
+        self.pos = Positions(cfg, ops, causal=self.causal)
+        self.embed = Tap()
+        taus = _stack_taus(ops, n_layers, ["attn", "mlp"])
+        self.layers = nn.ModuleList([EncoderLayer(cfg, ops, taus[i]) for i in range(n_layers)])
+        self.norm = LayerNorm(cfg, ops)
 
     def forward(self, src: Tensor, mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None) -> Tensor:
         """``src: (B, T, C)`` token embeddings → ``(B, T, C)``."""
-        x = self.pos.embed(src)
+        x = self.embed(self.pos.embed(src))
         ctx = _pattern_override(mask, self.pos.context(x.shape[1], x.device, x.dtype))
         for layer in self.layers:
             x = layer(x, ctx, src_key_padding_mask)
@@ -112,17 +126,19 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Causal self-attention + cross-attention layers, then a final LayerNorm (§5.1.2)."""
 
-    def __init__(self, cfg: ModelConfig, n_layers: int):
+    def __init__(self, cfg: ModelConfig, n_layers: int, ops: StandardOps):
         super().__init__()
-        self.pos = Positions(cfg, causal=True)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(n_layers)])
-        self.norm = make_norm(cfg)
+        self.pos = Positions(cfg, ops, causal=True)
+        self.embed = Tap()
+        taus = _stack_taus(ops, n_layers, ["attn", "attn", "mlp"])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, ops, taus[i]) for i in range(n_layers)])
+        self.norm = LayerNorm(cfg, ops)
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
                 memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None) -> Tensor:
         """``tgt: (B, T, C)`` embeddings, ``memory: (B, S, C)`` encoder output → ``(B, T, C)``."""
-        x = self.pos.embed(tgt)
+        x = self.embed(self.pos.embed(tgt))
         ctx = _pattern_override(tgt_mask, self.pos.context(x.shape[1], x.device, x.dtype))
         cross = _pattern_override(memory_mask, PositionContext())
         for layer in self.layers:
@@ -140,13 +156,15 @@ class TransformerLM:
     """Mixin for the token embedding, output head and loss shared by every architecture."""
 
     cfg: ModelConfig
-    tok_emb: nn.Embedding
-    head: nn.Linear
+    ops: StandardOps
+    tok_emb: Embedding
+    head: Linear
 
-    def _init_embeddings(self, cfg: ModelConfig) -> None:
+    def _init_embeddings(self, cfg: ModelConfig, ops: StandardOps) -> None:
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.ops = ops
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, ops)
+        self.head = Linear(cfg.d_model, cfg.vocab_size, False, ops, role="readout")
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
@@ -157,16 +175,16 @@ class TransformerLM:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, Attention)]
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Cross-entropy, mean over all B·T tokens (``torch.nn.functional.cross_entropy``)."""
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        """Cross-entropy, mean over all B·T tokens, as the parametrization computes it."""
+        return self.ops.loss(logits, targets)
 
 
 class EncoderOnlyModel(Encoder, TransformerLM):
     """BERT-like: embeddings → encoder stack → per-token vocabulary logits."""
 
-    def __init__(self, cfg: ModelConfig):
-        Encoder.__init__(self, cfg, cfg.n_layers)
-        self._init_embeddings(cfg)
+    def __init__(self, cfg: ModelConfig, ops: StandardOps):
+        Encoder.__init__(self, cfg, cfg.n_layers, ops)
+        self._init_embeddings(cfg, ops)
 
     def forward(self, idx: Tensor, mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None) -> Tensor:
@@ -177,9 +195,9 @@ class EncoderOnlyModel(Encoder, TransformerLM):
 class DecoderOnlyModel(CausalEncoder, TransformerLM):
     """GPT-like: embeddings → causal stack → next-token logits."""
 
-    def __init__(self, cfg: ModelConfig):
-        CausalEncoder.__init__(self, cfg, cfg.n_layers)
-        self._init_embeddings(cfg)
+    def __init__(self, cfg: ModelConfig, ops: StandardOps):
+        CausalEncoder.__init__(self, cfg, cfg.n_layers, ops)
+        self._init_embeddings(cfg, ops)
 
     def forward(self, idx: Tensor, mask: Tensor | None = None,
                 key_padding_mask: Tensor | None = None) -> Tensor:
@@ -190,11 +208,11 @@ class DecoderOnlyModel(CausalEncoder, TransformerLM):
 class EncoderDecoderModel(nn.Module, TransformerLM):
     """Vaswani et al. 2017: encoder over the source, decoder over the target, shared embedding."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops: StandardOps):
         super().__init__()
-        self._init_embeddings(cfg)
-        self.encoder = Encoder(cfg, cfg.encoder_layers)
-        self.decoder = Decoder(cfg, cfg.decoder_layers)
+        self._init_embeddings(cfg, ops)
+        self.encoder = Encoder(cfg, cfg.encoder_layers, ops)
+        self.decoder = Decoder(cfg, cfg.decoder_layers, ops)
 
     def forward(self, src: Tensor, tgt: Tensor, src_key_padding_mask: Tensor | None = None,
                 tgt_key_padding_mask: Tensor | None = None) -> Tensor:
@@ -219,14 +237,10 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> n
     Weights are created in the config's dtype for fp32/bf16/fp16; FP8 configs keep fp32
     storage (FP8 is a simulated cast of matmul inputs).
 
-    Only the ``standard`` parametrization runs in this version: the unit-scaled and u-μP
-    forward passes (issue 4) are refused with a ConfigError rather than built wrongly.
+    The parametrization decides initialisation and every op (:mod:`.ops`).
     """
-    if cfg.parametrization != "standard":
-        raise ConfigError({"parametrization": (
-            f"parametrization={cfg.parametrization!r} cannot be run yet: this version builds "
-            "only 'standard' models (sizes and predictions still cover it)")})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = ARCHITECTURE_CLASSES[cfg.architecture](cfg)
+        model = ARCHITECTURE_CLASSES[cfg.architecture](cfg, make_ops(cfg.parametrization,
+                                                                      cfg.dtype))
     return model.to(device=device, dtype=TORCH_DTYPES[cfg.dtype])

@@ -1,0 +1,163 @@
+"""Measurement: names, unit scale where the papers promise it, and unit-scaling's own model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import unit_scaling as uu
+
+from unitscale_core import ModelConfig
+from unitscale_core.measure import measure, measurement_batch, tensor_stats
+from unitscale_core.tensors import KINDS
+
+SMALL = dict(d_model=64, n_heads=4, d_ff=256, n_layers=2, vocab_size=257, max_len=64,
+             seq_len=32, batch_size=4)
+
+
+def by_key(rows):
+    return {(r.name, r.kind): r for r in rows}
+
+
+def test_rows_cover_every_tensor_and_kind():
+    cfg = ModelConfig(**SMALL)
+    rows = measure(cfg)
+    keys = by_key(rows)
+    assert {r.kind for r in rows} == set(KINDS)
+    for name in ("tok_emb", "embed", "layers.0.norm1", "layers.0.attn.q", "layers.0.attn.scores",
+                 "layers.0.attn.probs", "layers.0.attn.context", "layers.0.attn.o",
+                 "layers.0.after_attn", "layers.0.ffn.up", "layers.0.ffn.act",
+                 "layers.0.ffn.down", "layers.1", "norm", "head"):
+        assert (name, "activation") in keys and (name, "grad_activation") in keys, name
+    assert ("loss", "activation") in keys
+    n_params = sum(1 for _ in __import__("unitscale_core").build_model(cfg).parameters())
+    assert sum(r.kind == "weight" for r in rows) == n_params
+    assert all(math.isfinite(r.rms) for r in rows)
+
+
+def test_encoder_decoder_names_and_second_embedding_call():
+    rows = by_key(measure(ModelConfig(architecture="encoder-decoder", **SMALL)))
+    for name in ("encoder.layers.0.attn.probs", "decoder.layers.1.cross_attn.probs",
+                 "decoder.layers.0.after_cross", "tok_emb", "tok_emb@2", "decoder.embed"):
+        assert (name, "activation") in rows, name
+
+
+def test_measured_rms_matches_torch_directly():
+    """The recorded RMS of the logits equals recomputing them by hand."""
+    cfg = ModelConfig(**SMALL)
+    rows = by_key(measure(cfg))
+    model = __import__("unitscale_core").build_model(cfg).train()
+    logits = model(measurement_batch(cfg, torch.device("cpu"))["ids"])
+    want = logits.detach().pow(2).mean().sqrt().item()
+    assert rows[("head", "activation")].rms == pytest.approx(want, rel=1e-5)
+
+
+def test_format_fractions_are_counted_on_values():
+    x = torch.tensor([0.0, 1e-9, 1.0, 1e5, float("inf")])
+    rms, formats = tensor_stats(x)
+    assert formats["fp16"]["underflow"] == pytest.approx(1 / 5)  # 1e-9 → 0; exact 0 is not lost
+    assert formats["fp16"]["overflow"] == pytest.approx(2 / 5)  # 1e5 and inf
+    assert formats["fp8_e4m3"]["underflow"] == pytest.approx(1 / 5)
+    assert math.isinf(rms)
+
+
+@pytest.mark.parametrize("param", ["unit", "umup"])
+def test_unit_scaled_tensors_start_near_one(param):
+    """Blake et al. 2023 §4 / u-μP §3: weights, the residual stream, projections and their
+    gradients are unit-scaled at initialisation (within a factor of 2 here)."""
+    cfg = ModelConfig(parametrization=param, positional="none", d_model=128, n_heads=4,
+                      d_ff=512, n_layers=2, vocab_size=512, max_len=64, seq_len=64,
+                      batch_size=8, tie_embeddings=False, bias=False, activation="swiglu")
+    rows = by_key(measure(cfg))
+    near_one = [("tok_emb.weight", "weight"), ("layers.0.attn.q.weight", "weight"),
+                ("embed", "activation"), ("layers.0.attn.q", "activation"),
+                ("layers.0.attn.v", "activation"), ("layers.1.ffn.up", "activation"),
+                ("layers.1", "activation"), ("norm", "activation"),
+                ("head", "grad_activation"), ("layers.1.ffn.down", "grad_activation")]
+    for key in near_one:
+        assert abs(math.log2(rows[key].rms)) < 1.0, (key, rows[key].rms)
+    # …while standard weights are far from 1 (U(±1/√fan_in): rms 1/√(3·128) ≈ 0.051)
+    std = by_key(measure(cfg.replace(parametrization="standard")))
+    assert std[("layers.0.attn.q.weight", "weight")].rms == pytest.approx(
+        1 / math.sqrt(3 * 128), rel=0.05)
+
+
+def _uu_rows(model, ids):
+    """RMS of unit_scaling.TransformerDecoder's outputs and gradients, by its module names."""
+    acts, grads = {}, {}
+
+    def hook(name):
+        def fn(_m, _i, out):
+            acts[name] = out.detach().pow(2).mean().sqrt().item()
+            out.register_hook(lambda g: grads.__setitem__(name, g.pow(2).mean().sqrt().item()))
+        return fn
+
+    names = ["embedding", "final_norm", "projection"] + [
+        f"layers.{i}{s}" for i in range(len(model.layers))
+        for s in ("", ".mhsa.linear_o", ".mlp.linear_2")]
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    logits = model(ids)
+    loss = uu.functional.cross_entropy(logits.flatten(0, 1), torch.randint(0, 512, (ids.numel(),)))
+    loss.backward()
+    for h in handles:
+        h.remove()
+    wgrads = {n: p.grad.pow(2).mean().sqrt().item() for n, p in model.named_parameters()}
+    return acts, grads, wgrads
+
+
+def test_umup_matches_unit_scaling_transformer_decoder():
+    """Same shapes as ``unit_scaling.TransformerDecoder`` (pre-norm, SwiGLU, no bias, no
+    positions, untied readout, u-μP residual rule): every comparable tensor within 25%."""
+    d, layers, heads, vocab, t, b = 128, 3, 4, 512, 64, 8
+    cfg = ModelConfig(architecture="decoder", parametrization="umup", d_model=d, n_heads=heads,
+                      d_ff=4 * d, n_layers=layers, vocab_size=vocab, max_len=t, seq_len=t,
+                      batch_size=b, positional="none", activation="swiglu", bias=False,
+                      tie_embeddings=False, norm="pre")
+    ours = by_key(measure(cfg))
+    torch.manual_seed(0)
+    ref = uu.TransformerDecoder(hidden_size=d, vocab_size=vocab, layers=layers, heads=heads)
+    acts, grads, wgrads = _uu_rows(ref, measurement_batch(cfg, torch.device("cpu"))["ids"])
+    pairs = {"embed": "embedding", "norm": "final_norm", "head": "projection"}
+    for i in range(layers):
+        pairs[f"layers.{i}"] = f"layers.{i}"
+        pairs[f"layers.{i}.attn.o"] = f"layers.{i}.mhsa.linear_o"
+        pairs[f"layers.{i}.ffn.down"] = f"layers.{i}.mlp.linear_2"
+    checked = 0
+    for mine, theirs in pairs.items():
+        for kind, table in (("activation", acts), ("grad_activation", grads)):
+            err = math.log2(ours[(mine, kind)].rms / table[theirs])
+            assert abs(err) <= 0.32, (mine, kind, ours[(mine, kind)].rms, table[theirs])
+            checked += 1
+    wpairs = {"tok_emb.weight": "embedding.weight", "head.weight": "projection.weight"}
+    for i in range(layers):
+        for a, c in (("attn.o", "mhsa.linear_o"), ("ffn.up", "mlp.linear_1"),
+                     ("ffn.gate", "mlp.linear_gate"), ("ffn.down", "mlp.linear_2")):
+            wpairs[f"layers.{i}.{a}.weight"] = f"layers.{i}.{c}.weight"
+    for mine, theirs in wpairs.items():
+        err = math.log2(ours[(mine, "grad_weight")].rms / wgrads[theirs])
+        assert abs(err) <= 0.32, (mine, ours[(mine, "grad_weight")].rms, wgrads[theirs])
+        checked += 1
+    assert checked == 2 * len(pairs) + len(wpairs)
+
+
+def test_cancellation_between_layers():
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def check():
+        calls.append(1)
+        raise Stop()
+
+    with pytest.raises(Stop):
+        measure(ModelConfig(**SMALL), check_cancelled=check)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp8_e4m3"])
+def test_low_precision_runs(dtype):
+    rows = measure(ModelConfig(parametrization="unit", dtype=dtype, **SMALL))
+    assert any(r.kind == "grad_weight" for r in rows)

@@ -1,0 +1,154 @@
+"""One forward and backward pass, and the RMS of every activation, weight and gradient.
+
+Hooks on the model's own modules record each output and, through a tensor hook, the gradient
+that reaches it in the backward pass; weights and their ``.grad`` are read after backward. No
+second copy of the model is made. Names are module paths (``layers.0.attn.q``,
+``layers.0.attn.probs``, ``layers.0`` for a layer's output, ``head`` for the logits); a module
+that runs twice in one pass (the shared token embedding of an encoder-decoder) reports its
+second call as ``name@2``.
+
+Format columns are counted on the actual values: ``underflow`` is the fraction of the
+tensor's elements that are non-zero but round to zero in the format (``0 < |x| ≤ s/2``),
+``overflow`` the fraction at or beyond the overflow threshold or already non-finite.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .model import build_model
+from .model.layers import Embedding, EncoderLayer, LayerNorm, Linear, Tap
+from .scaling.formats import FORMATS
+from .tensors import REPORTED_FORMATS, TensorRow, headroom_log2
+
+log = logging.getLogger(__name__)
+
+RECORDED = (Tap, Linear, Embedding, LayerNorm, EncoderLayer)
+
+
+def resolve_device(preference: str) -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU; ``cuda`` without a device is a ValueError."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA device is available")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if preference == "auto" and mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def measurement_batch(cfg: ModelConfig, device: torch.device) -> dict[str, Tensor]:
+    """Seeded uniform random token ids and targets, ``(batch_size, seq_len)`` each."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch_size, cfg.seq_len)
+    batch = {name: torch.randint(0, cfg.vocab_size, shape, generator=gen)
+             for name in ("ids", "targets", "src")}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _row_name(module_name: str) -> str:
+    return module_name.replace("probs_tap", "probs") or "model"
+
+
+@torch.no_grad()
+def tensor_stats(x: Tensor) -> tuple[float, dict[str, dict[str, float]]]:
+    """RMS of ``x`` and its measured underflow/overflow fractions in each reported format."""
+    a = x.detach().float().abs()
+    n = max(a.numel(), 1)
+    rms = float(a.square().mean().sqrt()) if a.numel() else 0.0
+    nan = int(torch.isnan(a).sum())  # inf is caught by the threshold below
+    formats = {}
+    for name in REPORTED_FORMATS:
+        fmt = FORMATS[name]
+        under = int(((a > 0) & (a <= fmt.underflow_threshold)).sum()) / n
+        over = (int((a >= fmt.overflow_threshold).sum()) + nan) / n
+        hmax, hmin = headroom_log2(rms, fmt.max_normal, fmt.min_subnormal)
+        formats[name] = {"underflow": under, "overflow": min(over, 1.0),
+                         "headroom_max_log2": hmax, "headroom_min_log2": hmin}
+    return rms, formats
+
+
+class _Recorder:
+    """Forward hooks that record outputs in execution order and hook their gradients."""
+
+    def __init__(self, check_cancelled: Callable[[], None] | None):
+        self.check = check_cancelled
+        self.activations: dict[str, TensorRow] = {}
+        self.grads: dict[str, TensorRow] = {}
+        self.calls: dict[str, int] = {}
+
+    def hook(self, name: str):
+        def on_forward(module: nn.Module, _inputs, output) -> None:
+            if not isinstance(output, Tensor):
+                return
+            count = self.calls[name] = self.calls.get(name, 0) + 1
+            row_name = name if count == 1 else f"{name}@{count}"
+            rms, formats = tensor_stats(output)
+            self.activations[row_name] = TensorRow(row_name, "activation", rms, {}, formats,
+                                                   tuple(output.shape))
+            if output.requires_grad:
+                output.register_hook(self._grad_hook(row_name, tuple(output.shape)))
+            if isinstance(module, EncoderLayer) and self.check is not None:
+                self.check()  # between layers: a cancelled job stops here
+
+        return on_forward
+
+    def _grad_hook(self, row_name: str, shape: tuple[int, ...]):
+        def on_grad(grad: Tensor) -> None:
+            rms, formats = tensor_stats(grad)
+            self.grads[row_name] = TensorRow(row_name, "grad_activation", rms, {}, formats,
+                                             shape)
+            if self.check is not None and row_name.endswith(("layers.0", "norm")):
+                self.check()
+
+        return on_grad
+
+
+def measure(cfg: ModelConfig, device: str | torch.device | None = None,
+            check_cancelled: Callable[[], None] | None = None) -> list[TensorRow]:
+    """Rows for every activation, weight, activation gradient and weight gradient.
+
+    One training step at initialisation (``model.train()``: dropout on) on
+    :func:`measurement_batch`. Order: activations in execution order, their gradients in the
+    same order, then weights and weight gradients in parameter order. A tied output head shares
+    the embedding's weight row.
+    """
+    dev = resolve_device(cfg.device) if device is None else torch.device(device)
+    model = build_model(cfg, device=dev)
+    model.train()
+    batch = measurement_batch(cfg, dev)
+    rec = _Recorder(check_cancelled)
+    handles = [m.register_forward_hook(rec.hook(_row_name(name)))
+               for name, m in model.named_modules() if isinstance(m, RECORDED)]
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)  # dropout masks
+            if cfg.architecture == "encoder-decoder":
+                logits = model(batch["src"], batch["ids"])
+            else:
+                logits = model(batch["ids"])
+            loss = model.loss(logits, batch["targets"])
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    rows = list(rec.activations.values())
+    loss_rms, loss_formats = tensor_stats(loss)
+    rows.append(TensorRow("loss", "activation", loss_rms, {}, loss_formats, ()))
+    rows += [rec.grads[name] for name in rec.activations if name in rec.grads]
+    params = list(model.named_parameters())
+    for name, p in params:
+        rms, formats = tensor_stats(p)
+        rows.append(TensorRow(name, "weight", rms, {}, formats, tuple(p.shape)))
+    for name, p in params:
+        if p.grad is not None:
+            rms, formats = tensor_stats(p.grad)
+            rows.append(TensorRow(name, "grad_weight", rms, {}, formats, tuple(p.shape)))
+    log.debug("measured %d tensors on %s", len(rows), dev)
+    return rows
