@@ -16,6 +16,8 @@ from PySide6.QtWidgets import (
     QLabel,
     QMainWindow,
     QMessageBox,
+    QProgressBar,
+    QPushButton,
     QWidget,
 )
 
@@ -24,6 +26,7 @@ from unitscale_core.config import ConfigError, ModelConfig, load, loads, save
 
 from .panels.model_panel import ModelPanel
 from .panels.positional_panel import PositionalPanel
+from .panels.scaling_panel import ScalingPanel
 from .panels.sizes_panel import SizesPanel
 from .worker import Worker
 
@@ -49,9 +52,10 @@ class MainWindow(QMainWindow):
         self.model_panel = ModelPanel(self._config)
         self.sizes_panel = SizesPanel(self._config)
         self.positional_panel = PositionalPanel(self._config, self.worker)
+        self.scaling_panel = ScalingPanel(self._config, self.worker)
         self.model_panel.edited.connect(self.set_config)
-        self.config_changed.connect(self.sizes_panel.update_config)
-        self.config_changed.connect(self.positional_panel.update_config)
+        for panel in (self.sizes_panel, self.positional_panel, self.scaling_panel):
+            self.config_changed.connect(panel.update_config)
 
         placeholder = QWidget()  # docks fill the window; the central area stays empty
         placeholder.setMaximumSize(0, 0)
@@ -59,16 +63,34 @@ class MainWindow(QMainWindow):
         self.setDockNestingEnabled(True)
         self.docks: dict[str, QDockWidget] = {}
         self._add_dock("Model", self.model_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self._add_dock("Scaling", self.scaling_panel, Qt.DockWidgetArea.RightDockWidgetArea)
         self._add_dock("Sizes", self.sizes_panel, Qt.DockWidgetArea.RightDockWidgetArea)
         self._add_dock("Positional", self.positional_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.splitDockWidget(self.docks["Scaling"], self.docks["Sizes"], Qt.Orientation.Vertical)
         self.splitDockWidget(self.docks["Sizes"], self.docks["Positional"],
-                             Qt.Orientation.Vertical)
-        self.resizeDocks([self.docks["Model"]], [380], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.docks["Sizes"], self.docks["Positional"]], [470, 470],
+                             Qt.Orientation.Horizontal)
+        self.resizeDocks([self.docks["Model"]], [340], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.docks["Scaling"], self.docks["Sizes"]], [540, 420],
                          Qt.Orientation.Vertical)
+        self.resizeDocks([self.docks["Sizes"], self.docks["Positional"]], [500, 720],
+                         Qt.Orientation.Horizontal)
         self._default_state = self.saveState()
         self._build_menus()
 
+        self.busy = QProgressBar(objectName="busyIndicator", maximumWidth=120)
+        self.busy.setRange(0, 0)  # indeterminate
+        self.busy.setToolTip("The worker is running a job")
+        self.cancel_button = QPushButton("Cancel", objectName="cancelButton")
+        self.cancel_button.setToolTip("Cancel the running job (Esc)")
+        self.cancel_button.setShortcut(QKeySequence(Qt.Key.Key_Escape))
+        self.cancel_button.clicked.connect(lambda: self.worker.cancel())
+        for w in (self.busy, self.cancel_button):
+            w.hide()
+            self.statusBar().addPermanentWidget(w)
+        self.worker.started_job.connect(self._on_job_started)
+        self.worker.finished_job.connect(self._on_job_done)
+        self.worker.cancelled_job.connect(self._on_job_done)
+        self.worker.failed_job.connect(self._on_job_failed)
         self.device_label = QLabel("device: looking…", objectName="deviceLabel")
         self.statusBar().addPermanentWidget(self.device_label)
         self.device_described.connect(self.device_label.setText)
@@ -170,6 +192,22 @@ class MainWindow(QMainWindow):
         for dock in self.docks.values():
             dock.show()
         self.restoreState(self._default_state)
+
+    # -- worker feedback ---------------------------------------------------------------------------
+    def _on_job_started(self, channel: str, _request_id: int) -> None:
+        self.busy.show()
+        self.cancel_button.show()
+        self.statusBar().showMessage(f"running {channel}…")
+
+    def _on_job_done(self, *_args) -> None:
+        if not self.worker.busy():
+            self.busy.hide()
+            self.cancel_button.hide()
+            self.statusBar().clearMessage()
+
+    def _on_job_failed(self, channel: str, request_id: int, message: str) -> None:
+        self._on_job_done()
+        self.statusBar().showMessage(f"{channel} failed: {message}", 10_000)
 
     # -- device --------------------------------------------------------------------------------
     def _describe_device(self) -> None:

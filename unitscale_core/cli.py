@@ -82,6 +82,31 @@ def _rows_text(rows) -> str:
     return "\n".join(lines)
 
 
+def cmd_predict(args: argparse.Namespace) -> str:
+    """Analytic RMS of every tensor at initialisation (no model is built)."""
+    from .scaling.predict import predict
+
+    cfg = _with_param(_load_config(args.config), args.param)
+    rows = predict(cfg)
+    if args.json:
+        return json.dumps({"config": cfg.to_dict(), "parametrization": cfg.parametrization,
+                           "source": "predicted", "tensors": [r.to_json() for r in rows]},
+                          indent=1)
+    return _rows_text(rows)
+
+
+def cmd_seed_formula(args: argparse.Namespace) -> str:
+    """The seed document's d_e = log P_t / log α, Parameters = β · d_e."""
+    from .scaling.seed_formula import seed_formula
+
+    out = seed_formula(args.target, args.alpha, args.beta)
+    if args.json:
+        return json.dumps({"d_e": out.d_e, "parameters": out.parameters,
+                           "warning": out.warning}, indent=2)
+    text = f"d_e = {out.d_e:.6g}\nparameters = {out.parameters:.6g}"
+    return text + (f"\nwarning: {out.warning}" if out.warning else "")
+
+
 def cmd_measure(args: argparse.Namespace) -> str:
     """One forward+backward pass; RMS of every tensor (same JSON shape as ``predict``)."""
     from .measure import measure
@@ -109,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="a .json or .toml config (default: built-in)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("predict", help="predict every tensor's RMS at initialisation")
+    p.add_argument("--config", metavar="FILE", help="a .json or .toml config (default: built-in)")
+    p.add_argument("--param", choices=("standard", "unit", "umup"),
+                   help="override the file's parametrization")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("seed-formula",
+                       help="the seed document's formula d_e = log P_t / log α (not Unit Scaling)")
+    p.add_argument("--target", type=float, required=True, metavar="P", help="P_t > 0")
+    p.add_argument("--alpha", type=float, required=True, metavar="A", help="α > 0, α ≠ 1")
+    p.add_argument("--beta", type=float, required=True, metavar="B", help="β > 0")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_seed_formula)
 
     p = sub.add_parser("measure", help="measure every tensor's RMS in one training step")
     p.add_argument("--config", metavar="FILE", help="a .json or .toml config (default: built-in)")

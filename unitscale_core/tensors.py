@@ -23,6 +23,7 @@ class TensorRow:
     ``grad_input``, ``grad_weight``), empty for standard or measured rows.
     ``formats``: per format, ``underflow`` and ``overflow`` fractions and the log2 headroom to
     the max normal (``headroom_max_log2``) and to the min subnormal (``headroom_min_log2``).
+    ``formula``: how a predicted RMS was obtained (empty for measured rows).
     """
 
     name: str
@@ -31,12 +32,13 @@ class TensorRow:
     scales: dict[str, float] = field(default_factory=dict)
     formats: dict[str, dict[str, float]] = field(default_factory=dict)
     shape: tuple[int, ...] = ()
+    formula: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe dict: non-finite numbers become None (JSON has no NaN or infinity)."""
         return {
             "name": self.name, "kind": self.kind, "rms": _finite(self.rms),
-            "shape": list(self.shape),
+            "shape": list(self.shape), "formula": self.formula,
             "scales": {k: _finite(v) for k, v in self.scales.items()},
             "formats": {f: {k: _finite(v) for k, v in d.items()}
                         for f, d in self.formats.items()},

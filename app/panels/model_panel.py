@@ -45,8 +45,8 @@ LABELS = {
 }
 SAME_AS_LAYERS = "same as layers"
 CHECKBOX_TEXT = {
-    "bias": "biases in linear layers and norms",
-    "tie_embeddings": "output head shares the embedding matrix",
+    "bias": "linear and norm biases",
+    "tie_embeddings": "head = embedding",
 }
 
 

@@ -175,7 +175,7 @@ class PositionalPanel(QWidget):
         controls.addWidget(self.follow, 0, 0, 1, 2)
         controls.addWidget(self.bidirectional, 0, 2, 1, 2)
         for i, (label, widget) in enumerate(rows):
-            r, c = 1 + i // 4, (i % 4) * 2
+            r, c = 1 + i // 3, (i % 3) * 2
             lab = QLabel(label)
             lab.setToolTip(widget.toolTip())
             controls.addWidget(lab, r, c, Qt.AlignmentFlag.AlignRight)

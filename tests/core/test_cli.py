@@ -112,3 +112,37 @@ def test_pickle_only_folder_is_refused_without_opening_it(capsys, tmp_path):
     code, _, err = run(capsys, "positional", "--kind", "learned", "--max-len", "4", "--model",
                        str(tmp_path), "--out", str(tmp_path / "x.npy"))
     assert code == 2 and "only safetensors" in err
+
+
+def test_predict_json_matches_measure_names(capsys, tmp_path):
+    path = tmp_path / "m.json"
+    save(ModelConfig(d_model=32, n_heads=2, d_ff=64, n_layers=1, vocab_size=50, seq_len=8,
+                     max_len=8, batch_size=2), path)
+    code, out, _ = run(capsys, "predict", "--config", str(path), "--param", "unit", "--json")
+    assert code == 0
+    predicted = json.loads(out)
+    assert predicted["parametrization"] == "unit"
+    code, out, _ = run(capsys, "measure", "--config", str(path), "--param", "unit", "--json")
+    measured = json.loads(out)
+    assert set(predicted) == set(measured)  # the same JSON shape
+    key = lambda t: (t["name"], t["kind"])  # noqa: E731
+    assert {key(t) for t in predicted["tensors"]} == {key(t) for t in measured["tensors"]}
+    row = predicted["tensors"][0]
+    assert set(row["formats"]) == {"fp8_e4m3", "fp8_e5m2", "fp16", "bf16"}
+    assert set(row["formats"]["fp16"]) >= {"underflow", "overflow", "headroom_max_log2",
+                                           "headroom_min_log2"}
+
+
+def test_seed_formula_example_and_errors(capsys):
+    code, out, _ = run(capsys, "seed-formula", "--target", "0.85", "--alpha", "1.2", "--beta",
+                       "1e6", "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert data["d_e"] == pytest.approx(-0.8914, abs=1e-4)
+    assert data["parameters"] == pytest.approx(-8.914e5, rel=1e-3)
+    assert "negative" in data["warning"]
+    code, out, _ = run(capsys, "seed-formula", "--target", "2", "--alpha", "1.5", "--beta", "10",
+                       "--json")
+    assert json.loads(out)["warning"] == ""
+    code, out, err = run(capsys, "seed-formula", "--target", "0", "--alpha", "1", "--beta", "1")
+    assert code == 2 and "target" in err and "alpha" in err and err.count("\n") == 1

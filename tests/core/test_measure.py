@@ -142,7 +142,7 @@ def test_umup_matches_unit_scaling_transformer_decoder():
     assert checked == 2 * len(pairs) + len(wpairs)
 
 
-def test_cancellation_between_layers():
+def test_cancellation_stops_at_the_first_check():
     class Stop(Exception):
         pass
 

@@ -1,0 +1,106 @@
+"""Whole-model predictions against one real forward+backward pass.
+
+The goal (issues 3 and 4) is ≥ 90% of tensors within 25% (|log2(pred/meas)| ≤ 0.32) under every
+parametrization on configs nobody tuned on. The configs below were not used while developing
+the predictor; local-window attention under unit scaling is a known gap (expected to fail,
+strictly, so a fix shows up).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from unitscale_core import ModelConfig
+from unitscale_core.measure import measure
+from unitscale_core.scaling.predict import averaging_overlaps, key_counts, predict
+from unitscale_core.tensors import KINDS
+
+BASE = dict(d_model=64, n_heads=4, d_ff=256, n_layers=2, vocab_size=512, max_len=64,
+            seq_len=32, batch_size=4, tie_embeddings=False)
+
+
+def agreement(cfg: ModelConfig) -> tuple[float, list]:
+    meas = {(r.name, r.kind): r.rms for r in measure(cfg)}
+    rows = predict(cfg)
+    assert {(r.name, r.kind) for r in rows} == set(meas), "predicted and measured names differ"
+    errors = []
+    for r in rows:
+        m = meas[(r.name, r.kind)]
+        if r.rms == 0:
+            err = 0.0 if m < 1e-6 else math.inf
+        else:
+            err = abs(math.log2(r.rms / m))
+        errors.append((err, r.name, r.kind, r.rms, m))
+    ok = sum(e <= 0.32 for e, *_ in errors)
+    return ok / len(errors), sorted(errors, reverse=True)[:5]
+
+
+UNTUNED = [
+    {}, {"activation": "swiglu", "positional": "rope", "bias": False},
+    {"architecture": "encoder", "attention": "full", "norm": "post"},
+    {"positional": "alibi", "activation": "relu"},
+    {"architecture": "encoder-decoder", "positional": "relative"},
+    {"tie_embeddings": True},
+]
+
+
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+@pytest.mark.parametrize("kw", UNTUNED)
+def test_prediction_agrees_with_measurement(param, kw):
+    share, worst = agreement(ModelConfig(parametrization=param, **{**BASE, **kw}))
+    assert share >= 0.90, worst
+
+
+@pytest.mark.xfail(strict=True, reason="local windows share variance locally, which the "
+                   "sequence-wide model of correlation misses (see issue notes)")
+@pytest.mark.parametrize("param", ["unit", "umup"])
+def test_local_attention_unit_scaled_known_gap(param):
+    cfg = ModelConfig(parametrization=param, attention="local", window=8,
+                      positional="sinusoidal", **BASE)
+    assert agreement(cfg)[0] >= 0.90
+
+
+def test_every_architecture_predicts_every_measured_tensor():
+    for arch in ("encoder", "decoder", "encoder-decoder"):
+        for positional in ("learned", "relative", "sinusoidal"):
+            cfg = ModelConfig(architecture=arch, positional=positional, **BASE)
+            meas = {(r.name, r.kind) for r in measure(cfg)}
+            assert {(r.name, r.kind) for r in predict(cfg)} == meas, (arch, positional)
+
+
+def test_rows_are_finite_with_formats():
+    cfg = ModelConfig(d_model=12288, n_heads=96, d_ff=49152, n_layers=96, vocab_size=50257,
+                      max_len=2048, seq_len=2048, batch_size=1)
+    for param in ("standard", "unit", "umup"):
+        rows = predict(cfg.replace(parametrization=param))
+        assert {r.kind for r in rows} == set(KINDS)
+        assert all(math.isfinite(r.rms) and r.rms >= 0 for r in rows)
+        assert all(set(r.formats) == {"fp8_e4m3", "fp8_e5m2", "fp16", "bf16"} for r in rows)
+
+
+def test_key_counts_match_the_model_masks():
+    import torch
+
+    from unitscale_core.model import allowed
+
+    for pattern in ("full", "causal", "local", "strided"):
+        for causal in (False, True):
+            mask = allowed(37, 37, pattern, 5, causal)
+            want = torch.full((37,), 37) if mask is None else mask.sum(1)
+            assert key_counts(37, pattern, 5, causal).tolist() == want.tolist()
+
+
+def test_averaging_overlap_closed_form_matches_brute_force():
+    import numpy as np
+
+    t = 50
+    i = np.arange(t)[:, None]
+    j = np.arange(t)[None, :]
+    a = (j <= i) / (i + 1.0)  # uniform causal probabilities
+    off = ~np.eye(t, dtype=bool)
+    fwd, bwd, col = averaging_overlaps(t, t, "causal", 1, True)
+    assert fwd == pytest.approx((a @ a.T)[off].mean())
+    assert bwd == pytest.approx((a.T @ a)[off].mean())
+    assert col == pytest.approx(np.mean(a.sum(0) ** 2))

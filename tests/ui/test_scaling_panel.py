@@ -1,0 +1,150 @@
+"""pytest-qt: the scaling panel follows the config, measures in the worker, and the seed tab."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QLabel, QSpinBox, QWidget
+
+from app.main_window import MainWindow
+from app.widgets.scale_table import COLUMNS
+from unitscale_core.scaling.predict import predict
+
+SMALL = dict(d_model=64, n_heads=4, d_ff=128, n_layers=2, vocab_size=256, max_len=64,
+             seq_len=32, batch_size=4)
+
+
+@pytest.fixture
+def window(qtbot):
+    from unitscale_core import ModelConfig
+
+    win = MainWindow(ModelConfig(**SMALL))
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitExposed(win)
+    yield win
+    win.close()
+
+
+def panel_of(win):
+    panel = win.findChild(QWidget, "scalingPanel")
+    assert panel is win.scaling_panel
+    return panel
+
+
+def chart_names(panel):
+    return list(panel.chart.names)
+
+
+def test_chart_and_table_follow_d_model_and_layers(qtbot, window):
+    panel = panel_of(window)
+    before_rows = panel.model.rowCount()
+    before_q = panel.chart.values["pred_fwd"]["layers.0.attn.q.weight"]
+    window.model_panel.findChild(QSpinBox, "n_layers").setValue(3)
+    assert "layers.2.attn.q" in chart_names(panel)
+    assert panel.model.rowCount() > before_rows
+    window.model_panel.findChild(QSpinBox, "d_model").setValue(128)
+    after_q = panel.chart.values["pred_fwd"]["layers.0.attn.q.weight"]
+    assert after_q == pytest.approx(before_q / 2**0.5, rel=1e-6)  # 1/√(3·fan_in)
+    names = {panel.model.rows[i].name for i in range(panel.model.rowCount())}
+    assert names == {r.name for r in predict(window.config)}
+
+
+def test_parametrization_selector_changes_prediction(qtbot, window):
+    panel = panel_of(window)
+    param = panel.findChild(QComboBox, "scaleParam")
+    param.setCurrentIndex(param.findData("unit"))
+    assert panel.chart.values["pred_fwd"]["layers.0.attn.q.weight"] == pytest.approx(1.0)
+    assert panel.shown_config().parametrization == "unit"
+    assert window.config.parametrization == "standard"  # the model's config is untouched
+    # following the model again: the config's own parametrization
+    param.setCurrentIndex(0)
+    window.model_panel.findChild(QComboBox, "parametrization").setCurrentText("umup")
+    assert panel.shown_config().parametrization == "umup"
+
+
+def test_summary_counts_each_parametrization(qtbot, window):
+    panel = panel_of(window)
+    text = panel.findChild(QLabel, "scaleSummary").text()
+    for p in ("standard", "unit", "umup"):
+        assert f"<b>{p}</b>" in text
+    fmt = panel.findChild(QComboBox, "scaleFormat")
+    fmt.setCurrentIndex(fmt.findData("fp16"))
+    assert panel.summary.text().startswith("fp16")
+
+
+def test_filter_and_kind(qtbot, window):
+    panel = panel_of(window)
+    panel.filter.setText("ffn.up")
+    kinds = {panel.proxy.index(r, 1).data() for r in range(panel.proxy.rowCount())}
+    assert panel.proxy.rowCount() > 0 and kinds <= {"activation", "weight", "grad_activation",
+                                                     "grad_weight"}
+    panel.kind.setCurrentIndex(panel.kind.findData("grad_weight"))
+    assert all(panel.proxy.index(r, 1).data() == "grad_weight"
+               for r in range(panel.proxy.rowCount()))
+
+
+def test_clicking_a_chart_point_selects_its_row(qtbot, window):
+    panel = panel_of(window)
+    panel.chart.picked.emit("layers.1.ffn.down")
+    rows = panel.table.selectionModel().selectedRows()
+    assert rows and rows[0].data() == "layers.1.ffn.down"
+
+
+def test_hover_text_names_value_and_formula(qtbot, window):
+    panel = panel_of(window)
+    text = panel.chart.describe("layers.0.attn.q")
+    assert text.startswith("layers.0.attn.q") and "forward" in text and "√" in text
+
+
+def test_measure_overlays_measurement(qtbot, window):
+    panel = panel_of(window)
+    with qtbot.waitSignal(panel.measured_ready, timeout=60_000):
+        panel.findChild(QWidget, "measureButton").click()
+    assert panel.measured
+    col = COLUMNS.index("measured RMS")
+    assert panel.model.index(0, col).data()  # filled in
+    assert "within 25%" in panel.summary.text()
+    assert panel.chart.values["meas_fwd"]
+
+
+def test_stale_measurement_is_dropped(qtbot, window):
+    panel = panel_of(window)
+    first = panel.measure()
+    window.model_panel.findChild(QSpinBox, "n_layers").setValue(3)
+    second = panel.measure()
+    assert second != first
+    with qtbot.waitSignal(panel.measured_ready, timeout=60_000):
+        pass
+    names = {r.name for r in panel.measured}
+    assert "layers.2" in names  # the result shown is for the newest config
+
+
+def test_seed_tab_shows_the_seed_example_with_warning(qtbot, window):
+    panel = panel_of(window)
+    panel.tabs.setCurrentWidget(panel.seed_tab)
+    result = panel.findChild(QLabel, "seedResult").text()
+    assert "-0.891386" in result and "-8.914e+05" in result
+    assert "negative" in panel.findChild(QLabel, "seedWarning").text()
+    alpha = panel.findChild(QDoubleSpinBox, "seed_alpha")
+    alpha.setValue(1.0)
+    assert "alpha" in panel.findChild(QLabel, "seedWarning").text()
+    alpha.setValue(0.9)
+    assert float(result.split()[2]) != float(panel.seed_tab.result.text().split()[2])
+
+
+def test_close_while_measuring_exits_quickly(qtbot):
+    from unitscale_core import ModelConfig
+
+    win = MainWindow(ModelConfig(d_model=256, n_heads=4, d_ff=1024, n_layers=8,
+                                 vocab_size=4096, seq_len=256, max_len=256, batch_size=8))
+    qtbot.addWidget(win)
+    win.show()
+    with qtbot.waitSignal(win.worker.started_job, timeout=10_000):
+        win.scaling_panel.measure()
+    assert win.busy.isVisible() and win.cancel_button.isVisible()
+    t0 = time.perf_counter()
+    win.close()
+    assert time.perf_counter() - t0 < 2.0
+    assert not win.worker.isRunning()
