@@ -31,6 +31,8 @@ from .panels.sizes_panel import SizesPanel
 from .worker import Worker
 
 SETTINGS_ORG = "UnitScalingExplorer"
+#: torch's import holds the GIL for about a second; start it after the first paint.
+DEVICE_LOOKUP_DELAY_MS = 400
 SETTINGS_APP = "unitscale-explorer"
 
 
@@ -94,9 +96,8 @@ class MainWindow(QMainWindow):
         self.device_label = QLabel("device: looking…", objectName="deviceLabel")
         self.statusBar().addPermanentWidget(self.device_label)
         self.device_described.connect(self.device_label.setText)
-        # torch's import holds the GIL for about a second: start it once the window has painted.
         self._device_thread = threading.Thread(target=self._describe_device, daemon=True)
-        QTimer.singleShot(0, self._start_device_lookup)
+        QTimer.singleShot(DEVICE_LOOKUP_DELAY_MS, self._start_device_lookup)
         self._remember = restore_settings
         if restore_settings:
             self._restore_layout()

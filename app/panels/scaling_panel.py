@@ -192,17 +192,18 @@ class ScalingPanel(QWidget):
         self.summary.setText(self.summary_text())
 
     def summary_text(self) -> str:
-        """Per parametrization: tensors lost/at risk in the chosen format; agreement."""
+        """Per parametrization: how many tensors the chosen format loses (more than half
+        underflows or overflows) or puts at risk (see the table's status column); agreement
+        with the measurement when there is one."""
         fmt = self.format.currentData()
         parts = []
         for p in PARAMETRIZATIONS:
             rows = self.predicted if p == self.shown_config().parametrization else predict(
                 self.config.replace(parametrization=p), formats=(fmt,))
             statuses = [_status(r, fmt) for r in rows]
-            under = sum(1 for r, s in zip(rows, statuses)
-                        if s != "fine" and r.formats[fmt]["underflow"] > r.formats[fmt]["overflow"])
-            over = sum(1 for s in statuses if s != "fine") - under
-            parts.append(f"<b>{p}</b>: {under} underflow, {over} overflow")
+            lost = statuses.count("lost")
+            risk = statuses.count("at_risk")
+            parts.append(f"<b>{p}</b>: {lost} lost, {risk} at risk")
         text = f"{fmt}, of {len(self.predicted)} tensors — " + " · ".join(parts)
         if self.measured:
             ok, total = agreement(self.predicted, self.measured)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from unitscale_core import ModelConfig
 from unitscale_core.measure import measure
@@ -104,3 +106,27 @@ def test_averaging_overlap_closed_form_matches_brute_force():
     assert fwd == pytest.approx((a @ a.T)[off].mean())
     assert bwd == pytest.approx((a.T @ a)[off].mean())
     assert col == pytest.approx(np.mean(a.sum(0) ** 2))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=st.sampled_from(["encoder", "decoder", "encoder-decoder"]),
+    positional=st.sampled_from(["sinusoidal", "learned", "relative", "rope", "alibi", "none"]),
+    attention=st.sampled_from(["full", "causal", "local", "strided"]),
+    norm=st.sampled_from(["pre", "post"]), activation=st.sampled_from(["gelu", "relu", "swiglu"]),
+    param=st.sampled_from(["standard", "unit", "umup"]), bias=st.booleans(), tie=st.booleans(),
+    heads=st.integers(1, 16), head_dim=st.integers(1, 64), layers=st.integers(1, 24),
+    seq=st.integers(1, 512), batch=st.integers(1, 64), vocab=st.integers(2, 300_000),
+    window=st.integers(1, 512), dropout=st.sampled_from([0.0, 0.1, 0.5]),
+)
+def test_predict_never_raises_on_valid_configs(arch, positional, attention, norm, activation,
+                                               param, bias, tie, heads, head_dim, layers, seq,
+                                               batch, vocab, window, dropout):
+    head_dim *= 2
+    cfg = ModelConfig(architecture=arch, positional=positional, attention=attention, norm=norm,
+                      activation=activation, parametrization=param, bias=bias,
+                      tie_embeddings=tie, n_heads=heads, d_model=heads * head_dim,
+                      d_ff=4 * heads * head_dim, n_layers=layers, seq_len=seq, max_len=seq,
+                      batch_size=batch, vocab_size=vocab, window=window, dropout=dropout)
+    rows = predict(cfg, formats=("fp8_e4m3",))
+    assert rows and all(r.rms >= 0 and not math.isnan(r.rms) for r in rows)

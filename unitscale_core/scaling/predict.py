@@ -95,6 +95,8 @@ def averaging_overlaps(t: int, s: int, pattern: str, window: int, causal: bool
     causal = causal or pattern == "causal"
     if t != s or pattern == "full" and not causal:
         return 1.0 / s, t / (s * s), (t / s) ** 2
+    if t == 1:  # one token: no pairs to share anything
+        return 0.0, 0.0, 1.0
     if pattern in ("full", "causal"):
         n = np.arange(1, t + 1, dtype=np.float64)
         # fwd: pairs i < k: |A_i ∩ A_k| = i, so i/(i·k) = 1/k, and there are k−1 such i

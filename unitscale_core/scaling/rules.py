@@ -922,7 +922,8 @@ def _row_stats(kern: _Kernel, ns: np.ndarray) -> np.ndarray:
     s3 = n[:, 0] * h * (e1 @ m3) / 2.0
     s4 = n[:, 0] * h * (e1 @ m4) / 6.0
     pair = n[:, 0] * (n[:, 0] - 1.0) * h * (e2 @ (m2 * m2)) / 6.0
-    lse = h * (np.exp(-np.exp(u)).sum() - e1 @ m0)
+    with np.errstate(over="ignore"):  # e^u overflows to inf far out; e^-inf = 0 is intended
+        lse = h * (np.exp(-np.exp(u)).sum() - e1 @ m0)
     return np.stack([s2, s3, s4 + pair, lse])
 
 
