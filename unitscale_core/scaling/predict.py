@@ -115,9 +115,24 @@ def averaging_overlaps(t: int, s: int, pattern: str, window: int, causal: bool
         ok &= d >= 0
     a = ok / ok.sum(1, keepdims=True)  # (T, S) expected probabilities
     off = ~np.eye(size, dtype=bool)
+    if pattern == "local":  # only nearby positions share anything: average over those
+        off &= np.abs(d) < w
+    if not off.any():  # a window of one: every token attends only to itself
+        return 0.0, 0.0, float(np.mean(a.sum(0) ** 2))
     fwd = float((a @ a.T)[off].mean())
     bwd = float((a.T @ a)[off].mean())
     return fwd, bwd, float(np.mean(a.sum(0) ** 2))
+
+
+def shared_partners(t: int, pattern: str, window: int) -> int:
+    """How many other tokens of a sequence share a token's per-sequence part.
+
+    Every other token (``t − 1``) when attention reaches the whole sequence; with local
+    windows only those closer than the window, ``2(w − 1)`` (attention reaches no further).
+    """
+    if pattern == "local":
+        return min(t - 1, 2 * (window - 1))
+    return t - 1
 
 
 def _alibi_row_var(t: int, causal: bool) -> float:
@@ -179,12 +194,18 @@ class _Predictor:
         self.wgrads[name] = _Val(math.sqrt(max(var, 0.0)), formula)
 
     def pair_sum(self, g: Sig, x: Sig | None, t: int | None = None) -> float:
-        """``E[(Σ_rows g·x)²]`` per element (x None: ``Σ_rows g``), rows = batch × t."""
+        """``E[(Σ_rows g·x)²]`` per element (x None: ``Σ_rows g``), rows = batch × t.
+
+        Pairs of rows: the same token (``σ_g² σ_x²``), nearby tokens of one sequence (shared
+        parts, :func:`shared_partners` of them), other tokens of the sequence and of other
+        sequences (batch-wide parts only).
+        """
         t = self.t if t is None else t
         b = self.b
+        partners = shared_partners(t, self.cfg.attention, self.cfg.window)
         xt, xs, xm = (1.0, 1.0, 1.0) if x is None else (x.total, x.shared, x.m)
-        return (b * t * g.total * xt + b * t * (t - 1) * g.shared * xs
-                + b * (b - 1) * t * t * g.m * xm)
+        return (b * t * g.total * xt + b * t * partners * g.shared * xs
+                + b * t * (t - 1 - partners) * g.m * xm + b * (b - 1) * t * t * g.m * xm)
 
     # -- ops -----------------------------------------------------------------------------------
     def linear_fwd(self, name: str, x: Sig, fan_in: int, fan_out: int, t: int | None = None,
