@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .config import ModelConfig, load
+from .config import DEVICES, PARAMETRIZATIONS, ModelConfig, load
 from .sizing import format_bytes, format_count, size_report
 
 EXIT_USER_ERROR = 2
@@ -82,17 +82,20 @@ def _rows_text(rows) -> str:
     return "\n".join(lines)
 
 
+def _rows_output(cfg: ModelConfig, source: str, rows, as_json: bool) -> str:
+    """``predict`` and ``measure`` print the same shape: config, parametrization, tensors."""
+    if not as_json:
+        return _rows_text(rows)
+    return json.dumps({"config": cfg.to_dict(), "parametrization": cfg.parametrization,
+                       "source": source, "tensors": [r.to_json() for r in rows]}, indent=1)
+
+
 def cmd_predict(args: argparse.Namespace) -> str:
     """Analytic RMS of every tensor at initialisation (no model is built)."""
     from .scaling.predict import predict
 
     cfg = _with_param(_load_config(args.config), args.param)
-    rows = predict(cfg)
-    if args.json:
-        return json.dumps({"config": cfg.to_dict(), "parametrization": cfg.parametrization,
-                           "source": "predicted", "tensors": [r.to_json() for r in rows]},
-                          indent=1)
-    return _rows_text(rows)
+    return _rows_output(cfg, "predicted", predict(cfg), args.json)
 
 
 def cmd_seed_formula(args: argparse.Namespace) -> str:
@@ -114,12 +117,7 @@ def cmd_measure(args: argparse.Namespace) -> str:
     cfg = _with_param(_load_config(args.config), args.param)
     if args.device is not None:
         cfg = cfg.replace(device=args.device)
-    rows = measure(cfg)
-    if args.json:
-        return json.dumps({"config": cfg.to_dict(), "parametrization": cfg.parametrization,
-                           "source": "measured", "tensors": [r.to_json() for r in rows]},
-                          indent=1)
-    return _rows_text(rows)
+    return _rows_output(cfg, "measured", measure(cfg), args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,17 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unitscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("params", help="parameter count, FLOPs per token and memory of a config")
-    p.add_argument("--config", metavar="FILE", help="a .json or .toml config (default: built-in)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_params)
+    def config_command(name: str, help_text: str, func, param: bool) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", metavar="FILE",
+                       help="a .json or .toml config (default: built-in)")
+        if param:
+            p.add_argument("--param", choices=PARAMETRIZATIONS,
+                           help="override the file's parametrization")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("predict", help="predict every tensor's RMS at initialisation")
-    p.add_argument("--config", metavar="FILE", help="a .json or .toml config (default: built-in)")
-    p.add_argument("--param", choices=("standard", "unit", "umup"),
-                   help="override the file's parametrization")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_predict)
+    config_command("params", "parameter count, FLOPs per token and memory of a config",
+                   cmd_params, param=False)
+    config_command("predict", "predict every tensor's RMS at initialisation", cmd_predict,
+                   param=True)
 
     p = sub.add_parser("seed-formula",
                        help="the seed document's formula d_e = log P_t / log α (not Unit Scaling)")
@@ -150,13 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_seed_formula)
 
-    p = sub.add_parser("measure", help="measure every tensor's RMS in one training step")
-    p.add_argument("--config", metavar="FILE", help="a .json or .toml config (default: built-in)")
-    p.add_argument("--param", choices=("standard", "unit", "umup"),
-                   help="override the file's parametrization")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the device")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_measure)
+    p = config_command("measure", "measure every tensor's RMS in one training step",
+                       cmd_measure, param=True)
+    p.add_argument("--device", choices=DEVICES, help="override the device")
 
     p = sub.add_parser("positional", help="write a positional encoding to a .npy file")
     p.add_argument("--kind", required=True,

@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 from PySide6.QtWidgets import QComboBox, QSpinBox, QWidget
 
-from app.main_window import MainWindow
 from unitscale_core import positional as P
 
 
 @pytest.fixture
-def window(qtbot):
-    win = MainWindow()
-    qtbot.addWidget(win)
-    win.show()
-    qtbot.waitExposed(win)
-    yield win
-    win.close()
+def window(make_window):
+    return make_window()
 
 
 def panel_of(win):

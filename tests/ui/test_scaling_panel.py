@@ -16,15 +16,10 @@ SMALL = dict(d_model=64, n_heads=4, d_ff=128, n_layers=2, vocab_size=256, max_le
 
 
 @pytest.fixture
-def window(qtbot):
+def window(make_window):
     from unitscale_core import ModelConfig
 
-    win = MainWindow(ModelConfig(**SMALL))
-    qtbot.addWidget(win)
-    win.show()
-    qtbot.waitExposed(win)
-    yield win
-    win.close()
+    return make_window(ModelConfig(**SMALL))
 
 
 def panel_of(win):
