@@ -7,6 +7,7 @@ both produce these rows under the same names, so they line up row for row.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ class TensorRow:
     kind: str
     rms: float
     scales: dict[str, float] = field(default_factory=dict)
-    formats: dict[str, dict[str, float]] = field(default_factory=dict)
+    formats: Mapping[str, dict[str, float]] = field(default_factory=dict)
     shape: tuple[int, ...] = ()
     formula: str = ""
 

@@ -179,7 +179,7 @@ class ScalingPanel(QWidget):
     def recompute(self) -> None:
         """Predict the shown config (synchronously: milliseconds) and redraw."""
         cfg = self.shown_config()
-        self.predicted = predict(cfg)
+        self.predicted = predict(cfg, formats=(self.format.currentData(),))
         if self._measured_for != cfg:
             self.measured = []
         self._redraw()
@@ -199,7 +199,7 @@ class ScalingPanel(QWidget):
         parts = []
         for p in PARAMETRIZATIONS:
             rows = self.predicted if p == self.shown_config().parametrization else predict(
-                self.config.replace(parametrization=p), formats=(fmt,))
+                self.shown_config().replace(parametrization=p), formats=(fmt,))
             statuses = [_status(r, fmt) for r in rows]
             lost = statuses.count("lost")
             risk = statuses.count("at_risk")
@@ -213,7 +213,7 @@ class ScalingPanel(QWidget):
 
     def _on_format(self) -> None:
         self.chart.set_formats([self.format.currentData()])
-        self._redraw()
+        self.recompute()  # rows carry headroom for the shown format only
 
     def _on_filter(self) -> None:
         self.proxy.set_filter(self.filter.text(), self.kind.currentData())

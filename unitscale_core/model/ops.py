@@ -257,14 +257,10 @@ class UmupOps(UnitOps):
         """u-μP logits ``q kᵀ · mult / d_head`` (1/d, not 1/√d: u-μP §4, Table 2)."""
         return self.q(q) @ self.q(k).transpose(-2, -1) / q.shape[-1]
 
-    def softmax_in(self, scores: Tensor, causal: bool) -> Tensor:
-        return scores
-
-    def softmax_out(self, probs: Tensor, causal: bool) -> Tensor:
-        return probs
-
-    def attend(self, probs: Tensor, v: Tensor) -> Tensor:
-        return self.q(probs) @ self.q(v)
+    # The softmax and P·V are plain: u-μP scales attention as a whole (attention_in/out).
+    softmax_in = StandardOps.softmax_in
+    softmax_out = StandardOps.softmax_out
+    attend = StandardOps.attend
 
     def attention_out(self, y: Tensor, keys: int, causal: bool) -> Tensor:
         return scale_fwd(y, self.attention_scale(keys, y.shape[-1], causal))

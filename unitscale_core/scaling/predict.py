@@ -22,6 +22,7 @@ N(0, 1) embeddings); and the key bias gets no gradient (softmax ignores per-row 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -51,6 +52,7 @@ class _Val:
     scales: dict | None = None
 
 
+@lru_cache(maxsize=1024)
 def _linear_factors(ops: str, fan_in: int, fan_out: int, rows: int, role: str) -> R.LinearFactors:
     """The factors ``unitscale_core.model.ops`` applies to a linear layer of this role."""
     if ops == "standard":
@@ -673,17 +675,39 @@ class _Predictor:
         return rows
 
 
+class _FormatColumns(Mapping):
+    """One row's view of the format table: ``{format: {underflow, subnormal, overflow,
+    headroom_max_log2, headroom_min_log2}}``, each dict built only when read (a 96-layer
+    prediction has ~6000 rows; building 24000 small dicts up front would cost a frame)."""
+
+    __slots__ = ("_tables", "_i")
+
+    def __init__(self, tables: dict[str, dict[str, np.ndarray]], i: int):
+        self._tables, self._i = tables, i
+
+    def __getitem__(self, fmt: str) -> dict[str, float]:
+        table = self._tables[fmt]
+        return {k: float(col[self._i]) for k, col in table.items()}
+
+    def __iter__(self):
+        return iter(self._tables)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
 def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]) -> None:
     """Gaussian underflow/overflow fractions and headroom of every row, vectorised."""
     if not rows or not formats:
         return
     rms = np.array([max(r.rms, 0.0) if math.isfinite(r.rms) else 0.0 for r in rows])
+    tables = {}
     for name in formats:
         table = gaussian_format_table(rms, FORMATS[name])
-        cols = {k: table[k].tolist() for k in ("underflow", "subnormal", "overflow",
-                                                "headroom_max_log2", "headroom_min_log2")}
-        for i, row in enumerate(rows):
-            row.formats[name] = {k: cols[k][i] for k in cols}
+        tables[name] = {k: table[k] for k in ("underflow", "subnormal", "overflow",
+                                              "headroom_max_log2", "headroom_min_log2")}
+    for i, row in enumerate(rows):
+        row.formats = _FormatColumns(tables, i)
 
 
 def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS) -> list[TensorRow]:
