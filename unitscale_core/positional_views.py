@@ -26,7 +26,9 @@ VIEW_LABELS = {
     "head_bias": "Per-head bias",
     "distance": "Score vs distance",
 }
-LEARNED_SOURCES = ("minilm", "random")
+LEARNED_SOURCES = ("minilm", "model")
+#: Largest model (parameters) whose position table is taken by building it.
+MAX_MODEL_PARAMS = 500_000_000
 #: Largest side of a positions × positions matrix evaluated; longer ranges are sampled.
 MAX_SIDE = 1024
 #: Above this many positions the panel computes in the worker instead of the GUI thread.
@@ -126,29 +128,55 @@ def minilm_position_table() -> np.ndarray:
     return checkpoint_position_table(minilm_folder())
 
 
-def learned_table(spec: ViewSpec) -> tuple[np.ndarray, str]:
-    """The learned table the spec asks for, and a note saying where it came from."""
+def model_position_table(cfg) -> np.ndarray:
+    """The configured model's learned position table ``[max_len, d_model]`` at initialisation.
+
+    Builds the model (``build_model``, seeded with the config's seed) — a job for the worker.
+    A config with another positional scheme is built with ``positional="learned"``.
+    """
+    from .model import build_model
+    from .sizing import count_parameters
+
+    cfg = cfg.replace(positional="learned", device="cpu")
+    n = count_parameters(cfg)["total"]
+    if n > MAX_MODEL_PARAMS:
+        raise P.PositionalError(f"the configured model has {n:,} parameters; building it to "
+                                f"read its table is limited to {MAX_MODEL_PARAMS:,}")
+    model = build_model(cfg)
+    table = model.pos.table.weight if hasattr(model, "pos") else model.decoder.pos.table.weight
+    return P.learned(table.detach().float())
+
+
+def learned_table(spec: ViewSpec, table: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """The learned table the spec asks for, and a note saying where it came from.
+
+    ``model``: the configured model's own table, computed by :func:`model_position_table`
+    (in the worker) and passed in as ``table``.
+    """
     if spec.learned_source == "minilm":
         table = minilm_position_table()
         note = f"all-MiniLM-L6-v2 checkpoint, {table.shape[0]} × {table.shape[1]}"
         if spec.length > table.shape[0]:
             note += f"; it has only {table.shape[0]} positions"
         return table[: spec.length], note
-    if spec.learned_source != "random":
+    if spec.learned_source != "model":
         raise P.PositionalError(f"learned_source={spec.learned_source!r} must be one of "
                                 f"{', '.join(LEARNED_SOURCES)}")
-    rng = np.random.default_rng(spec.seed)
-    table = rng.standard_normal((spec.length, spec.d_model)).astype(np.float32)
-    return table, "random init N(0, 1), as torch.nn.Embedding initialises (seeded numpy draw)"
+    if table is None:
+        raise P.PositionalError("the configured model's table is not built yet")
+    note = (f"the configured model's table at initialisation (nn.Embedding N(0, 1), seed "
+            f"{spec.seed}), {table.shape[0]} × {table.shape[1]}")
+    return table[: spec.length], note
 
 
-def encoding_matrix(spec: ViewSpec, pos: np.ndarray) -> tuple[np.ndarray, str]:
+def encoding_matrix(spec: ViewSpec, pos: np.ndarray,
+                    table: np.ndarray | None = None) -> tuple[np.ndarray, str]:
     """Rows ``pos`` of the position × dimension matrix: the added encoding for sinusoidal and
     learned schemes, the cosine of the rotation angles for RoPE."""
     if spec.kind == "sinusoidal":
         return P.sinusoidal_at(pos, spec.d_model, spec.base), "PE(pos, i)"
     if spec.kind == "learned":
-        table, _ = learned_table(spec)
+        table, _ = learned_table(spec, table)
         return table[pos[pos < table.shape[0]]], "P[pos, i]"
     if spec.kind == "rope":
         return np.cos(P.rope_angles_at(pos, spec.d_model, spec.base)), "cos(pos·θᵢ)"
@@ -186,7 +214,7 @@ def _head(spec: ViewSpec) -> int:
     return spec.head
 
 
-def distance_curves(spec: ViewSpec) -> ViewResult:
+def distance_curves(spec: ViewSpec, table: np.ndarray | None = None) -> ViewResult:
     """How each scheme's score changes with the distance Δ between two positions."""
     n = spec.length
     delta = np.arange(n)
@@ -216,7 +244,7 @@ def distance_curves(spec: ViewSpec) -> ViewResult:
         # see the shape, and bounded work at any length (O(positions · d) per Δ).
         span = min(n, CURVE_POSITIONS)
         delta = np.arange(min(span, CURVE_DISTANCE + 1))
-        matrix, _ = encoding_matrix(spec, np.arange(span))
+        matrix, _ = encoding_matrix(spec, np.arange(span), table)
         unit = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
         span = unit.shape[0]
         delta = delta[delta < span]
@@ -225,27 +253,30 @@ def distance_curves(spec: ViewSpec) -> ViewResult:
         ylabel = "cosine similarity"
         note = f"averaged over positions 0…{span - 1}"
         if spec.kind == "learned":
-            note += "; " + learned_table(spec)[1]
+            note += "; " + learned_table(spec, table)[1]
     return ViewResult(f"{spec.kind}: score against distance", "distance Δ", ylabel, ylabel,
                       curves=curves, note=note)
 
 
-def compute_view(spec: ViewSpec) -> ViewResult:
-    """The matrix or curves for ``spec`` (raises PositionalError for impossible requests)."""
+def compute_view(spec: ViewSpec, table: np.ndarray | None = None) -> ViewResult:
+    """The matrix or curves for ``spec`` (raises PositionalError for impossible requests).
+
+    ``table``: the configured model's learned table, for ``learned_source="model"``.
+    """
     if spec.kind not in KINDS:
         raise P.PositionalError(f"kind={spec.kind!r} must be one of {', '.join(KINDS)}")
     if spec.view not in VIEWS:
         raise P.PositionalError(f"view={spec.view!r} must be one of {', '.join(VIEWS)}")
     if spec.view == "distance":
-        return distance_curves(spec)
+        return distance_curves(spec, table)
     pos = sampled_positions(spec.length)
     sampled = len(pos) < spec.length
     note = f"every {pos[1] - pos[0]}-th position of {spec.length} shown" if sampled else ""
     additive = spec.kind in ("sinusoidal", "learned")
     if spec.view == "encoding" and spec.kind not in ("alibi", "relative"):
-        matrix, value = encoding_matrix(spec, pos)
+        matrix, value = encoding_matrix(spec, pos, table)
         if spec.kind == "learned":
-            note = "; ".join(filter(None, [note, learned_table(spec)[1]]))
+            note = "; ".join(filter(None, [note, learned_table(spec, table)[1]]))
         dims = "dimension i" if spec.kind != "rope" else "frequency i"
         return ViewResult(f"{spec.kind}: {value}", dims, "position", value, matrix=matrix,
                           row_coords=pos[: matrix.shape[0]], note=note, symmetric=True,
@@ -256,12 +287,12 @@ def compute_view(spec: ViewSpec) -> ViewResult:
             matrix, value, title, detail = _pair_matrix(spec, pos)
             note = "; ".join(filter(None, [note, detail]))
         else:
-            enc, _ = encoding_matrix(spec, pos)
+            enc, _ = encoding_matrix(spec, pos, table)
             pos = pos[: enc.shape[0]]
             matrix = P.position_similarity(enc, kind).astype(np.float32)
             value, title = kind, f"{spec.kind}: {kind} similarity"
             if spec.kind == "learned":
-                note = "; ".join(filter(None, [note, learned_table(spec)[1]]))
+                note = "; ".join(filter(None, [note, learned_table(spec, table)[1]]))
         return ViewResult(title, "position j", "position i", value, matrix=matrix,
                           row_coords=pos, col_coords=pos, note=note,
                           robust=spec.kind == "learned" and kind == "dot")

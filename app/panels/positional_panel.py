@@ -36,6 +36,7 @@ from unitscale_core.positional_views import (
     ViewResult,
     ViewSpec,
     compute_view,
+    model_position_table,
 )
 
 from ..widgets.heatmap import Heatmap
@@ -43,6 +44,7 @@ from ..worker import Worker
 
 MAX_LENGTH = 16384
 CHANNEL = "positional"
+TABLE_CHANNEL = "positional-table"
 KIND_LABELS = {
     "sinusoidal": "Sinusoidal (Vaswani et al.)",
     "learned": "Learned table",
@@ -125,8 +127,11 @@ class PositionalPanel(QWidget):
         super().__init__(parent)
         self.setObjectName("positionalPanel")
         self.worker = worker
+        self.config = config
         self._updating = False
         self._request_id = 0
+        self._table_id = 0
+        self._model_table: tuple[ModelConfig, np.ndarray] | None = None
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
 
@@ -163,8 +168,9 @@ class PositionalPanel(QWidget):
         self.base.valueChanged.connect(self._on_control)
         self.learned_source = self._combo(
             "posLearnedSource", [("all-MiniLM-L6-v2 checkpoint", "minilm"),
-                                 ("random init N(0,1)", "random")],
-            "Learned table: the bundled checkpoint's trained positions, or nn.Embedding's init")
+                                 ("configured model (at init)", "model")],
+            "Learned table: the bundled checkpoint's trained positions, or the configured "
+            "model's own table at initialisation (built in the worker)")
 
         rows = [
             ("scheme", self.kind), ("compare with", self.compare), ("view", self.view),
@@ -238,10 +244,12 @@ class PositionalPanel(QWidget):
                         head=self.head.value(), base=self.base.value(),
                         buckets=self.buckets.value(), max_distance=self.max_distance.value(),
                         bidirectional=self.bidirectional.isChecked(),
-                        learned_source=self.learned_source.currentData())
+                        learned_source=self.learned_source.currentData(),
+                        seed=self.config.seed)
 
     def update_config(self, config: ModelConfig) -> None:
         """Take the model's scheme and sizes when following it, then recompute."""
+        self.config = config
         if self.follow.isChecked():
             self._updating = True
             if config.positional in KINDS:
@@ -274,26 +282,51 @@ class PositionalPanel(QWidget):
             specs.append(self.spec(other))
         return specs
 
+    def _table(self, specs: list[ViewSpec]) -> np.ndarray | None:
+        """The configured model's learned table when a view needs it; None while the worker
+        builds it (the request goes out here)."""
+        if not any(s.kind == "learned" and s.learned_source == "model" for s in specs):
+            return None
+        key = self.config.replace(parametrization="standard", dtype="fp32", device="cpu")
+        if self._model_table is not None and self._model_table[0] == key:
+            return self._model_table[1]
+        self.status.setText("building the configured model in the worker…")
+        self._table_id = self.worker.submit(
+            TABLE_CHANNEL, lambda: (key, model_position_table(key)))
+        return None
+
     def recompute(self) -> None:
         """Recompute now (moderate sizes) or in the worker (long ranges)."""
         self.head.setMaximum(max(0, self.heads.value() - 1))
         specs = self._specs()
         self.secondary.setVisible(len(specs) > 1)
+        table = self._table(specs)
+        if table is None and self._table_id and any(
+                s.kind == "learned" and s.learned_source == "model" for s in specs):
+            return  # shown when the table arrives
         if self.length.value() <= SYNC_LIMIT:
             self._request_id = 0
             self.worker.cancel(CHANNEL)
-            self._show([_safe_compute(s) for s in specs])
+            self._show([_safe_compute(s, table) for s in specs])
         else:
             self.status.setText(f"computing {self.length.value()} positions in the worker…")
             self._request_id = self.worker.submit(
-                CHANNEL, lambda: [_safe_compute(s) for s in specs])
+                CHANNEL, lambda: [_safe_compute(s, table) for s in specs])
 
     def _on_result(self, channel: str, request_id: int, results) -> None:
-        if channel == CHANNEL and request_id == self._request_id:
+        if channel == TABLE_CHANNEL and request_id == self._table_id:
+            self._model_table = results
+            self._table_id = 0
+            self.recompute()
+        elif channel == CHANNEL and request_id == self._request_id:
             self._show(results)
 
     def _on_failure(self, channel: str, request_id: int, message: str) -> None:
-        if channel == CHANNEL and request_id == self._request_id:
+        if channel == TABLE_CHANNEL and request_id == self._table_id:
+            self._table_id = 0
+            self.primary.show_error(message)
+            self.status.setText(f"⚠ {message}")
+        elif channel == CHANNEL and request_id == self._request_id:
             self.status.setText(f"⚠ {message}")
 
     def _show(self, results: list[ViewResult | str]) -> None:
@@ -343,9 +376,9 @@ class PositionalPanel(QWidget):
             np.save(handle, data, allow_pickle=False)
 
 
-def _safe_compute(spec: ViewSpec) -> ViewResult | str:
+def _safe_compute(spec: ViewSpec, table: np.ndarray | None = None) -> ViewResult | str:
     """The view, or the one-line reason it cannot be drawn (e.g. odd d_model for RoPE)."""
     try:
-        return compute_view(spec)
+        return compute_view(spec, table)
     except (PositionalError, ValueError) as exc:
         return str(exc)

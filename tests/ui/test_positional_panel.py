@@ -100,3 +100,17 @@ def test_export_png_and_npy(qtbot, window, tmp_path):
     choose(panel.view, "distance")
     panel.export_npy(tmp_path / "curve.npy")
     assert np.load(tmp_path / "curve.npy").ndim == 2
+
+
+def test_learned_table_of_the_configured_model(qtbot, window):
+    """The configured model's own table, built in the worker, equals build_model's."""
+    from unitscale_core import build_model
+
+    panel = panel_of(window)
+    choose(panel.kind, "learned")
+    with qtbot.waitSignal(panel.computed, timeout=30_000):
+        choose(panel.learned_source, "model")
+    model = build_model(window.config)
+    want = model.pos.table.weight.detach().numpy()
+    np.testing.assert_array_equal(panel.primary.heatmap.data, want[: panel.length.value()])
+    assert "configured model" in panel.primary.note.text()
