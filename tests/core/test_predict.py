@@ -1,9 +1,10 @@
 """Whole-model predictions against one real forward+backward pass.
 
 The goal (issues 3 and 4) is ≥ 90% of tensors within 25% (|log2(pred/meas)| ≤ 0.32) under every
-parametrization on configs nobody tuned on. The configs below were not used while developing
-the predictor; local-window attention under unit scaling is a known gap (expected to fail,
-strictly, so a fix shows up).
+parametrization on configs nobody tuned on. ``DEVELOPED`` configs were looked at while the
+predictor was built; ``HELD_OUT`` ones were first run after it was frozen, and are the honest
+figure. Where a held-out config misses the goal the test is a strict expected failure, so a
+fix shows up as an unexpected pass.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def agreement(cfg: ModelConfig) -> tuple[float, list]:
     return ok / len(errors), sorted(errors, reverse=True)[:5]
 
 
-UNTUNED = [
+DEVELOPED = [
     {}, {"activation": "swiglu", "positional": "rope", "bias": False},
     {"architecture": "encoder", "attention": "full", "norm": "post"},
     {"positional": "alibi", "activation": "relu"},
@@ -49,19 +50,47 @@ UNTUNED = [
 
 
 @pytest.mark.parametrize("param", ["standard", "unit", "umup"])
-@pytest.mark.parametrize("kw", UNTUNED)
+@pytest.mark.parametrize("kw", DEVELOPED)
 def test_prediction_agrees_with_measurement(param, kw):
     share, worst = agreement(ModelConfig(parametrization=param, **{**BASE, **kw}))
     assert share >= 0.90, worst
 
 
-@pytest.mark.xfail(strict=True, reason="local windows share variance locally, which the "
-                   "sequence-wide model of correlation misses (see issue notes)")
-@pytest.mark.parametrize("param", ["unit", "umup"])
-def test_local_attention_unit_scaled_known_gap(param):
-    cfg = ModelConfig(parametrization=param, attention="local", window=8,
-                      positional="sinusoidal", **BASE)
-    assert agreement(cfg)[0] >= 0.90
+HELD_OUT = {
+    "decoder-96": dict(architecture="decoder", d_model=96, n_heads=3, d_ff=384, n_layers=3,
+                       seq_len=48, max_len=48, batch_size=3, vocab_size=700, seed=7),
+    "encoder-rope-post": dict(architecture="encoder", d_model=128, n_heads=8, d_ff=384,
+                              n_layers=2, seq_len=40, max_len=64, batch_size=4,
+                              vocab_size=1000, activation="swiglu", positional="rope",
+                              norm="post", seed=3),
+    "strided-alibi": dict(architecture="decoder", d_model=64, n_heads=4, d_ff=256, n_layers=2,
+                          seq_len=36, max_len=36, batch_size=4, vocab_size=300,
+                          attention="strided", window=6, positional="alibi",
+                          activation="relu", seed=11),
+    "enc-dec-sinusoidal": dict(architecture="encoder-decoder", d_model=64, n_heads=2,
+                               d_ff=256, n_layers=2, n_decoder_layers=1, seq_len=24,
+                               max_len=32, batch_size=4, vocab_size=400,
+                               positional="sinusoidal", seed=5),
+    "local-12": dict(architecture="decoder", d_model=80, n_heads=4, d_ff=320, n_layers=2,
+                     seq_len=64, max_len=64, batch_size=2, vocab_size=500, attention="local",
+                     window=12, seed=2),
+    "dropout": dict(architecture="decoder", d_model=64, n_heads=4, d_ff=256, n_layers=2,
+                    seq_len=32, max_len=32, batch_size=4, vocab_size=256, dropout=0.1, seed=9),
+}
+#: Held-out configs below the goal today (measured share in the issue notes): the backward
+#: pass over-predicts how much gradient the tokens of a sequence share.
+KNOWN_GAPS = {("unit", "decoder-96"), ("unit", "enc-dec-sinusoidal"),
+              ("umup", "decoder-96"), ("umup", "enc-dec-sinusoidal")}
+
+
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+@pytest.mark.parametrize("name", list(HELD_OUT))
+def test_held_out_configs(param, name, request):
+    if (param, name) in KNOWN_GAPS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="known gap, see notes"))
+    cfg = ModelConfig(parametrization=param, tie_embeddings=False, **HELD_OUT[name])
+    share, worst = agreement(cfg)
+    assert share >= 0.90, worst
 
 
 def test_every_architecture_predicts_every_measured_tensor():

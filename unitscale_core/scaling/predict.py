@@ -137,6 +137,29 @@ def shared_partners(t: int, pattern: str, window: int) -> int:
     return t - 1
 
 
+@lru_cache(maxsize=64)
+def sinusoidal_correlations(d_model: int, t: int, pattern: str, window: int
+                            ) -> tuple[float, float]:
+    """Mean cosine similarity of sinusoidal encodings (Vaswani et al. 2017 §3.5) between two
+    positions: over the pairs that count as neighbours (:func:`shared_partners`), and over all
+    pairs (positions of different sequences).
+
+    ``PE(i)·PE(j) = Σ_k cos((i − j) ω_k)`` with ``ω_k = 10000^(−2k/d)``, so the similarity of
+    a pair depends only on ``Δ = i − j``; the means weight each ``Δ`` by how many pairs have
+    it (``2(t − Δ)``).
+    """
+    if t < 2:
+        return 0.0, 0.0
+    omega = 10000.0 ** (-np.arange(0, d_model, 2) / d_model)
+    delta = np.arange(1, t)
+    sim = np.cos(np.outer(delta, omega)).sum(1) / (d_model / 2)  # cosine similarity at Δ
+    weight = 2.0 * (t - delta)
+    near = delta <= shared_partners(t, pattern, window) // (2 if pattern == "local" else 1)
+    rho_all = float((weight * sim).sum() / (t * t))  # includes the t identical pairs as 0
+    rho_near = float((weight[near] * sim[near]).sum() / max(weight[near].sum(), 1.0))
+    return max(rho_near, 0.0), max(min(rho_all, rho_near), 0.0)
+
+
 def _alibi_row_var(t: int, causal: bool) -> float:
     """Mean within-row variance of ``−|i − j|`` over a row's keys (slope 1)."""
     if causal:  # row i sees j = 0…i: an arithmetic sequence of n = i+1 terms
@@ -379,7 +402,10 @@ class _Predictor:
         g_k = Sig((a["m"] * g_logits) ** 2 * a["t_q"] * a["q"].total)
         s = a["grad_qkv"]
         gq = self.linear_bwd(a["lq"], g_q.scaled(s))
-        gk = self.linear_bwd(a["lk"], g_k.scaled(s), zero_bias_grad=True)
+        # the key bias shifts every logit of a row equally, which softmax ignores — unless
+        # RoPE rotates it differently at each position
+        gk = self.linear_bwd(a["lk"], g_k.scaled(s),
+                             zero_bias_grad=self.cfg.positional != "rope")
         gv = self.linear_bwd(a["lv"], g_v.scaled(s))
         return gq, gk, gv
 
@@ -529,8 +555,14 @@ class _Predictor:
             if self.unit:
                 constraint = "gmean" if self.p == "unit" else "to_output_scale"
                 factors = R.apply_constraint(constraint, 2**-0.5, 1.0, self.b**-0.5)
-        # positions differ from token to token: independent, like the tokens themselves
-        embed = Sig(1.0 + pos_var).scaled(factors[0])
+        if positional == "sinusoidal":
+            # nearby positions' encodings are alike (low frequencies barely turn)
+            rho_s, rho_m = sinusoidal_correlations(self.c, self.t, self.cfg.attention,
+                                                   self.cfg.window)
+            pos_sig = Sig(pos_var * (1 - rho_s), pos_var * (rho_s - rho_m), pos_var * rho_m)
+        else:  # learned rows are independent draws, like the tokens themselves
+            pos_sig = Sig(pos_var)
+        embed = Sig(1.0).plus(pos_sig).scaled(factors[0])
         self.act(f"{prefix}embed", embed, f"α·√(σ_tok² + σ_pos²), α = {factors[0]:.3g}",
                  {"forward": factors[0], "grad_input": factors[1]} if self.unit else None)
         if positional == "relative":

