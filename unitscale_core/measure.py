@@ -15,6 +15,7 @@ tensor's elements that are non-zero but round to zero in the format (``0 < |x| â
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,27 @@ from .tensors import REPORTED_FORMATS, TensorRow, headroom_log2
 log = logging.getLogger(__name__)
 
 RECORDED = (Tap, Linear, Embedding, LayerNorm, EncoderLayer)
+#: Built models kept for reuse (key: everything that decides the weights, and the device).
+MODEL_CACHE_SIZE = 2
+_models: OrderedDict[tuple, nn.Module] = OrderedDict()
+
+
+def cached_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
+    """``build_model(cfg)`` on ``device``, reused while the weights would be the same.
+
+    Sequence length and batch size do not change a model, so editing them re-measures
+    without rebuilding; any other field (or the seed) builds afresh. Measurement never
+    updates weights, only ``.grad``, which is cleared here.
+    """
+    key = (cfg.replace(seq_len=1, batch_size=1, device="auto"), str(device))
+    model = _models.pop(key, None)
+    if model is None:
+        model = build_model(cfg, device=device)
+    _models[key] = model
+    while len(_models) > MODEL_CACHE_SIZE:
+        _models.popitem(last=False)
+    model.zero_grad(set_to_none=True)
+    return model
 
 
 def resolve_device(preference: str) -> torch.device:
@@ -120,7 +142,7 @@ def measure(cfg: ModelConfig, device: str | torch.device | None = None,
     the embedding's weight row.
     """
     dev = resolve_device(cfg.device) if device is None else torch.device(device)
-    model = build_model(cfg, device=dev)
+    model = cached_model(cfg, dev)
     model.train()
     batch = measurement_batch(cfg, dev)
     rec = _Recorder(check_cancelled)

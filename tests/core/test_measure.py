@@ -161,3 +161,19 @@ def test_cancellation_stops_at_the_first_check():
 def test_low_precision_runs(dtype):
     rows = measure(ModelConfig(parametrization="unit", dtype=dtype, **SMALL))
     assert any(r.kind == "grad_weight" for r in rows)
+
+
+def test_models_are_cached_and_reused_without_stale_gradients():
+    from unitscale_core import measure as M
+
+    cfg = ModelConfig(**SMALL)
+    first = by_key(measure(cfg))
+    model = M.cached_model(cfg, torch.device("cpu"))
+    assert all(p.grad is None for p in model.parameters())  # cleared for the next pass
+    again = by_key(measure(cfg))
+    assert again == first or all(abs(again[k].rms - first[k].rms) < 1e-6 for k in first)
+    longer = measure(cfg.replace(seq_len=16))  # same weights, no rebuild
+    assert M.cached_model(cfg.replace(seq_len=16), torch.device("cpu")) is model
+    assert by_key(longer)[("tok_emb.weight", "weight")].rms == first[
+        ("tok_emb.weight", "weight")].rms
+    assert M.cached_model(cfg.replace(seed=1), torch.device("cpu")) is not model
