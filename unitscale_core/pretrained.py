@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -244,6 +245,16 @@ def _need(hf: dict[str, Any], key: str, default: Any = None) -> Any:
     return value
 
 
+def _number(hf: dict[str, Any], key: str, default: float, kind: type = float) -> Any:
+    """A numeric setting (``kind`` float or int, finite, not negative), or a refusal."""
+    value = hf.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (kind is int and value != int(value)):
+        raise PretrainedError(f"{CONFIG_FILE}: {key}={value!r} is not a valid "
+                              f"{'whole ' if kind is int else ''}number")
+    return kind(value)
+
+
 def _activation(hf: dict[str, Any], key: str, default: str) -> tuple[str, str]:
     name = hf.get(key, default)
     if name not in ACTIVATIONS:
@@ -253,13 +264,15 @@ def _activation(hf: dict[str, Any], key: str, default: str) -> tuple[str, str]:
 
 
 def _model_config(**sizes: Any) -> ModelConfig:
+    """Our ModelConfig for a checkpoint's sizes: standard parametrization, fp32, batch 1."""
     max_len = sizes["max_len"]
+    seq_len = DEFAULT_SEQ_LEN
+    if isinstance(max_len, int) and max_len > 0:  # else ModelConfig names the bad max_len
+        seq_len = min(DEFAULT_SEQ_LEN, max_len)
     try:
         return ModelConfig(positional="learned", bias=True, tie_embeddings=True, dropout=0.0,
                            parametrization="standard", dtype="fp32", device="cpu",
-                           seq_len=min(DEFAULT_SEQ_LEN, max_len) if isinstance(max_len, int)
-                           and max_len > 0 else DEFAULT_SEQ_LEN,
-                           batch_size=1, **sizes)
+                           seq_len=seq_len, batch_size=1, **sizes)
     except ConfigError as exc:
         raise PretrainedError(f"{CONFIG_FILE} describes a model this program cannot build: "
                               f"{exc}") from None
@@ -287,8 +300,8 @@ def _plan(hf: dict[str, Any]) -> _Plan:
             d_model=_need(hf, "hidden_size"), n_heads=_need(hf, "num_attention_heads"),
             d_ff=_need(hf, "intermediate_size"), n_layers=_need(hf, "num_hidden_layers"),
             vocab_size=_need(hf, "vocab_size"), max_len=_need(hf, "max_position_embeddings"))
-        return _Plan("bert", cfg, approximate, float(hf.get("layer_norm_eps", 1e-12)),
-                     int(hf.get("type_vocab_size", 2)), _bert_mapping(cfg.n_layers))
+        return _Plan("bert", cfg, approximate, _number(hf, "layer_norm_eps", 1e-12),
+                     _number(hf, "type_vocab_size", 2, int), _bert_mapping(cfg.n_layers))
     if kind == "gpt2":
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
             raise PretrainedError(f"{CONFIG_FILE}: GPT-2 attention scaling other than "
@@ -301,15 +314,16 @@ def _plan(hf: dict[str, Any]) -> _Plan:
                                   "(tie_word_embeddings=false) is not supported")
         activation, approximate = _activation(hf, "activation_function", "gelu_new")
         d_model = _need(hf, "n_embd")
-        inner = hf.get("n_inner")
+        inner = hf.get("n_inner")  # None: 4 × n_embd
+        if inner is None:
+            inner = 4 * d_model if isinstance(d_model, int) else d_model
         cfg = _model_config(
             architecture="decoder", attention="causal", norm="pre", activation=activation,
             d_model=d_model, n_heads=_need(hf, "n_head"),
-            d_ff=inner if inner is not None else (4 * d_model if isinstance(d_model, int)
-                                                  else d_model),
+            d_ff=inner,
             n_layers=_need(hf, "n_layer"), vocab_size=_need(hf, "vocab_size"),
             max_len=_need(hf, "n_positions"))
-        return _Plan("gpt2", cfg, approximate, float(hf.get("layer_norm_epsilon", 1e-5)), 0,
+        return _Plan("gpt2", cfg, approximate, _number(hf, "layer_norm_epsilon", 1e-5), 0,
                      _gpt2_mapping(cfg.n_layers))
     archs = hf.get("architectures") or []
     named = f" ({', '.join(map(str, archs))})" if isinstance(archs, list) and archs else ""
@@ -328,20 +342,23 @@ def _check_weights_present(folder: Path) -> Path:
     if (folder / f"{WEIGHTS_FILE}.index.json").is_file():
         raise PretrainedError(f"{folder.name}: sharded checkpoints ({WEIGHTS_FILE}.index.json) "
                               f"are not supported; save the model as a single {WEIGHTS_FILE}")
-    pickles = sorted(p.name for p in folder.iterdir()
-                     if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    try:  # names only: none of these files is opened
+        pickles = sorted(p.name for p in folder.iterdir()
+                         if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    except OSError as exc:
+        raise PretrainedError(f"cannot list {folder}: {exc.strerror or exc}") from None
     if pickles:
         raise PretrainedError(
-            f"{folder.name} has only pickled PyTorch weights ({', '.join(pickles[:NAMES_SHOWN])}"
+            f"{folder.name}: only pickled PyTorch weights ({', '.join(pickles[:NAMES_SHOWN])}"
             f"), which can run code when loaded; this program reads safetensors only — convert "
             f"the checkpoint to {WEIGHTS_FILE} (e.g. save_pretrained with safetensors)")
-    raise PretrainedError(f"{folder.name} has no {WEIGHTS_FILE} (safetensors weights)")
+    raise PretrainedError(f"{folder.name}: no {WEIGHTS_FILE} (safetensors weights)")
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise PretrainedError(f"{folder.name} has no {CONFIG_FILE}")
+        raise PretrainedError(f"{folder.name}: no {CONFIG_FILE}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -360,7 +377,7 @@ def _read_tokenizer(folder: Path):
 
     path = folder / TOKENIZER_FILE
     if not path.is_file():
-        raise PretrainedError(f"{folder.name} has no {TOKENIZER_FILE} (the tokenizers "
+        raise PretrainedError(f"{folder.name}: no {TOKENIZER_FILE} (the tokenizers "
                               "library's single-file tokenizer)")
     try:
         tokenizer = Tokenizer.from_file(str(path))
@@ -494,9 +511,9 @@ class Pretrained:
     without BERT's token types and embedding LayerNorm); ``kind`` is ``"bert"`` or ``"gpt2"``.
     """
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     config: ModelConfig
-    tokenizer: Any
+    tokenizer: Any = field(repr=False)
     kind: str
     folder: Path
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -560,8 +577,9 @@ def _byte_decoder() -> dict[str, int]:
 
 def _labels(tokenizer: Any, tokens: list[str]) -> list[str]:
     """Readable axis labels: byte-level tokens (GPT-2's ``Ġcaf``, ``Ã©``) shown as text."""
-    decoder_cfg = json.loads(tokenizer.to_str()).get("decoder") or {}
-    if decoder_cfg.get("type") != "ByteLevel":
+    from tokenizers import decoders
+
+    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
         return list(tokens)
     table = _byte_decoder()
     out = []
@@ -580,6 +598,8 @@ def encode(pretrained: Pretrained, text: str, max_tokens: int | None = None) -> 
     ``min(max_tokens, max_len)`` tokens are kept (specials included); ``truncated`` counts the
     text tokens cut from the end to fit.
     """
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be at least 1")
     tok = pretrained.tokenizer
     limit = pretrained.config.max_len if max_tokens is None else min(max_tokens,
                                                                     pretrained.config.max_len)
@@ -594,9 +614,14 @@ def encode(pretrained: Pretrained, text: str, max_tokens: int | None = None) -> 
 
 
 def attention_probs(pretrained: Pretrained, ids: Tensor) -> np.ndarray:
-    """Every layer's attention probabilities for ``ids: (1, T)``: float32 ``[L, H, T, T]``."""
+    """Every layer's attention probabilities for ``ids: (1, T)``: float32 ``[L, H, T, T]``.
+
+    ``probs[l, h, i, j] = softmax_j(q_i · k_j / √D)`` in layer l, head h (masked keys: 0).
+    """
     cfg = pretrained.config
     t = ids.shape[-1]
+    if t > cfg.max_len:
+        raise ValueError(f"{t} tokens exceed the model's {cfg.max_len} positions")
     if t == 0:
         return np.zeros((cfg.n_layers, cfg.n_heads, 0, 0), dtype=np.float32)
     model = pretrained.model
