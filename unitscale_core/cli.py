@@ -110,6 +110,35 @@ def cmd_seed_formula(args: argparse.Namespace) -> str:
     return text + (f"\nwarning: {out.warning}" if out.warning else "")
 
 
+def cmd_attention(args: argparse.Namespace) -> str:
+    """Every layer's attention for a text, written to an .npz (no pickle needed to read)."""
+    import numpy as np
+
+    from .atomic import atomic_open
+    from .attention_views import checkpoint_attentions, configured_attentions
+
+    if (args.model is None) == (args.config is None):
+        raise UserError("give exactly one of --model minilm|FOLDER and --config FILE")
+    if args.config is not None:
+        result = configured_attentions(load(args.config), args.text)
+    else:
+        from . import pretrained
+
+        loaded = pretrained.minilm() if args.model == "minilm" else \
+            pretrained.load_checkpoint(args.model)
+        result = checkpoint_attentions(loaded, args.text)
+    arrays = {"attentions": result.attentions.astype(np.float32),
+              "tokens": np.array(result.tokens, dtype=np.str_)}
+    if result.cross_attentions is not None:
+        arrays["cross_attentions"] = result.cross_attentions.astype(np.float32)
+        arrays["encoder_attentions"] = result.encoder_attentions.astype(np.float32)
+    with atomic_open(args.out, "wb") as handle:
+        np.savez(handle, **arrays)
+    shape = list(result.attentions.shape)
+    cut = f"; text cut by {result.truncated} tokens to fit" if result.truncated else ""
+    return f"wrote {args.out}: attentions {shape} (layers, heads, query, key){cut}"
+
+
 def cmd_measure(args: argparse.Namespace) -> str:
     """One forward+backward pass; RMS of every tensor (same JSON shape as ``predict``)."""
     from .measure import measure
@@ -155,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = config_command("measure", "measure every tensor's RMS in one training step",
                        cmd_measure, param=True)
     p.add_argument("--device", choices=DEVICES, help="override the device")
+
+    p = sub.add_parser("attention", help="write every layer's attention for a text to .npz")
+    p.add_argument("--model", metavar="minilm|FOLDER",
+                   help="the bundled MiniLM or a safetensors checkpoint folder")
+    p.add_argument("--config", metavar="FILE", help="a configured model (random init)")
+    p.add_argument("--text", required=True)
+    p.add_argument("--out", required=True, metavar="FILE.npz")
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("positional", help="write a positional encoding to a .npy file")
     p.add_argument("--kind", required=True,

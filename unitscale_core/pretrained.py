@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from .config import ConfigError, ModelConfig
 from .model.layers import Embedding, LayerNorm
 from .model.ops import StandardOps
-from .model.transformer import ARCHITECTURE_CLASSES, Encoder, EncoderOnlyModel
+from .model.transformer import ARCHITECTURE_CLASSES, EncoderOnlyModel
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def hidden_states(model: nn.Module, idx: Tensor) -> Tensor:
     """The last hidden states ``(B, T, C)`` (after GPT-2's ``ln_f``), before the head."""
     if isinstance(model, BertEncoder):
         return model.hidden_states(idx)
-    return Encoder.forward(model, model.tok_emb(idx))  # type: ignore[arg-type]
+    return model.hidden(idx)
 
 
 # -- name mapping ----------------------------------------------------------------------------
@@ -630,7 +630,7 @@ def attention_probs(pretrained: Pretrained, ids: Tensor) -> np.ndarray:
         for m in modules:
             m.capture = True
         try:
-            model(ids.reshape(1, t))
+            hidden_states(model, ids.reshape(1, t))  # the layers only: no vocabulary head
             probs = torch.cat([m.probs for m in modules])  # (L, H, T, T) from L × (1, H, T, T)
         finally:
             for m in modules:

@@ -105,8 +105,9 @@ class StandardOps:
         return F.dropout(x, p, training)
 
     def scores(self, q: Tensor, k: Tensor) -> Tensor:
-        """Attention logits ``q kᵀ / √d_head`` (Vaswani et al. 2017, eq. 1)."""
-        return self.q(q) @ self.q(k).transpose(-2, -1) / math.sqrt(q.shape[-1])
+        """Attention logits ``q kᵀ / √d_head`` (Vaswani et al. 2017, eq. 1); the scale is
+        applied to q (T·D values) rather than to the logits (T·S values)."""
+        return (self.q(q) / math.sqrt(q.shape[-1])) @ self.q(k).transpose(-2, -1)
 
     def softmax_in(self, scores: Tensor, causal: bool) -> Tensor:
         """What enters the softmax (unit-scaled ops scale its gradient here)."""

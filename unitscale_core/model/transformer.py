@@ -186,6 +186,10 @@ class EncoderOnlyModel(Encoder, TransformerLM):
         Encoder.__init__(self, cfg, cfg.n_layers, ops)
         self._init_embeddings(cfg, ops)
 
+    def hidden(self, idx: Tensor) -> Tensor:
+        """``idx: (B, T)`` → the stack's output ``(B, T, C)``, without the vocabulary head."""
+        return Encoder.forward(self, self.tok_emb(idx))
+
     def forward(self, idx: Tensor, mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None) -> Tensor:
         """``idx: (B, T)`` token ids → logits ``(B, T, V)``."""
@@ -198,6 +202,10 @@ class DecoderOnlyModel(CausalEncoder, TransformerLM):
     def __init__(self, cfg: ModelConfig, ops: StandardOps):
         CausalEncoder.__init__(self, cfg, cfg.n_layers, ops)
         self._init_embeddings(cfg, ops)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """``idx: (B, T)`` → the stack's output ``(B, T, C)``, without the vocabulary head."""
+        return CausalEncoder.forward(self, self.tok_emb(idx))
 
     def forward(self, idx: Tensor, mask: Tensor | None = None,
                 key_padding_mask: Tensor | None = None) -> Tensor:
@@ -213,6 +221,11 @@ class EncoderDecoderModel(nn.Module, TransformerLM):
         self._init_embeddings(cfg, ops)
         self.encoder = Encoder(cfg, cfg.encoder_layers, ops)
         self.decoder = Decoder(cfg, cfg.decoder_layers, ops)
+
+    def hidden(self, src: Tensor, tgt: Tensor | None = None) -> Tensor:
+        """The decoder's output ``(B, T, C)`` for ``src`` (and ``tgt``, default ``src``)."""
+        memory = self.encoder(self.tok_emb(src))
+        return self.decoder(self.tok_emb(src if tgt is None else tgt), memory)
 
     def forward(self, src: Tensor, tgt: Tensor, src_key_padding_mask: Tensor | None = None,
                 tgt_key_padding_mask: Tensor | None = None) -> Tensor:

@@ -1,0 +1,164 @@
+"""Attention maps for the attention panel and ``unitscale attention``: capture and summaries.
+
+Sources: the configured model (random init, any parametrization) or a checkpoint loaded by
+:mod:`.pretrained`. Text enters through the checkpoint's tokenizer; a configured model uses
+the bundled all-MiniLM-L6-v2 WordPiece tokenizer and folds its ids into the config's
+vocabulary (``id mod vocab_size``), which the result's ``note`` says.
+
+Summaries: head average, per-head entropy, and attention rollout (Abnar & Zuidema 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ModelConfig
+
+
+@dataclass
+class AttentionResult:
+    """Every layer's attention for one text.
+
+    ``attentions``: float32 ``[layers, heads, query, key]`` (self-attention; for an
+    encoder-decoder the decoder's); ``encoder_attentions`` the encoder's self-attention and
+    ``cross_attentions`` ``[layers, heads, target, source]`` for encoder-decoder configs;
+    ``tokens`` label the axes (``source_tokens`` the cross-attention keys); ``truncated``
+    counts text tokens cut to fit the model's positions; ``allowed`` is the configured
+    attention pattern ``[query, key]`` (None: every key allowed).
+    """
+
+    attentions: np.ndarray
+    tokens: list[str]
+    truncated: int = 0
+    note: str = ""
+    cross_attentions: np.ndarray | None = None
+    encoder_attentions: np.ndarray | None = None
+    source_tokens: list[str] = field(default_factory=list)
+    allowed: np.ndarray | None = None
+
+
+def configured_attentions(cfg: ModelConfig, text: str,
+                          check_cancelled=None) -> AttentionResult:
+    """Attention of the configured model (at initialisation) for ``text``.
+
+    Tokenised with the bundled WordPiece tokenizer, ids folded into ``cfg.vocab_size``,
+    at most ``cfg.max_len`` tokens. Runs on the CPU in eval mode, one sequence. An
+    encoder-decoder sees the text as both source and target.
+    """
+    import torch
+
+    from . import pretrained
+    from .measure import cached_model
+    from .model import allowed as allowed_mask
+
+    bundled = pretrained.minilm()
+    enc = pretrained.encode(bundled, text, max_tokens=cfg.max_len)
+    ids = enc.ids.remainder(cfg.vocab_size)
+    note = ("tokenised with the bundled all-MiniLM-L6-v2 WordPiece tokenizer; ids folded into "
+            f"the config's vocabulary of {cfg.vocab_size} (id mod {cfg.vocab_size})")
+    t = ids.shape[-1]
+    model = cached_model(cfg.replace(dropout=0.0, device="cpu"), torch.device("cpu"))
+    model.eval()
+    modules = model.attention_modules()
+    for _, m in modules:
+        m.capture = True
+    try:
+        with torch.no_grad():
+            if check_cancelled is not None:
+                check_cancelled()
+            model.hidden(ids)  # the stacks only: attention needs no vocabulary head
+        probs = {name: m.probs[0].float().numpy() for name, m in modules}  # (H, T, S) each
+    finally:
+        for _, m in modules:
+            m.capture, m.probs = False, None
+    causal = cfg.architecture != "encoder"
+    mask = allowed_mask(t, t, cfg.attention, cfg.window, causal)
+    result = AttentionResult(
+        attentions=np.zeros((0,), np.float32), tokens=enc.tokens, truncated=enc.truncated,
+        note=note, allowed=None if mask is None else mask.numpy())
+    stack = lambda keys: np.stack([probs[k] for k in keys]).astype(np.float32)  # noqa: E731
+    if cfg.architecture == "encoder-decoder":
+        result.encoder_attentions = stack([k for k in probs if k.startswith("encoder.")])
+        result.attentions = stack([k for k in probs if k.startswith("decoder.")
+                                   and k.endswith(".attn")])
+        result.cross_attentions = stack([k for k in probs if k.endswith(".cross_attn")])
+        result.source_tokens = enc.tokens
+    else:
+        result.attentions = stack(list(probs))
+    return result
+
+
+def checkpoint_attentions(loaded, text: str) -> AttentionResult:
+    """Attention of a loaded checkpoint (:func:`unitscale_core.pretrained.load_checkpoint`)."""
+    from . import pretrained
+
+    probs, tokens, truncated = pretrained.attentions(loaded, text)
+    t = len(tokens)
+    allowed = np.tril(np.ones((t, t), dtype=bool)) if loaded.kind == "gpt2" else None
+    note = f"{loaded.kind} checkpoint {loaded.folder}"
+    return AttentionResult(probs, tokens, truncated, note, allowed=allowed)
+
+
+def head_average(att: np.ndarray) -> np.ndarray:
+    """Mean over heads: ``[layers, heads, T, S] → [layers, T, S]``."""
+    return att.mean(axis=1)
+
+
+def entropy(att: np.ndarray) -> np.ndarray:
+    """Per-head attention entropy in nats, averaged over queries: ``[layers, heads]``.
+
+    ``H = −Σ_j p_ij log p_ij``; a head spreading evenly over ``n`` keys has ``log n``, a head
+    attending to one key has 0.
+    """
+    p = np.clip(att, 1e-30, 1.0)
+    return -(att * np.log(p)).sum(axis=-1).mean(axis=-1)
+
+
+def uniform_entropy(allowed: np.ndarray | None, t: int) -> float:
+    """Entropy of uniform attention over each query's allowed keys (the maximum)."""
+    if t == 0:
+        return 0.0
+    counts = np.full(t, t) if allowed is None else allowed.sum(axis=1)
+    return float(np.mean(np.log(np.maximum(counts, 1))))
+
+
+def rollout(att: np.ndarray, residual: float = 0.5) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema 2020, §3): ``[layers, T, T]``.
+
+    Each layer's head-averaged attention is mixed with the identity for the residual
+    connection, ``Â = residual·I + (1 − residual)·A``, rows renormalised, and multiplied up the
+    stack: ``R_l = Â_l R_{l−1}``, ``R_0 = Â_0``. Row i of ``R_l`` says how much of token i's
+    representation after layer l comes from each input token.
+    """
+    avg = head_average(att)
+    layers, t, s = avg.shape
+    if t != s:
+        raise ValueError("rollout needs square (self-)attention")
+    eye = np.eye(t, dtype=np.float64)
+    out = np.empty((layers, t, t), dtype=np.float32)
+    acc = eye
+    for layer in range(layers):
+        a = residual * eye + (1 - residual) * avg[layer]
+        a = a / a.sum(axis=-1, keepdims=True)
+        acc = a @ acc
+        out[layer] = acc
+    return out
+
+
+def reduce_for_display(matrix: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:
+    """Block-average a ``[T, S]`` map to at most ``max_side`` per side; returns (map, factor).
+
+    Averaging (not sampling) keeps a sharp diagonal visible at any zoom.
+    """
+    t, s = matrix.shape[-2:]
+    factor = max(1, math.ceil(max(t, s) / max_side))
+    if factor == 1:
+        return matrix, 1
+    tp, sp = -(-t // factor) * factor, -(-s // factor) * factor
+    padded = np.zeros(matrix.shape[:-2] + (tp, sp), dtype=np.float32)
+    padded[..., :t, :s] = matrix
+    shape = matrix.shape[:-2] + (tp // factor, factor, sp // factor, factor)
+    return padded.reshape(shape).mean(axis=(-3, -1)), factor
