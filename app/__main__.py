@@ -61,7 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         window.resize(*SCREENSHOT_SIZE)
         window.show()
         window.wait_for_background()
-        for _ in range(5):  # let queued results and layout settle before grabbing
+        deadline = time.perf_counter() + 120
+        while time.perf_counter() < deadline:  # the worker's jobs, then their queued results
+            app.processEvents()
+            if not window.worker.busy():
+                break
+            time.sleep(0.02)
+        for _ in range(10):  # let queued results and layout settle before grabbing
             app.processEvents()
             time.sleep(0.02)
         ok = window.grab().save(args.screenshot)

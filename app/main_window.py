@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
 from unitscale_core import __version__
 from unitscale_core.config import ConfigError, ModelConfig, load, loads, save
 
+from .panels.attention_panel import AttentionPanel
 from .panels.model_panel import ModelPanel
 from .panels.positional_panel import PositionalPanel
 from .panels.scaling_panel import ScalingPanel
@@ -55,8 +56,10 @@ class MainWindow(QMainWindow):
         self.sizes_panel = SizesPanel(self._config)
         self.positional_panel = PositionalPanel(self._config, self.worker)
         self.scaling_panel = ScalingPanel(self._config, self.worker)
+        self.attention_panel = AttentionPanel(self._config, self.worker)
         self.model_panel.edited.connect(self.set_config)
-        for panel in (self.sizes_panel, self.positional_panel, self.scaling_panel):
+        for panel in (self.sizes_panel, self.positional_panel, self.scaling_panel,
+                      self.attention_panel):
             self.config_changed.connect(panel.update_config)
 
         placeholder = QWidget()  # docks fill the window; the central area stays empty
@@ -71,6 +74,9 @@ class MainWindow(QMainWindow):
         self.splitDockWidget(self.docks["Scaling"], self.docks["Sizes"], Qt.Orientation.Vertical)
         self.splitDockWidget(self.docks["Sizes"], self.docks["Positional"],
                              Qt.Orientation.Horizontal)
+        self._add_dock("Attention", self.attention_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.tabifyDockWidget(self.docks["Positional"], self.docks["Attention"])
+        self.docks["Positional"].raise_()
         self.resizeDocks([self.docks["Model"]], [340], Qt.Orientation.Horizontal)
         self.resizeDocks([self.docks["Scaling"], self.docks["Sizes"]], [540, 420],
                          Qt.Orientation.Vertical)

@@ -1,0 +1,974 @@
+"""The attention panel: a model's attention maps for a text, per head, per layer, summarised.
+
+Sources: the configured model (at initialisation, any parametrization), the bundled
+all-MiniLM-L6-v2, or a Hugging Face checkpoint folder (:mod:`unitscale_core.pretrained`).
+Everything that touches a model runs in the worker on channel ``"attention"`` (latest wins;
+a result whose request id is not the newest is dropped). The job returns display-sized arrays
+only: maps longer than ``max_side`` tokens are block-averaged with
+:func:`~unitscale_core.attention_views.reduce_for_display` in the worker, so the GUI never holds
+more than ``max_side²`` floats per head.
+
+Views: one head (queries down, keys across, token labels), the layer's head average, or
+attention rollout (Abnar & Zuidema 2020); a layers × heads grid of thumbnails (click one to
+select it) and each head's mean attention entropy in nats beside the uniform maximum. Cells
+the configured pattern forbids (causal, local, strided) are drawn grey, not as zeros.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import (
+    QBuffer,
+    QByteArray,
+    QCoreApplication,
+    QIODevice,
+    QPoint,
+    QPointF,
+    QRectF,
+    Qt,
+    QTimer,
+    Signal,
+)
+from PySide6.QtGui import QFont, QFontMetrics, QImage, QPainter
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from unitscale_core.atomic import atomic_open
+from unitscale_core.attention_views import (
+    AttentionResult,
+    entropy,
+    head_average,
+    reduce_for_display,
+    rollout,
+    uniform_entropy,
+)
+from unitscale_core.config import ModelConfig
+
+from ..widgets.heatmap import Heatmap
+from ..worker import Worker
+
+CHANNEL = "attention"
+DEBOUNCE_MS = 250
+MAX_SIDE = 512  # longest side of a map drawn as is; longer maps are block-averaged
+THUMB_SIDE = 64  # longest side of a model-view thumbnail
+LOG_FLOOR = 1e-4  # log colour scale: log10(max(p, LOG_FLOOR))
+MAX_LABEL = 14  # characters of a token shown on an axis
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
+MASKED_COLOUR = "#cfcfcf"
+SELECTED_PEN = pg.mkPen("#d62728", width=3)
+LAYER_PEN = pg.mkPen("#ff7f0e", width=2)
+CMAP = "viridis"
+ENTROPY_CMAP = "magma"
+
+SOURCES = [("configured model", "configured"), ("all-MiniLM-L6-v2 (bundled)", "minilm"),
+           ("Open checkpoint folder…", "open")]
+VIEWS = [("head view", "head"), ("head average", "average"), ("attention rollout", "rollout")]
+KIND_LABELS = {"self": "decoder self-attention", "encoder": "encoder self-attention",
+               "cross": "cross-attention (decoder → encoder)"}
+KIND_SHORT = {"self": "decoder self-attention", "encoder": "encoder self-attention",
+              "cross": "cross-attention"}
+
+
+def _tick_font() -> QFont:
+    font = QFont()
+    font.setPointSizeF(8.0)
+    return font
+
+
+# -- data computed in the worker -------------------------------------------------------------
+@dataclass
+class KindMaps:
+    """One kind of attention (self, encoder self, cross), at display size.
+
+    ``att`` ``[layers, heads, t, s]``, ``average`` ``[layers, t, s]`` and ``rollout``
+    ``[layers, t, t]`` (None for cross-attention) are block-averaged by ``factor`` when the
+    text is longer than the panel's ``max_side``; ``thumbs`` by ``thumb_factor``.
+    ``allowed``/``thumb_allowed``: blocks holding at least one allowed cell (None: all).
+    ``entropy`` ``[layers, heads]`` and ``uniform`` are computed on the full maps.
+    """
+
+    name: str
+    label: str
+    att: np.ndarray
+    average: np.ndarray
+    rollout: np.ndarray | None
+    thumbs: np.ndarray
+    allowed: np.ndarray | None
+    thumb_allowed: np.ndarray | None
+    entropy: np.ndarray
+    uniform: float
+    factor: int
+    thumb_factor: int
+    query_tokens: list[str]
+    key_tokens: list[str]
+
+    @property
+    def layers(self) -> int:
+        return self.att.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.att.shape[1]
+
+
+@dataclass
+class AttentionMaps:
+    """What one request shows: every kind's maps plus the status facts."""
+
+    source: str
+    kinds: dict[str, KindMaps]
+    n_tokens: int
+    truncated: int
+    limit: int
+    note: str
+    seconds: float
+
+
+def _block_mean(matrix: np.ndarray, side: int) -> tuple[np.ndarray, int]:
+    """``reduce_for_display``, with the last row and column of blocks (partly padding when
+    the length is not a multiple of the factor) divided by their share of real cells, so
+    they show the mean of what is there, not a diluted one."""
+    reduced, factor = reduce_for_display(matrix, side)
+    if factor == 1:
+        return reduced, 1
+    t, s = matrix.shape[-2:]
+    real, _ = reduce_for_display(np.ones((t, s), dtype=np.float32), side)
+    return (reduced / real).astype(np.float32), factor
+
+
+def _reduced_mask(allowed: np.ndarray | None, side: int) -> np.ndarray | None:
+    if allowed is None:
+        return None
+    return reduce_for_display(allowed.astype(np.float32), side)[0] > 0
+
+
+def kind_maps(name: str, label: str, att: np.ndarray, allowed: np.ndarray | None,
+              query_tokens: list[str], key_tokens: list[str], max_side: int,
+              check: Callable[[], None] | None = None) -> KindMaps:
+    """Summaries and display-sized maps of one ``[layers, heads, T, S]`` attention stack."""
+    check = check or (lambda: None)
+    _, _, t, s = att.shape
+    ent = entropy(att)
+    if allowed is not None or t == s:
+        uniform = uniform_entropy(allowed, t)
+    else:
+        uniform = math.log(s) if s else 0.0
+    check()
+    roll = rollout(att) if t == s and name != "cross" else None  # self-attention only
+    check()
+    shown, factor = _block_mean(att, max_side)
+    average, _ = _block_mean(head_average(att), max_side)
+    if roll is not None:
+        roll, _ = _block_mean(roll, max_side)
+    thumbs, thumb_factor = _block_mean(att, THUMB_SIDE)
+    check()
+    return KindMaps(
+        name=name, label=label, att=np.ascontiguousarray(shown, dtype=np.float32),
+        average=np.asarray(average, dtype=np.float32), rollout=roll,
+        thumbs=np.asarray(thumbs, dtype=np.float32), allowed=_reduced_mask(allowed, max_side),
+        thumb_allowed=_reduced_mask(allowed, THUMB_SIDE), entropy=ent.astype(np.float64),
+        uniform=float(uniform), factor=factor, thumb_factor=thumb_factor,
+        query_tokens=list(query_tokens), key_tokens=list(key_tokens))
+
+
+@functools.lru_cache(maxsize=1)
+def _checkpoint(folder: str):
+    """The last checkpoint folder opened, kept loaded (worker thread only)."""
+    from unitscale_core.pretrained import load_checkpoint
+
+    return load_checkpoint(folder)
+
+
+def compute_maps(source: str, text: str, config: ModelConfig, folder: str | None,
+                 max_side: int, check: Callable[[], None] | None = None) -> AttentionMaps:
+    """The worker job: capture attention for ``text`` from ``source`` and summarise it."""
+    from unitscale_core import attention_views as av
+    from unitscale_core import pretrained
+
+    start = time.perf_counter()
+    if source == "configured":
+        result = av.configured_attentions(config, text, check_cancelled=check)
+        limit = min(config.max_len, pretrained.minilm().config.max_len)
+        name = f"configured model ({config.parametrization}, at init)"
+    else:
+        loaded = pretrained.minilm() if source == "minilm" else _checkpoint(str(folder))
+        if check is not None:
+            check()
+        result = av.checkpoint_attentions(loaded, text)
+        limit = loaded.config.max_len
+        name = "all-MiniLM-L6-v2" if source == "minilm" else _short(Path(folder).name)
+    if not result.tokens:
+        raise ValueError("the text has no tokens")
+    return AttentionMaps(source=name, kinds=_kinds(result, config if source == "configured"
+                                                   else None, max_side, check),
+                         n_tokens=len(result.tokens), truncated=result.truncated, limit=limit,
+                         note=result.note, seconds=time.perf_counter() - start)
+
+
+def _kinds(result: AttentionResult, config: ModelConfig | None, max_side: int,
+           check: Callable[[], None] | None) -> dict[str, KindMaps]:
+    tokens = result.tokens
+    if result.cross_attentions is None:
+        return {"self": kind_maps("self", "self-attention", result.attentions, result.allowed,
+                                  tokens, tokens, max_side, check)}
+    from unitscale_core.model.masks import allowed as allowed_mask
+
+    source = result.source_tokens or tokens
+    s = len(source)
+    mask = None
+    if config is not None:  # the encoder's own pattern: bidirectional unless "causal"
+        m = allowed_mask(s, s, config.attention, config.window, causal=False)
+        mask = None if m is None else m.numpy()
+    out = {"self": kind_maps("self", KIND_LABELS["self"], result.attentions, result.allowed,
+                             tokens, tokens, max_side, check)}
+    if result.encoder_attentions is not None:
+        out["encoder"] = kind_maps("encoder", KIND_LABELS["encoder"], result.encoder_attentions,
+                                   mask, source, source, max_side, check)
+    out["cross"] = kind_maps("cross", KIND_LABELS["cross"], result.cross_attentions, None,
+                             tokens, source, max_side, check)
+    return out
+
+
+# -- widgets ---------------------------------------------------------------------------------
+class TokenAxis(pg.AxisItem):
+    """An axis labelled with tokens. Bottom/top labels are drawn rotated 90° (reading upwards)
+    so that long tokens never overlap; left/right labels are horizontal."""
+
+    def __init__(self, orientation: str, **kwargs):
+        super().__init__(orientation, **kwargs)
+        self.rotated = orientation in ("bottom", "top")
+        self._labels: list[tuple[float, str]] = []
+        self._extent = 0
+        self.setStyle(tickFont=_tick_font(), tickLength=4)
+        if self.rotated:
+            self.setStyle(showValues=False)
+        self.setTextPen("k")
+        self.setPen("k")
+
+    def set_tokens(self, ticks: list[tuple[float, str]]) -> None:
+        """``[(position, label), …]``: one tick mark and label each."""
+        self._labels = list(ticks)
+        if not self.rotated:
+            self.setTicks([ticks, []])
+            return
+        self.setTicks([[(v, "") for v, _ in ticks], []])
+        metrics = QFontMetrics(self.style["tickFont"])
+        self._extent = max((metrics.horizontalAdvance(s) for _, s in ticks), default=0) + 4
+        self._updateHeight()
+        self.picture = None
+        self.update()
+
+    def labels(self) -> list[str]:
+        """The labels shown, in axis order."""
+        return [text for _, text in self._labels]
+
+    def _updateHeight(self) -> None:
+        super()._updateHeight()
+        if getattr(self, "rotated", False) and self.isVisible() and self.fixedHeight is None:
+            h = self.maximumHeight() + self._extent + 2
+            self.setMaximumHeight(h)
+            self.setMinimumHeight(h)
+
+    def generateDrawSpecs(self, p):
+        axis_spec, tick_specs, text_specs = super().generateDrawSpecs(p)
+        if not self.rotated:
+            return axis_spec, tick_specs, text_specs
+        bounds = self.mapRectFromParent(self.geometry())
+        lo, hi = self.range
+        if hi == lo:
+            return axis_spec, tick_specs, []
+        scale = bounds.width() / (hi - lo)
+        xs = [((v - lo) * scale, s) for v, s in self._labels]
+        return axis_spec, tick_specs, [(x, s) for x, s in xs if 0 <= x <= bounds.width()]
+
+    def drawPicture(self, p, axisSpec, tickSpecs, textSpecs):
+        if not self.rotated:
+            super().drawPicture(p, axisSpec, tickSpecs, textSpecs)
+            return
+        super().drawPicture(p, axisSpec, tickSpecs, [])
+        p.setClipping(False)  # the first label may reach into the empty corner on its left
+        p.setFont(self.style["tickFont"])
+        p.setPen(self.textPen())
+        metrics = QFontMetrics(self.style["tickFont"])
+        h = metrics.height()
+        top = max(0, self.style["tickLength"]) + 2
+        flags = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+        for x, text in textSpecs:
+            p.save()
+            p.translate(QPointF(x, top))
+            p.rotate(-90)
+            p.drawText(QRectF(-self._extent, -h / 2, self._extent, h), int(flags), text)
+            p.restore()
+
+
+class _ThumbBox(pg.ViewBox):
+    """One model-view cell; a left click selects its layer and head."""
+
+    def __init__(self, layer: int, head: int, on_click: Callable[[int, int], None]):
+        super().__init__(enableMouse=False, enableMenu=False, invertY=True, defaultPadding=0.0)
+        self.layer, self.head = layer, head
+        self._on_click = on_click
+        self.setBackgroundColor(MASKED_COLOUR)
+        self.setMinimumSize(8, 8)
+
+    def mouseClickEvent(self, ev) -> None:
+        if ev.button() == Qt.MouseButton.LeftButton:
+            ev.accept()
+            self._on_click(self.layer, self.head)
+        else:
+            ev.ignore()
+
+
+class ModelView(pg.GraphicsLayoutWidget):
+    """Every layer × head as a thumbnail (one ImageItem per cell in a grid of ViewBoxes)."""
+
+    def __init__(self, on_click: Callable[[int, int], None], parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("attnModelView")
+        self.setBackground("w")
+        self.ci.layout.setSpacing(2)
+        self.ci.setContentsMargins(2, 2, 2, 2)
+        self._on_click = on_click
+        self.boxes: list[list[_ThumbBox]] = []
+        self.images: list[list[pg.ImageItem]] = []
+        self.title = None
+        self._shape = (0, 0)
+        self._outlined: list[_ThumbBox] = []
+
+    def set_shape(self, layers: int, heads: int) -> None:
+        if (layers, heads) == self._shape:
+            return
+        self.clear()
+        self._shape = (layers, heads)
+        self._outlined = []
+        self.title = self.addLabel("", row=0, col=0, colspan=heads + 1, color="k", size="9pt")
+        for h in range(heads):
+            self.addLabel(f"H{h}", row=1, col=h + 1, color="k", size="8pt")
+        cmap = pg.colormap.get(CMAP)
+        self.boxes, self.images = [], []
+        for layer in range(layers):
+            self.addLabel(f"L{layer}", row=layer + 2, col=0, color="k", size="8pt")
+            row_boxes, row_images = [], []
+            for h in range(heads):
+                box = _ThumbBox(layer, h, self._on_click)
+                image = pg.ImageItem()
+                image.setColorMap(cmap)
+                box.addItem(image)
+                self.addItem(box, row=layer + 2, col=h + 1)
+                row_boxes.append(box)
+                row_images.append(image)
+            self.boxes.append(row_boxes)
+            self.images.append(row_images)
+
+    def set_title(self, text: str) -> None:
+        if self.title is not None:
+            self.title.setText(text, color="k", size="9pt")
+
+    def set_maps(self, thumbs: np.ndarray, levels: Callable[[np.ndarray], tuple[float, float]]):
+        """``thumbs`` ``[layers, heads, a, b]`` (NaN: masked), each coloured by ``levels``."""
+        layers, heads, a, b = thumbs.shape
+        self.set_shape(layers, heads)
+        for layer in range(layers):
+            for h in range(heads):
+                data = thumbs[layer, h]
+                self.images[layer][h].setImage(data, autoLevels=False, levels=levels(data))
+                self.boxes[layer][h].setRange(xRange=(0, b), yRange=(0, a), padding=0)
+
+    def highlight(self, layer: int, head: int | None) -> None:
+        """Outline the selected head (``head`` None: the whole layer)."""
+        if not 0 <= layer < len(self.boxes):
+            return
+        boxes = self.boxes[layer] if head is None else self.boxes[layer][head:head + 1]
+        for box in self._outlined:
+            if box not in boxes:
+                box.setBorder(None)
+        for box in boxes:
+            box.setBorder(SELECTED_PEN if head is not None else LAYER_PEN)
+        self._outlined = list(boxes)
+
+
+def _label(token: str) -> str:
+    token = token.replace("\n", "⏎").replace("\t", "⇥")
+    if not token.strip():
+        token = repr(token)
+    return token if len(token) <= MAX_LABEL else token[: MAX_LABEL - 1] + "…"
+
+
+def _data(combo: QComboBox) -> str | None:
+    """``combo.currentData()``, never asking Qt for a missing item's data: PySide6 6.12
+    drops a reference to None each time it converts an invalid QVariant (on Python < 3.12
+    enough of them crash the interpreter with "deallocating None")."""
+    return combo.currentData() if combo.currentIndex() >= 0 else None
+
+
+def _short(name: str, n: int = 28) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def _linear_levels(data: np.ndarray) -> tuple[float, float]:
+    finite = data[np.isfinite(data)]
+    hi = float(finite.max()) if finite.size else 1.0
+    return 0.0, hi if hi > 0 else 1.0
+
+
+def _log_levels(_data: np.ndarray) -> tuple[float, float]:
+    return math.log10(LOG_FLOOR), 0.0
+
+
+# -- the panel -------------------------------------------------------------------------------
+class AttentionPanel(QWidget):
+    """Controls and status on top; head view on the left, model view and entropy on the right.
+
+    Public: ``update_config``, ``recompute``, ``open_checkpoint``, ``select(layer, head)``,
+    ``matrix()`` (the current view's values), ``export_png/npy/csv``; ``computed`` is emitted
+    after a worker result is drawn, ``failed(message)`` after a request fails.
+    """
+
+    computed = Signal()
+    failed = Signal(str)
+
+    def __init__(self, config: ModelConfig, worker: Worker, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("attentionPanel")
+        self.config = config
+        self.worker = worker
+        self.max_side = MAX_SIDE
+        self.maps: AttentionMaps | None = None
+        self._request_id = 0
+        self._folder: str | None = None  # the checkpoint source's folder
+        self._previous_source = "configured"  # restored when the folder dialog is cancelled
+        self._requested: tuple[str, str | None] = ("configured", None)
+        self._shown: tuple[str, str | None] = ("configured", None)  # what the maps are of
+        self._drawn: dict[str, object] = {}  # what the model and entropy views show now
+        self._updating = False
+        self._matrix = np.zeros((0, 0), dtype=np.float32)  # the current view's values
+        self._mask: np.ndarray | None = None  # its allowed cells (None: all)
+        self._view = "head"  # the view drawn (rollout falls back to the average)
+        self._fallback = ""
+        self._entropy_labels: list[pg.TextItem] = []
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        controls = QGridLayout()
+        self.source = QComboBox(objectName="attnSource")
+        for label, data in SOURCES:
+            self.source.addItem(label, data)
+        self.source.setToolTip("Whose attention: the configured model at initialisation, the "
+                               "bundled all-MiniLM-L6-v2, or a Hugging Face checkpoint folder "
+                               "(BERT family or GPT-2, safetensors)")
+        self.source.currentIndexChanged.connect(self._on_source)
+        self.text = QLineEdit(DEFAULT_TEXT, objectName="attnText")
+        self.text.setToolTip("Text to run through the model (recomputed as you type)")
+        self._debounce = QTimer(self, singleShot=True, interval=DEBOUNCE_MS)
+        self._debounce.timeout.connect(self.recompute)
+        self.text.textChanged.connect(self._debounce.start)
+        self.view = QComboBox(objectName="attnView")
+        for label, data in VIEWS:
+            self.view.addItem(label, data)
+        self.view.setToolTip("One head; the mean over the layer's heads; or attention rollout "
+                             "(Abnar & Zuidema 2020: head averages mixed with the residual "
+                             "identity, multiplied up to this layer)")
+        self.view.currentIndexChanged.connect(self._redraw)
+        self.kind = QComboBox(objectName="attnKind")
+        self.kind.setToolTip("Encoder-decoder models: which attention to show")
+        self.kind.currentIndexChanged.connect(self._on_kind)
+        self.layer = self._spin("attnLayer", "Layer shown (0 = first)")
+        self.head = self._spin("attnHead", "Head shown by the head view")
+        self.log = QCheckBox("log colour scale", objectName="attnLog")
+        self.log.setToolTip(f"Colour by log₁₀ of the weight (floor {LOG_FLOOR:g}), which shows "
+                            "the small weights a linear scale hides")
+        self.log.toggled.connect(self._redraw)
+        self.kind_label = QLabel("attention")
+
+        controls.addWidget(QLabel("source"), 0, 0, Qt.AlignmentFlag.AlignRight)
+        controls.addWidget(self.source, 0, 1)
+        controls.addWidget(QLabel("text"), 0, 2, Qt.AlignmentFlag.AlignRight)
+        controls.addWidget(self.text, 0, 3, 1, 6)
+        row = QHBoxLayout()
+        for label, widget in (("view", self.view), ("layer", self.layer), ("head", self.head)):
+            lab = QLabel(label)
+            lab.setToolTip(widget.toolTip())
+            row.addWidget(lab)
+            row.addWidget(widget)
+        row.addWidget(self.kind_label)
+        row.addWidget(self.kind)
+        row.addWidget(self.log)
+        row.addStretch(1)
+        controls.addLayout(row, 1, 0, 1, 9)
+        controls.setColumnStretch(3, 1)
+        layout.addLayout(controls)
+
+        bar = QHBoxLayout()
+        self.status = QLabel(objectName="attnStatus")
+        self.status.setWordWrap(True)
+        self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        bar.addWidget(self.status, 1)
+        for text, name, slot in (("Export PNG…", "attnExportPng", self._export_png),
+                                 ("Export NPY…", "attnExportNpy", self._export_npy),
+                                 ("Export CSV…", "attnExportCsv", self._export_csv)):
+            button = QPushButton(text, objectName=name)
+            button.clicked.connect(slot)
+            bar.addWidget(button)
+        layout.addLayout(bar)
+
+        self.head_view = Heatmap(cmap=CMAP)
+        self.head_view.setObjectName("attnHeadView")
+        plot = self.head_view.plot
+        self.query_axis, self.key_axis = TokenAxis("left"), TokenAxis("bottom")
+        plot.setAxisItems({"left": self.query_axis, "bottom": self.key_axis})
+        plot.vb.setBackgroundColor(MASKED_COLOUR)
+        plot.vb.sigResized.connect(self._update_ticks)
+        _black_colorbar(self.head_view)
+        self.model_view = ModelView(self.select)
+        self.entropy_view = Heatmap(cmap=ENTROPY_CMAP)
+        self.entropy_view.setObjectName("attnEntropy")
+        _black_colorbar(self.entropy_view)
+        self.entropy_view.plot.scene().sigMouseClicked.connect(self._on_entropy_click)
+
+        right = QSplitter(Qt.Orientation.Vertical)
+        right.addWidget(self.model_view)
+        right.addWidget(self.entropy_view)
+        right.setStretchFactor(0, 3)
+        right.setStretchFactor(1, 2)
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.addWidget(self.head_view)
+        self.splitter.addWidget(right)
+        self.splitter.setStretchFactor(0, 1)
+        self.splitter.setStretchFactor(1, 1)
+        layout.addWidget(self.splitter, 1)
+
+        worker.finished_job.connect(self._on_result)
+        worker.failed_job.connect(self._on_failure)
+        self._set_kinds(["self"])
+        self.update_config(config)
+
+    def _spin(self, name: str, tip: str) -> QSpinBox:
+        spin = QSpinBox(objectName=name)
+        spin.setRange(0, 0)
+        spin.setKeyboardTracking(False)
+        spin.setToolTip(tip)
+        spin.valueChanged.connect(self._redraw)
+        return spin
+
+    # -- requests ------------------------------------------------------------------------------
+    def update_config(self, config: ModelConfig) -> None:
+        """A new model config; recomputes when the source is the configured model."""
+        self.config = config
+        if self.source.currentData() == "configured":
+            self.recompute()
+
+    def recompute(self) -> None:
+        """Send the current source and text to the worker (latest wins)."""
+        self._debounce.stop()
+        source = self.source.currentData()
+        if source == "open":
+            return
+        folder = self._folder if source == "checkpoint" else None
+        args = (source, self.text.text(), self.config, folder, self.max_side)
+        self._requested = (source, folder)
+        self.status.setText(f"computing attention ({self.source.currentText()})…")
+        self._request_id = self.worker.submit(
+            CHANNEL, lambda: compute_maps(*args, check=self.worker.check_cancelled))
+
+    def open_checkpoint(self, folder: str | Path) -> None:
+        """Load a checkpoint folder in the worker and show its attention; a folder that
+        cannot be loaded is reported in the status line (``failed`` is emitted)."""
+        self._show_checkpoint_item(str(folder))
+        self.recompute()
+
+    def _show_checkpoint_item(self, folder: str) -> None:
+        """The "checkpoint: name" source item (created when missing), selected."""
+        self._folder = folder
+        index = self.source.findData("checkpoint")
+        self._updating = True
+        if index < 0:
+            index = self.source.count() - 1  # before "Open checkpoint folder…"
+            self.source.insertItem(index, "", "checkpoint")
+        self.source.setItemText(index, f"checkpoint: {_short(Path(folder).name)}")
+        self.source.setItemData(index, folder, Qt.ItemDataRole.ToolTipRole)
+        self.source.setCurrentIndex(index)
+        self._updating = False
+        self._previous_source = "checkpoint"
+
+    def _select_source(self, data: str) -> None:
+        self._updating = True
+        self.source.setCurrentIndex(max(0, self.source.findData(data)))
+        self._updating = False
+        self._previous_source = self.source.currentData()
+
+    def _on_source(self, index: int) -> None:
+        if self._updating:
+            return
+        if self.source.itemData(index) == "open":
+            folder = QFileDialog.getExistingDirectory(self, "Open a checkpoint folder")
+            if folder:
+                self.open_checkpoint(folder)
+            else:
+                self._select_source(self._previous_source)
+            return
+        self._previous_source = self.source.itemData(index)
+        self.recompute()
+
+    def _on_result(self, channel: str, request_id: int, maps) -> None:
+        if channel != CHANNEL or request_id != self._request_id:
+            return  # another panel's, or stale
+        self._shown = self._requested
+        self.maps = maps
+        self._drawn.clear()
+        self._set_kinds(list(maps.kinds))
+        self._redraw()
+        self.computed.emit()
+
+    def _on_failure(self, channel: str, request_id: int, message: str) -> None:
+        if channel != CHANNEL or request_id != self._request_id:
+            return
+        if self._requested[0] == "checkpoint":  # the source control goes back to what is shown
+            message = f"could not open the checkpoint: {message}"
+            source, folder = self._shown
+            if source == "checkpoint":
+                self._show_checkpoint_item(folder)
+            else:
+                self._updating = True
+                self.source.removeItem(self.source.findData("checkpoint"))
+                self._updating = False
+                self._folder = None
+                self._select_source(source)
+        self.status.setText(f"⚠ {message}")
+        self.status.setToolTip(message)
+        self.failed.emit(message)
+
+    # -- selection -----------------------------------------------------------------------------
+    def _set_kinds(self, names: list[str]) -> None:
+        current = _data(self.kind)
+        self._updating = True
+        self.kind.clear()
+        for name in names:
+            label = KIND_LABELS[name] if len(names) > 1 else "self-attention"
+            self.kind.addItem(label, name)
+        index = self.kind.findData(current)
+        self.kind.setCurrentIndex(max(index, 0))
+        self._updating = False
+        self.kind.setVisible(len(names) > 1)
+        self.kind_label.setVisible(len(names) > 1)
+
+    def _on_kind(self, *_args) -> None:
+        if not self._updating:
+            self._redraw()
+
+    def current(self) -> KindMaps | None:
+        """The maps of the selected attention kind (None before the first result)."""
+        if self.maps is None:
+            return None
+        return self.maps.kinds.get(_data(self.kind)) or next(iter(self.maps.kinds.values()))
+
+    def select(self, layer: int, head: int) -> None:
+        """Show ``layer``, ``head`` in the head view (the model view's and entropy's click)."""
+        self._updating = True
+        self.layer.setValue(layer)
+        self.head.setValue(head)
+        self.view.setCurrentIndex(self.view.findData("head"))
+        self._updating = False
+        self._redraw()
+
+    def _on_entropy_click(self, ev) -> None:
+        plot = self.entropy_view.plot
+        if ev.button() != Qt.MouseButton.LeftButton or \
+                not plot.sceneBoundingRect().contains(ev.scenePos()):
+            return
+        point = plot.vb.mapSceneToView(ev.scenePos())
+        cell = self.entropy_view.cell_at(point.x(), point.y())
+        if cell is not None and self.maps is not None:
+            self.select(*cell)
+
+    # -- drawing -------------------------------------------------------------------------------
+    def _redraw(self, *_args) -> None:
+        if self._updating:
+            return
+        km = self.current()
+        if km is None:
+            return
+        self._updating = True
+        self.layer.setMaximum(km.layers - 1)
+        self.head.setMaximum(km.heads - 1)
+        self._updating = False
+        view = self.view.currentData()
+        layer, head = self.layer.value(), self.head.value()
+        self._fallback = ""
+        if view == "rollout" and km.rollout is None:
+            view = "average"
+            self._fallback = "rollout needs self-attention: showing the head average"
+        self.head.setEnabled(view == "head")
+        if view == "head":
+            matrix, mask = km.att[layer, head], km.allowed
+            what = f"layer {layer}, head {head}"
+        elif view == "average":
+            matrix, mask = km.average[layer], km.allowed
+            what = f"layer {layer}, mean of {km.heads} heads"
+        else:
+            matrix, mask = km.rollout[layer], None
+            what = f"rollout to layer {layer}"
+        self._matrix = matrix
+        self._mask = mask
+        self._view = view
+        log = self.log.isChecked()
+        shown = self._colour_values(matrix, mask)
+        levels = _log_levels(shown) if log else _linear_levels(shown)
+        rows, cols = matrix.shape
+        n_q, n_k = len(km.query_tokens), len(km.key_tokens)
+        scale = "log₁₀ weight" if log else ("rollout share" if view == "rollout" else "weight")
+        kind = "" if len(self.maps.kinds) == 1 else f"{KIND_SHORT[km.name]} · "
+        self.head_view.set_matrix(
+            shown, xlabel="input token" if view == "rollout" else "key",
+            ylabel="query", levels=levels,
+            row_coords=_coords(rows, km.factor, n_q), col_coords=_coords(cols, km.factor, n_k),
+            formatter=self._describe)
+        title = f"{self.maps.source} · {kind}{what}"
+        if self._drawn.get("title") != title:  # (every PySide6 call counts: see _data)
+            self._drawn["title"] = title
+            self.head_view.plot.setTitle(title, color="k", size="10pt")
+        if self._drawn.get("scale") != scale:
+            self._drawn["scale"] = scale
+            self.head_view.colorbar.axis.setLabel(scale, color="k")
+        self._update_ticks()
+        if self._drawn.get("thumbs") != (km.name, log):  # not redrawn per layer or head
+            self._drawn["thumbs"] = (km.name, log)
+            thumbs = self._colour_values(km.thumbs, km.thumb_allowed)
+            self.model_view.set_maps(thumbs, _log_levels if log else _linear_levels)
+            self.model_view.set_title(f"{km.layers} layers × {km.heads} heads "
+                                      f"({'log₁₀ ' if log else ''}weight) · click to select")
+        self.model_view.highlight(layer, head if view == "head" else None)
+        if self._drawn.get("entropy") != km.name:
+            self._drawn["entropy"] = km.name
+            self._draw_entropy(km)
+        self._update_status(km)
+
+    def _colour_values(self, matrix: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """What is coloured: the weights (or log10 with a floor), masked cells NaN (grey)."""
+        shown = np.array(matrix, dtype=np.float32)
+        if self.log.isChecked():
+            shown = np.log10(np.maximum(shown, LOG_FLOOR))
+        if mask is not None:
+            shown[..., ~mask] = np.nan
+        return shown
+
+    def _describe(self, row: int, col: int, _value: float) -> str:
+        """Hover text: the query and key tokens and the weight (the probability, even when
+        the colours are logarithmic)."""
+        km = self.current()
+        if km is None:
+            return ""
+        f = km.factor
+        i, j = min(row // f, self._matrix.shape[0] - 1), min(col // f, self._matrix.shape[1] - 1)
+        weight = float(self._matrix[i, j])
+        noun = "share" if self._view == "rollout" else "weight"
+        if f > 1:
+            q0, k0 = i * f, j * f
+            q1 = min(q0 + f, len(km.query_tokens)) - 1
+            k1 = min(k0 + f, len(km.key_tokens)) - 1
+            where = (f"queries '{km.query_tokens[q0]}'… ({q0}–{q1}) → keys "
+                     f"'{km.key_tokens[k0]}'… ({k0}–{k1})")
+            noun = f"mean {noun}"
+        else:
+            key = "input" if self._view == "rollout" else "key"
+            where = (f"query '{km.query_tokens[row]}' ({row}) → {key} "
+                     f"'{km.key_tokens[col]}' ({col})")
+        if self._mask is not None and not self._mask[i, j]:
+            return f"{where}: masked by the attention pattern"
+        return f"{where}: {noun} {weight:.3g}"
+
+    def _update_ticks(self, *_args) -> None:
+        """Token labels on both axes; every k-th token when they would not fit."""
+        km = self.current()
+        if km is None:
+            return
+        vb = self.head_view.plot.vb
+        key = (km.name, round(vb.width()), round(vb.height()))
+        if self._drawn.get("ticks") == key:
+            return
+        self._drawn["ticks"] = key
+        line = QFontMetrics(_tick_font()).height()
+        for axis, tokens, pixels in ((self.query_axis, km.query_tokens, vb.height()),
+                                     (self.key_axis, km.key_tokens, vb.width())):
+            n = len(tokens)
+            step = max(1, math.ceil(n * line * 1.05 / max(pixels, 40.0)))
+            if step > 1:  # round numbers read better: 2, 5, 10, 20, 50, …
+                step = next(s for s in _nice_steps() if s >= step)
+                labels = [(i + 0.5, f"{i} {_label(tokens[i])}") for i in range(0, n, step)]
+            else:
+                labels = [(i + 0.5, _label(tokens[i])) for i in range(n)]
+            axis.set_tokens(labels)
+
+    def _draw_entropy(self, km: KindMaps) -> None:
+        view = self.entropy_view
+        umax = km.uniform
+        view.set_matrix(
+            km.entropy, xlabel="head", ylabel="layer", levels=(0.0, umax if umax > 0 else 1.0),
+            formatter=lambda r, c, v: (f"layer {r}, head {c}: entropy {v:.3f} nats "
+                                       f"(uniform {umax:.3f})"))
+        view.plot.setTitle(f"mean attention entropy (nats) · uniform max {umax:.2f}",
+                           color="k", size="10pt")
+        for axis, n in (("left", km.layers), ("bottom", km.heads)):
+            view.plot.getAxis(axis).setTicks([[(i + 0.5, str(i)) for i in range(n)], []])
+        for item in self._entropy_labels:
+            view.plot.removeItem(item)
+        self._entropy_labels = []
+        if km.layers * km.heads > 24 * 24:
+            return
+        for r in range(km.layers):
+            for c in range(km.heads):
+                value = float(km.entropy[r, c])
+                colour = "k" if umax > 0 and value > 0.6 * umax else "w"
+                item = pg.TextItem(f"{value:.2f}", color=colour, anchor=(0.5, 0.5))
+                item.setFont(_tick_font())
+                item.setPos(c + 0.5, r + 0.5)
+                view.plot.addItem(item)
+                self._entropy_labels.append(item)
+
+    def _update_status(self, km: KindMaps) -> None:
+        maps = self.maps
+        parts = [f"{maps.source}: {maps.n_tokens} tokens"]
+        if maps.truncated:
+            parts.append(f"text cut by {maps.truncated} tokens to fit {maps.limit} positions")
+        if km.factor > 1:
+            rows, cols = km.att.shape[-2:]
+            parts.append(f"maps block-averaged {km.factor}×{km.factor} to {rows} × {cols} "
+                         f"for display (more than {self.max_side} tokens)")
+        if self._fallback:
+            parts.append(self._fallback)
+        if maps.note:
+            parts.append(maps.note)
+        parts.append(f"{maps.seconds:.2f} s")
+        text = " · ".join(parts)
+        self.status.setText(text)
+        self.status.setToolTip(text)
+
+    def axis_labels(self) -> tuple[list[str], list[str]]:
+        """The head view's token labels: (queries, down the left; keys, along the bottom)."""
+        return self.query_axis.labels(), self.key_axis.labels()
+
+    def matrix(self) -> np.ndarray:
+        """The current view's values (weights, head average or rollout; masked cells as the
+        model gives them, i.e. 0), at display size."""
+        return np.array(self._matrix, dtype=np.float32)
+
+    # -- export --------------------------------------------------------------------------------
+    def _ask(self, title: str, name: str, filt: str) -> str:
+        path, _ = QFileDialog.getSaveFileName(self, title, name, filt)
+        return path
+
+    def _export(self, export: Callable[[str], None], title: str, name: str, filt: str):
+        path = self._ask(title, name, filt)
+        if not path:
+            return
+        try:
+            export(path)
+        except (OSError, ValueError) as exc:
+            self.status.setText(f"⚠ export failed: {exc}")
+        else:
+            self.status.setText(f"wrote {path}")
+
+    def _export_png(self) -> None:
+        self._export(self.export_png, "Export view as PNG", "attention.png", "PNG image (*.png)")
+
+    def _export_npy(self) -> None:
+        self._export(self.export_npy, "Export data as NPY", "attention.npy",
+                     "NumPy array (*.npy)")
+
+    def _export_csv(self) -> None:
+        self._export(self.export_csv, "Export data as CSV", "attention.csv",
+                     "CSV table (*.csv)")
+
+    def export_png(self, path: str | Path, scale: float = 2.0) -> None:
+        """The head view (map, token axes, colour bar) as a PNG: the on-screen layout drawn
+        again at ``scale``× the pixels (text and cells stay sharp)."""
+        for _ in range(3):  # let pending relayouts (axis sizes after a redraw) happen first
+            QCoreApplication.sendPostedEvents()
+        view = self.head_view.view
+        size = view.size()
+        image = QImage(max(1, round(size.width() * scale)), max(1, round(size.height() * scale)),
+                       QImage.Format.Format_ARGB32)
+        image.setDevicePixelRatio(scale)
+        image.fill(Qt.GlobalColor.white)
+        painter = QPainter(image)
+        try:
+            QWidget.render(view, painter, QPoint(0, 0))
+        finally:
+            painter.end()
+        data = QByteArray()
+        buffer = QBuffer(data)
+        buffer.open(QIODevice.OpenModeFlag.WriteOnly)
+        if not image.save(buffer, "PNG"):
+            raise OSError(f"could not encode {path} as PNG")
+        buffer.close()
+        with atomic_open(path, "wb") as handle:
+            handle.write(bytes(data))
+
+    def export_npy(self, path: str | Path) -> None:
+        """The current view's matrix, float32 ``[queries, keys]`` (no pickle)."""
+        with atomic_open(path, "wb") as handle:
+            np.save(handle, self.matrix(), allow_pickle=False)
+
+    def export_csv(self, path: str | Path) -> None:
+        """The current view's matrix with token labels: a header row of keys, then one row
+        per query (``index, token, weights…``)."""
+        km = self.current()
+        matrix = self.matrix()
+        if km is None:
+            raise ValueError("nothing to export yet")
+        f = km.factor
+        with atomic_open(path, "w") as handle:
+            out = csv.writer(handle, lineterminator="\n")
+            out.writerow(["index", "query \\ key",
+                          *(km.key_tokens[j * f] for j in range(matrix.shape[1]))])
+            for i, row in enumerate(matrix):
+                out.writerow([i * f, km.query_tokens[i * f], *(f"{v:.8g}" for v in row)])
+
+
+def _coords(n_shown: int, factor: int, n: int) -> np.ndarray | None:
+    """Original index of each shown row (block start; the last is n − 1 so the map spans
+    all n positions)."""
+    if factor == 1:
+        return None
+    coords = np.arange(n_shown) * factor
+    coords[-1] = n - 1
+    return coords
+
+
+def _nice_steps():
+    base = 1
+    while True:
+        for m in (1, 2, 5):
+            yield m * base
+        base *= 10
+
+
+def _black_colorbar(heatmap: Heatmap) -> None:
+    axis = heatmap.colorbar.axis
+    axis.setTextPen("k")
+    axis.setPen("k")
+    axis.setStyle(tickFont=_tick_font())
+    axis.setWidth(None)  # room for the axis label too
+    axis.enableAutoSIPrefix(False)

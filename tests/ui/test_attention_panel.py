@@ -1,0 +1,241 @@
+"""pytest-qt: the attention panel's sources, views, selection, masks, errors and exports."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PySide6.QtCore import Qt
+
+from app.panels.attention_panel import CHANNEL, LOG_FLOOR, AttentionPanel
+from app.worker import Worker
+from unitscale_core import ModelConfig
+from unitscale_core.attention_views import checkpoint_attentions
+from unitscale_core.pretrained import minilm
+
+TEXT = "The quick brown fox jumps over the lazy dog."
+TOKENS = ["[CLS]", "the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", ".",
+          "[SEP]"]
+SMALL = dict(d_model=32, n_heads=4, d_ff=64, n_layers=2, vocab_size=500, max_len=64,
+             seq_len=16)
+TIMEOUT = 30_000
+
+
+@pytest.fixture
+def worker():
+    w = Worker()
+    yield w
+    w.stop(2000)
+
+
+@pytest.fixture
+def make_panel(qtbot, worker):
+    """``make_panel(config)`` → a shown 1200×800 panel whose first result is drawn."""
+
+    def make(config: ModelConfig | None = None) -> AttentionPanel:
+        panel = AttentionPanel(config or ModelConfig(**SMALL), worker)
+        qtbot.addWidget(panel)
+        panel.resize(1200, 800)
+        panel.show()
+        with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):
+            pass  # the result crosses to the GUI thread only inside the wait
+        return panel
+
+    return make
+
+
+def choose(panel, qtbot, combo, data) -> None:
+    with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):
+        combo.setCurrentIndex(combo.findData(data))
+
+
+@pytest.fixture(scope="module")
+def minilm_attention():
+    return checkpoint_attentions(minilm(), TEXT)
+
+
+def test_minilm_head_view_matches_the_checkpoint(qtbot, make_panel, minilm_attention):
+    panel = make_panel()
+    choose(panel, qtbot, panel.source, "minilm")
+    want = minilm_attention.attentions
+    np.testing.assert_allclose(panel.head_view.data, want[0, 0], rtol=1e-5, atol=1e-7)
+    assert panel.axis_labels() == (TOKENS, TOKENS)
+    assert (panel.layer.maximum(), panel.head.maximum()) == (5, 11)
+    panel.layer.setValue(3)
+    panel.head.setValue(7)
+    np.testing.assert_allclose(panel.head_view.data, want[3, 7], rtol=1e-5, atol=1e-7)
+    assert panel.head_view.describe(2, 4) == (
+        f"query 'quick' (2) → key 'fox' (4): weight {want[3, 7, 2, 4]:.3g}")
+    assert panel.entropy_view.data.shape == (6, 12)
+    assert "12 tokens" in panel.status.text()
+    assert not panel.kind.isVisibleTo(panel)  # one kind of attention only
+
+
+def test_model_view_click_selects_layer_and_head(qtbot, make_panel, minilm_attention):
+    panel = make_panel()
+    choose(panel, qtbot, panel.source, "minilm")
+    box = panel.model_view.boxes[4][9]
+    centre = panel.model_view.mapFromScene(box.sceneBoundingRect().center())
+    qtbot.mouseClick(panel.model_view.viewport(), Qt.MouseButton.LeftButton, pos=centre)
+    assert (panel.layer.value(), panel.head.value()) == (4, 9)
+    np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[4, 9],
+                               rtol=1e-5, atol=1e-7)
+    assert box.border.color().name() == "#d62728"  # outlined as selected
+    panel.view.setCurrentIndex(panel.view.findData("average"))
+    np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[4].mean(0),
+                               rtol=1e-5, atol=1e-7)
+    panel.select(1, 2)  # back to the head view
+    assert panel.view.currentData() == "head"
+    np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[1, 2],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_configured_causal_model_blanks_the_masked_cells(qtbot, make_panel):
+    panel = make_panel(ModelConfig(architecture="decoder", attention="causal", **SMALL))
+    shown = panel.head_view.data
+    t = len(TOKENS)
+    upper = np.triu(np.ones((t, t), dtype=bool), 1)
+    assert shown.shape == (t, t)
+    assert np.isnan(shown[upper]).all() and np.isfinite(shown[~upper]).all()
+    assert (panel.matrix()[upper] == 0).all()  # the data itself: zero probability
+    np.testing.assert_allclose(panel.matrix().sum(-1), 1.0, rtol=1e-5)
+    assert "masked" in panel.head_view.describe(0, 5)
+    assert "folded" in panel.status.text() and f"{t} tokens" in panel.status.text()
+    # thumbnails show the pattern too
+    thumb = panel.model_view.images[1][3].image
+    assert np.isnan(thumb[upper]).all()
+
+
+def test_local_pattern_in_an_encoder(qtbot, make_panel):
+    panel = make_panel(ModelConfig(architecture="encoder", attention="local", window=2,
+                                   **SMALL))
+    shown = panel.head_view.data
+    i, j = np.indices(shown.shape)
+    assert np.isnan(shown[abs(i - j) >= 2]).all() and np.isfinite(shown[abs(i - j) < 2]).all()
+
+
+def test_encoder_decoder_kinds(qtbot, make_panel):
+    panel = make_panel(ModelConfig(architecture="encoder-decoder", **SMALL))
+    assert panel.kind.isVisibleTo(panel)
+    assert [panel.kind.itemData(i) for i in range(panel.kind.count())] == \
+        ["self", "encoder", "cross"]
+    panel.kind.setCurrentIndex(panel.kind.findData("cross"))
+    t = len(TOKENS)
+    assert panel.head_view.data.shape == (t, t)
+    assert np.isfinite(panel.head_view.data).all()  # cross-attention sees every source token
+    panel.view.setCurrentIndex(panel.view.findData("rollout"))
+    assert "rollout needs self-attention" in panel.status.text()
+    panel.kind.setCurrentIndex(panel.kind.findData("encoder"))
+    assert np.isfinite(panel.head_view.data).all()  # the encoder is bidirectional
+    panel.kind.setCurrentIndex(panel.kind.findData("self"))
+    assert "rollout needs" not in panel.status.text()
+    np.testing.assert_allclose(panel.matrix().sum(-1), 1.0, rtol=1e-5)  # rollout rows
+    assert panel.matrix()[0, 1] == 0  # nothing flows backwards in a causal decoder
+    panel.select(1, 2)
+    assert np.isnan(panel.head_view.data[0, 1])  # the decoder's mask, drawn blank
+
+
+def test_bogus_folder_is_reported_in_the_status(qtbot, make_panel, tmp_path):
+    panel = make_panel()
+    with qtbot.waitSignal(panel.failed, timeout=TIMEOUT) as blocker:
+        panel.open_checkpoint(tmp_path)
+    assert "safetensors" in blocker.args[0]
+    assert panel.status.text().startswith("⚠ could not open the checkpoint")
+    assert "Traceback" not in panel.status.text()
+    assert panel.source.currentData() == "configured"
+    assert panel.source.findData("checkpoint") == -1
+    with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):  # still working afterwards
+        panel.recompute()
+
+
+def test_checkpoint_folder_from_the_dialog(qtbot, make_panel, monkeypatch, tmp_path,
+                                          minilm_attention):
+    """The source menu's "Open checkpoint folder…": cancel keeps the source; a real folder
+    (the bundled MiniLM's) loads in the worker; a bad one afterwards restores that one."""
+    from PySide6.QtWidgets import QFileDialog
+
+    folder = str(minilm().folder)
+    panel = make_panel()
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: "")
+    panel.source.setCurrentIndex(panel.source.findData("open"))
+    assert panel.source.currentData() == "configured"
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: folder)
+    choose(panel, qtbot, panel.source, "open")
+    assert panel.source.currentData() == "checkpoint"
+    assert panel.source.currentText() == f"checkpoint: {minilm().folder.name}"
+    np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[0, 0],
+                               rtol=1e-5, atol=1e-7)
+    with qtbot.waitSignal(panel.failed, timeout=TIMEOUT):
+        panel.open_checkpoint(tmp_path)
+    assert panel.source.currentData() == "checkpoint"
+    assert panel.source.itemData(panel.source.currentIndex(), Qt.ItemDataRole.ToolTipRole) \
+        == folder
+    with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):  # the text still goes there
+        panel.text.setText("hello")
+    assert panel.axis_labels()[0] == ["[CLS]", "hello", "[SEP]"]
+
+
+def test_log_scale_changes_the_levels(qtbot, make_panel):
+    panel = make_panel()
+    linear = panel.head_view.image.getLevels()
+    assert linear[0] == 0 and 0 < linear[1] <= 1
+    panel.log.setChecked(True)
+    assert tuple(panel.head_view.image.getLevels()) == pytest.approx((np.log10(LOG_FLOOR), 0))
+    finite = panel.head_view.data[np.isfinite(panel.head_view.data)]
+    np.testing.assert_allclose(finite, np.log10(np.maximum(
+        panel.matrix()[np.isfinite(panel.head_view.data)], LOG_FLOOR)), rtol=1e-6)
+    assert "weight" in panel.head_view.describe(3, 1)  # hover still gives the probability
+    thumb_levels = panel.model_view.images[0][0].getLevels()
+    assert tuple(thumb_levels) == pytest.approx((np.log10(LOG_FLOOR), 0))
+
+
+def test_text_change_is_debounced_and_truncation_reported(qtbot, make_panel):
+    panel = make_panel()
+    with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):
+        panel.text.setText("hello")
+        panel.text.setText("hello world " * 40)  # one request for both edits
+    assert panel.maps.n_tokens == 64
+    assert "text cut by 18 tokens to fit 64 positions" in panel.status.text()
+    assert len(panel.axis_labels()[0]) < 64  # every k-th token labelled
+    assert panel.axis_labels()[0][0] == "0 [CLS]"
+
+
+def test_long_maps_are_block_averaged_for_display(qtbot, make_panel):
+    panel = make_panel()
+    panel.max_side = 16
+    with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):
+        panel.text.setText("word " * 100)
+    assert panel.head_view.data.shape == (16, 16)
+    assert panel.current().factor == 4
+    assert "block-averaged 4×4" in panel.status.text()
+    assert panel.head_view.describe(0, 0).startswith("queries '[CLS]'… (0–3)")
+
+
+def test_update_config_recomputes_and_stale_results_are_dropped(qtbot, make_panel):
+    panel = make_panel()
+    with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):
+        panel.update_config(ModelConfig(**{**SMALL, "n_heads": 2, "n_layers": 3}))
+    assert panel.entropy_view.data.shape == (3, 2)
+    maps = panel.maps
+    panel._on_result(CHANNEL, panel._request_id - 1, object())  # stale: ignored
+    panel._on_result("positional", panel._request_id, object())  # another channel
+    assert panel.maps is maps
+
+
+def test_exports(qtbot, make_panel, tmp_path):
+    panel = make_panel()
+    panel.export_png(tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    panel.export_npy(tmp_path / "a.npy")
+    data = np.load(tmp_path / "a.npy", allow_pickle=False)
+    np.testing.assert_array_equal(data, panel.matrix())
+    assert data.shape == (len(TOKENS), len(TOKENS))
+    panel.export_csv(tmp_path / "a.csv")
+    with open(tmp_path / "a.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][2:] == TOKENS and [r[1] for r in rows[1:]] == TOKENS
+    np.testing.assert_allclose(np.array([r[2:] for r in rows[1:]], dtype=float), data,
+                               rtol=1e-6)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
