@@ -10,36 +10,21 @@ medians of several repeats, one thread count for both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import median_ms, parser  # noqa: E402
 
 from unitscale_core import pretrained  # noqa: E402
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser(__doc__).parse_args()
     from transformers import AutoModel
 
     ours = pretrained.minilm()
@@ -57,8 +42,8 @@ def main() -> None:
                 att = theirs(input_ids=ids, output_attentions=True).attentions
             return np.stack([a[0].numpy() for a in att])
 
-        np.testing.assert_allclose(run_ours(), run_theirs(), atol=1e-4)
-        o, th = _median_ms(run_ours, args.repeats), _median_ms(run_theirs, args.repeats)
+        np.testing.assert_allclose(run_ours(), run_theirs(), atol=1e-4)  # also warms both
+        o, th = median_ms(run_ours, args.repeats), median_ms(run_theirs, args.repeats)
         out[f"attention_vs_transformers_{t}"] = {"ours_ms": round(o, 1),
                                                  "theirs_ms": round(th, 1),
                                                  "ratio": round(o / th, 2)}

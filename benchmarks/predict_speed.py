@@ -9,12 +9,12 @@ forward+backward), the thing it replaces. Medians of several cold runs (caches c
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import statistics
 import time
+
+from _common import median_ms, parser
 
 from unitscale_core import ModelConfig
 from unitscale_core.measure import measure
@@ -26,32 +26,24 @@ GPT3 = ModelConfig(d_model=12288, n_heads=96, d_ff=49152, n_layers=96, vocab_siz
 SMALL = ModelConfig(d_model=256, n_heads=4, d_ff=1024, n_layers=4, seq_len=128, batch_size=8)
 
 
-def _median_ms(fn, repeats: int, warm: bool) -> float:
-    times = []
-    for _ in range(repeats):
-        _predict_cached.cache_clear()
-        if not warm:
-            rules.clear_caches()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _cold(warm: bool) -> None:
+    _predict_cached.cache_clear()
+    if not warm:
+        rules.clear_caches()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser(__doc__).parse_args()
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                             f"{platform.python_version()}"}
     for param in ("standard", "unit", "umup"):
         cfg = GPT3.replace(parametrization=param)
         predict(cfg)  # numerical caches warm, as in a running app
-        ms = _median_ms(lambda c=cfg: predict(c, formats=("fp8_e4m3",)), args.repeats, True)
+        ms = median_ms(lambda c=cfg: predict(c, formats=("fp8_e4m3",)), args.repeats,
+                       lambda: _cold(True))
         out[f"predict_96_layers_ms_{param}"] = {"value": round(ms, 1), "goal": 16.0,
                                                 "ratio_to_frame": round(ms / 16.0, 2)}
-    small_pred = _median_ms(lambda: predict(SMALL), args.repeats, True)
+    small_pred = median_ms(lambda: predict(SMALL), args.repeats, lambda: _cold(True))
     t0 = time.perf_counter()
     measure(SMALL)
     small_meas = (time.perf_counter() - t0) * 1e3
