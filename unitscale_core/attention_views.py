@@ -38,15 +38,55 @@ class AttentionResult:
     encoder_attentions: np.ndarray | None = None
     source_tokens: list[str] = field(default_factory=list)
     allowed: np.ndarray | None = None
+    #: > 1 when ``attentions`` were block-averaged by this factor on the device (long texts);
+    #: then ``entropy`` [layers, heads], ``average`` [layers, t, s] and ``rollout`` hold what
+    #: was computed from the full maps before they were dropped.
+    factor: int = 1
+    entropy: np.ndarray | None = None
+    average: np.ndarray | None = None
+    rollout: np.ndarray | None = None
 
 
-def configured_attentions(cfg: ModelConfig, text: str,
-                          check_cancelled=None) -> AttentionResult:
+class _DeviceReducer:
+    """Capture hook for long single-stack sequences: per layer, keep only the block-averaged
+    maps, the per-head entropy and the rollout, computed in torch before the full
+    ``[H, T, T]`` probabilities are dropped — host memory stays ``O(L·H·max_side²)``
+    (plus one ``T × T`` rollout accumulator), not ``O(L·H·T²)``."""
+
+    def __init__(self, factor: int):
+        self.factor = factor
+        self.acc = None  # rollout product so far, (T, T)
+
+    def pool(self, x):
+        import torch.nn.functional as F
+
+        # ceil_mode: the last partial block averages only the cells it covers
+        return F.avg_pool2d(x, self.factor, ceil_mode=True)
+
+    def __call__(self, probs):
+        import torch
+
+        p = probs[0].float()  # (H, T, S)
+        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(-1)  # (H,)
+        avg = p.mean(0)  # (T, S)
+        eye = torch.eye(avg.shape[0], dtype=avg.dtype)
+        a = 0.5 * eye + 0.5 * avg
+        a = a / a.sum(-1, keepdim=True)
+        self.acc = a if self.acc is None else a @ self.acc
+        return {"att": self.pool(p).numpy(), "entropy": ent.numpy(),
+                "average": self.pool(avg[None])[0].numpy(),
+                "rollout": self.pool(self.acc[None])[0].numpy()}
+
+
+def configured_attentions(cfg: ModelConfig, text: str, check_cancelled=None,
+                          max_side: int | None = None) -> AttentionResult:
     """Attention of the configured model (at initialisation) for ``text``.
 
     Tokenised with the bundled WordPiece tokenizer, ids folded into ``cfg.vocab_size``,
     at most ``cfg.max_len`` tokens. Runs on the CPU in eval mode, one sequence. An
-    encoder-decoder sees the text as both source and target.
+    encoder-decoder sees the text as both source and target. With ``max_side`` and a longer
+    single-stack sequence, maps are block-averaged on the device as each layer runs (see
+    :class:`_DeviceReducer`; entropy and rollout from the full maps).
     """
     import torch
 
@@ -55,7 +95,7 @@ def configured_attentions(cfg: ModelConfig, text: str,
     from .model import allowed as allowed_mask
 
     bundled = pretrained.minilm()
-    enc = pretrained.encode(bundled, text, max_tokens=cfg.max_len)
+    enc = pretrained.encode(bundled, text, positions=cfg.max_len)
     ids = enc.ids.remainder(cfg.vocab_size)
     note = ("tokenised with the bundled all-MiniLM-L6-v2 WordPiece tokenizer; ids folded into "
             f"the config's vocabulary of {cfg.vocab_size} (id mod {cfg.vocab_size})")
@@ -63,23 +103,36 @@ def configured_attentions(cfg: ModelConfig, text: str,
     model = cached_model(cfg.replace(dropout=0.0, device="cpu"), torch.device("cpu"))
     model.eval()
     modules = model.attention_modules()
+    factor = math.ceil(t / max_side) if max_side and cfg.architecture != "encoder-decoder" \
+        else 1
+    reducer = _DeviceReducer(factor) if factor > 1 else None
     for _, m in modules:
-        m.capture = True
+        m.capture, m.capture_fn = True, reducer
     try:
         with torch.no_grad():
             if check_cancelled is not None:
                 check_cancelled()
             model.hidden(ids)  # the stacks only: attention needs no vocabulary head
-        probs = {name: m.probs[0].float().numpy() for name, m in modules}  # (H, T, S) each
+        probs = {name: m.probs if reducer is not None else m.probs[0].float().numpy()
+                 for name, m in modules}  # (H, T, S) each, or the reducer's summaries
     finally:
         for _, m in modules:
-            m.capture, m.probs = False, None
+            m.capture, m.capture_fn, m.probs = False, None, None
     causal = cfg.architecture != "encoder"
     mask = allowed_mask(t, t, cfg.attention, cfg.window, causal)
     result = AttentionResult(
         attentions=np.zeros((0,), np.float32), tokens=enc.tokens, truncated=enc.truncated,
         note=note, allowed=None if mask is None else mask.numpy())
     stack = lambda keys: np.stack([probs[k] for k in keys]).astype(np.float32)  # noqa: E731
+    if reducer is not None:
+        layers = [probs[k] for k in probs]
+        result.factor = factor
+        result.attentions = np.stack([x["att"] for x in layers]).astype(np.float32)
+        result.entropy = np.stack([x["entropy"] for x in layers])
+        result.average = np.stack([x["average"] for x in layers]).astype(np.float32)
+        result.rollout = np.stack([x["rollout"] for x in layers]).astype(np.float32)
+        result.note += f"; maps block-averaged ×{factor} on the device"
+        return result
     if cfg.architecture == "encoder-decoder":
         result.encoder_attentions = stack([k for k in probs if k.startswith("encoder.")])
         result.attentions = stack([k for k in probs if k.startswith("decoder.")

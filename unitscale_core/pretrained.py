@@ -591,7 +591,8 @@ def _labels(tokenizer: Any, tokens: list[str]) -> list[str]:
     return out
 
 
-def encode(pretrained: Pretrained, text: str, max_tokens: int | None = None) -> Encoded:
+def encode(pretrained: Pretrained, text: str, max_tokens: int | None = None,
+           positions: int | None = None) -> Encoded:
     """Tokenize ``text`` as the checkpoint's tokenizer does, within the model's positions.
 
     BERT's ``[CLS] … [SEP]`` are added and always kept. At most
@@ -601,8 +602,9 @@ def encode(pretrained: Pretrained, text: str, max_tokens: int | None = None) -> 
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} must be at least 1")
     tok = pretrained.tokenizer
-    limit = pretrained.config.max_len if max_tokens is None else min(max_tokens,
-                                                                    pretrained.config.max_len)
+    # positions: another model's length limit, when only the tokenizer is borrowed
+    positions = pretrained.config.max_len if positions is None else positions
+    limit = positions if max_tokens is None else min(max_tokens, positions)
     enc = tok.encode(text, add_special_tokens=False)
     room = max(0, limit - tok.num_special_tokens_to_add(False))
     truncated = max(0, len(enc.ids) - room)

@@ -209,7 +209,8 @@ def compute_maps(source: str, text: str, config: ModelConfig, folder: str | None
 
     start = time.perf_counter()
     if source == "configured":
-        result = av.configured_attentions(config, text, check_cancelled=check)
+        result = av.configured_attentions(config, text, check_cancelled=check,
+                                          max_side=max_side)
         limit = min(config.max_len, pretrained.minilm().config.max_len)
         name = f"configured model ({config.parametrization}, at init)"
     else:
@@ -227,9 +228,26 @@ def compute_maps(source: str, text: str, config: ModelConfig, folder: str | None
                          note=result.note, seconds=time.perf_counter() - start)
 
 
+def reduced_kind_maps(result: AttentionResult) -> KindMaps:
+    """KindMaps from a result already block-averaged on the device (long configured-model
+    texts): its entropy, head average and rollout were computed from the full maps."""
+    att, factor, tokens = result.attentions, result.factor, result.tokens
+    thumbs, thumb_factor = _block_mean(att, THUMB_SIDE)
+    allowed = _reduced_mask(result.allowed, att.shape[-1])  # at the maps' resolution
+    return KindMaps(
+        name="self", label=KIND_LABELS["self"], att=np.ascontiguousarray(att, np.float32),
+        average=result.average, rollout=result.rollout, thumbs=thumbs, allowed=allowed,
+        thumb_allowed=_reduced_mask(allowed, THUMB_SIDE),
+        entropy=np.asarray(result.entropy, dtype=np.float64),
+        uniform=uniform_entropy(result.allowed, len(tokens)), factor=factor,
+        thumb_factor=factor * thumb_factor, query_tokens=list(tokens), key_tokens=list(tokens))
+
+
 def _kinds(result: AttentionResult, config: ModelConfig | None, max_side: int,
            check: Callable[[], None] | None) -> dict[str, KindMaps]:
     tokens = result.tokens
+    if result.factor > 1:
+        return {"self": reduced_kind_maps(result)}
     if result.cross_attentions is None:
         return {"self": kind_maps("self", "self-attention", result.attentions, result.allowed,
                                   tokens, tokens, max_side, check)}

@@ -95,3 +95,29 @@ def test_cli_attention_user_errors(tmp_path, capsys):
                  str(tmp_path / "a.npz")]) == 2
     err = capsys.readouterr().err
     assert "safetensors" in err and err.count("\n") == 2
+
+
+def test_long_sequences_are_reduced_on_the_device_with_full_resolution_summaries():
+    import torch
+    import torch.nn.functional as F
+
+    cfg = ModelConfig(**{**SMALL, "max_len": 300, "seq_len": 300})
+    text = " ".join(["word"] * 298)
+    full = configured_attentions(cfg, text)
+    red = configured_attentions(cfg, text, max_side=64)
+    assert full.attentions.shape == (2, 4, 300, 300)
+    assert red.factor == 5 and red.attentions.shape == (2, 4, 60, 60)
+    pooled = F.avg_pool2d(torch.from_numpy(full.attentions[1]), 5, ceil_mode=True).numpy()
+    np.testing.assert_allclose(red.attentions[1], pooled, atol=1e-6)
+    np.testing.assert_allclose(red.entropy, entropy(full.attentions), atol=1e-4)
+    want = F.avg_pool2d(torch.from_numpy(rollout(full.attentions)[-1])[None], 5,
+                        ceil_mode=True)[0].numpy()
+    np.testing.assert_allclose(red.rollout[-1], want, atol=1e-5)
+
+
+def test_configured_text_is_limited_by_the_model_not_the_tokenizer_source():
+    """MiniLM's 512 positions do not cap a configured model with max_len 1024."""
+    cfg = ModelConfig(**{**SMALL, "n_layers": 1, "max_len": 1024, "seq_len": 16})
+    r = configured_attentions(cfg, " ".join(["word"] * 700), max_side=128)
+    assert len(r.tokens) == 702 and r.truncated == 0
+    assert r.attentions.shape[-1] == 117  # ceil(702 / 6)

@@ -113,6 +113,9 @@ class Attention(nn.Module):
         self.o = Linear(c, c, cfg.bias, ops)
         self.dropout = cfg.dropout
         self.capture = False
+        #: applied to the probabilities before they are kept (e.g. block-averaging on the
+        #: device so a long sequence never keeps a full [H, T, S] map per layer)
+        self.capture_fn: Callable[[Tensor], object] | None = None
         self.probs: Tensor | None = None
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -142,7 +145,8 @@ class Attention(nn.Module):
             probs = torch.nan_to_num(probs, nan=0.0)
         probs = self.probs_tap(probs)
         if self.capture:
-            self.probs = probs.detach()
+            self.probs = probs.detach() if self.capture_fn is None else \
+                self.capture_fn(probs.detach())
         probs = ops.dropout(ops.softmax_out(probs, ctx.causal), self.dropout, self.training)
         y = ops.attention_out(ops.attend(probs, v), k.shape[-2], ctx.causal)  # (B, H, T, D)
         return self.o(self.context(y.transpose(1, 2).flatten(2)))  # (B, T, C)
