@@ -45,6 +45,8 @@ class AttentionResult:
     entropy: np.ndarray | None = None
     average: np.ndarray | None = None
     rollout: np.ndarray | None = None
+    #: the same summaries per kind ("self", "encoder", "cross") when reduced on the device
+    summaries: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)
 
 
 class _DeviceReducer:
@@ -53,8 +55,9 @@ class _DeviceReducer:
     ``[H, T, T]`` probabilities are dropped — host memory stays ``O(L·H·max_side²)``
     (plus one ``T × T`` rollout accumulator), not ``O(L·H·T²)``."""
 
-    def __init__(self, factor: int):
+    def __init__(self, factor: int, with_rollout: bool = True):
         self.factor = factor
+        self.with_rollout = with_rollout  # not for cross-attention
         self.acc = None  # rollout product so far, (T, T)
 
     def pool(self, x):
@@ -69,13 +72,22 @@ class _DeviceReducer:
         p = probs[0].float()  # (H, T, S)
         ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(-1)  # (H,)
         avg = p.mean(0)  # (T, S)
-        eye = torch.eye(avg.shape[0], dtype=avg.dtype)
-        a = 0.5 * eye + 0.5 * avg
-        a = a / a.sum(-1, keepdim=True)
-        self.acc = a if self.acc is None else a @ self.acc
+        roll = None
+        if self.with_rollout:
+            eye = torch.eye(avg.shape[0], dtype=avg.dtype)
+            a = 0.5 * eye + 0.5 * avg
+            a = a / a.sum(-1, keepdim=True)
+            self.acc = a if self.acc is None else a @ self.acc
+            roll = self.pool(self.acc[None])[0].numpy()
         return {"att": self.pool(p).numpy(), "entropy": ent.numpy(),
-                "average": self.pool(avg[None])[0].numpy(),
-                "rollout": self.pool(self.acc[None])[0].numpy()}
+                "average": self.pool(avg[None])[0].numpy(), "rollout": roll}
+
+
+def _kind_of(name: str) -> str:
+    """Which attention a module name is: "encoder", "cross" or "self" (the shown stack)."""
+    if name.endswith(".cross_attn"):
+        return "cross"
+    return "encoder" if name.startswith("encoder.") else "self"
 
 
 def configured_attentions(cfg: ModelConfig, text: str, check_cancelled=None,
@@ -103,17 +115,17 @@ def configured_attentions(cfg: ModelConfig, text: str, check_cancelled=None,
     model = cached_model(cfg.replace(dropout=0.0, device="cpu"), torch.device("cpu"))
     model.eval()
     modules = model.attention_modules()
-    factor = math.ceil(t / max_side) if max_side and cfg.architecture != "encoder-decoder" \
-        else 1
-    reducer = _DeviceReducer(factor) if factor > 1 else None
-    for _, m in modules:
-        m.capture, m.capture_fn = True, reducer
+    factor = math.ceil(t / max_side) if max_side else 1
+    reducers = {kind: _DeviceReducer(factor, with_rollout=kind != "cross")
+                for kind in ("self", "encoder", "cross")} if factor > 1 else {}
+    for name, m in modules:
+        m.capture, m.capture_fn = True, reducers.get(_kind_of(name))
     try:
         with torch.no_grad():
             if check_cancelled is not None:
                 check_cancelled()
             model.hidden(ids)  # the stacks only: attention needs no vocabulary head
-        probs = {name: m.probs if reducer is not None else m.probs[0].float().numpy()
+        probs = {name: m.probs if reducers else m.probs[0].float().numpy()
                  for name, m in modules}  # (H, T, S) each, or the reducer's summaries
     finally:
         for _, m in modules:
@@ -124,13 +136,26 @@ def configured_attentions(cfg: ModelConfig, text: str, check_cancelled=None,
         attentions=np.zeros((0,), np.float32), tokens=enc.tokens, truncated=enc.truncated,
         note=note, allowed=None if mask is None else mask.numpy())
     stack = lambda keys: np.stack([probs[k] for k in keys]).astype(np.float32)  # noqa: E731
-    if reducer is not None:
-        layers = [probs[k] for k in probs]
+    if reducers:
         result.factor = factor
-        result.attentions = np.stack([x["att"] for x in layers]).astype(np.float32)
-        result.entropy = np.stack([x["entropy"] for x in layers])
-        result.average = np.stack([x["average"] for x in layers]).astype(np.float32)
-        result.rollout = np.stack([x["rollout"] for x in layers]).astype(np.float32)
+        for kind in ("self", "encoder", "cross"):
+            layers = [v for k, v in probs.items() if _kind_of(k) == kind]
+            if not layers:
+                continue
+            roll = None if kind == "cross" else np.stack([x["rollout"] for x in layers])
+            result.summaries[kind] = {
+                "att": np.stack([x["att"] for x in layers]).astype(np.float32),
+                "entropy": np.stack([x["entropy"] for x in layers]),
+                "average": np.stack([x["average"] for x in layers]).astype(np.float32),
+                "rollout": None if roll is None else roll.astype(np.float32)}
+        main = result.summaries["self"]
+        result.attentions = main["att"]
+        result.entropy, result.average, result.rollout = (main["entropy"], main["average"],
+                                                          main["rollout"])
+        if "cross" in result.summaries:
+            result.cross_attentions = result.summaries["cross"]["att"]
+            result.encoder_attentions = result.summaries["encoder"]["att"]
+            result.source_tokens = enc.tokens
         result.note += f"; maps block-averaged ×{factor} on the device"
         return result
     if cfg.architecture == "encoder-decoder":

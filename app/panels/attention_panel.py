@@ -228,26 +228,37 @@ def compute_maps(source: str, text: str, config: ModelConfig, folder: str | None
                          note=result.note, seconds=time.perf_counter() - start)
 
 
-def reduced_kind_maps(result: AttentionResult) -> KindMaps:
+def reduced_kind_maps(result: AttentionResult, kind: str = "self",
+                      allowed_full: np.ndarray | None = None) -> KindMaps:
     """KindMaps from a result already block-averaged on the device (long configured-model
     texts): its entropy, head average and rollout were computed from the full maps."""
-    att, factor, tokens = result.attentions, result.factor, result.tokens
+    summary = result.summaries.get(kind) or {"att": result.attentions,
+                                             "entropy": result.entropy,
+                                             "average": result.average,
+                                             "rollout": result.rollout}
+    att, factor = summary["att"], result.factor
+    queries = result.tokens
+    keys = (result.source_tokens or result.tokens) if kind in ("cross", "encoder") else queries
+    if kind == "encoder":
+        queries = keys
     thumbs, thumb_factor = _block_mean(att, THUMB_SIDE)
-    allowed = _reduced_mask(result.allowed, att.shape[-1])  # at the maps' resolution
+    allowed = _reduced_mask(allowed_full, att.shape[-1])  # at the maps' resolution
     return KindMaps(
-        name="self", label=KIND_LABELS["self"], att=np.ascontiguousarray(att, np.float32),
-        average=result.average, rollout=result.rollout, thumbs=thumbs, allowed=allowed,
-        thumb_allowed=_reduced_mask(allowed, THUMB_SIDE),
-        entropy=np.asarray(result.entropy, dtype=np.float64),
-        uniform=uniform_entropy(result.allowed, len(tokens)), factor=factor,
-        thumb_factor=factor * thumb_factor, query_tokens=list(tokens), key_tokens=list(tokens))
+        name=kind, label=KIND_LABELS[kind], att=np.ascontiguousarray(att, np.float32),
+        average=summary["average"], rollout=summary["rollout"], thumbs=thumbs,
+        allowed=allowed, thumb_allowed=_reduced_mask(allowed, THUMB_SIDE),
+        entropy=np.asarray(summary["entropy"], dtype=np.float64),
+        uniform=uniform_entropy(allowed_full, len(queries)) if kind != "cross"
+        else (math.log(len(keys)) if keys else 0.0),
+        factor=factor, thumb_factor=factor * thumb_factor, query_tokens=list(queries),
+        key_tokens=list(keys))
 
 
 def _kinds(result: AttentionResult, config: ModelConfig | None, max_side: int,
            check: Callable[[], None] | None) -> dict[str, KindMaps]:
     tokens = result.tokens
-    if result.factor > 1:
-        return {"self": reduced_kind_maps(result)}
+    if result.factor > 1 and result.cross_attentions is None:
+        return {"self": reduced_kind_maps(result, "self", result.allowed)}
     if result.cross_attentions is None:
         return {"self": kind_maps("self", "self-attention", result.attentions, result.allowed,
                                   tokens, tokens, max_side, check)}
@@ -259,6 +270,10 @@ def _kinds(result: AttentionResult, config: ModelConfig | None, max_side: int,
     if config is not None:  # the encoder's own pattern: bidirectional unless "causal"
         m = allowed_mask(s, s, config.attention, config.window, causal=False)
         mask = None if m is None else m.numpy()
+    if result.factor > 1:  # reduced on the device: summaries came with the maps
+        return {"self": reduced_kind_maps(result, "self", result.allowed),
+                "encoder": reduced_kind_maps(result, "encoder", mask),
+                "cross": reduced_kind_maps(result, "cross", None)}
     out = {"self": kind_maps("self", KIND_LABELS["self"], result.attentions, result.allowed,
                              tokens, tokens, max_side, check)}
     if result.encoder_attentions is not None:

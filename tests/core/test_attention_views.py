@@ -121,3 +121,18 @@ def test_configured_text_is_limited_by_the_model_not_the_tokenizer_source():
     r = configured_attentions(cfg, " ".join(["word"] * 700), max_side=128)
     assert len(r.tokens) == 702 and r.truncated == 0
     assert r.attentions.shape[-1] == 117  # ceil(702 / 6)
+
+
+def test_encoder_decoder_reduced_on_the_device():
+    cfg = ModelConfig(**{**SMALL, "architecture": "encoder-decoder", "max_len": 200,
+                         "seq_len": 16})
+    text = " ".join(["word"] * 198)
+    full = configured_attentions(cfg, text)
+    red = configured_attentions(cfg, text, max_side=50)
+    assert red.factor == 4
+    assert red.cross_attentions.shape == (2, 4, 50, 50)
+    assert red.summaries["cross"]["rollout"] is None
+    np.testing.assert_allclose(red.summaries["encoder"]["entropy"],
+                               entropy(full.encoder_attentions), atol=1e-4)
+    np.testing.assert_allclose(red.summaries["cross"]["entropy"],
+                               entropy(full.cross_attentions), atol=1e-4)

@@ -239,3 +239,14 @@ def test_exports(qtbot, make_panel, tmp_path):
                                rtol=1e-6)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 
+
+
+def test_long_encoder_decoder_text_reduced_on_the_device(qtbot, make_panel):
+    panel = make_panel(ModelConfig(**{**SMALL, "architecture": "encoder-decoder"}))
+    panel.max_side = 16
+    with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):
+        panel.text.setText("word " * 60)
+    assert panel.current().factor == 4
+    for kind in ("self", "encoder", "cross"):
+        assert panel.maps.kinds[kind].att.shape[-1] == 16
+    assert panel.maps.kinds["cross"].rollout is None
