@@ -62,9 +62,9 @@ class MainWindow(QMainWindow):
                       self.attention_panel):
             self.config_changed.connect(panel.update_config)
 
-        placeholder = QWidget()  # docks fill the window; the central area stays empty
-        placeholder.setMaximumSize(0, 0)
-        self.setCentralWidget(placeholder)
+        central = QWidget()  # docks fill the window; the central area stays empty
+        central.setMaximumSize(0, 0)
+        self.setCentralWidget(central)
         self.setDockNestingEnabled(True)
         self.docks: dict[str, QDockWidget] = {}
         self._add_dock("Model", self.model_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
