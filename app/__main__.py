@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.exit_on_first_paint:
         _quit_on_first_paint(app, window)
+    # However the event loop ends (window closed, app.quit(), session end), the worker thread
+    # must end before Qt destroys it, or Qt aborts the process.
+    app.aboutToQuit.connect(lambda: window.worker.stop(2000) or window.worker.wait())
     window.show()
     return app.exec()
 

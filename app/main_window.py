@@ -75,6 +75,9 @@ class MainWindow(QMainWindow):
         self.splitDockWidget(self.docks["Sizes"], self.docks["Positional"],
                              Qt.Orientation.Horizontal)
         self._add_dock("Attention", self.attention_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        # attention runs a model: only while its tab is on screen (a hidden tab costs nothing)
+        self.attention_panel.set_active(False)
+        self.docks["Attention"].visibilityChanged.connect(self.attention_panel.set_active)
         self.tabifyDockWidget(self.docks["Positional"], self.docks["Attention"])
         self.docks["Positional"].raise_()
         self.resizeDocks([self.docks["Model"]], [340], Qt.Orientation.Horizontal)
@@ -271,5 +274,10 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         if self._remember:
             self.save_settings()
-        self.worker.stop(2000)  # a running job is cancelled; the thread ends before we do
+        # A running job is cancelled and the thread normally ends within 2 s. A job stuck in
+        # something uncancellable (torch's first import, a model build) is waited for: Qt
+        # aborts the process if a running QThread is destroyed.
+        if not self.worker.stop(2000):
+            self.statusBar().showMessage("waiting for the running job to finish…")
+            self.worker.wait()
         super().closeEvent(event)

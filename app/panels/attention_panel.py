@@ -596,6 +596,8 @@ class AttentionPanel(QWidget):
         worker.finished_job.connect(self._on_result)
         worker.failed_job.connect(self._on_failure)
         self._set_kinds(["self"])
+        self._stale = False
+        self._active: bool | None = None  # unknown until a dock reports it
         self.update_config(config)
 
     def _spin(self, name: str, tip: str) -> QSpinBox:
@@ -608,10 +610,31 @@ class AttentionPanel(QWidget):
 
     # -- requests ------------------------------------------------------------------------------
     def update_config(self, config: ModelConfig) -> None:
-        """A new model config; recomputes when the source is the configured model."""
+        """A new model config; recomputes when the source is the configured model — at once
+        if the panel is on screen, else when it is next shown (a hidden tab costs nothing)."""
         self.config = config
         if self.source.currentData() == "configured":
+            if self._on_screen():
+                self.recompute()
+            else:
+                self._stale = True
+
+    def _on_screen(self) -> bool:
+        return self._active if self._active is not None else self.isVisible()
+
+    def set_active(self, active: bool) -> None:
+        """Whether the panel is on screen (its dock's tab selected): a stale result is
+        recomputed when it becomes active. Connected to ``QDockWidget.visibilityChanged``."""
+        self._active = active
+        if active and self._stale:
+            self._stale = False
             self.recompute()
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        if self._active is None and self._stale:  # a panel not in a dock
+            self._stale = False
+            QTimer.singleShot(0, self.recompute)
 
     def recompute(self) -> None:
         """Send the current source and text to the worker (latest wins)."""

@@ -139,3 +139,13 @@ def test_open_and_save_config(qtbot, window, tmp_path):
     assert fresh.config == before
     assert "d_model=100 is not divisible" in fresh.statusBar().currentMessage()
     fresh.close()
+
+
+def test_hidden_attention_tab_stays_idle_until_shown(qtbot, window):
+    """Attention runs a model; behind the Positional tab it must not, so start-up is idle
+    and closing never waits on it."""
+    qtbot.wait(100)
+    assert not window.worker.busy()
+    with qtbot.waitSignal(window.attention_panel.computed, timeout=60_000):
+        window.docks["Attention"].raise_()
+    assert "tokens" in window.attention_panel.status.text()
