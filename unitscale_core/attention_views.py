@@ -229,7 +229,9 @@ def rollout(att: np.ndarray, residual: float = 0.5) -> np.ndarray:
 def reduce_for_display(matrix: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:
     """Block-average a ``[T, S]`` map to at most ``max_side`` per side; returns (map, factor).
 
-    Averaging (not sampling) keeps a sharp diagonal visible at any zoom.
+    Averaging (not sampling) keeps a sharp diagonal visible at any zoom. The last row and
+    column of blocks, partly beyond the map when ``T`` or ``S`` is not a multiple of the
+    factor, average only the cells they cover (as ``avg_pool2d(..., ceil_mode=True)``).
     """
     t, s = matrix.shape[-2:]
     factor = max(1, math.ceil(max(t, s) / max_side))
@@ -238,5 +240,11 @@ def reduce_for_display(matrix: np.ndarray, max_side: int) -> tuple[np.ndarray, i
     tp, sp = -(-t // factor) * factor, -(-s // factor) * factor
     padded = np.zeros(matrix.shape[:-2] + (tp, sp), dtype=np.float32)
     padded[..., :t, :s] = matrix
-    shape = matrix.shape[:-2] + (tp // factor, factor, sp // factor, factor)
-    return padded.reshape(shape).mean(axis=(-3, -1)), factor
+    real = np.zeros((tp, sp), dtype=np.float32)
+    real[:t, :s] = 1.0
+
+    def block_sums(x: np.ndarray) -> np.ndarray:
+        shape = x.shape[:-2] + (tp // factor, factor, sp // factor, factor)
+        return x.reshape(shape).sum(axis=(-3, -1))
+
+    return (block_sums(padded) / block_sums(real)).astype(np.float32), factor

@@ -146,18 +146,6 @@ class AttentionMaps:
     seconds: float
 
 
-def _block_mean(matrix: np.ndarray, side: int) -> tuple[np.ndarray, int]:
-    """``reduce_for_display``, with the last row and column of blocks (partly padding when
-    the length is not a multiple of the factor) divided by their share of real cells, so
-    they show the mean of what is there, not a diluted one."""
-    reduced, factor = reduce_for_display(matrix, side)
-    if factor == 1:
-        return reduced, 1
-    t, s = matrix.shape[-2:]
-    real, _ = reduce_for_display(np.ones((t, s), dtype=np.float32), side)
-    return (reduced / real).astype(np.float32), factor
-
-
 def _reduced_mask(allowed: np.ndarray | None, side: int) -> np.ndarray | None:
     if allowed is None:
         return None
@@ -178,11 +166,11 @@ def kind_maps(name: str, label: str, att: np.ndarray, allowed: np.ndarray | None
     check()
     roll = rollout(att) if t == s and name != "cross" else None  # self-attention only
     check()
-    shown, factor = _block_mean(att, max_side)
-    average, _ = _block_mean(head_average(att), max_side)
+    shown, factor = reduce_for_display(att, max_side)
+    average, _ = reduce_for_display(head_average(att), max_side)
     if roll is not None:
-        roll, _ = _block_mean(roll, max_side)
-    thumbs, thumb_factor = _block_mean(att, THUMB_SIDE)
+        roll, _ = reduce_for_display(roll, max_side)
+    thumbs, thumb_factor = reduce_for_display(att, THUMB_SIDE)
     check()
     return KindMaps(
         name=name, label=label, att=np.ascontiguousarray(shown, dtype=np.float32),
@@ -241,7 +229,7 @@ def reduced_kind_maps(result: AttentionResult, kind: str = "self",
     keys = (result.source_tokens or result.tokens) if kind in ("cross", "encoder") else queries
     if kind == "encoder":
         queries = keys
-    thumbs, thumb_factor = _block_mean(att, THUMB_SIDE)
+    thumbs, thumb_factor = reduce_for_display(att, THUMB_SIDE)
     allowed = _reduced_mask(allowed_full, att.shape[-1])  # at the maps' resolution
     return KindMaps(
         name=kind, label=KIND_LABELS[kind], att=np.ascontiguousarray(att, np.float32),

@@ -29,13 +29,12 @@ from PySide6.QtWidgets import (
 )
 
 from unitscale_core.config import PARAMETRIZATIONS, ModelConfig
-from unitscale_core.scaling.formats import FORMATS, FormatStats, headroom_status
 from unitscale_core.scaling.predict import predict
 from unitscale_core.sizing import count_parameters
 from unitscale_core.tensors import REPORTED_FORMATS, TensorRow
 
 from ..widgets.scale_chart import ScaleChart
-from ..widgets.scale_table import COLUMNS, ScaleFilterProxy, ScaleTableModel
+from ..widgets.scale_table import COLUMNS, ScaleFilterProxy, ScaleTableModel, row_status
 from ..worker import Worker
 from .seed_formula_tab import SeedFormulaTab
 
@@ -43,16 +42,6 @@ CHANNEL = "measure"
 #: Auto-measure only configs this small (parameters), so typing stays smooth on a CPU.
 AUTO_MEASURE_MAX_PARAMS = 20_000_000
 FOLLOW = "follow the model"
-
-
-def _status(row: TensorRow, fmt: str) -> str:
-    f = row.formats.get(fmt)
-    if not f:
-        return ""
-    stats = FormatStats(FORMATS[fmt], row.rms, f["underflow"], f.get("subnormal", 0.0),
-                        1 - f["underflow"] - f["overflow"], f["overflow"],
-                        f["headroom_max_log2"], f["headroom_min_log2"])
-    return headroom_status(stats)
 
 
 def agreement(predicted: list[TensorRow], measured: list[TensorRow]) -> tuple[int, int]:
@@ -200,7 +189,7 @@ class ScalingPanel(QWidget):
         for p in PARAMETRIZATIONS:
             rows = self.predicted if p == self.shown_config().parametrization else predict(
                 self.shown_config().replace(parametrization=p), formats=(fmt,))
-            statuses = [_status(r, fmt) for r in rows]
+            statuses = [row_status(r, fmt) for r in rows]
             lost = statuses.count("lost")
             risk = statuses.count("at_risk")
             parts.append(f"<b>{p}</b>: {lost} lost, {risk} at risk")

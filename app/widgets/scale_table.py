@@ -30,6 +30,17 @@ TOOLTIPS = {
 }
 
 
+def row_status(row: TensorRow, fmt: str) -> str:
+    """``fine`` / ``at_risk`` / ``lost`` for a row's headroom in ``fmt`` ("" without it)."""
+    f = row.formats.get(fmt)
+    if not f:
+        return ""
+    stats = FormatStats(get_format(fmt), row.rms, f["underflow"], f.get("subnormal", 0.0),
+                        1.0 - f["underflow"] - f["overflow"], f["overflow"],
+                        f["headroom_max_log2"], f["headroom_min_log2"])
+    return headroom_status(stats)
+
+
 def _fmt(x: float | None, digits: int = 4) -> str:
     if x is None:
         return ""
@@ -72,14 +83,7 @@ class ScaleTableModel(QAbstractTableModel):
         return None
 
     def status(self, row: TensorRow) -> str:
-        f = row.formats.get(self.format)
-        if not f:
-            return ""
-        fmt = get_format(self.format)
-        stats = FormatStats(fmt, row.rms, f["underflow"], f.get("subnormal", 0.0),
-                            1.0 - f["underflow"] - f["overflow"], f["overflow"],
-                            f["headroom_max_log2"], f["headroom_min_log2"])
-        return headroom_status(stats)
+        return row_status(row, self.format)
 
     def value(self, r: int, column: str):
         """The sortable value of a cell."""
