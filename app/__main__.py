@@ -38,15 +38,18 @@ def _quit_on_first_paint(app, window) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     args = _parse(argv)
-    from unitscale_core.config import ConfigError, load
+    from unitscale_core.config import ConfigError, ModelConfig, load
 
-    config = None
+    config, problem = None, ""
     if args.config:
         try:
             config = load(args.config)
         except ConfigError as exc:
             print(f"unitscale-explorer: error: {exc}", file=sys.stderr)
-            return 2
+            if args.screenshot or args.exit_on_first_paint:
+                return 2
+            # the program opens anyway, on the defaults, and says why; the file is not touched
+            config, problem = ModelConfig(), f"Could not open {args.config}: {exc}"
 
     from PySide6.QtWidgets import QApplication
 
@@ -56,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.setApplicationName("Unit Scaling Explorer")
     app.setStyle("Fusion")
     remember = args.screenshot is None and not args.exit_on_first_paint
-    window = MainWindow(config, restore_settings=remember)
+    window = MainWindow(config, restore_settings=remember,
+                        path=args.config if args.config and not problem else None)
+    if problem:
+        window.notify(problem)
     if args.screenshot:
         window.resize(*SCREENSHOT_SIZE)
         window.show()

@@ -11,6 +11,7 @@ def describe_device(preference: str = "auto") -> str:
     """'CUDA: <name> · torch 2.x' / 'CPU · torch 2.x' for the device ``preference`` selects."""
     import torch
 
+    warm_up_torch()
     version = f"torch {torch.__version__}"
     cuda = torch.cuda.is_available()
     if preference in ("auto", "cuda") and cuda:
@@ -21,3 +22,13 @@ def describe_device(preference: str = "auto") -> str:
     if preference == "cuda":
         return f"CPU (no CUDA device found) · {version}"
     return f"CPU · {version}"
+
+
+def warm_up_torch() -> None:
+    """Run torch's lazy imports (``nn.init`` pulls in ``torch.distributed.tensor``, sympy,
+    mpmath: about two seconds holding the GIL) now, off the main thread right after the first
+    paint, instead of inside the first model job, where they would stall the window while
+    the user waits for it."""
+    import torch
+
+    torch.nn.Linear(2, 2)(torch.zeros(1, 2)).sum().backward()

@@ -6,11 +6,16 @@ Data flow (DESIGN.md): the model panel edits a draft; each valid edit replaces
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+from pathlib import Path
+from typing import Any
 
-from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
+    QApplication,
     QDockWidget,
     QFileDialog,
     QLabel,
@@ -22,19 +27,30 @@ from PySide6.QtWidgets import (
 )
 
 from unitscale_core import __version__
-from unitscale_core.config import ConfigError, ModelConfig, load, loads, save
+from unitscale_core.config import ConfigError, ModelConfig, dumps_json, load, loads, save
 
+from .export import copy_image, first_figure, menu_for
 from .panels.attention_panel import AttentionPanel
 from .panels.model_panel import ModelPanel
 from .panels.positional_panel import PositionalPanel
 from .panels.scaling_panel import ScalingPanel
 from .panels.sizes_panel import SizesPanel
+from .panels.training_panel import TrainingPanel
 from .worker import Worker
 
 SETTINGS_ORG = "UnitScalingExplorer"
 #: torch's import holds the GIL for about a second; start it after the first paint.
 DEVICE_LOOKUP_DELAY_MS = 400
 SETTINGS_APP = "unitscale-explorer"
+#: Files listed under File → Open Recent.
+MAX_RECENT = 8
+#: Longest settings text read back (a config is ~600 bytes; a panel's state well under 4 kB).
+MAX_SETTING_CHARS = 100_000
+NOTICE_MS = 60_000
+CONFIG_FILTER = "Configs (*.json *.toml);;All files (*)"
+SAVE_FILTERS = {"JSON (*.json)": ".json", "TOML (*.toml)": ".toml"}
+
+log = logging.getLogger(__name__)
 
 
 class MainWindow(QMainWindow):
@@ -43,12 +59,28 @@ class MainWindow(QMainWindow):
     config_changed = Signal(object)  # ModelConfig
     device_described = Signal(str)
 
-    def __init__(self, config: ModelConfig | None = None, *, restore_settings: bool = False):
+    def __init__(self, config: ModelConfig | None = None, *, restore_settings: bool = False,
+                 settings: QSettings | None = None, confirm_unsaved: bool | None = None,
+                 path: str | Path | None = None):
+        """``restore_settings``: the program's session — reopen the last config, file,
+        layout and panel choices from ``settings`` (default: the user's QSettings) and save
+        them on close. ``confirm_unsaved`` (default: ``restore_settings``): ask before
+        unsaved changes are dropped (quit, New, Open). ``path``: the file ``config`` was
+        read from (it becomes this session's file)."""
         super().__init__()
         self.setObjectName("mainWindow")
-        self.setWindowTitle(f"Unit Scaling Explorer {__version__}")
+        self._settings_store = settings
+        self._remember = restore_settings
+        self._confirm = restore_settings if confirm_unsaved is None else confirm_unsaved
+        self._path: Path | None = None  # the file the config was opened from or saved to
+        self._clean = ModelConfig()  # that file's config (untitled: the defaults)
+        self._recent: list[str] = []
+        self.problems: list[str] = []  # what could not be restored, for the notice
         self._config = config or ModelConfig()
-        if restore_settings and config is None:
+        if path is not None and config is not None:
+            self._path, self._clean = Path(path).resolve(), config
+        self._restored = restore_settings and config is None  # the last session's config
+        if self._restored:
             self._config = self._saved_config() or self._config
 
         self.worker = Worker(self)
@@ -57,9 +89,10 @@ class MainWindow(QMainWindow):
         self.positional_panel = PositionalPanel(self._config, self.worker)
         self.scaling_panel = ScalingPanel(self._config, self.worker)
         self.attention_panel = AttentionPanel(self._config, self.worker)
+        self.training_panel = TrainingPanel(self._config, self.worker)
         self.model_panel.edited.connect(self.set_config)
         for panel in (self.sizes_panel, self.positional_panel, self.scaling_panel,
-                      self.attention_panel):
+                      self.attention_panel, self.training_panel):
             self.config_changed.connect(panel.update_config)
 
         central = QWidget()  # docks fill the window; the central area stays empty
@@ -79,6 +112,9 @@ class MainWindow(QMainWindow):
         self.attention_panel.set_active(False)
         self.docks["Attention"].visibilityChanged.connect(self.attention_panel.set_active)
         self.tabifyDockWidget(self.docks["Positional"], self.docks["Attention"])
+        # training keeps running while its tab is hidden (unlike attention)
+        self._add_dock("Training", self.training_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.tabifyDockWidget(self.docks["Attention"], self.docks["Training"])
         self.docks["Positional"].raise_()
         self.resizeDocks([self.docks["Model"]], [340], Qt.Orientation.Horizontal)
         self.resizeDocks([self.docks["Scaling"], self.docks["Sizes"]], [540, 420],
@@ -107,9 +143,18 @@ class MainWindow(QMainWindow):
         self.device_described.connect(self.device_label.setText)
         self._device_thread = threading.Thread(target=self._describe_device, daemon=True)
         QTimer.singleShot(DEVICE_LOOKUP_DELAY_MS, self._start_device_lookup)
-        self._remember = restore_settings
+        self.notice = QLabel(objectName="noticeLabel")  # what could not be opened or restored
+        self.notice.setStyleSheet("color: #b71c1c;")
+        self.statusBar().addWidget(self.notice, 1)
+        self._notice_timer = QTimer(self, singleShot=True, interval=NOTICE_MS)
+        self._notice_timer.timeout.connect(self.notice.clear)
+        self._last_panel: QWidget = self.scaling_panel  # Edit → Copy as image's target
+        app = QApplication.instance()
+        if app is not None:
+            app.focusChanged.connect(self._on_focus)
         if restore_settings:
-            self._restore_layout()
+            self._restore_session()
+        self._update_title()
 
     # -- config ------------------------------------------------------------------------------
     @property
@@ -125,6 +170,55 @@ class MainWindow(QMainWindow):
             self.model_panel.set_config(config)
         self.config_changed.emit(config)
         self.statusBar().showMessage("config updated", 1500)
+        self._update_title()
+
+    # -- files ---------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path | None:
+        """The config file of this session (None: untitled)."""
+        return self._path
+
+    def is_modified(self) -> bool:
+        """True when the config differs from its file's (untitled: from the defaults)."""
+        return self._config != self._clean
+
+    def _update_title(self) -> None:
+        name = self._path.name if self._path is not None else "untitled"
+        # Qt shows "*" in place of "[*]" while the window is modified
+        self.setWindowTitle(f"{name}[*] — Unit Scaling Explorer {__version__}")
+        self.setWindowModified(self.is_modified())
+        self.setWindowFilePath(str(self._path) if self._path is not None else "")
+
+    def notify(self, text: str) -> None:
+        """A one-line message that stays in the status bar (a minute) until replaced."""
+        log.warning("%s", text)
+        self.notice.setText(text)
+        self.notice.setToolTip(text)
+        self._notice_timer.start()
+
+    def new_config(self) -> bool:
+        """Start an untitled session on the default config (asks about unsaved changes)."""
+        if not self.maybe_save("start a new config"):
+            return False
+        self._path = None
+        self._clean = ModelConfig()
+        self.set_config(ModelConfig())
+        self._update_title()
+        return True
+
+    def maybe_save(self, action: str = "continue") -> bool:
+        """With unsaved changes, ask Save / Discard / Cancel; True when ``action`` may go on.
+        Never asks unless the window confirms (the program does; tests' windows do not)."""
+        if not self._confirm or not self.is_modified():
+            return True
+        name = self._path.name if self._path is not None else "the untitled config"
+        answer = QMessageBox.question(
+            self, "Unsaved changes", f"Save the changes to {name} before you {action}?",
+            QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard
+            | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Save)
+        if answer == QMessageBox.StandardButton.Save:
+            return self.save()
+        return answer == QMessageBox.StandardButton.Discard
 
     # -- docks and menus -----------------------------------------------------------------------
     def _add_dock(self, title: str, panel: QWidget, area: Qt.DockWidgetArea) -> None:
@@ -136,16 +230,40 @@ class MainWindow(QMainWindow):
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
-        open_action = QAction("&Open config…", self, shortcut=QKeySequence.StandardKey.Open)
-        open_action.triggered.connect(self._open_dialog)
-        file_menu.addAction(open_action)
-        save_action = QAction("&Save config as…", self, shortcut=QKeySequence.StandardKey.Save)
-        save_action.triggered.connect(self._save_dialog)
-        file_menu.addAction(save_action)
+        file_menu.setObjectName("fileMenu")
+
+        def action(text: str, slot, shortcut=None, name: str = "") -> QAction:
+            act = QAction(text, self, objectName=name)
+            if shortcut is not None:
+                act.setShortcut(QKeySequence(shortcut))
+            act.triggered.connect(lambda _=False: slot())
+            file_menu.addAction(act)
+            return act
+
+        action("&New", self.new_config, QKeySequence.StandardKey.New, "newAction")
+        action("&Open…", self._open_dialog, QKeySequence.StandardKey.Open, "openAction")
+        self.recent_menu = file_menu.addMenu("Open &Recent")
+        self.recent_menu.setObjectName("recentMenu")
+        self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
+        action("&Save", self.save, QKeySequence.StandardKey.Save, "saveAction")
+        action("Save &As…", self._save_dialog, "Ctrl+Shift+S", "saveAsAction")
         file_menu.addSeparator()
-        quit_action = QAction("&Quit", self, shortcut=QKeySequence.StandardKey.Quit)
-        quit_action.triggered.connect(self.close)
-        file_menu.addAction(quit_action)
+        export_menu = file_menu.addMenu("&Export")
+        export_menu.setObjectName("exportMenu")
+        for title, dock in self.docks.items():
+            panel = dock.widget()
+            if hasattr(panel, "export_items"):
+                sub = export_menu.addMenu(title)
+                menu_for(panel, panel.export_items, sub)
+        file_menu.addSeparator()
+        action("&Quit", self.close, "Ctrl+Q", "quitAction")  # StandardKey.Quit: empty on some
+
+        edit = self.menuBar().addMenu("&Edit")
+        copy = QAction("Copy as &image", self, objectName="copyImageAction",
+                       shortcut=QKeySequence("Ctrl+Shift+C"))
+        copy.setToolTip("Copy the focused panel's figure (or the panel) to the clipboard")
+        copy.triggered.connect(lambda _=False: self.copy_focused_image())
+        edit.addAction(copy)
 
         view = self.menuBar().addMenu("&View")
         for i, (title, dock) in enumerate(self.docks.items(), start=1):
@@ -165,38 +283,149 @@ class MainWindow(QMainWindow):
             f"Unit Scaling Explorer {__version__}\nSizes and scales of Transformer tensors."))
         help_menu.addAction(about)
 
-    def open_config(self, path: str) -> bool:
-        """Load a config file; on error say why in the status bar and keep the current one."""
+    def open_config(self, path: str | Path) -> bool:
+        """Load a config file; on error say why (status bar) and keep the current one. The
+        file is only read."""
         try:
             config = load(path)
         except ConfigError as exc:
-            self.statusBar().showMessage(f"Could not open {path}: {exc}")
+            message = f"Could not open {Path(path).name}: {exc}"
+            self.statusBar().showMessage(message)
+            self.notify(message)
             return False
+        self._path = Path(path).resolve()
+        self._clean = config
         self.set_config(config)
+        self._add_recent(self._path)
+        self._update_title()
         self.statusBar().showMessage(f"Opened {path}", 3000)
         return True
 
-    def save_config(self, path: str) -> bool:
-        """Write the current config atomically (JSON or TOML by suffix)."""
+    def save_config(self, path: str | Path) -> bool:
+        """Write the current config atomically (JSON or TOML by suffix; the previous file is
+        kept as NAME.bak.EXT) and make ``path`` this session's file."""
         try:
             save(self._config, path)
         except (ConfigError, OSError) as exc:
-            self.statusBar().showMessage(f"Could not save {path}: {exc}")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            message = f"Could not save {Path(path).name}: {reason}"
+            self.statusBar().showMessage(message)
+            self.notify(message)
             return False
+        self._path = Path(path).resolve()
+        self._clean = self._config
+        self._add_recent(self._path)
+        self._update_title()
         self.statusBar().showMessage(f"Saved {path}", 3000)
         return True
 
-    def _open_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open config", "",
-                                              "Configs (*.json *.toml);;All files (*)")
-        if path:
-            self.open_config(path)
+    def save(self) -> bool:
+        """Save to this session's file, or ask where (Save As) when untitled."""
+        if self._path is None:
+            return self._save_dialog()
+        return self.save_config(self._path)
 
-    def _save_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save config as", "model.json",
-                                              "JSON (*.json);;TOML (*.toml)")
-        if path:
-            self.save_config(path)
+    def _dialog_folder(self) -> str:
+        if self._path is not None:
+            return str(self._path.parent)
+        return str(Path(self._recent[0]).parent) if self._recent else ""
+
+    def _open_dialog(self) -> bool:
+        if not self.maybe_save("open another config"):
+            return False
+        path, _ = QFileDialog.getOpenFileName(self, "Open config", self._dialog_folder(),
+                                              CONFIG_FILTER)
+        return bool(path) and self.open_config(path)
+
+    def _save_dialog(self) -> bool:
+        start = self._path or Path(self._dialog_folder() or ".") / "model.json"
+        path, chosen = QFileDialog.getSaveFileName(self, "Save config as", str(start),
+                                                   ";;".join(SAVE_FILTERS))
+        if not path:
+            return False
+        if Path(path).suffix.lower() not in (".json", ".toml"):
+            path += SAVE_FILTERS.get(chosen, ".json")
+        return self.save_config(path)
+
+    # -- recent files ------------------------------------------------------------------------
+    def recent_files(self) -> list[str]:
+        return list(self._recent)
+
+    def _add_recent(self, path: Path) -> None:
+        text = str(path)
+        self._recent = [text] + [p for p in self._recent if p != text][: MAX_RECENT - 1]
+        self._store_recent()
+
+    def _store_recent(self) -> None:
+        if self._remember:
+            self._settings().setValue("recent_files", json.dumps(self._recent))
+
+    def prune_recent(self) -> list[str]:
+        """Drop files that no longer exist from Open Recent; say which. Returns them."""
+        gone = [p for p in self._recent if not Path(p).is_file()]
+        if gone:
+            self._recent = [p for p in self._recent if p not in gone]
+            self._store_recent()
+            names = ", ".join(Path(p).name for p in gone)
+            self.notify(f"Removed from Open Recent (no longer there): {names}")
+        return gone
+
+    def _fill_recent_menu(self) -> None:
+        self.prune_recent()
+        menu = self.recent_menu
+        menu.clear()
+        for i, path in enumerate(self._recent, start=1):
+            act = menu.addAction(f"&{i} {Path(path).name}")
+            act.setToolTip(path)
+            act.setData(path)
+            act.triggered.connect(lambda _=False, p=path: self.open_recent(p))
+        if not self._recent:
+            menu.addAction("(no recent files)").setEnabled(False)
+        menu.addSeparator()
+        clear = menu.addAction("Clear list")
+        clear.setEnabled(bool(self._recent))
+        clear.triggered.connect(self._clear_recent)
+
+    def _clear_recent(self) -> None:
+        self._recent = []
+        self._store_recent()
+
+    def open_recent(self, path: str) -> bool:
+        """Open a file of the recent list (one that vanished is dropped with a message)."""
+        if not Path(path).is_file():
+            self.prune_recent()
+            return False
+        if not self.maybe_save("open another config"):
+            return False
+        return self.open_config(path)
+
+    # -- copy as image ---------------------------------------------------------------------------
+    def _panels(self) -> list[QWidget]:
+        return [dock.widget() for dock in self.docks.values()]
+
+    def _on_focus(self, _old, new) -> None:
+        panel = self._panel_of(new)
+        if panel is not None:
+            self._last_panel = panel
+
+    def _panel_of(self, widget: QWidget | None) -> QWidget | None:
+        panels = self._panels()
+        while widget is not None:
+            if widget in panels:
+                return widget
+            widget = widget.parentWidget()
+        return None
+
+    def copy_focused_image(self):
+        """Copy the focused panel's first figure (a panel without one: the panel itself) to
+        the clipboard; the panel last focused when the focus is elsewhere. Returns the image."""
+        panel = self._panel_of(QApplication.focusWidget()) or self._last_panel
+        figure = first_figure(panel.export_items()) if hasattr(panel, "export_items") else None
+        widget = figure.widget() if figure is not None else panel
+        image = copy_image(widget)
+        what = figure.label if figure is not None else f"{panel.objectName()} panel"
+        self.statusBar().showMessage(f"Copied the {what} to the clipboard", 3000)
+        return image
 
     def restore_default_layout(self) -> None:
         for dock in self.docks.values():
@@ -242,41 +471,111 @@ class MainWindow(QMainWindow):
             self._device_thread.start()
 
     # -- settings ------------------------------------------------------------------------------
-    @staticmethod
-    def _settings() -> QSettings:
+    def _settings(self) -> QSettings:
+        """The session store: the one given to the constructor, else the user's QSettings."""
+        if self._settings_store is not None:
+            return self._settings_store
         return QSettings(SETTINGS_ORG, SETTINGS_APP)
 
+    def _setting_text(self, key: str) -> str | None:
+        """A text setting, or None when absent; a value of another type or absurd length is
+        a problem (noted) and reads as absent."""
+        value = self._settings().value(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or len(value) > MAX_SETTING_CHARS:
+            self.problems.append(f"{key}: not a saved text")
+            return None
+        return value
+
     def _saved_config(self) -> ModelConfig | None:
-        text = self._settings().value("last_config")
-        if not isinstance(text, str):
+        text = self._setting_text("last_config")
+        if text is None:
             return None
         try:
-            return loads(text, "json", source="saved settings")
-        except ConfigError:
-            return None  # a stale or damaged setting: start on defaults
+            return loads(text, "json", source="the saved last config")
+        except ConfigError as exc:  # a stale or damaged setting: start on defaults
+            self.problems.append(f"{exc}; started on the defaults")
+            return None
+
+    def _restore_session(self) -> None:
+        """Recent files, this session's file, panel choices and the layout, from settings.
+        Whatever is damaged is skipped and named in one line; nothing is written back
+        until the window closes."""
+        recent = self._setting_text("recent_files")
+        if recent is not None:
+            try:
+                items = json.loads(recent)
+            except (json.JSONDecodeError, RecursionError):
+                items = None
+            if isinstance(items, list) and all(isinstance(p, str) for p in items):
+                self._recent = items[:MAX_RECENT]
+            else:
+                self.problems.append("recent_files: not a list of file names")
+        current = self._setting_text("current_file")
+        if current and self._restored:
+            try:
+                self._clean = load(current)
+                self._path = Path(current)
+            except ConfigError as exc:
+                self.problems.append(f"could not reopen {Path(current).name}: {exc}")
+        for dock in self.docks.values():
+            panel = dock.widget()
+            if not hasattr(panel, "restore_state"):
+                continue
+            text = self._setting_text(f"panels/{panel.objectName()}")
+            if text is None:
+                continue
+            try:
+                state = json.loads(text)
+            except (json.JSONDecodeError, RecursionError):
+                self.problems.append(f"{panel.objectName()}: saved choices are not JSON")
+                continue
+            self.problems += [f"{panel.objectName()}: {p}" for p in panel.restore_state(state)]
+        self._restore_layout()
+        if self._path is not None:
+            self._add_recent(self._path)
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+            self.notify(f"Some saved settings were skipped: {self.problems[0]}{more}")
 
     def _restore_layout(self) -> None:
         settings = self._settings()
-        geometry, state = settings.value("geometry"), settings.value("window_state")
-        if geometry is not None:
-            self.restoreGeometry(geometry)
-        if state is not None:
-            self.restoreState(state)
+        for key, restore in (("geometry", self.restoreGeometry),
+                             ("window_state", self.restoreState)):
+            value = settings.value(key)
+            if value is None:
+                continue
+            if not isinstance(value, (QByteArray, bytes)) or not restore(QByteArray(value)):
+                self.problems.append(f"{key}: not a saved window layout")
+
+    def panel_states(self) -> dict[str, Any]:
+        """Each panel's choices (those panels that keep any), by objectName."""
+        return {d.widget().objectName(): d.widget().state() for d in self.docks.values()
+                if hasattr(d.widget(), "state")}
 
     def save_settings(self) -> None:
-        from unitscale_core.config import dumps_json
-
+        """Remember the config, its file, the recent list, panel choices and the layout."""
         settings = self._settings()
         settings.setValue("last_config", dumps_json(self._config))
+        settings.setValue("current_file", str(self._path) if self._path is not None else "")
+        settings.setValue("recent_files", json.dumps(self._recent))
+        for name, state in self.panel_states().items():
+            settings.setValue(f"panels/{name}", json.dumps(state))
         settings.setValue("geometry", self.saveGeometry())
         settings.setValue("window_state", self.saveState())
+        settings.sync()
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        if not self.maybe_save("quit"):
+            event.ignore()  # Cancel: the window stays open
+            return
         if self._remember:
             self.save_settings()
         # A running job is cancelled and the thread normally ends within 2 s. A job stuck in
         # something uncancellable (torch's first import, a model build) is waited for: Qt
         # aborts the process if a running QThread is destroyed.
+        self.training_panel.shutdown()  # no further chunks are submitted
         if not self.worker.stop(2000):
             self.statusBar().showMessage("waiting for the running job to finish…")
             self.worker.wait()

@@ -1,22 +1,21 @@
 """Launch to first painted window: ``unitscale-explorer`` against a bare PySide6 window.
 
 Both are timed the same way in the same run: wall time of a fresh interpreter from start to
-the window's first paint event (then exit). Prints medians and the ratio ours / bare Qt; the
-goal (issue 7) is ≤ 3 s absolute on this machine.
+the window's first paint event (then exit). Medians, and the ratio ours / bare Qt; the goal
+(issue 7) is ≤ 3 s absolute on this machine.
 
     python benchmarks/cold_start.py [--repeats 5] [--json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from _common import parser, report
 
 BARE_QT = """
 import sys
@@ -31,6 +30,7 @@ class F(QObject):
         return False
 f = F(); w.installEventFilter(f); w.show(); app.exec()
 """
+GOAL_S = 3.0
 
 
 def _time(cmd: list[str]) -> float:
@@ -40,29 +40,20 @@ def _time(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+def run(repeats: int = 5) -> dict:
+    """``cold_start_s``: ``{"value"`` (ours, s), ``"bare_qt_s"``, ``"ratio"}``."""
     ours_cmd = [sys.executable, "-m", "app", "--exit-on-first-paint"]
     bare_cmd = [sys.executable, "-c", BARE_QT]
     _time(bare_cmd), _time(ours_cmd)  # warm the file cache for both
-    ours = statistics.median(_time(ours_cmd) for _ in range(args.repeats))
-    bare = statistics.median(_time(bare_cmd) for _ in range(args.repeats))
-    result = {
-        "cold_start_s": {"ours_s": round(ours, 3), "bare_qt_s": round(bare, 3),
-                         "ratio": round(ours / bare, 2), "goal_s": 3.0},
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
-                   f"{platform.python_version()}, {platform.system()}",
-    }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        r = result["cold_start_s"]
-        print(f"{result['machine']}\nlaunch to first paint: ours {r['ours_s']:.2f} s, bare Qt "
-              f"{r['bare_qt_s']:.2f} s, ratio {r['ratio']:.2f} (goal ≤ {r['goal_s']} s)")
+    ours, bare = [], []
+    for _ in range(max(1, repeats)):  # alternate, so a busy spell hits both
+        ours.append(_time(ours_cmd))
+        bare.append(_time(bare_cmd))
+    o, b = statistics.median(ours), statistics.median(bare)
+    return {"cold_start_s": {"value": round(o, 3), "bare_qt_s": round(b, 3),
+                             "ratio": round(o / b, 2)}}
 
 
 if __name__ == "__main__":
-    main()
+    args = parser(__doc__).parse_args()
+    report(run(args.repeats), args.json)

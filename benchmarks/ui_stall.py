@@ -1,19 +1,22 @@
-"""The longest main-thread stall while the worker measures (a 5 ms heartbeat's largest gap).
+"""The longest main-thread stall while the worker runs the default measurement and attention.
 
-Baseline in the same run: the same heartbeat with the worker idle. Issue 4/7 goal: ≤ 50 ms.
+A 5 ms ``QTimer`` heartbeat on the GUI thread; the figure is the largest gap between two ticks
+while the worker measures the default config (one forward+backward) and computes the
+configured model's attention maps for the default text (the attention tab raised, as a user
+would have it). Baseline in the same run: the same heartbeat with the worker idle.
+Issue 4 / 7 goal: ≤ 50 ms.
 
     QT_QPA_PLATFORM=offscreen python benchmarks/ui_stall.py [--json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+from _common import parser, report  # noqa: E402
 from PySide6.QtCore import QTimer  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
@@ -35,29 +38,51 @@ def heartbeat_gaps(app: QApplication, seconds: float, start=None, until=None) ->
     return max((b - a) * 1e3 for a, b in zip(stamps, stamps[1:])) if len(stamps) > 1 else 0.0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+def run(repeats: int = 1) -> dict:
+    """``ui_max_stall_ms``: ``{"value", "rounds_ms", "idle_baseline_ms", "ratio", "jobs_s"}``.
+
+    ``value`` is the worst of ``repeats`` rounds, the first included: it pays the one-time
+    costs a user meets once per session (torch's lazy imports in the worker, the first
+    construction of the attention grid); ``rounds_ms`` lists every round's largest gap."""
     app = QApplication.instance() or QApplication([])
     from app.main_window import MainWindow
 
     window = MainWindow()
+    window.resize(1600, 1000)
     window.show()
     window.wait_for_background()  # torch imported, device known
-    app.processEvents()
+    for _ in range(20):
+        app.processEvents()
     idle = heartbeat_gaps(app, 1.0)
-    done: list[bool] = []
-    window.scaling_panel.measured_ready.connect(lambda: done.append(True))
-    t0 = time.perf_counter()
-    busy = heartbeat_gaps(app, 60.0, window.scaling_panel.measure, until=lambda: bool(done))
-    result = {"ui_max_stall_ms": {"value": round(busy, 1), "idle_baseline_ms": round(idle, 1),
-                                  "ratio": round(busy / max(idle, 1e-3), 2), "goal": 50.0},
-              "measurement_finished": bool(done),
-              "window_s": round(time.perf_counter() - t0, 2)}
+    measured: list[bool] = []
+    shown: list[bool] = []
+    window.scaling_panel.measured_ready.connect(lambda: measured.append(True))
+    window.attention_panel.computed.connect(lambda: shown.append(True))
+    window.docks["Attention"].raise_()  # an on-screen attention tab computes
+    app.processEvents()
+
+    def start() -> None:
+        window.attention_panel.recompute()
+        window.scaling_panel.measure()
+
+    gaps, took = [], 0.0
+    for _ in range(max(1, repeats)):
+        measured.clear(), shown.clear()
+        window.scaling_panel._measured_for = None  # noqa: SLF001 - measure afresh each round
+        t0 = time.perf_counter()
+        gap = heartbeat_gaps(app, 120.0, start, until=lambda: bool(measured and shown))
+        took = max(took, time.perf_counter() - t0)
+        gaps.append(round(gap, 1))
+        if not (measured and shown):
+            raise RuntimeError("the measurement or attention job did not finish in 120 s")
     window.close()
-    print(json.dumps(result, indent=2) if args.json else result)
+    worst = max(gaps)
+    return {"ui_max_stall_ms": {"value": worst, "rounds_ms": gaps,
+                                "idle_baseline_ms": round(idle, 1),
+                                "ratio": round(worst / max(idle, 1e-3), 2),
+                                "jobs_s": round(took, 2)}}
 
 
 if __name__ == "__main__":
-    main()
+    args = parser(__doc__, repeats=1).parse_args()
+    report(run(args.repeats), args.json)

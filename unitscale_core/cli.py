@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .config import DEVICES, PARAMETRIZATIONS, ModelConfig, load
+from .config import DEVICES, DTYPES, PARAMETRIZATIONS, ModelConfig, load
 from .sizing import format_bytes, format_count, size_report
+from .tasks import TASKS
 
 EXIT_USER_ERROR = 2
+#: Entry-point group through which other installed packages add commands: each entry point
+#: names a ``register(subparsers)`` that adds its sub-parser and sets ``func`` (the Qt app
+#: adds ``report`` this way, so this module never imports it).
+COMMAND_GROUP = "unitscale.commands"
+
+log = logging.getLogger(__name__)
 
 
 class UserError(ValueError):
@@ -149,6 +157,52 @@ def cmd_measure(args: argparse.Namespace) -> str:
     return _rows_output(cfg, "measured", measure(cfg), args.json)
 
 
+def cmd_train(args: argparse.Namespace) -> str:
+    """Train a config for a number of steps; losses and per-step scale statistics."""
+    import time
+
+    from .measure import resolve_device
+    from .training import TrainingRun, TrainSettings, default_training_config
+
+    cfg = default_training_config() if args.config is None else load(args.config)
+    given = {"parametrization": args.param, "dtype": args.dtype, "task": args.task,
+             "steps": args.steps, "lr": args.lr, "log_every": args.log_every,
+             "seed": args.seed}
+    settings = TrainSettings(loss_scaling=args.loss_scaling,
+                             **{k: v for k, v in given.items() if v is not None})
+    device = resolve_device(args.device or "cpu")
+    start = time.perf_counter()
+    run = TrainingRun(cfg, settings, device)
+    run.run(run.settings.steps)
+    seconds = time.perf_counter() - start
+    if args.checkpoint is not None:
+        run.save_checkpoint(args.checkpoint)
+    s = run.settings
+    logged = [r for r in run.records if r.kind_rms is not None]
+    if args.json:
+        return json.dumps({
+            "config": run.config.to_dict(), "settings": s.to_dict(),
+            "loss": [r.loss if math.isfinite(r.loss) else None for r in run.records],
+            "logged": [{k: v for k, v in r.to_json().items()
+                        if k in ("step", "kind_rms", "underflow", "loss_scale", "skipped")}
+                       for r in logged],
+            "seconds": seconds}, indent=1)
+    lines = [f"{'step':>5} {'loss':>9} {'scale':>8} {'skip':>4}  {'rms act':>9} "
+             f"{'rms grad':>9}  {'E5M2 underflow: grad_act':>24} {'grad_w':>7}"]
+    for r in run.records:
+        line = f"{r.step:>5} {r.loss:>9.4f} {r.loss_scale:>8.3g} {'yes' if r.skipped else '':>4}"
+        if r.kind_rms is not None and r.underflow is not None:
+            line += (f"  {r.kind_rms['activation']:>9.3g} {r.kind_rms['grad_activation']:>9.3g}"
+                     f"  {r.underflow['grad_activation']['fp8_e5m2']:>24.2%}"
+                     f" {r.underflow['grad_weight']['fp8_e5m2']:>7.2%}")
+        lines.append(line)
+    lines.append(f"{run.step} steps in {seconds:.1f} s: {s.parametrization}, {s.dtype}, task "
+                 f"{s.task}, lr {s.lr:g}, loss scaling {'on' if s.loss_scaling else 'off'}")
+    if args.checkpoint is not None:
+        lines.append(f"wrote {args.checkpoint}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unitscale",
@@ -210,7 +264,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned: the bundled MiniLM (default) or a safetensors checkpoint folder")
     p.add_argument("--out", required=True, metavar="FILE.npy")
     p.set_defaults(func=cmd_positional)
+
+    p = sub.add_parser("train", help="train a config (byte-level LM or a toy task) and report "
+                       "losses, tensor scales and FP8/FP16 underflow per step")
+    p.add_argument("--config", metavar="FILE",
+                   help="a .json or .toml config (default: the tiny preset with vocab_size 256)")
+    p.add_argument("--param", choices=PARAMETRIZATIONS, help="override the parametrization")
+    p.add_argument("--dtype", choices=DTYPES, help="override the number format "
+                   "(fp8_* simulate FP8 on matmul inputs and gradients)")
+    p.add_argument("--task", choices=TASKS, help="lm (corpus bytes; default), copy, reverse or "
+                   "sort")
+    p.add_argument("--steps", type=int, metavar="N", help="training steps (default 80)")
+    p.add_argument("--lr", type=float, metavar="X",
+                   help="Adam learning rate (default per parametrization)")
+    p.add_argument("--loss-scaling", action="store_true",
+                   help="dynamic loss scaling as torch.amp.GradScaler (default off)")
+    p.add_argument("--log-every", type=int, metavar="K",
+                   help="tensor statistics every K steps (default 1)")
+    p.add_argument("--seed", type=int, metavar="S", help="override the config's seed")
+    p.add_argument("--device", choices=DEVICES, help="where to train (default cpu)")
+    p.add_argument("--checkpoint", metavar="OUT.safetensors",
+                   help="save weights and optimizer state at the end")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_train)
+    _add_contributed_commands(sub)
     return parser
+
+
+def _add_contributed_commands(sub) -> None:
+    """Commands other installed packages contribute (entry-point group ``COMMAND_GROUP``).
+    One that cannot be loaded (its package broken or half-installed) is left out and logged;
+    the built-in commands keep their names."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=COMMAND_GROUP):
+        if ep.name in sub.choices:
+            continue
+        try:
+            register = ep.load()
+        except (ImportError, AttributeError) as exc:
+            log.warning("command %r from %s not loaded: %s", ep.name, ep.value, exc)
+            continue
+        register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,8 @@ def _validate(cfg: ModelConfig) -> dict[str, str]:
         )
     elif cfg.positional == "sinusoidal" and cfg.d_model % 2:
         errors["d_model"] = f"d_model={cfg.d_model} must be even for sinusoidal positions"
+    if cfg.vocab_size < 2:  # one token: the loss is identically 0, no gradient to predict
+        errors["vocab_size"] = f"vocab_size={cfg.vocab_size} must be at least 2"
     if cfg.seq_len > cfg.max_len:
         errors["seq_len"] = f"seq_len={cfg.seq_len} is above max_len={cfg.max_len}"
     if not errors:
@@ -228,14 +231,19 @@ def _memory_errors(cfg: ModelConfig) -> dict[str, str]:
     """Refuse configs whose training-memory estimate is beyond any real run (MAX_MEMORY_BYTES)."""
     from .sizing import format_bytes, training_memory  # sizing needs ModelConfig
 
-    total = training_memory(cfg)["total"]
+    try:
+        total = training_memory(cfg)["total"]
+    except OverflowError:  # sizes beyond a float (d_model = 10**400): beyond any memory too
+        total = math.inf
     if total <= MAX_MEMORY_BYTES:
         return {}
-    # Blame the field that contributes most: the largest of the size fields relative to default.
-    culprit = max(
-        ("d_model", "d_ff", "n_layers", "vocab_size", "seq_len", "batch_size", "max_len"),
-        key=lambda n: getattr(cfg, n) / DEFAULTS[n],
-    )
+    # Blame the field that contributes most: the largest of the size fields relative to default
+    # (exact fractions: a 400-digit size divided as floats would overflow).
+    sizes = ["d_model", "d_ff", "n_layers", "vocab_size", "seq_len", "batch_size", "max_len"]
+    if cfg.decoder_layers != cfg.n_layers:
+        sizes.append("n_decoder_layers")
+    culprit = max(sizes, key=lambda n: Fraction(getattr(cfg, n),
+                                                DEFAULTS[n] or DEFAULTS["n_layers"]))
     return {
         culprit: f"{culprit}={getattr(cfg, culprit)} makes the training memory estimate "
         f"{format_bytes(total)}, above the {format_bytes(MAX_MEMORY_BYTES)} any run could allocate"
@@ -309,12 +317,15 @@ def loads(text: str, fmt: str, source: str = "config") -> ModelConfig:
     """Parse JSON or TOML text into a config; syntax errors become one-line ConfigErrors."""
     try:
         data = json.loads(text) if fmt == "json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, TOMLDecodeError, a >4300-digit integer
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError({"file": f"{source} is not valid {fmt.upper()}: {first_line}"}) from None
     except RecursionError:
         reason = f"{source} is not valid {fmt.upper()}: nested too deeply"
         raise ConfigError({"file": reason}) from None
+    if not isinstance(data, dict):  # name the file, not just "a config"
+        kind = type(data).__name__
+        raise ConfigError({"file": f"{source} must hold a table of keys, not {kind}"})
     return from_dict(data)
 
 

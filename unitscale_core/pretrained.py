@@ -257,7 +257,7 @@ def _number(hf: dict[str, Any], key: str, default: float, kind: type = float) ->
 
 def _activation(hf: dict[str, Any], key: str, default: str) -> tuple[str, str]:
     name = hf.get(key, default)
-    if name not in ACTIVATIONS:
+    if not isinstance(name, str) or name not in ACTIVATIONS:  # a list or table is unhashable
         raise PretrainedError(f"{CONFIG_FILE}: {key}={name!r} is not supported "
                               f"(supported: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("activation", "weight", "grad_activation", "grad_weight")
@@ -16,7 +15,20 @@ KINDS = ("activation", "weight", "grad_activation", "grad_weight")
 REPORTED_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
 
 
-@dataclass
+#: A formula as text, or deferred as ``(template, args)`` for ``str.format`` (args may be
+#: deferred formulas themselves). A 96-layer prediction makes ~6000 formulas and formatting
+#: them eagerly costs a third of a frame; a row renders its own on first read.
+Formula = str | tuple
+
+
+def render_formula(formula: Formula) -> str:
+    """The text of a possibly deferred formula."""
+    if isinstance(formula, str):
+        return formula
+    template, args = formula
+    return template.format(*(render_formula(a) if isinstance(a, tuple) else a for a in args))
+
+
 class TensorRow:
     """One tensor of one training step.
 
@@ -24,16 +36,47 @@ class TensorRow:
     ``grad_input``, ``grad_weight``), empty for standard or measured rows.
     ``formats``: per format, ``underflow`` and ``overflow`` fractions and the log2 headroom to
     the max normal (``headroom_max_log2``) and to the min subnormal (``headroom_min_log2``).
-    ``formula``: how a predicted RMS was obtained (empty for measured rows).
+    ``formula``: how a predicted RMS was obtained (empty for measured rows); it may be passed
+    deferred (see :data:`Formula`) and is rendered when first read.
+
+    A slotted class rather than a dataclass: thousands are made per prediction.
     """
 
-    name: str
-    kind: str
-    rms: float
-    scales: dict[str, float] = field(default_factory=dict)
-    formats: Mapping[str, dict[str, float]] = field(default_factory=dict)
-    shape: tuple[int, ...] = ()
-    formula: str = ""
+    __slots__ = ("name", "kind", "rms", "scales", "formats", "shape", "_formula")
+
+    def __init__(self, name: str, kind: str, rms: float,
+                 scales: dict[str, float] | None = None,
+                 formats: Mapping[str, dict[str, float]] | None = None,
+                 shape: tuple[int, ...] = (), formula: Formula = ""):
+        self.name, self.kind, self.rms = name, kind, rms
+        self.scales = {} if scales is None else scales
+        self.formats = {} if formats is None else formats
+        self.shape, self._formula = shape, formula
+
+    @property
+    def formula(self) -> str:
+        if not isinstance(self._formula, str):
+            self._formula = render_formula(self._formula)
+        return self._formula
+
+    @formula.setter
+    def formula(self, value: Formula) -> None:
+        self._formula = value
+
+    def _key(self) -> tuple:
+        return (self.name, self.kind, self.rms, self.scales,
+                {f: dict(d) for f, d in self.formats.items()}, self.shape, self.formula)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorRow):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return (f"TensorRow(name={self.name!r}, kind={self.kind!r}, rms={self.rms!r}, "
+                f"shape={self.shape!r})")
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe dict: non-finite numbers become None (JSON has no NaN or infinity)."""

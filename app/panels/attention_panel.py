@@ -16,29 +16,24 @@ the configured pattern forbids (causal, local, strided) are drawn grey, not as z
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import (
-    QBuffer,
-    QByteArray,
-    QCoreApplication,
-    QIODevice,
-    QPoint,
     QPointF,
     QRectF,
     Qt,
     QTimer,
     Signal,
 )
-from PySide6.QtGui import QFont, QFontMetrics, QImage, QPainter
+from PySide6.QtGui import QFont, QFontMetrics
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -47,7 +42,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QPushButton,
     QSizePolicy,
     QSpinBox,
     QSplitter,
@@ -55,7 +49,6 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from unitscale_core.atomic import atomic_open
 from unitscale_core.attention_views import (
     AttentionResult,
     entropy,
@@ -66,6 +59,18 @@ from unitscale_core.attention_views import (
 )
 from unitscale_core.config import ModelConfig
 
+from ..export import (
+    Figure,
+    Item,
+    Table,
+    TableData,
+    attach_context_menu,
+    export_button,
+    save_npy,
+    save_png,
+    save_table,
+)
+from ..widgets.controls_state import restore_controls, save_controls
 from ..widgets.heatmap import Heatmap
 from ..worker import Worker
 
@@ -448,6 +453,21 @@ def _short(name: str, n: int = 28) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
+def colour_values(matrix: np.ndarray, mask: np.ndarray | None, log: bool) -> np.ndarray:
+    """What is coloured: the weights (or log10 with a floor), masked cells NaN (grey)."""
+    shown = np.array(matrix, dtype=np.float32)
+    if log:
+        shown = np.log10(np.maximum(shown, LOG_FLOOR))
+    if mask is not None:
+        shown[..., ~mask] = np.nan
+    return shown
+
+
+def model_view_title(km: KindMaps, log: bool = False) -> str:
+    return (f"{km.layers} layers × {km.heads} heads "
+            f"({'log₁₀ ' if log else ''}weight) · click to select")
+
+
 def _linear_levels(data: np.ndarray) -> tuple[float, float]:
     finite = data[np.isfinite(data)]
     hi = float(finite.max()) if finite.size else 1.0
@@ -547,12 +567,7 @@ class AttentionPanel(QWidget):
         self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         bar.addWidget(self.status, 1)
-        for text, name, slot in (("Export PNG…", "attnExportPng", self._export_png),
-                                 ("Export NPY…", "attnExportNpy", self._export_npy),
-                                 ("Export CSV…", "attnExportCsv", self._export_csv)):
-            button = QPushButton(text, objectName=name)
-            button.clicked.connect(slot)
-            bar.addWidget(button)
+        bar.addWidget(export_button(self, "attnExport", self.export_items))
         layout.addLayout(bar)
 
         self.head_view = Heatmap(cmap=CMAP)
@@ -574,12 +589,14 @@ class AttentionPanel(QWidget):
         right.addWidget(self.entropy_view)
         right.setStretchFactor(0, 3)
         right.setStretchFactor(1, 2)
-        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter = QSplitter(Qt.Orientation.Horizontal, objectName="attnSplitter")
         self.splitter.addWidget(self.head_view)
         self.splitter.addWidget(right)
         self.splitter.setStretchFactor(0, 1)
         self.splitter.setStretchFactor(1, 1)
         layout.addWidget(self.splitter, 1)
+        for view in (self.head_view.view, self.model_view, self.entropy_view.view):
+            attach_context_menu(view, self, self.export_items)
 
         worker.finished_job.connect(self._on_result)
         worker.failed_job.connect(self._on_failure)
@@ -680,6 +697,10 @@ class AttentionPanel(QWidget):
         if channel != CHANNEL or request_id != self._request_id:
             return  # another panel's, or stale
         self._shown = self._requested
+        self.show_maps(maps)
+
+    def show_maps(self, maps: AttentionMaps) -> None:
+        """Draw ``maps`` (a :func:`compute_maps` result) in every view."""
         self.maps = maps
         self._drawn.clear()
         self._set_kinds(list(maps.kinds))
@@ -801,8 +822,7 @@ class AttentionPanel(QWidget):
             self._drawn["thumbs"] = (km.name, log)
             thumbs = self._colour_values(km.thumbs, km.thumb_allowed)
             self.model_view.set_maps(thumbs, _log_levels if log else _linear_levels)
-            self.model_view.set_title(f"{km.layers} layers × {km.heads} heads "
-                                      f"({'log₁₀ ' if log else ''}weight) · click to select")
+            self.model_view.set_title(model_view_title(km, log))
         self.model_view.highlight(layer, head if view == "head" else None)
         if self._drawn.get("entropy") != km.name:
             self._drawn["entropy"] = km.name
@@ -810,13 +830,7 @@ class AttentionPanel(QWidget):
         self._update_status(km)
 
     def _colour_values(self, matrix: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        """What is coloured: the weights (or log10 with a floor), masked cells NaN (grey)."""
-        shown = np.array(matrix, dtype=np.float32)
-        if self.log.isChecked():
-            shown = np.log10(np.maximum(shown, LOG_FLOOR))
-        if mask is not None:
-            shown[..., ~mask] = np.nan
-        return shown
+        return colour_values(matrix, mask, self.log.isChecked())
 
     def _describe(self, row: int, col: int, _value: float) -> str:
         """Hover text: the query and key tokens and the weight (the probability, even when
@@ -919,76 +933,87 @@ class AttentionPanel(QWidget):
         return np.array(self._matrix, dtype=np.float32)
 
     # -- export --------------------------------------------------------------------------------
-    def _ask(self, title: str, name: str, filt: str) -> str:
-        path, _ = QFileDialog.getSaveFileName(self, title, name, filt)
-        return path
+    def export_items(self) -> list[Item]:
+        """Head view (its matrix as NPY), model view (every map of the kind shown,
+        ``[layers, heads, queries, keys]``), entropy (``[layers, heads]``), and the head
+        view's matrix with token labels as a table."""
+        return [
+            Figure("attention", "head view", lambda: self.head_view.view,
+                   data=self.matrix),
+            Figure("attentionModelView", "model view", lambda: self.model_view,
+                   data=lambda: self._kind_array("att")),
+            self.entropy_view.figure("attentionEntropy", "entropy",
+                                     data=lambda: self._kind_array("entropy")),
+            Table("attentionMatrix", "head view's weights (table)", self.matrix_table),
+        ]
 
-    def _export(self, export: Callable[[str], None], title: str, name: str, filt: str):
-        path = self._ask(title, name, filt)
-        if not path:
-            return
-        try:
-            export(path)
-        except (OSError, ValueError) as exc:
-            self.status.setText(f"⚠ export failed: {exc}")
-        else:
-            self.status.setText(f"wrote {path}")
-
-    def _export_png(self) -> None:
-        self._export(self.export_png, "Export view as PNG", "attention.png", "PNG image (*.png)")
-
-    def _export_npy(self) -> None:
-        self._export(self.export_npy, "Export data as NPY", "attention.npy",
-                     "NumPy array (*.npy)")
-
-    def _export_csv(self) -> None:
-        self._export(self.export_csv, "Export data as CSV", "attention.csv",
-                     "CSV table (*.csv)")
+    def _kind_array(self, name: str) -> np.ndarray:
+        km = self.current()
+        if km is None:
+            raise ValueError("nothing to export yet")
+        return np.asarray(getattr(km, name))
 
     def export_png(self, path: str | Path, scale: float = 2.0) -> None:
         """The head view (map, token axes, colour bar) as a PNG: the on-screen layout drawn
         again at ``scale``× the pixels (text and cells stay sharp)."""
-        for _ in range(3):  # let pending relayouts (axis sizes after a redraw) happen first
-            QCoreApplication.sendPostedEvents()
-        view = self.head_view.view
-        size = view.size()
-        image = QImage(max(1, round(size.width() * scale)), max(1, round(size.height() * scale)),
-                       QImage.Format.Format_ARGB32)
-        image.setDevicePixelRatio(scale)
-        image.fill(Qt.GlobalColor.white)
-        painter = QPainter(image)
-        try:
-            QWidget.render(view, painter, QPoint(0, 0))
-        finally:
-            painter.end()
-        data = QByteArray()
-        buffer = QBuffer(data)
-        buffer.open(QIODevice.OpenModeFlag.WriteOnly)
-        if not image.save(buffer, "PNG"):
-            raise OSError(f"could not encode {path} as PNG")
-        buffer.close()
-        with atomic_open(path, "wb") as handle:
-            handle.write(bytes(data))
+        save_png(self.head_view.view, path, scale)
 
     def export_npy(self, path: str | Path) -> None:
         """The current view's matrix, float32 ``[queries, keys]`` (no pickle)."""
-        with atomic_open(path, "wb") as handle:
-            np.save(handle, self.matrix(), allow_pickle=False)
+        save_npy(self.matrix(), path)
 
-    def export_csv(self, path: str | Path) -> None:
+    def matrix_table(self) -> TableData:
         """The current view's matrix with token labels: a header row of keys, then one row
         per query (``index, token, weights…``)."""
         km = self.current()
-        matrix = self.matrix()
         if km is None:
             raise ValueError("nothing to export yet")
+        matrix = self.matrix()
         f = km.factor
-        with atomic_open(path, "w") as handle:
-            out = csv.writer(handle, lineterminator="\n")
-            out.writerow(["index", "query \\ key",
-                          *(km.key_tokens[j * f] for j in range(matrix.shape[1]))])
-            for i, row in enumerate(matrix):
-                out.writerow([i * f, km.query_tokens[i * f], *(f"{v:.8g}" for v in row)])
+        header = ["index", "query \\ key", *(km.key_tokens[j * f] for j in range(matrix.shape[1]))]
+        cells, values = [], []
+        for i, row in enumerate(matrix):
+            lead = [i * f, km.query_tokens[i * f]]
+            values.append(lead + [np.float32(v) for v in row])
+            cells.append([str(lead[0]), lead[1], *(f"{v:.3g}" for v in row)])
+        return TableData(header, cells, values)
+
+    def export_csv(self, path: str | Path) -> None:
+        """:meth:`matrix_table` as CSV (``.md``: Markdown)."""
+        save_table(self.matrix_table(), path)
+
+    # -- state ---------------------------------------------------------------------------------
+    def _state_controls(self) -> list[QWidget]:
+        return [self.text, self.view, self.log, self.splitter]
+
+    def state(self) -> dict[str, Any]:
+        """The panel's choices: source (configured model or MiniLM), text, view, colour
+        scale and the splitter. A checkpoint folder is not reopened on the next launch."""
+        source = self.source.currentData()
+        return {"attnSource": source if source in ("configured", "minilm") else "configured",
+                **save_controls(self._state_controls())}
+
+    def restore_state(self, state: Any) -> list[str]:
+        """Apply :meth:`state`'s output; the maps are recomputed when the panel is shown."""
+        self._updating = True
+        try:
+            problems = []
+            if isinstance(state, dict) and "attnSource" in state:
+                source = state["attnSource"]
+                if source in ("configured", "minilm"):
+                    self._select_source(source)
+                else:
+                    problems.append(f"attnSource: {str(source)[:40]!r} is not a saved source")
+                state = {k: v for k, v in state.items() if k != "attnSource"}
+            problems += restore_controls(self._state_controls(), state)
+        finally:
+            self._updating = False
+        self._debounce.stop()  # the restored text is not an edit to wait for
+        if self._on_screen():
+            self.recompute()
+        else:
+            self._stale = True
+        return problems
 
 
 def _coords(n_shown: int, factor: int, n: int) -> np.ndarray | None:

@@ -7,7 +7,9 @@ recomputes in the GUI thread (a few ms); longer ranges go to the worker, latest 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
@@ -16,11 +18,9 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QGridLayout,
     QHBoxLayout,
     QLabel,
-    QPushButton,
     QSpinBox,
     QStackedWidget,
     QVBoxLayout,
@@ -39,6 +39,17 @@ from unitscale_core.positional_views import (
     model_position_table,
 )
 
+from ..export import (
+    Figure,
+    Item,
+    attach_context_menu,
+    export_button,
+    save_npy,
+    save_png,
+    svg_bytes,
+    write_bytes,
+)
+from ..widgets.controls_state import restore_controls, save_controls
 from ..widgets.heatmap import Heatmap
 from ..worker import Worker
 
@@ -77,6 +88,7 @@ class SchemeView(QWidget):
         self.heatmap.setObjectName(f"{name}Heatmap")
         self.curves = pg.PlotWidget(background="w")
         self.curves.setObjectName(f"{name}Curves")
+        self.curves.getPlotItem().setMenuEnabled(False)  # right click: the export menu
         self.curves.addLegend(offset=(-10, 10), labelTextColor="k")
         self.curves.showGrid(x=True, y=True, alpha=0.3)
         self.stack.addWidget(self.heatmap)
@@ -86,6 +98,23 @@ class SchemeView(QWidget):
         layout.addWidget(self.stack, 1)
         layout.addWidget(self.note)
         self.result: ViewResult | None = None
+
+    def figure(self, key: str, label: str) -> Figure:
+        """What is shown (heatmap or curves) as an export item; NPY: :meth:`array`."""
+        def widget():
+            return self.heatmap.view if self.stack.currentWidget() is self.heatmap \
+                else self.curves
+
+        return Figure(key, label, widget, data=self.array)
+
+    def array(self) -> np.ndarray:
+        """The data shown: the matrix, or the curves stacked ``[n_curves, n]``."""
+        result = self.result
+        if result is None:
+            raise PositionalError("nothing to export: the view shows an error")
+        if result.matrix is not None:
+            return np.asarray(result.matrix)
+        return np.stack([np.asarray(c.y, dtype=np.float64) for c in result.curves])
 
     def show_result(self, result: ViewResult, view: str) -> None:
         self.result = result
@@ -137,6 +166,7 @@ class PositionalPanel(QWidget):
 
         controls = QGridLayout()
         self.follow = QCheckBox("follow the model", objectName="posFollow", checked=True)
+        self.follow.toggled.connect(self._on_follow)
         self.follow.setToolTip("Take the scheme, d_model, max_len and heads from the model "
                                "config; changing any control here stops following.")
         self.kind = self._combo("posKind", [(KIND_LABELS[k], k) for k in KINDS],
@@ -191,11 +221,7 @@ class PositionalPanel(QWidget):
         buttons = QHBoxLayout()
         self.status = QLabel(objectName="posStatus")
         buttons.addWidget(self.status, 1)
-        for text, name, slot in (("Export PNG…", "posExportPng", self._export_png),
-                                 ("Export NPY…", "posExportNpy", self._export_npy)):
-            button = QPushButton(text, objectName=name)
-            button.clicked.connect(slot)
-            buttons.addWidget(button)
+        buttons.addWidget(export_button(self, "posExport", self.export_items))
         layout.addLayout(buttons)
 
         views = QHBoxLayout()
@@ -205,6 +231,9 @@ class PositionalPanel(QWidget):
         views.addWidget(self.primary, 1)
         views.addWidget(self.secondary, 1)
         layout.addLayout(views, 1)
+        for view in (self.primary, self.secondary):
+            attach_context_menu(view.heatmap.view, self, self.export_items)
+            attach_context_menu(view.curves, self, self.export_items)
 
         worker.finished_job.connect(self._on_result)
         worker.failed_job.connect(self._on_failure)
@@ -264,6 +293,10 @@ class PositionalPanel(QWidget):
             self._model_note = ("the model uses no positions; showing the last scheme"
                                 if config.positional == "none" else "")
         self.recompute()
+
+    def _on_follow(self, on: bool) -> None:
+        if on and not self._updating:  # ticked again: take the model's scheme and sizes
+            self.update_config(self.config)
 
     def _on_control(self, *_args) -> None:
         if self._updating:
@@ -341,39 +374,71 @@ class PositionalPanel(QWidget):
         self.computed.emit()
 
     # -- export --------------------------------------------------------------------------------
-    def _export_png(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export view as PNG", "positional.png",
-                                              "PNG image (*.png)")
-        if path:
-            self.export_png(path)
+    def export_items(self) -> list[Item]:
+        """The primary view (and the comparison, when shown): PNG, SVG, data as NPY."""
+        items = [self.primary.figure("positional", "positional view")]
+        if self.secondary.isVisibleTo(self):
+            items.append(self.secondary.figure("positionalCompare", "comparison view"))
+        return items
 
-    def _export_npy(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export data as NPY", "positional.npy",
-                                              "NumPy array (*.npy)")
-        if path:
-            self.export_npy(path)
-
-    def export_png(self, path: str | Path) -> None:
+    def export_png(self, path: str | Path, scale: float = 2.0) -> None:
         """The primary view (heatmap or curves) as a PNG image."""
-        widget = self.primary.stack.currentWidget()
-        if widget is self.primary.heatmap:
-            self.primary.heatmap.export_png(path)
-        else:
-            from pyqtgraph.exporters import ImageExporter
+        save_png(self.primary.figure("positional", "").widget(), path, scale)
 
-            ImageExporter(self.primary.curves.getPlotItem()).export(str(path))
+    def export_svg(self, path: str | Path) -> None:
+        write_bytes(path, svg_bytes(self.primary.figure("positional", "").widget()))
 
     def export_npy(self, path: str | Path) -> None:
         """The primary view's data: the matrix shown, or the curves stacked ``[n_curves, n]``."""
-        from unitscale_core.atomic import atomic_open
+        save_npy(self.primary.array(), path)
 
-        result = self.primary.result
-        if result is None:
-            raise PositionalError("nothing to export: the view shows an error")
-        data = result.matrix if result.matrix is not None else np.stack(
-            [np.asarray(c.y, dtype=np.float64) for c in result.curves])
-        with atomic_open(path, "wb") as handle:
-            np.save(handle, data, allow_pickle=False)
+    # -- state ---------------------------------------------------------------------------------
+    def _state_controls(self) -> list[QWidget]:
+        own = [self.compare, self.view, self.base, self.buckets, self.max_distance,
+               self.learned_source]
+        # while following the model, the scheme and sizes come from the config
+        sized = [self.kind, self.length, self.d_model, self.heads, self.bidirectional]
+        return [self.follow, *own, *(sized if not self.follow.isChecked() else []), self.head]
+
+    def state(self) -> dict[str, Any]:
+        """The panel's choices: follow, scheme, comparison, view, sizes and T5/RoPE knobs."""
+        return save_controls(self._state_controls())
+
+    def restore_state(self, state: Any) -> list[str]:
+        """Apply :meth:`state`'s output and recompute once; returns what was skipped."""
+        self._updating = True
+        try:
+            problems = []
+            if isinstance(state, dict) and "posFollow" in state:  # decides the controls saved
+                reason = restore_controls([self.follow], {"posFollow": state["posFollow"]})
+                problems += reason
+            if isinstance(state, dict):
+                self.head.setMaximum(255)  # the head's range follows heads: set after them
+                rest = {k: v for k, v in state.items() if k != "posFollow"}
+                controls = [w for w in self._state_controls() if w is not self.follow]
+                problems += restore_controls(controls, rest)
+            else:
+                problems += restore_controls([], state)
+        finally:
+            self._updating = False
+        if self.follow.isChecked():
+            self.update_config(self.config)
+        else:
+            self.recompute()
+        return problems
+
+
+def spec_for_config(config: ModelConfig, base: ViewSpec | None = None) -> ViewSpec | None:
+    """What the panel shows while following ``config`` (its scheme, max_len, width and
+    heads; the rest from ``base``, default the panel's defaults); None when the model uses
+    no positions."""
+    if config.positional not in KINDS:
+        return None
+    width = config.head_dim if config.positional == "rope" else config.d_model
+    return dataclasses.replace(
+        base or ViewSpec(), kind=config.positional, length=min(config.max_len, MAX_LENGTH),
+        d_model=max(2, min(width, 8192)), n_heads=min(config.n_heads, 256),
+        bidirectional=config.architecture == "encoder", seed=config.seed)
 
 
 def _safe_compute(spec: ViewSpec, table: np.ndarray | None = None) -> ViewResult | str:

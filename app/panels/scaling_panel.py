@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
-from PySide6.QtCore import QItemSelectionModel, Qt, Signal
+from PySide6.QtCore import QItemSelectionModel, Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -29,12 +30,23 @@ from PySide6.QtWidgets import (
 )
 
 from unitscale_core.config import PARAMETRIZATIONS, ModelConfig
-from unitscale_core.scaling.predict import predict
+from unitscale_core.scaling.predict import is_predicted, predict, status_counts
 from unitscale_core.sizing import count_parameters
 from unitscale_core.tensors import REPORTED_FORMATS, TensorRow
 
+from ..export import (
+    Figure,
+    Item,
+    Table,
+    TableData,
+    attach_context_menu,
+    export_button,
+    save_table,
+    table_from_model,
+)
+from ..widgets.controls_state import restore_controls, save_controls
 from ..widgets.scale_chart import ScaleChart
-from ..widgets.scale_table import COLUMNS, ScaleFilterProxy, ScaleTableModel, row_status
+from ..widgets.scale_table import ScaleFilterProxy, ScaleTableModel
 from ..worker import Worker
 from .seed_formula_tab import SeedFormulaTab
 
@@ -42,6 +54,10 @@ CHANNEL = "measure"
 #: Auto-measure only configs this small (parameters), so typing stays smooth on a CPU.
 AUTO_MEASURE_MAX_PARAMS = 20_000_000
 FOLLOW = "follow the model"
+#: With more tensors than this (~24 layers: a prediction costs ~3 µs per tensor), the other
+#: parametrizations' summary counts are predicted in later idle slices, one per slice, so a
+#: change stays within a frame.
+DEFER_SUMMARY_ROWS = 1500
 
 
 def agreement(predicted: list[TensorRow], measured: list[TensorRow]) -> tuple[int, int]:
@@ -76,6 +92,8 @@ class ScalingPanel(QWidget):
         self.measured: list[TensorRow] = []
         self._measure_id = 0
         self._measured_for: ModelConfig | None = None
+        self._defer_others = False  # other parametrizations' counts wait for the idle loop
+        self._summary_pending = False
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -115,12 +133,14 @@ class ScalingPanel(QWidget):
         for w in (QLabel("parametrization"), self.param, QLabel("format"), self.format,
                   self.filter, self.kind, self.measure_button, self.auto):
             controls.addWidget(w)
+        controls.addWidget(export_button(self, "scalingExport", self.export_items))
         box.addLayout(controls)
         self.summary = QLabel(objectName="scaleSummary")
         self.summary.setWordWrap(True)
         box.addWidget(self.summary)
 
-        split = QSplitter(Qt.Orientation.Horizontal)
+        split = QSplitter(Qt.Orientation.Horizontal, objectName="scaleSplitter")
+        self.splitter = split
         self.chart = ScaleChart()
         self.chart.setObjectName("scaleChart")
         self.model = ScaleTableModel(self)
@@ -139,6 +159,8 @@ class ScalingPanel(QWidget):
         split.addWidget(self.table)
         split.setSizes([420, 640])
         box.addWidget(split, 1)
+        attach_context_menu(self.chart.plot_widget, self, self.export_items)
+        attach_context_menu(self.table, self, self.export_items)
 
         self.param.currentIndexChanged.connect(self.recompute)
         self.format.currentIndexChanged.connect(self._on_format)
@@ -169,6 +191,7 @@ class ScalingPanel(QWidget):
         """Predict the shown config (synchronously: milliseconds) and redraw."""
         cfg = self.shown_config()
         self.predicted = predict(cfg, formats=(self.format.currentData(),))
+        self._defer_others = len(self.predicted) > DEFER_SUMMARY_ROWS
         if self._measured_for != cfg:
             self.measured = []
         self._redraw()
@@ -183,22 +206,50 @@ class ScalingPanel(QWidget):
     def summary_text(self) -> str:
         """Per parametrization: how many tensors the chosen format loses (more than half
         underflows or overflows) or puts at risk (see the table's status column); agreement
-        with the measurement when there is one."""
+        with the measurement when there is one.
+
+        The shown parametrization's counts come with its prediction. Another one's are
+        filled in from the idle loop when its prediction is not cached and the model is large
+        (a 96-layer model takes most of a frame per prediction): "…" until then.
+        """
         fmt = self.format.currentData()
+        shown = self.shown_config()
         parts = []
         for p in PARAMETRIZATIONS:
-            rows = self.predicted if p == self.shown_config().parametrization else predict(
-                self.shown_config().replace(parametrization=p), formats=(fmt,))
-            statuses = [row_status(r, fmt) for r in rows]
-            lost = statuses.count("lost")
-            risk = statuses.count("at_risk")
-            parts.append(f"<b>{p}</b>: {lost} lost, {risk} at risk")
+            cfg = shown.replace(parametrization=p)
+            if p != shown.parametrization and self._defer_others and \
+                    not is_predicted(cfg, (fmt,)):
+                parts.append(f"<b>{p}</b>: …")
+                self._schedule_summary()
+                continue
+            counts = status_counts(cfg, fmt)
+            parts.append(f"<b>{p}</b>: {counts['lost']} lost, {counts['at_risk']} at risk")
         text = f"{fmt}, of {len(self.predicted)} tensors — " + " · ".join(parts)
         if self.measured:
             ok, total = agreement(self.predicted, self.measured)
             text += (f"<br>measured: {ok}/{total} tensors ({100 * ok / max(total, 1):.0f}%) "
                      "within 25% of the prediction")
         return text
+
+    def summary_complete(self) -> bool:
+        """True when the summary counts every parametrization (none deferred)."""
+        return "…" not in self.summary.text()
+
+    def _schedule_summary(self) -> None:
+        if not self._summary_pending:
+            self._summary_pending = True
+            QTimer.singleShot(0, self._fill_summary)
+
+    def _fill_summary(self) -> None:
+        """Predict one deferred parametrization (one frame's work), then show the summary."""
+        self._summary_pending = False
+        fmt, shown = self.format.currentData(), self.shown_config()
+        for p in PARAMETRIZATIONS:
+            cfg = shown.replace(parametrization=p)
+            if not is_predicted(cfg, (fmt,)):
+                predict(cfg, formats=(fmt,))
+                break
+        self.summary.setText(self.summary_text())
 
     def _on_format(self) -> None:
         self.chart.set_formats([self.format.currentData()])
@@ -240,11 +291,16 @@ class ScalingPanel(QWidget):
             return  # stale: a newer request is pending or done
         cfg, rows = result
         self.measure_button.setEnabled(True)
+        self.show_measured(cfg, rows)
+
+    def show_measured(self, cfg: ModelConfig, rows: list[TensorRow]) -> bool:
+        """Overlay a measurement of ``cfg``; ignored (False) when ``cfg`` is not shown now."""
         if cfg != self.shown_config():
-            return
+            return False
         self.measured, self._measured_for = rows, cfg
         self._redraw()
         self.measured_ready.emit()
+        return True
 
     def _on_failure(self, channel: str, request_id: int, message: str) -> None:
         if channel == CHANNEL and request_id == self._measure_id:
@@ -256,17 +312,29 @@ class ScalingPanel(QWidget):
             self.measure_button.setEnabled(True)
 
     # -- export --------------------------------------------------------------------------------
-    def table_rows(self) -> list[list[str]]:
-        """The table as shown (filtered, sorted), header first."""
-        out = [list(COLUMNS)]
-        for r in range(self.proxy.rowCount()):
-            out.append([str(self.proxy.index(r, c).data() or "") for c in range(len(COLUMNS))])
-        return out
+    def table_data(self) -> TableData:
+        """The table as shown (filtered, sorted); CSV values are the exact numbers."""
+        return table_from_model(self.proxy)
 
     def export_csv(self, path: str | Path) -> None:
-        import csv
+        """The table as CSV (``.md``: Markdown), written atomically."""
+        save_table(self.table_data(), path)
 
-        from unitscale_core.atomic import atomic_open
+    def export_items(self) -> list[Item]:
+        plot = self.chart.plot_widget
+        return [Figure("scaleChart", "scale chart", lambda: plot),
+                Table("scales", "scale table", self.table_data)]
 
-        with atomic_open(path, "w") as handle:
-            csv.writer(handle).writerows(self.table_rows())
+    # -- state ---------------------------------------------------------------------------------
+    def _state_controls(self) -> list[QWidget]:
+        seeds = list(self.seed_tab.inputs.values())
+        return [self.param, self.format, self.kind, self.filter, self.auto, self.tabs,
+                self.splitter, *seeds]
+
+    def state(self) -> dict[str, Any]:
+        """The panel's choices (parametrization, format, filters, tab, seed-formula inputs)."""
+        return save_controls(self._state_controls())
+
+    def restore_state(self, state: Any) -> list[str]:
+        """Apply :meth:`state`'s output; returns what could not be restored and why."""
+        return restore_controls(self._state_controls(), state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QHBoxLayout,
     QHeaderView,
     QLabel,
     QTableWidget,
@@ -19,6 +20,16 @@ from PySide6.QtWidgets import (
 
 from unitscale_core.config import ModelConfig
 from unitscale_core.sizing import format_bytes, format_count, size_report
+
+from ..export import (
+    EXPORT_ROLE,
+    Item,
+    Table,
+    TableData,
+    attach_context_menu,
+    export_button,
+    table_from_model,
+)
 
 # (key path in size_report, label, kind, formula tooltip)
 ROWS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
@@ -67,7 +78,10 @@ class SizesPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         self.caption = QLabel(objectName="sizesCaption")
-        layout.addWidget(self.caption)
+        top = QHBoxLayout()
+        top.addWidget(self.caption, 1)
+        top.addWidget(export_button(self, "sizesExport", self.export_items))
+        layout.addLayout(top)
         self.table = QTableWidget(len(ROWS), 4, objectName="sizesTable")
         self.table.setHorizontalHeaderLabels(["Quantity", "Value", "Exact", "Formula"])
         self.table.verticalHeader().hide()
@@ -87,6 +101,7 @@ class SizesPanel(QWidget):
                 item.setToolTip(formula)
                 self.table.setItem(row, col, item)
         layout.addWidget(self.table, 1)
+        attach_context_menu(self.table, self, self.export_items)
         self.report: dict = {}
         self.update_config(config)
 
@@ -112,4 +127,14 @@ class SizesPanel(QWidget):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 item.setToolTip(formula)
+                if col == 2:  # CSV gets the integer, not "1,234"
+                    item.setData(EXPORT_ROLE, int(value))
                 self.table.setItem(row, col, item)
+
+    # -- export --------------------------------------------------------------------------------
+    def table_data(self) -> TableData:
+        """The table as shown; the Exact column's values are integers (bytes or counts)."""
+        return table_from_model(self.table.model())
+
+    def export_items(self) -> list[Item]:
+        return [Table("sizes", "sizes table", self.table_data)]

@@ -15,7 +15,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
-from unitscale_core.atomic import atomic_open
+from ..export import Figure, save_npy, save_png, svg_bytes, write_bytes
 
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
 
@@ -53,6 +53,7 @@ class Heatmap(QWidget):
         for axis in ("left", "bottom"):
             self.plot.getAxis(axis).setTextPen("k")
             self.plot.getAxis(axis).setPen("k")
+        self.colorbar.axis.setTextPen("k")  # readable on white, in the panel and in exports
         self.readout = QLabel(" ", objectName="heatmapReadout")
         layout.addWidget(self.view, 1)
         layout.addWidget(self.readout)
@@ -140,17 +141,19 @@ class Heatmap(QWidget):
         self.hovered.emit(*cell)
 
     # -- export --------------------------------------------------------------------------------
-    def export_png(self, path: str | Path) -> None:
-        from pyqtgraph.exporters import ImageExporter
+    def figure(self, key: str, label: str,
+               data: Callable[[], np.ndarray] | None = None) -> Figure:
+        """This heatmap as an export item: PNG (plot and colour bar as on screen), SVG,
+        and ``data()`` (default: the shown matrix) as NPY."""
+        return Figure(key, label, lambda: self.view,
+                      data=data or (lambda: self.data))
 
-        ImageExporter(self.plot.scene()).export(str(path))
+    def export_png(self, path: str | Path, scale: float = 2.0) -> None:
+        save_png(self.view, path, scale)
 
     def export_svg(self, path: str | Path) -> None:
-        from pyqtgraph.exporters import SVGExporter
-
-        SVGExporter(self.plot.scene()).export(str(path))
+        write_bytes(path, svg_bytes(self.view))
 
     def export_npy(self, path: str | Path) -> None:
         """The shown matrix, float32, loadable with ``np.load(path)`` (no pickle)."""
-        with atomic_open(path, "wb") as handle:
-            np.save(handle, self.data, allow_pickle=False)
+        save_npy(self.data, path)

@@ -57,7 +57,7 @@ class ScaleChart(QWidget):
         legend.setBrush(pg.mkBrush(255, 255, 255, 220))
         self.bands: list[pg.LinearRegionItem] = []
         self.names: list[str] = []
-        self.formulas: dict[str, str] = {}
+        self._formula_rows: dict[str, TensorRow] = {}  # formulas render on hover only
         self._series: dict[str, pg.ScatterPlotItem] = {}
         for key, colour, symbol, filled, label in (
             ("pred_fwd", FORWARD_COLOUR, "o", True, "forward (predicted)"),
@@ -84,8 +84,7 @@ class ScaleChart(QWidget):
             if row.kind in FORWARD_KINDS and row.name not in index:
                 index[row.name] = len(self.names)
                 self.names.append(row.name)
-        self.formulas = {r.name: getattr(r, "formula", "") for r in predicted
-                         if r.kind in FORWARD_KINDS}
+        self._formula_rows = {r.name: r for r in predicted if r.kind in FORWARD_KINDS}
         self.values = {"pred_fwd": {}, "pred_bwd": {}, "meas_fwd": {}, "meas_bwd": {}}
         for prefix, rows in (("pred", predicted), ("meas", measured or [])):
             for row in rows:
@@ -95,13 +94,16 @@ class ScaleChart(QWidget):
                 self.values[f"{prefix}_{side}"][row.name] = row.rms
         for key, item in self._series.items():
             data = self.values[key]
-            names = [n for n in self.names if n in data]
-            ys = np.array([index[n] for n in names], dtype=float)
-            xs = np.array([_log2(data[n]) for n in names], dtype=float)
+            rows = np.fromiter((index[n] for n in data), dtype=np.int64, count=len(data))
+            rms = np.fromiter(data.values(), dtype=np.float64, count=len(data))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                xs = np.log2(rms)
             ok = np.isfinite(xs)
             # side by side: forward just above the row's line, backward just below
             offset = -0.18 if key.endswith("fwd") else 0.18
-            item.setData(x=xs[ok], y=ys[ok] + offset, data=[n for n, k in zip(names, ok) if k])
+            # no per-point data (pyqtgraph stores it point by point): a point's row is its y
+            # rounded, which hover and click map back to the name
+            item.setData(x=xs[ok], y=rows[ok] + offset)
         self._label_rows()
         self.plot.setLimits(yMin=-1, yMax=max(len(self.names), 1) + 1)
         self.plot.enableAutoRange(x=True)
@@ -141,13 +143,23 @@ class ScaleChart(QWidget):
             if name in self.values.get(key, {}):
                 value = self.values[key][name]
                 parts.append(f"{label}: {value:.4g} (log₂ {_log2(value):.2f})")
-        if self.formulas.get(name):
-            parts.append(self.formulas[name])
+        formula = self.formula(name)
+        if formula:
+            parts.append(formula)
         return "\n".join(parts)
 
+    def formula(self, name: str) -> str:
+        """How the predicted forward RMS of ``name`` was obtained ("" if unknown)."""
+        row = self._formula_rows.get(name)
+        return getattr(row, "formula", "") if row is not None else ""
+
+    def _name(self, y: float) -> str:
+        """The tensor drawn at height ``y`` (forward and backward sit ±0.18 off its row)."""
+        return self.names[min(max(round(y), 0), len(self.names) - 1)]
+
     def _tip(self, x: float, y: float, data) -> str:
-        return self.describe(str(data))
+        return self.describe(self._name(y))
 
     def _on_click(self, _item, points, _event=None) -> None:
         if len(points):
-            self.picked.emit(str(points[0].data()))
+            self.picked.emit(self._name(points[0].pos().y()))

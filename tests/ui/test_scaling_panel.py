@@ -59,14 +59,39 @@ def test_parametrization_selector_changes_prediction(qtbot, window):
     assert panel.shown_config().parametrization == "umup"
 
 
+def _row_counts(cfg, fmt):
+    """Lost and at-risk tensors counted row by row with the table's own status rule."""
+    from app.widgets.scale_table import row_status
+
+    statuses = [row_status(r, fmt) for r in predict(cfg, formats=(fmt,))]
+    return statuses.count("lost"), statuses.count("at_risk")
+
+
 def test_summary_counts_each_parametrization(qtbot, window):
     panel = panel_of(window)
     text = panel.findChild(QLabel, "scaleSummary").text()
     for p in ("standard", "unit", "umup"):
-        assert f"<b>{p}</b>" in text
+        lost, risk = _row_counts(window.config.replace(parametrization=p), "fp8_e4m3")
+        assert f"<b>{p}</b>: {lost} lost, {risk} at risk" in text
     fmt = panel.findChild(QComboBox, "scaleFormat")
     fmt.setCurrentIndex(fmt.findData("fp16"))
     assert panel.summary.text().startswith("fp16")
+
+
+def test_large_model_summary_fills_in_after_the_frame(qtbot, window):
+    """A deep model's other parametrizations are predicted in later idle slices."""
+    from unitscale_core.scaling.predict import clear_cache
+
+    clear_cache()
+    deep = window.config.replace(n_layers=40)
+    window.set_config(deep)
+    panel = panel_of(window)
+    assert len(panel.predicted) > 1500
+    assert "<b>unit</b>: …" in panel.summary.text()  # not computed within this frame
+    qtbot.waitUntil(panel.summary_complete, timeout=20_000)
+    for p in ("standard", "unit", "umup"):
+        lost, risk = _row_counts(deep.replace(parametrization=p), "fp8_e4m3")
+        assert f"<b>{p}</b>: {lost} lost, {risk} at risk" in panel.summary.text()
 
 
 def test_filter_and_kind(qtbot, window):

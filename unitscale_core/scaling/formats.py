@@ -271,3 +271,17 @@ def headroom_status(stats: FormatStats) -> HeadroomStatus:
     ):
         return "at_risk"
     return "fine"
+
+
+def headroom_status_array(
+    underflow: npt.ArrayLike, subnormal: npt.ArrayLike, overflow: npt.ArrayLike
+) -> np.ndarray:
+    """:func:`headroom_status` of many tensors at once, from their fraction arrays.
+
+    Returns a string array of ``"fine"`` / ``"at_risk"`` / ``"lost"`` with the same rules and
+    thresholds (a 96-layer model's ~6000 rows in well under a millisecond).
+    """
+    u, s, o = (np.asarray(a, dtype=np.float64) for a in (underflow, subnormal, overflow))
+    lost = u + o > LOST_FRACTION
+    risk = (o > AT_RISK_OVERFLOW) | (u > AT_RISK_UNDERFLOW) | (s > AT_RISK_SUBNORMAL)
+    return np.where(lost, "lost", np.where(risk, "at_risk", "fine"))

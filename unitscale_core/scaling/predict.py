@@ -21,9 +21,11 @@ N(0, 1) embeddings); and the key bias gets no gradient (softmax ignores per-row 
 
 from __future__ import annotations
 
+import gc
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -35,21 +37,12 @@ from ..tensors import REPORTED_FORMATS, TensorRow
 from . import correlation as C
 from . import rules as R
 from .correlation import Sig
-from .formats import FORMATS, gaussian_format_table
+from .formats import FORMATS, gaussian_format_table, headroom_status_array
 
 LN_EPS = 1e-5
 #: With many ALiBi heads, the softmax statistics are averaged over at most this many slopes
 #: (evenly spaced in head index) to keep a 96-layer prediction within a frame.
 MAX_ALIBI_GROUPS = 8
-
-
-@dataclass
-class _Val:
-    """A predicted RMS with the formula that produced it and the op's scale factors."""
-
-    rms: float
-    formula: str = ""
-    scales: dict | None = None
 
 
 @lru_cache(maxsize=1024)
@@ -63,6 +56,17 @@ def _linear_factors(ops: str, fan_in: int, fan_out: int, rows: int, role: str) -
         return R.unit_linear_readout_scales(fan_in, fan_out, rows)
     return R.unit_linear_scales(fan_in, fan_out, rows, None if role == "ffn" else
                                 "to_output_scale")
+
+
+@lru_cache(maxsize=64)
+def _unit_attention_factors(t_q: int, t_k: int, dh: int) -> tuple[float, ...]:
+    """Unit scaling's attention factors (the same for every layer of a stack): output, q/k/v
+    input-gradient, P·V left and right gradients, softmax output and input-gradient, and the
+    logits' gradient factor."""
+    sm = R.unit_softmax_scales(t_k, 1.0, "gmean")
+    mm = R.unit_matmul_scales(t_q, t_k, dh, "gmean")
+    logit_grad = R.unit_matmul_scales(t_q, dh, t_k, "to_output_scale")[1]
+    return sm.output * mm[0], 1.0, mm[1], mm[2], sm.output, sm.grad_input, logit_grad
 
 
 def key_counts(t: int, pattern: str, window: int, causal: bool) -> np.ndarray:
@@ -185,38 +189,42 @@ class _Predictor:
         self.b = cfg.batch_size
         self.t = cfg.seq_len
         self.rows = self.b * self.t
-        self.acts: dict[str, _Val] = {}
-        self.grads: dict[str, _Val] = {}
-        self.weights: dict[str, _Val] = {}
-        self.wgrads: dict[str, _Val] = {}
+        # rows are made as the walk goes (no intermediate records: thousands per prediction)
+        self.acts: dict[str, TensorRow] = {}
+        self.grads: dict[str, TensorRow] = {}
+        self.weights: dict[str, TensorRow] = {}
+        self.wgrads: dict[str, TensorRow] = {}
         self.order: list[str] = []  # activation names in execution order
         self.drop = R.dropout_rule(1.0, 1.0, p=cfg.dropout, unit=self.unit).output \
             if cfg.dropout > 0 else 1.0
         # Share of a token's own embedding in the (normalised) stream, for tied logits: every
         # residual add multiplies the skip by its weight, every norm divides by its input RMS.
         self.share = 1.0
+        self._all_partners = cfg.attention != "local"  # see shared_partners
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def act(self, name: str, x: Sig | float, formula: str = "", scales: dict | None = None):
         rms = x.rms if isinstance(x, Sig) else x
-        self.acts[name] = _Val(rms, formula, scales)
+        self.acts[name] = TensorRow(name, "activation", rms, scales, None, (), formula)
         self.order.append(name)
         return x
 
     def grad(self, name: str, g: Sig | float, formula: str = ""):
-        self.grads[name] = _Val(g.rms if isinstance(g, Sig) else g, formula)
+        self.grads[name] = TensorRow(name, "grad_activation", g.rms if isinstance(g, Sig)
+                                     else g, None, None, (), formula)
         return g
 
     def weight(self, name: str, rms: float, formula: str) -> None:
-        self.weights[name] = _Val(rms, formula)
+        self.weights[name] = TensorRow(name, "weight", rms, None, None, (), formula)
 
     def wgrad(self, name: str, var: float, formula: str) -> None:
         """Record a weight gradient of variance ``var`` (a shared weight's gradients add)."""
         if name in self.wgrads:
             old = self.wgrads[name]
             var += old.rms**2
-            formula = f"{old.formula}; + {formula} (shared weight, summed)"
-        self.wgrads[name] = _Val(math.sqrt(max(var, 0.0)), formula)
+            formula = ("{}; + {} (shared weight, summed)", (old._formula, formula))
+        self.wgrads[name] = TensorRow(name, "grad_weight", math.sqrt(max(var, 0.0)), None,
+                                      None, (), formula)
 
     def pair_sum(self, g: Sig, x: Sig | None, t: int | None = None) -> float:
         """``E[(Σ_rows g·x)²]`` per element (x None: ``Σ_rows g``), rows = batch × t.
@@ -227,7 +235,8 @@ class _Predictor:
         """
         t = self.t if t is None else t
         b = self.b
-        partners = shared_partners(t, self.cfg.attention, self.cfg.window)
+        partners = t - 1 if self._all_partners else shared_partners(t, self.cfg.attention,
+                                                                    self.cfg.window)
         xt, xs, xm = (1.0, 1.0, 1.0) if x is None else (x.total, x.shared, x.m)
         return (b * t * g.total * xt + b * t * partners * g.shared * xs
                 + b * t * (t - 1 - partners) * g.m * xm + b * (b - 1) * t * t * g.m * xm)
@@ -245,13 +254,14 @@ class _Predictor:
         gain = f.output * math.sqrt(fan_in) * w
         y = x.scaled(gain).plus_global((f.output * bias) ** 2)
         scales = {"forward": f.output, "grad_input": f.grad_input, "grad_weight": f.grad_weight}
-        self.act(name, y, f"α·√(fan_in·σ_x²·σ_w² + σ_b²) = {f.output:.3g}·√({fan_in}·"
-                          f"{x.rms:.3g}²·{w:.3g}² + {bias:.3g}²)", scales if self.unit else None)
-        self.weight(f"{name}.weight", w, "N(0, 1)" if self.unit else
-                    f"nn.Linear default U(±1/√fan_in): 1/√(3·{fan_in})")
+        self.act(name, y, ("α·√(fan_in·σ_x²·σ_w² + σ_b²) = {:.3g}·√({}·{:.3g}²·{:.3g}² + "
+                           "{:.3g}²)", (f.output, fan_in, x.rms, w, bias)),
+                 scales if self.unit else None)
+        self.weight(name + ".weight", w, "N(0, 1)" if self.unit else
+                    ("nn.Linear default U(±1/√fan_in): 1/√(3·{})", (fan_in,)))
         if has_bias:
-            self.weight(f"{name}.bias", bias, "zeros" if self.unit else
-                        f"nn.Linear default: 1/√(3·{fan_in})")
+            self.weight(name + ".bias", bias, "zeros" if self.unit else
+                        ("nn.Linear default: 1/√(3·{})", (fan_in,)))
         return y, {"name": name, "x": x, "w": w, "fan_out": fan_out, "f": f, "bias": has_bias,
                    "t": self.t if t is None else t}
 
@@ -259,23 +269,23 @@ class _Predictor:
         name, f = ctx["name"], ctx["f"]
         self.grad(name, g)
         aw2 = f.grad_weight**2
-        self.wgrad(f"{name}.weight", aw2 * self.pair_sum(g, ctx["x"], ctx["t"]),
-                   f"α_w²·E[(Σ_rows g·x)²], α_w = {f.grad_weight:.3g}")
+        self.wgrad(name + ".weight", aw2 * self.pair_sum(g, ctx["x"], ctx["t"]),
+                   ("α_w²·E[(Σ_rows g·x)²], α_w = {:.3g}", (f.grad_weight,)))
         if ctx["bias"]:
             if zero_bias_grad:
-                self.wgrad(f"{name}.bias", 0.0, "0: softmax ignores a shift shared by all keys")
+                self.wgrad(name + ".bias", 0.0, "0: softmax ignores a shift shared by all keys")
             else:
-                self.wgrad(f"{name}.bias", aw2 * self.pair_sum(g, None, ctx["t"]),
-                           f"α_w²·E[(Σ_rows g)²], α_w = {f.grad_weight:.3g}")
+                self.wgrad(name + ".bias", aw2 * self.pair_sum(g, None, ctx["t"]),
+                           ("α_w²·E[(Σ_rows g)²], α_w = {:.3g}", (f.grad_weight,)))
         return g.scaled(f.grad_input * math.sqrt(ctx["fan_out"]) * ctx["w"])
 
     def norm_fwd(self, name: str, x: Sig) -> tuple[Sig, dict]:
         r = R.layer_norm_rule(x.rms, 1.0, d=self.c, b_rows=self.rows, eps=LN_EPS)
         y = x.normalised(r.output)
-        self.act(name, y, f"LayerNorm: √(v/(v+ε)), input σ = {x.rms:.3g}")
-        self.weight(f"{name}.weight", 1.0, "LayerNorm gain: ones")
+        self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g}", (x.rms,)))
+        self.weight(name + ".weight", 1.0, "LayerNorm gain: ones")
         if self.cfg.bias:
-            self.weight(f"{name}.bias", 0.0, "LayerNorm bias: zeros")
+            self.weight(name + ".bias", 0.0, "LayerNorm bias: zeros")
         return y, {"name": name, "x": x, "y": y}
 
     def norm_bwd(self, ctx: dict, g: Sig) -> Sig:
@@ -283,11 +293,11 @@ class _Predictor:
         r = R.layer_norm_rule(ctx["x"].rms, g.rms, d=self.c, b_rows=self.rows, eps=LN_EPS)
         name = ctx["name"]
         self.grad(name, g)
-        self.wgrad(f"{name}.weight", alpha**2 * self.pair_sum(g, ctx["y"]),
-                   f"α²·E[(Σ_rows g·x̂)²], α = {alpha:.3g}")
+        self.wgrad(name + ".weight", alpha**2 * self.pair_sum(g, ctx["y"]),
+                   ("α²·E[(Σ_rows g·x̂)²], α = {:.3g}", (alpha,)))
         if self.cfg.bias:
-            self.wgrad(f"{name}.bias", alpha**2 * self.pair_sum(g, None),
-                       f"α²·E[(Σ_rows g)²], α = {alpha:.3g}")
+            self.wgrad(name + ".bias", alpha**2 * self.pair_sum(g, None),
+                       ("α²·E[(Σ_rows g)²], α = {:.3g}", (alpha,)))
         return g.scaled(r.grad_input / g.rms) if g.rms > 0 else g
 
     def residual_add(self, branch: Sig, skip: Sig, tau: float) -> Sig:
@@ -318,12 +328,11 @@ class _Predictor:
         k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, c, t_k)
         v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, c, t_k)
         m = 1.0 / dh if self.p == "umup" else 1.0 / math.sqrt(dh)
-        self.act(f"{prefix}.scores", R.attention_logits_rms(q.rms, k.rms, dh, m),
-                 f"m·√d_head·σ_q·σ_k, m = {m:.3g}, d_head = {dh}")
+        self.act(prefix + ".scores", R.attention_logits_rms(q.rms, k.rms, dh, m),
+                 ("m·√d_head·σ_q·σ_k, m = {:.3g}, d_head = {}", (m, dh)))
         is_causal = causal or pattern == "causal"
-        counts = key_counts(t_q, pattern, self.cfg.window, causal) if t_q == t_k else \
-            np.full(t_q, t_k)
         plain = pattern in ("full", "causal") or t_q != t_k
+        counts = None if plain else key_counts(t_q, pattern, self.cfg.window, causal)
         # Only the keys' token-specific part moves probabilities: shared parts of k shift a
         # whole row (softmax-invariant) or are shared with the query's own sequence.
         sigma_qk = m * math.sqrt(dh * q.total * k.u)
@@ -334,16 +343,14 @@ class _Predictor:
                 stats.append(R.softmax_moments(sigma_z, t_k, is_causal and t_q == t_k, dh))
             else:
                 stats.append(R.softmax_moments_for_counts(sigma_z, counts, dh))
-        sum_p2 = float(np.mean([s.sum_p2 for s in stats]))
-        grad_factor = float(np.mean([max(s.grad_factor, 0.0) for s in stats]))
-        self.act(f"{prefix}.probs", math.sqrt(sum_p2 / t_k),
-                 f"√(E Σp²/S), E Σp² = {sum_p2:.3g}, S = {t_k}, logit σ = {sigma_qk:.3g}")
+        sum_p2 = sum(s.sum_p2 for s in stats) / len(stats)
+        grad_factor = sum(max(s.grad_factor, 0.0) for s in stats) / len(stats)
+        self.act(prefix + ".probs", math.sqrt(sum_p2 / t_k),
+                 ("√(E Σp²/S), E Σp² = {:.3g}, S = {}, logit σ = {:.3g}", (sum_p2, t_k,
+                                                                        sigma_qk)))
         if self.p == "unit":
-            sm = R.unit_softmax_scales(t_k, 1.0, "gmean")
-            mm = R.unit_matmul_scales(t_q, t_k, dh, "gmean")
-            out_scale, grad_qkv, grad_left, grad_right = sm.output * mm[0], 1.0, mm[1], mm[2]
-            sm_out, grad_sm_in = sm.output, sm.grad_input
-            logit_grad = R.unit_matmul_scales(t_q, dh, t_k, "to_output_scale")[1]
+            (out_scale, grad_qkv, grad_left, grad_right, sm_out, grad_sm_in,
+             logit_grad) = _unit_attention_factors(t_q, t_k, dh)
         else:
             out_scale = 1.0
             if self.p == "umup" and (t_k > 1 or not is_causal):
@@ -367,8 +374,8 @@ class _Predictor:
             out_scale * self.drop)
         scales = {"forward": out_scale, "grad_input": grad_qkv if self.p == "umup" else
                   grad_left} if self.unit else None
-        self.act(f"{prefix}.context", ctx_sig, f"α·σ_v·√(E Σp²) + shared parts, α = "
-                 f"{out_scale:.3g}", scales)
+        self.act(prefix + ".context", ctx_sig,
+                 ("α·σ_v·√(E Σp²) + shared parts, α = {:.3g}", (out_scale,)), scales)
         out, lo = self.linear_fwd(f"{prefix}.o", ctx_sig, c, c, t_q)
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
                      "v": v, "t_q": t_q, "t_k": t_k, "sum_p2": sum_p2, "gf": grad_factor,
@@ -419,7 +426,7 @@ class _Predictor:
             alpha = R.unit_silu_glu_scale() if self.unit else 1.0
             pf, pd, rhos = C.silu_kernel(gate)
             h = C.product(up, pf, rhos).scaled(alpha)
-            self.act(f"{prefix}.act", h, f"α·σ_up·rms(silu(gate)), α = {alpha:.3g}",
+            self.act(prefix + ".act", h, ("α·σ_up·rms(silu(gate)), α = {:.3g}", (alpha,)),
                      {"forward": alpha, "grad_input": alpha} if self.unit else None)
             ctx.update(lg=lg, gate=gate, alpha=alpha, pf=pf, pd=pd, rhos=rhos)
         else:
@@ -429,8 +436,8 @@ class _Predictor:
                 factors = (R.unit_gelu_scales(1.0, constraint) if kind == "gelu"
                            else R.unit_relu_scales(constraint))
             h = C.elementwise(kind, up, factors.output)
-            self.act(f"{prefix}.act", h, f"α·rms({kind}(x)), x ~ N(0, {up.rms:.3g}²); "
-                     "mean and correlations by Hermite expansion",
+            self.act(prefix + ".act", h, ("α·rms({}(x)), x ~ N(0, {:.3g}²); mean and "
+                                          "correlations by Hermite expansion", (kind, up.rms)),
                      {"forward": factors.output, "grad_input": factors.grad_input}
                      if self.unit else None)
             ctx["factors"] = factors
@@ -628,9 +635,10 @@ class _Predictor:
             # the logit of the input token itself: α·d·σ_e²·(share of e in the normed stream)
             self_logit = head["f"].output * self.c * self.share
             rms = math.sqrt(logits.total + self_logit**2 / cfg.vocab_size)
-            self.acts["head"] = _Val(rms, self.acts["head"].formula +
-                                     f"; + self-logit {self_logit:.3g} (tied embedding)",
-                                     self.acts["head"].scales)
+            old = self.acts["head"]
+            self.acts["head"] = TensorRow("head", "activation", rms, old.scales, None, (),
+                                          ("{}; + self-logit {:.3g} (tied embedding)",
+                                           (old._formula, self_logit)))
         ce = R.cross_entropy_rule(logits.rms, vocab=cfg.vocab_size, n_tokens=self.rows,
                                   unit=self.unit)
         loss = float(np.logaddexp(ce.loss, self_logit)) if self_logit > 0 else ce.loss
@@ -643,7 +651,8 @@ class _Predictor:
         g = self.norm_bwd(n_final, self.linear_bwd(head, g))
         self._final_norm_coherence(n_final["name"], head, logits, ce, self_logit)
         if cfg.tie_embeddings:
-            self.wgrads["tok_emb.weight"] = self.wgrads.pop("head.weight")
+            row = self.wgrads["tok_emb.weight"] = self.wgrads.pop("head.weight")
+            row.name = "tok_emb.weight"
         if cfg.architecture == "encoder-decoder":
             memory_grads: list[Sig] = []
             g = self.stack_bwd(dec_layers, g, memory_grads)
@@ -682,28 +691,17 @@ class _Predictor:
         alpha = R.unit_layer_norm_grad_param_scale(self.c, self.rows) if self.unit else 1.0
         coherent = (alpha * self.rows * kappa) ** 2
         old = self.wgrads[f"{norm}.weight"]
-        self.wgrads[f"{norm}.weight"] = _Val(
-            math.sqrt(old.rms**2 + coherent),
-            old.formula + f"; + (α·N·κ)², κ = {kappa:.3g}: the loss gradient leans to x̂")
+        old.rms = math.sqrt(old.rms**2 + coherent)
+        old.formula = ("{}; + (α·N·κ)², κ = {:.3g}: the loss gradient leans to x̂",
+                       (old._formula, kappa))
 
     # -- rows ----------------------------------------------------------------------------------
-    def to_rows(self, formats: tuple[str, ...]) -> list[TensorRow]:
-        rows: list[TensorRow] = []
-        for name in self.order:
-            v = self.acts[name]
-            rows.append(TensorRow(name, "activation", v.rms, dict(v.scales or {}), {}, (),
-                                  v.formula))
-        for name in self.order:
-            if name in self.grads:
-                v = self.grads[name]
-                rows.append(TensorRow(name, "grad_activation", v.rms, {}, {}, (), v.formula))
-        for name, v in self.weights.items():
-            rows.append(TensorRow(name, "weight", v.rms, {}, {}, (), v.formula))
-        for name in self.weights:
-            if name in self.wgrads:
-                v = self.wgrads[name]
-                rows.append(TensorRow(name, "grad_weight", v.rms, {}, {}, (), v.formula))
-        _attach_formats(rows, formats)
+    def to_rows(self) -> list[TensorRow]:
+        order, grads, wgrads = self.order, self.grads, self.wgrads
+        rows = [self.acts[name] for name in order]
+        rows += [grads[name] for name in order if name in grads]
+        rows += self.weights.values()
+        rows += [wgrads[name] for name in self.weights if name in wgrads]
         return rows
 
 
@@ -728,18 +726,26 @@ class _FormatColumns(Mapping):
         return len(self._tables)
 
 
-def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]) -> None:
-    """Gaussian underflow/overflow fractions and headroom of every row, vectorised."""
+def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]
+                    ) -> dict[str, dict[str, np.ndarray]]:
+    """Gaussian underflow/overflow fractions and headroom of every row, vectorised; returns
+    the table (format → column → array in row order) the rows' ``formats`` read from.
+
+    The table is computed once per distinct RMS (a stack's weights all share a few values).
+    """
+    tables: dict[str, dict[str, np.ndarray]] = {}
     if not rows or not formats:
-        return
-    rms = np.array([max(r.rms, 0.0) if math.isfinite(r.rms) else 0.0 for r in rows])
-    tables = {}
+        return tables
+    rms = np.fromiter((r.rms for r in rows), dtype=np.float64, count=len(rows))
+    rms[~np.isfinite(rms) | (rms < 0)] = 0.0
+    distinct, index = np.unique(rms, return_inverse=True)
     for name in formats:
-        table = gaussian_format_table(rms, FORMATS[name])
-        tables[name] = {k: table[k] for k in ("underflow", "subnormal", "overflow",
-                                              "headroom_max_log2", "headroom_min_log2")}
+        table = gaussian_format_table(distinct, FORMATS[name])
+        tables[name] = {k: table[k][index] for k in ("underflow", "subnormal", "overflow",
+                                                     "headroom_max_log2", "headroom_min_log2")}
     for i, row in enumerate(rows):
         row.formats = _FormatColumns(tables, i)
+    return tables
 
 
 def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS) -> list[TensorRow]:
@@ -747,11 +753,60 @@ def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS) -> li
 
     Cached per (config, formats): the rows returned are shared and must not be modified.
     """
-    return list(_predict_cached(cfg, tuple(formats)))
+    return list(_prediction(cfg, tuple(formats))[0])
 
 
-@lru_cache(maxsize=16)
-def _predict_cached(cfg: ModelConfig, formats: tuple[str, ...]) -> tuple[TensorRow, ...]:
-    p = _Predictor(cfg)
-    p.run()
-    return tuple(p.to_rows(formats))
+def status_counts(cfg: ModelConfig, fmt: str) -> dict[str, int]:
+    """How many predicted tensors are ``fine``, ``at_risk`` and ``lost`` in ``fmt``
+    (:func:`~.formats.headroom_status` of each row, vectorised)."""
+    _rows, tables = _prediction(cfg, (fmt,))
+    table = tables[fmt]
+    statuses = headroom_status_array(table["underflow"], table["subnormal"], table["overflow"])
+    return {status: int(np.count_nonzero(statuses == status))
+            for status in ("fine", "at_risk", "lost")}
+
+
+def is_predicted(cfg: ModelConfig, formats: tuple[str, ...]) -> bool:
+    """True when :func:`predict` would answer ``(cfg, formats)`` from its cache."""
+    return (cfg, tuple(formats)) in _CACHE
+
+
+def clear_cache() -> None:
+    """Forget every cached prediction (benchmarks time cold predictions)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+#: The most recent predictions, least recently used first (an explicit LRU rather than
+#: functools' so the panel can ask whether a prediction is ready without computing it).
+_CACHE: OrderedDict[tuple, tuple] = OrderedDict()
+_CACHE_SIZE = 16
+_CACHE_LOCK = threading.Lock()
+
+
+def _prediction(cfg: ModelConfig, formats: tuple[str, ...]
+                ) -> tuple[tuple[TensorRow, ...], dict[str, dict[str, np.ndarray]]]:
+    key = (cfg, formats)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    # A prediction allocates tens of thousands of small acyclic objects (rows, deferred
+    # formulas, Sigs); the cyclic collector would rescan them over and over and cost a few
+    # milliseconds of the frame, collecting nothing. Reference counting frees them as usual.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        p = _Predictor(cfg)
+        p.run()
+        rows = p.to_rows()
+        tables = _attach_formats(rows, formats)
+    finally:
+        if collecting:
+            gc.enable()
+    result = tuple(rows), tables
+    with _CACHE_LOCK:
+        _CACHE[key] = result
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return result

@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, Literal, NamedTuple
 
@@ -876,6 +876,37 @@ def _bias_margin(sigma: float) -> int:
     return math.ceil((18.0 * sigma + 40.0) / _U_STEP)
 
 
+#: Direct convolutions costing more than this many multiply-adds go through the FFT.
+_FFT_MIN_WORK = 4_000_000
+
+
+def _valid_convolution(kern: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``g ↦ np.convolve(g, kern, mode="valid")``; through the FFT when that is long work.
+
+    A large logit σ (a wide standard model) makes both the grid and the kernel ~10⁴ points
+    long, and the direct convolution takes seconds; the FFT takes milliseconds. Its error is
+    ~1e-16 of the largest value, so values below that come out as noise: they are clipped
+    at 0 (their logs are then floored at ``_LOG_FLOOR``), far below anything the row
+    statistics built on them resolve (sums dominated by their largest terms).
+    """
+    def direct(g: np.ndarray) -> np.ndarray:
+        return np.convolve(g, kern, mode="valid")
+
+    spectra: dict[int, np.ndarray] = {}
+
+    def smooth(g: np.ndarray) -> np.ndarray:
+        if len(g) * len(kern) <= _FFT_MIN_WORK:
+            return direct(g)
+        full = len(g) + len(kern) - 1
+        size = 1 << (full - 1).bit_length()
+        if size not in spectra:
+            spectra[size] = np.fft.rfft(kern, size)
+        out = np.fft.irfft(np.fft.rfft(g, size) * spectra[size], size)
+        return np.maximum(out[len(kern) - 1:len(g)], 0.0)
+
+    return smooth
+
+
 @lru_cache(maxsize=256)
 def _softmax_kernel(sigma: float) -> _Kernel:
     """``m_k(u) = E[exp(k(u+Y) − e^{u+Y})]``, ``Y ~ N(0, σ²)``, on a ``u`` grid (step 0.2)."""
@@ -894,8 +925,7 @@ def _softmax_kernel(sigma: float) -> _Kernel:
         kern /= kern.sum()
         w = np.arange(lo - half, hi + half + 1) * _U_STEP
 
-        def smooth(g: np.ndarray) -> np.ndarray:
-            return np.convolve(g, kern, mode="valid")
+        smooth = _valid_convolution(kern)
     with np.errstate(over="ignore", divide="ignore"):
         ew = np.exp(w)  # may overflow to inf for huge σ: exp(-inf) = 0 is then exact enough
         one_minus_m0 = smooth(-np.expm1(-ew))  # 1 − m_0, accurate where m_0 ≈ 1
@@ -956,8 +986,42 @@ def _uniform_stats(counts: np.ndarray) -> np.ndarray:
     return np.array([np.mean(1 / n), np.mean(1 / n**2), np.mean(1 / n**2), np.mean(np.log(n))])
 
 
+#: Step in log σ of the grid on which whole-row softmax statistics are computed.
+_SIGMA_STEP = math.log(1.02)
+
+
+@lru_cache(maxsize=8192)
+def _grid_stats(j: int, seq_len: int, causal: bool) -> np.ndarray:
+    """:func:`_mean_stats` at ``σ = 1.02^j`` for full (or causal) rows of ``seq_len``."""
+    counts = _causal_counts(seq_len) if causal else np.array([seq_len])
+    return _mean_stats(math.exp(j * _SIGMA_STEP), counts)
+
+
+def _interpolated_stats(sigma: float, seq_len: int, causal: bool) -> np.ndarray:
+    """:func:`_mean_stats` for full (or causal) rows, interpolated between the two nearest
+    points of a geometric σ grid (ratio 1.02): geometric for the three moments, linear for
+    the log-sum-exp.
+
+    A deep model asks for hundreds of slightly different σ (every layer, every node of the
+    ``|q|²`` mixture), each a quadrature of milliseconds; on the grid they share points, and
+    an edit of the config reuses them. The statistics are smooth in log σ, so the
+    interpolation error is ~``(Δ log σ)²/8 · f''`` ≈ 5e-5 relative, below the 3-digit σ key
+    the direct path rounds to (5e-4).
+    """
+    t = math.log(sigma) / _SIGMA_STEP
+    j = math.floor(t)
+    a = t - j
+    lo, hi = _grid_stats(j, seq_len, causal), _grid_stats(j + 1, seq_len, causal)
+    out = np.empty(4)
+    out[:3] = np.exp((1.0 - a) * np.log(np.maximum(lo[:3], 1e-300))
+                     + a * np.log(np.maximum(hi[:3], 1e-300)))
+    out[3] = (1.0 - a) * lo[3] + a * hi[3]
+    return out
+
+
 def _stats_with_mixture(
-    sigma: float, counts: np.ndarray, head_dim: int | None
+    sigma: float, counts: np.ndarray, head_dim: int | None,
+    rows: tuple[int, bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row-averaged statistics and the same weighted by the row variance factor ``c``.
 
@@ -967,8 +1031,13 @@ def _stats_with_mixture(
     if sigma < 1e-3:  # the O(σ²) corrections are below 1e-6 relative
         stats = _uniform_stats(counts)
         return stats, stats
+    def mean_stats(sig: float) -> np.ndarray:
+        if rows is not None:  # full or causal rows of rows[0] keys: the shared σ grid
+            return _interpolated_stats(sig, *rows)
+        return _mean_stats(_key(sig), counts)
+
     if head_dim is None:
-        stats = _mean_stats(_key(sigma), counts)
+        stats = mean_stats(sigma)
         return stats, stats
     v = 2.0 / (9.0 * head_dim)
     total = np.zeros(4)
@@ -976,7 +1045,7 @@ def _stats_with_mixture(
     for x, w in zip(_WH_NODES, _WH_WEIGHTS):
         c = max(1.0 - v + math.sqrt(v) * x, 0.0) ** 3
         s = sigma * math.sqrt(c)
-        stats = _uniform_stats(counts) if s < 1e-3 else _mean_stats(_key(s), counts)
+        stats = _uniform_stats(counts) if s < 1e-3 else mean_stats(s)
         total += w * stats
         weighted += w * c * stats
     return total, weighted
@@ -992,7 +1061,7 @@ def _softmax_moments_cached(
 ) -> tuple[SoftmaxMoments, float]:
     """The row statistics and the ``c``-weighted grad factor (see _stats_with_mixture)."""
     counts = _causal_counts(seq_len) if causal else np.array([seq_len])
-    stats, weighted = _stats_with_mixture(sigma_key, counts, head_dim)
+    stats, weighted = _stats_with_mixture(sigma_key, counts, head_dim, (seq_len, causal))
     weighted_grad = float(weighted[0] - 2.0 * weighted[1] + weighted[2])
     return SoftmaxMoments(*(float(v) for v in stats)), weighted_grad
 
@@ -1410,3 +1479,4 @@ def clear_caches() -> None:
     _activation_ratio.cache_clear()
     _softmax_kernel.cache_clear()
     _softmax_moments_cached.cache_clear()
+    _grid_stats.cache_clear()

@@ -1,0 +1,146 @@
+"""Plots of training runs: loss curves, underflow fractions over steps, PNG export of a plot.
+
+Used by the training panel and by ``python -m app.training_figure`` (the README's figure), so
+the figure is drawn by the same code as the live panel. Non-finite values (a diverged run's
+loss) are drawn as gaps, never as lines to ±inf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QBuffer, QByteArray, QIODevice, Qt
+from PySide6.QtWidgets import QWidget
+
+from unitscale_core.atomic import atomic_open
+
+#: One colour per run (the panel's three runs use the first three).
+RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+#: One colour per tensor kind in the underflow plot.
+KIND_COLOURS = {"activation": "#1f77b4", "weight": "#7f7f7f", "grad_activation": "#d62728",
+                "grad_weight": "#ff7f0e"}
+KIND_LABELS = {"activation": "activations", "weight": "weights",
+               "grad_activation": "activation grads", "grad_weight": "weight grads"}
+
+
+def _finite(values: Sequence[float]) -> np.ndarray:
+    """float64 array with ±inf turned into NaN (pyqtgraph's connect="finite" skips NaN)."""
+    y = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(y), y, np.nan)
+
+
+def _style_plot(plot: pg.PlotItem) -> None:
+    for axis in ("left", "bottom"):
+        plot.getAxis(axis).setTextPen("k")
+        plot.getAxis(axis).setPen("k")
+    plot.showGrid(x=True, y=True, alpha=0.25)
+    plot.setMenuEnabled(False)
+
+
+class _CurvePlot(pg.PlotWidget):
+    """A white plot with a legend and named curves that are replaced in place."""
+
+    def __init__(self, title: str, ylabel: str, parent: QWidget | None = None):
+        super().__init__(parent, background="w")
+        self.plot_item: pg.PlotItem = self.getPlotItem()
+        _style_plot(self.plot_item)
+        self.plot_item.setTitle(title, color="k", size="10pt")
+        self.plot_item.setLabel("bottom", "step", color="k")
+        self.plot_item.setLabel("left", ylabel, color="k")
+        self.legend = self.plot_item.addLegend(offset=(-10, 10), labelTextColor="k",
+                                               labelTextSize="8pt", verSpacing=-6,
+                                               brush=pg.mkBrush(255, 255, 255, 200))
+        self.curves: dict[str, pg.PlotDataItem] = {}
+
+    def set_curve(self, key: str, label: str, x: Sequence[float], y: Sequence[float],
+                  colour: str, dashed: bool = False, width: float = 2.0) -> pg.PlotDataItem:
+        """Create or update the curve ``key`` (its legend entry is ``label``)."""
+        style = Qt.PenStyle.DashLine if dashed else Qt.PenStyle.SolidLine
+        pen = pg.mkPen(colour, width=width, style=style)
+        curve = self.curves.get(key)
+        if curve is not None and curve.name() != label:
+            self.remove_curve(key)
+            curve = None
+        if curve is None:
+            curve = self.plot_item.plot(name=label, pen=pen, connect="finite")
+            self.curves[key] = curve
+        else:
+            curve.setPen(pen)
+        curve.setData(np.asarray(x, dtype=np.float64), _finite(y), connect="finite")
+        return curve
+
+    def remove_curve(self, key: str) -> None:
+        curve = self.curves.pop(key, None)
+        if curve is not None:
+            self.plot_item.removeItem(curve)
+            self.legend.removeItem(curve)
+
+    def clear_curves(self) -> None:
+        for key in list(self.curves):
+            self.remove_curve(key)
+
+    def curve_data(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of a curve as drawn (NaN where the value was not finite)."""
+        x, y = self.curves[key].getData()
+        return (np.array([]), np.array([])) if x is None else (np.asarray(x), np.asarray(y))
+
+    def export_png(self, path: str | Path, width: int = 1200) -> None:
+        """The plot (title, axes, legend) as a PNG ``width`` pixels wide, written atomically."""
+        export_scene_png(self.plot_item, path, width)
+
+
+class LossPlot(_CurvePlot):
+    """Training loss (cross-entropy, nats per predicted token) per step, one curve per run."""
+
+    def __init__(self, parent: QWidget | None = None, title: str = "training loss"):
+        super().__init__(title, "loss (nats / token)", parent)
+        self.setToolTip("Cross-entropy loss of each training step's batch, in nats per "
+                        "predicted token (ln V at a uniform guess). Gaps: the loss was not "
+                        "finite (overflow).")
+
+
+    def set_log_y(self, on: bool) -> None:
+        """Logarithmic loss axis, labelled with plain numbers (1, 2, 3, 5, 10, 20, …)."""
+        self.plot_item.setLogMode(y=on)
+        axis = self.plot_item.getAxis("left")
+        if not on:
+            axis.setTicks(None)
+            return
+        values = [m * 10.0**e for e in range(-2, 4) for m in (1, 1.5, 2, 3, 4, 5, 6, 8)]
+        major = [(math.log10(v), f"{v:g}") for v in values]
+        axis.setTicks([major, []])
+
+
+class UnderflowPlot(_CurvePlot):
+    """Per tensor kind: the fraction of nonzero values that a format would round to zero."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__("underflow", "values lost to underflow (%)", parent)
+        self.plot_item.setYRange(0, 100, padding=0.02)
+        self.setToolTip("Per tensor kind, on logged steps: the percentage of nonzero values "
+                        "with |x| below half the format's smallest subnormal, i.e. values that "
+                        "round to zero in that format (E4M3: 2⁻⁹, E5M2: 2⁻¹⁶, FP16: 2⁻²⁴).")
+
+
+def export_scene_png(item: pg.GraphicsObject, path: str | Path, width: int = 1200) -> None:
+    """Render ``item`` (a PlotItem or a layout) with pyqtgraph's ImageExporter and write the
+    PNG atomically (a failed write leaves any previous file in place)."""
+    from pyqtgraph.exporters import ImageExporter
+
+    exporter = ImageExporter(item)
+    exporter.parameters()["width"] = int(width)
+    exporter.parameters()["antialias"] = True
+    image = exporter.export(toBytes=True)
+    data = QByteArray()
+    buffer = QBuffer(data)
+    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
+    ok = image.save(buffer, "PNG")
+    buffer.close()
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    with atomic_open(path, "wb") as handle:
+        handle.write(bytes(data))

@@ -1,0 +1,179 @@
+"""GUI reliability: 1,000 rapid config changes, worker faults through the measurement path,
+and closing while a job runs."""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import sys
+import time
+
+import pytest
+import torch
+
+from app.panels import scaling_panel as SP
+from app.widgets.scale_table import COLUMNS
+from unitscale_core import ModelConfig
+from unitscale_core import measure as M
+from unitscale_core.model import build_model
+from unitscale_core.scaling.predict import predict
+
+TINY = ModelConfig(d_model=8, n_heads=2, d_ff=16, n_layers=1, vocab_size=32, max_len=16,
+                   seq_len=8, batch_size=2, device="cpu")
+
+
+def _configs(n: int, seed: int = 0) -> list[ModelConfig]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        heads = rng.choice([1, 2, 4])
+        out.append(TINY.replace(
+            n_heads=heads, d_model=heads * rng.choice([2, 4]), n_layers=rng.randint(1, 2),
+            seq_len=rng.randint(1, 16), batch_size=rng.randint(1, 3),
+            parametrization=rng.choice(["standard", "unit", "umup"]),
+            activation=rng.choice(["gelu", "relu", "swiglu"]), seed=rng.randint(0, 9)))
+    return out
+
+
+def _wait_idle(qtbot, win, timeout=20_000) -> None:
+    qtbot.waitUntil(lambda: not win.worker.busy(), timeout=timeout)
+    for _ in range(5):  # queued results reach their panels
+        qtbot.wait(10)
+
+
+def test_thousand_rapid_config_changes(qtbot, make_window):
+    """Each change auto-measures; results arriving for an older config are never shown, the
+    worker never holds more than one running plus one pending job per channel, and memory
+    does not grow with the number of changes. Once idle, the panel shows exactly the final
+    config's prediction and a measurement equal to an independent ``measure`` of it."""
+    win = make_window(TINY)
+    panel = win.scaling_panel
+    panel.auto.setChecked(True)
+    in_flight = {"n": 0, "max": 0}
+
+    def started(*_):
+        in_flight["n"] += 1
+        in_flight["max"] = max(in_flight["max"], in_flight["n"])
+
+    def ended(*_):
+        in_flight["n"] -= 1
+
+    win.worker.started_job.connect(started)
+    for sig in (win.worker.finished_job, win.worker.failed_job, win.worker.cancelled_job):
+        sig.connect(ended)
+    shown: list[tuple] = []
+
+    def on_measured():  # what is displayed must be the measurement of what is configured
+        cfg = panel.shown_config()
+        head = {r.name: r.shape for r in panel.measured if r.kind == "activation"}["head"]
+        assert head == (cfg.batch_size, cfg.seq_len, cfg.vocab_size)
+        shown.append((cfg, head))
+
+    panel.measured_ready.connect(on_measured)
+    configs = _configs(1000)
+    for cfg in configs[:50]:  # warm caches before measuring memory
+        win.set_config(cfg)
+        qtbot.wait(0)
+    _wait_idle(qtbot, win)
+    gc.collect()
+    before = sys.getallocatedblocks()  # Python's live memory blocks (tracemalloc: 3× slower)
+    channels = set()
+    for i, cfg in enumerate(configs[50:]):
+        win.set_config(cfg)
+        with win.worker._lock:  # noqa: SLF001 - the queue itself is the invariant
+            channels |= set(win.worker._pending)  # noqa: SLF001
+            assert len(win.worker._pending) <= len(channels)  # noqa: SLF001
+            assert len(set(win.worker._pending)) == len(win.worker._pending)  # noqa: SLF001
+        if i % 7 == 0:
+            qtbot.wait(1)  # let some results arrive mid-stream
+    _wait_idle(qtbot, win)
+    gc.collect()
+    grown = sys.getallocatedblocks() - before
+    assert in_flight["max"] <= 1 and in_flight["n"] == 0
+    assert shown, "no measurement was ever displayed"
+    final = configs[-1]
+    assert win.config == final and panel.config == final
+    expected = {(r.name, r.kind): r.rms for r in predict(final, formats=(
+        panel.format.currentData(),))}
+    assert {(r.name, r.kind): r.rms for r in panel.predicted} == expected
+    assert panel._measured_for == final  # noqa: SLF001
+    reference = {(r.name, r.kind): r.rms for r in M.measure(final)}
+    assert {(r.name, r.kind) for r in panel.measured} == set(reference)
+    for r in panel.measured:
+        assert r.rms == pytest.approx(reference[(r.name, r.kind)], rel=1e-5, abs=1e-12)
+    # 950 changes × hundreds of rows each would be millions of blocks if anything were kept
+    assert grown < 100_000, f"{grown} more Python memory blocks after 950 changes"
+
+
+def _measured_rms(panel) -> dict:
+    return {(r.name, r.kind): r.rms for r in panel.measured}
+
+
+def test_measurement_faults_then_a_good_measurement(qtbot, make_window, monkeypatch):
+    """Out of memory, NaN weights and a failure after progress each come back as a message
+    (or as visibly non-finite values), and the next measurement succeeds."""
+    win = make_window(TINY)
+    panel = win.scaling_panel
+    real_cached = M.cached_model
+
+    def oom(cfg, device):
+        raise MemoryError()
+
+    monkeypatch.setattr(M, "cached_model", oom)
+    with qtbot.waitSignal(win.worker.failed_job, timeout=10_000) as failed:
+        panel.measure()
+    assert failed.args[2] == "out of memory"
+    qtbot.waitUntil(lambda: "measurement failed: out of memory" in panel.summary.text())
+
+    def poisoned(cfg, device):  # a fresh model (the cache stays clean) with one NaN weight
+        model = build_model(cfg, device=device)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = math.nan
+        return model
+
+    monkeypatch.setattr(M, "cached_model", poisoned)
+    with qtbot.waitSignal(panel.measured_ready, timeout=10_000):
+        panel.measure()
+    bad = [k for k, v in _measured_rms(panel).items() if not math.isfinite(v)]
+    assert bad, "NaN weights must show as non-finite measurements"
+    col = COLUMNS.index("measured RMS")
+    shown = [panel.proxy.index(r, col).data() for r in range(panel.proxy.rowCount())]
+    assert "nan" in shown  # the table shows it as non-finite, not as a number
+
+    progress: list[float] = []
+    win.worker.progress.connect(lambda ch, rid, frac, text: progress.append(frac))
+
+    def fails_midway():
+        win.worker.report(0.5, "halfway")
+        raise RuntimeError("device lost after step 3\ntraceback detail")
+
+    with qtbot.waitSignal(win.worker.failed_job, timeout=10_000) as failed:
+        win.worker.submit(SP.CHANNEL, fails_midway)
+    assert failed.args[2] == "device lost after step 3" and progress == [0.5]
+
+    monkeypatch.setattr(M, "cached_model", real_cached)
+    with qtbot.waitSignal(panel.measured_ready, timeout=20_000):
+        panel.measure()
+    good = _measured_rms(panel)
+    assert good and all(math.isfinite(v) for v in good.values())
+    assert "failed" not in panel.summary.text()
+
+
+def test_close_while_busy_is_quick(qtbot, make_window):
+    win = make_window(TINY)
+    started: list[int] = []
+    win.worker.started_job.connect(lambda ch, rid: started.append(rid))
+
+    def long_job():
+        while True:
+            win.worker.check_cancelled()
+            time.sleep(0.01)
+
+    win.worker.submit("long", long_job)
+    win.scaling_panel.measure()  # and a pending measurement
+    qtbot.waitUntil(lambda: bool(started))
+    t0 = time.perf_counter()
+    win.close()
+    assert time.perf_counter() - t0 < 2.0
+    assert not win.worker.isRunning()

@@ -1,0 +1,244 @@
+"""pytest-qt: the training panel drives real TrainingRuns through the worker in chunks.
+
+References are independent of the panel: the same settings trained headless with
+:func:`unitscale_core.training.train` (bit-identical on CPU for a seed), and the records
+themselves for the plots and the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+from PySide6.QtGui import QImage
+
+from app.panels import training_panel as tp
+from app.panels.training_jobs import Chunk
+from app.worker import Worker
+from unitscale_core import ModelConfig
+from unitscale_core import training as core
+from unitscale_core.training import TrainSettings, train
+
+TINY = dict(architecture="decoder", d_model=16, n_heads=2, d_ff=32, n_layers=1, vocab_size=260,
+            max_len=32, seq_len=16, batch_size=4, device="cpu")
+TIMEOUT = 60_000
+
+
+@pytest.fixture
+def worker():
+    w = Worker()
+    yield w
+    w.stop(5000) or w.wait()
+
+
+@pytest.fixture
+def panel(qtbot, worker):
+    p = tp.TrainingPanel(ModelConfig(**TINY), worker)
+    qtbot.addWidget(p)
+    p.resize(1100, 700)
+    p.show()
+    yield p
+    p.shutdown()
+
+
+def enable(panel, *slots: int) -> None:
+    for slot in panel.slots:
+        slot.enabled.setChecked(slot.index in slots)
+
+
+def settle(qtbot, panel) -> None:
+    """Wait until no request of the panel is in flight."""
+    qtbot.waitUntil(lambda: all(s.request is None for s in panel.slots), timeout=TIMEOUT)
+
+
+def test_constants_mirror_the_trainer():
+    assert tp.TASKS == core.TASKS
+    assert tp.TRAIN_DTYPES == core.TRAIN_DTYPES
+    assert tp.KINDS == core.KINDS
+    assert tp.UNDERFLOW_FORMATS == core.UNDERFLOW_FORMATS
+
+
+def test_start_trains_every_enabled_run_like_a_headless_run(qtbot, panel, tmp_path):
+    panel.steps.setValue(5)
+    panel.attn_every.setValue(2)
+    assert [(s.param.currentData(), s.dtype.currentData()) for s in panel.slots] == \
+        list(tp.DEFAULT_RUNS)  # standard-FP8, unit-FP8, standard-FP32
+    panel.start()
+    assert panel.stop_button.isEnabled() and not panel.slots[0].param.isEnabled()
+    qtbot.waitUntil(lambda: all(s.state == tp.DONE for s in panel.slots), timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: panel.attention is not None and panel.attention.step == 5,
+                    timeout=TIMEOUT)
+    cfg = ModelConfig(**TINY)
+    for slot, (param, dtype) in zip(panel.slots, tp.DEFAULT_RUNS):
+        # chunked in the worker, interleaved with the other runs and attention snapshots,
+        # the run equals one trained in a single call
+        ref = train(cfg, TrainSettings(parametrization=param, dtype=dtype, steps=5))
+        assert [r.step for r in slot.records] == [1, 2, 3, 4, 5]
+        assert [r.loss for r in slot.records] == ref.losses
+        x, y = panel.loss_plot.curve_data(slot.name)  # drawn when the run ended
+        assert list(x) == [1, 2, 3, 4, 5]
+        np.testing.assert_allclose(y, ref.losses, rtol=1e-6)
+        assert slot.progress.value() == 5 and slot.progress.format().startswith("5 / 5")
+        assert slot.status.text() == f"{ref.losses[-1]:.3f}"
+        if slot.index == 0:
+            ref_slot0 = ref
+    assert "done" in panel.status.text()
+    assert panel.start_button.isEnabled() and panel.slots[0].param.isEnabled()
+
+    # views of the shown run (A): log2 RMS per tensor and step, underflow per kind
+    assert panel.shown.currentData() == 0
+    shown = panel.scales_view.data
+    rms = np.stack([r.tensor_rms for r in ref_slot0.records], axis=1).astype(np.float64)
+    want = np.full(rms.shape, np.nan)
+    np.log2(rms, out=want, where=rms > 0)  # an RMS of 0 is drawn blank
+    np.testing.assert_allclose(shown, want, rtol=1e-5)
+    assert len(panel.scales_view.labels()) == len(ref_slot0.tensor_names)
+    _, y = panel.underflow_view.plot.curve_data("grad_weight")  # E5M2 for weight gradients
+    np.testing.assert_allclose(
+        y, [100 * r.underflow["grad_weight"]["fp8_e5m2"] for r in ref_slot0.records])
+    panel.scales_view.kind.setCurrentIndex(panel.scales_view.kind.findData("weight"))
+    assert panel.scales_view.data.shape[0] == ref_slot0.tensor_kinds.count("weight")
+
+    # attention at the last step: the headless run's maps, the causal mask blank
+    att, tokens = ref_slot0.attention()
+    snap = panel.attention
+    assert snap.tokens == tokens and snap.factor == 1
+    upper = np.triu(np.ones(att.shape[-2:], dtype=bool), 1)
+    assert np.isnan(snap.att[..., upper]).all()
+    np.testing.assert_allclose(snap.att[..., ~upper], att[..., ~upper], rtol=1e-5, atol=1e-7)
+    assert panel.attention_view.model_view.images[0][1].image is not None
+
+    # export: CSV rows are the records; PNGs are images
+    path = tmp_path / "runs.csv"
+    panel.export_csv(path)
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 15
+    for slot in panel.slots:
+        mine = [r for r in rows if r["run"] == slot.name]
+        assert [int(r["step"]) for r in mine] == [1, 2, 3, 4, 5]
+        for row, rec in zip(mine, slot.records):
+            assert row["dtype"] == slot.info.dtype
+            assert float(row["loss"]) == rec.loss
+            assert float(row["loss_scale"]) == rec.loss_scale
+            for kind in tp.KINDS:
+                assert float(row[f"rms_{kind}"]) == rec.kind_rms[kind]
+                for fmt in tp.UNDERFLOW_FORMATS:
+                    assert float(row[f"underflow_{kind}_{fmt}"]) == rec.underflow[kind][fmt]
+    for export, name in ((panel.export_loss_png, "loss.png"), (panel.export_view_png, "v.png")):
+        export(tmp_path / name)
+        image = QImage(str(tmp_path / name))
+        assert not image.isNull() and image.width() >= 600
+
+
+def test_pause_holds_progress_resume_continues_stop_ends(qtbot, panel, worker):
+    enable(panel, 1)
+    panel.steps.setValue(2000)
+    panel.attn_every.setValue(0)
+    panel.start()
+    slot = panel.slots[1]
+    qtbot.waitUntil(lambda: len(slot.records) >= 2, timeout=TIMEOUT)
+    panel.pause()
+    assert panel.pause_button.text() == "Resume" and slot.progress.format().endswith("paused")
+    settle(qtbot, panel)
+    held = len(slot.records)
+    assert slot.state == tp.PAUSED and not worker.busy()  # nothing queued: nothing can run
+    qtbot.wait(300)
+    assert len(slot.records) == held
+    panel.resume()
+    qtbot.waitUntil(lambda: len(slot.records) > held + 1, timeout=TIMEOUT)
+    panel.stop()
+    assert slot.state == tp.STOPPED and panel.start_button.text() == "Start"
+    qtbot.waitUntil(lambda: not worker.busy(), timeout=TIMEOUT)
+    ended = len(slot.records)
+    qtbot.wait(300)
+    assert len(slot.records) == ended < 2000
+    assert [r.step for r in slot.records] == list(range(1, ended + 1))
+    assert "stopped" in slot.progress.format()
+
+
+def test_cancel_all_pauses_the_runs_without_losing_steps(qtbot, panel, worker):
+    """The window's Cancel (Esc) cancels the running chunk or drops a pending one."""
+    enable(panel, 0)
+    panel.steps.setValue(2000)
+    panel.attn_every.setValue(0)
+    panel.start()
+    slot = panel.slots[0]
+    qtbot.waitUntil(lambda: len(slot.records) >= 1, timeout=TIMEOUT)
+    worker.cancel()
+    qtbot.waitUntil(lambda: slot.state == tp.PAUSED and slot.request is None, timeout=TIMEOUT)
+    assert "cancelled" in panel.status.text() and panel.pause_button.text() == "Resume"
+    held = len(slot.records)
+    panel.resume()
+    qtbot.waitUntil(lambda: len(slot.records) > held, timeout=TIMEOUT)
+    panel.stop()
+    settle(qtbot, panel)
+    assert [r.step for r in slot.records] == list(range(1, len(slot.records) + 1))
+
+
+def test_bad_settings_name_the_field_without_a_traceback(qtbot, panel):
+    panel.update_config(ModelConfig(**{**TINY, "vocab_size": 100}))  # lm needs 256 bytes
+    enable(panel, 0)
+    with qtbot.waitSignal(panel.failed, timeout=TIMEOUT) as blocker:
+        panel.start()
+    assert "vocab_size" in blocker.args[0] and "Traceback" not in blocker.args[0]
+    assert "vocab_size=100" in panel.status.text()
+    assert panel.slots[0].state == tp.FAILED and panel.slots[0].status.text() == "⚠ failed"
+    assert panel.start_button.isEnabled() and not panel.is_active()
+
+    panel.lr.setText("fast")
+    with qtbot.waitSignal(panel.failed, timeout=TIMEOUT) as blocker:
+        panel.start()
+    assert blocker.args[0] == "lr='fast' is not a number"
+
+    panel.lr.setText("")  # fixed: the worker still serves
+    panel.update_config(ModelConfig(**TINY))
+    panel.steps.setValue(2)
+    panel.start()
+    qtbot.waitUntil(lambda: panel.slots[0].state == tp.DONE, timeout=TIMEOUT)
+    assert panel.slots[0].message == "" and "⚠" not in panel.status.text()
+
+
+def test_stale_results_are_dropped(qtbot, panel, worker):
+    enable(panel, 2)
+    panel.steps.setValue(3)
+    panel.start()
+    slot = panel.slots[2]
+    first = slot.request
+    panel.start()  # restart before the first request's result arrives: that one is stale
+    assert slot.request != first
+    fake = core.StepRecord(step=1, loss=123.0, loss_scale=1.0, skipped=False, kind_rms=None,
+                           underflow=None, tensor_rms=None)
+    worker.finished_job.emit(slot.channel, first, Chunk([fake], 1, False, 0.0))
+    qtbot.waitUntil(lambda: slot.state == tp.DONE, timeout=TIMEOUT)
+    ref = train(ModelConfig(**TINY), TrainSettings(parametrization="standard", dtype="fp32",
+                                                  steps=3))
+    assert [r.loss for r in slot.records] == ref.losses
+    assert all(math.isfinite(r.loss) and r.loss != 123.0 for r in slot.records)
+
+
+def test_runs_go_on_while_hidden_and_closing_stops_them(qtbot, make_window):
+    win = make_window(ModelConfig(**TINY))
+    panel = win.training_panel
+    assert win.findChild(tp.TrainingPanel, "trainingPanel") is panel
+    dock = win.docks["Training"]
+    with qtbot.waitSignal(dock.visibilityChanged, check_params_cb=lambda v: v):
+        dock.raise_()
+    enable(panel, 1)
+    panel.steps.setValue(4)
+    panel.start()
+    with qtbot.waitSignal(dock.visibilityChanged, check_params_cb=lambda v: not v):
+        win.docks["Positional"].raise_()  # the training tab goes behind
+    qtbot.waitUntil(lambda: panel.slots[1].state == tp.DONE, timeout=TIMEOUT)
+    assert [r.step for r in panel.slots[1].records] == [1, 2, 3, 4]
+
+    win.set_config(ModelConfig(**{**TINY, "d_model": 32}))  # applies at the next Start
+    assert panel.config.d_model == 32 and panel.run_config.d_model == 16
+    panel.steps.setValue(100_000)
+    panel.start()
+    qtbot.waitUntil(lambda: len(panel.slots[1].records) >= 1, timeout=TIMEOUT)
+    assert panel.slots[1].info.config.d_model == 32
+    win.close()  # stops the runs and the worker thread
+    assert not win.worker.isRunning() and not panel.is_active()
