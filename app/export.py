@@ -195,20 +195,26 @@ def render_image(widget: QWidget, scale: float = DEFAULT_SCALE) -> QImage:
                    QImage.Format.Format_ARGB32)
     image.setDevicePixelRatio(scale)
     image.fill(Qt.GlobalColor.white)
+    _paint_widget(widget, image)
+    return image
+
+
+def _paint_widget(widget: QWidget, device) -> None:
+    """Draw ``widget`` and its children as on screen onto a paint ``device``."""
     scene = widget.scene() if hasattr(widget, "scene") else None
     if hasattr(scene, "prepareForPaint"):  # pyqtgraph: let items update before drawing
         scene.prepareForPaint()
-    painter = QPainter(image)
+    painter = QPainter(device)
     try:
         # QWidget's render (widget and children as on screen), not QGraphicsView's
         # overload, which draws the scene alone and takes other arguments
         QWidget.render(widget, painter, QPoint(0, 0))
     finally:
         painter.end()
-    return image
 
 
 def png_bytes(image: QImage) -> bytes:
+    """``image`` encoded as PNG; OSError when Qt cannot encode it."""
     data = QByteArray()
     buffer = QBuffer(data)
     buffer.open(QIODevice.OpenModeFlag.WriteOnly)
@@ -240,14 +246,7 @@ def svg_bytes(widget: QWidget, title: str = "") -> bytes:
     generator.setViewBox(QRect(0, 0, widget.width(), widget.height()))
     generator.setTitle(title or widget.objectName())
     generator.setDescription("Unit Scaling Explorer")
-    scene = widget.scene() if hasattr(widget, "scene") else None
-    if hasattr(scene, "prepareForPaint"):
-        scene.prepareForPaint()
-    painter = QPainter(generator)
-    try:
-        QWidget.render(widget, painter, QPoint(0, 0))
-    finally:
-        painter.end()
+    _paint_widget(widget, generator)
     buffer.close()
     return bytes(data)
 
@@ -389,7 +388,9 @@ def menu_for(parent: QWidget, items: Callable[[], Sequence[Item]],
         fill_menu(menu, parent, list(items()))
 
     menu.aboutToShow.connect(rebuild)
-    fill_menu(menu, parent, [])  # a placeholder: the panel may not be built yet
+    # until it first opens (the panel may still be under construction), the menu holds the
+    # disabled "(nothing to export yet)" entry; aboutToShow fills it with what is on screen
+    fill_menu(menu, parent, [])
     return menu
 
 

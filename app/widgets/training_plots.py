@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QBuffer, QByteArray, QIODevice, Qt
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QWidget
 
-from unitscale_core.atomic import atomic_open
+from ..export import png_bytes, write_bytes
 
 #: One colour per run (the panel's three runs use the first three).
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
@@ -134,13 +134,4 @@ def export_scene_png(item: pg.GraphicsObject, path: str | Path, width: int = 120
     exporter = ImageExporter(item)
     exporter.parameters()["width"] = int(width)
     exporter.parameters()["antialias"] = True
-    image = exporter.export(toBytes=True)
-    data = QByteArray()
-    buffer = QBuffer(data)
-    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
-    ok = image.save(buffer, "PNG")
-    buffer.close()
-    if not ok:
-        raise OSError(f"could not encode {path} as PNG")
-    with atomic_open(path, "wb") as handle:
-        handle.write(bytes(data))
+    write_bytes(path, png_bytes(exporter.export(toBytes=True)))

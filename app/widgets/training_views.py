@@ -74,6 +74,19 @@ def _ticks(labels: Sequence[str], pixels: float) -> list[tuple[float, str]]:
     return [(i + 0.5, labels[i]) for i in range(0, n, step)]
 
 
+def _corner_controls(text: str, combo: QComboBox) -> QWidget:
+    """A label and its combo box, for the panel to show in its tab bar's corner."""
+    bar = QHBoxLayout()
+    bar.setContentsMargins(0, 0, 4, 0)
+    label = QLabel(text)
+    label.setToolTip(combo.toolTip())
+    bar.addWidget(label)
+    bar.addWidget(combo)
+    controls = QWidget()
+    controls.setLayout(bar)
+    return controls
+
+
 class ScalesView(QWidget):
     """Tensor × step heatmap of log₂ RMS for one run, rows filtered by kind."""
 
@@ -81,20 +94,13 @@ class ScalesView(QWidget):
         super().__init__(parent)
         box = QVBoxLayout(self)
         box.setContentsMargins(0, 2, 0, 0)
-        bar = QHBoxLayout()
-        bar.setContentsMargins(0, 0, 4, 0)
         self.kind = QComboBox(objectName="trainKindFilter")
         self.kind.addItem("all kinds", "")
         for kind in KINDS:
             self.kind.addItem(KIND_LABELS[kind], kind)
         self.kind.setToolTip("Tensor kinds shown as rows")
         self.kind.currentIndexChanged.connect(self._draw)
-        label = QLabel("rows")
-        label.setToolTip(self.kind.toolTip())
-        bar.addWidget(label)
-        bar.addWidget(self.kind)
-        self.controls = QWidget()  # shown by the panel in its tab bar's corner
-        self.controls.setLayout(bar)
+        self.controls = _corner_controls("rows", self.kind)
         self.heatmap = Heatmap(cmap=HEATMAP_CMAP)
         self.heatmap.setObjectName("trainHeatmap")
         self.axis = TokenAxis("left")
@@ -187,8 +193,6 @@ class UnderflowView(QWidget):
         super().__init__(parent)
         box = QVBoxLayout(self)
         box.setContentsMargins(0, 2, 0, 0)
-        bar = QHBoxLayout()
-        bar.setContentsMargins(0, 0, 4, 0)
         self.format = QComboBox(objectName="trainUnderflowFormat")
         self.format.addItem("the run's format", "own")
         for f in UNDERFLOW_FORMATS:
@@ -197,12 +201,7 @@ class UnderflowView(QWidget):
                                "forward, E5M2 for gradients; fp32/bf16 runs: what FP8 would "
                                "lose), or one format for every kind")
         self.format.currentIndexChanged.connect(self._draw)
-        label = QLabel("format")
-        label.setToolTip(self.format.toolTip())
-        bar.addWidget(label)
-        bar.addWidget(self.format)
-        self.controls = QWidget()  # shown by the panel in its tab bar's corner
-        self.controls.setLayout(bar)
+        self.controls = _corner_controls("format", self.format)
         self.plot = UnderflowPlot()
         self.plot.setObjectName("trainUnderflowPlot")
         box.addWidget(self.plot, 1)
