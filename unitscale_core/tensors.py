@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 KINDS = ("activation", "weight", "grad_activation", "grad_weight")
@@ -29,6 +30,30 @@ def render_formula(formula: Formula) -> str:
     return template.format(*(render_formula(a) if isinstance(a, tuple) else a for a in args))
 
 
+#: Shared by every row without scales or formats (a prediction makes thousands of rows; an
+#: empty dict each would cost a noticeable part of a frame). Read-only, so never shared state.
+_EMPTY: Mapping = MappingProxyType({})
+
+
+class TableRow(Mapping):
+    """Row ``i`` of a format table ``{format: {column: array}}`` as
+    ``{format: {column: float}}``, each inner dict built only when read."""
+
+    __slots__ = ("_tables", "_i")
+
+    def __init__(self, tables: Mapping[str, Mapping[str, Any]], i: int):
+        self._tables, self._i = tables, i
+
+    def __getitem__(self, fmt: str) -> dict[str, float]:
+        return {k: float(col[self._i]) for k, col in self._tables[fmt].items()}
+
+    def __iter__(self):
+        return iter(self._tables)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
 class TensorRow:
     """One tensor of one training step.
 
@@ -39,19 +64,34 @@ class TensorRow:
     ``formula``: how a predicted RMS was obtained (empty for measured rows); it may be passed
     deferred (see :data:`Formula`) and is rendered when first read.
 
+    ``formats`` may also be given as ``(tables, i)``: row ``i`` of a column table
+    (:class:`TableRow`), so a predictor can attach a vectorised table to thousands of rows
+    without building an object for each.
+
     A slotted class rather than a dataclass: thousands are made per prediction.
     """
 
-    __slots__ = ("name", "kind", "rms", "scales", "formats", "shape", "_formula")
+    __slots__ = ("name", "kind", "rms", "scales", "_formats", "shape", "_formula")
 
     def __init__(self, name: str, kind: str, rms: float,
                  scales: dict[str, float] | None = None,
                  formats: Mapping[str, dict[str, float]] | None = None,
                  shape: tuple[int, ...] = (), formula: Formula = ""):
         self.name, self.kind, self.rms = name, kind, rms
-        self.scales = {} if scales is None else scales
-        self.formats = {} if formats is None else formats
+        self.scales = _EMPTY if scales is None else scales
+        self._formats = _EMPTY if formats is None else formats
         self.shape, self._formula = shape, formula
+
+    @property
+    def formats(self) -> Mapping[str, dict[str, float]]:
+        f = self._formats
+        if type(f) is tuple:
+            f = self._formats = TableRow(*f)
+        return f
+
+    @formats.setter
+    def formats(self, value) -> None:
+        self._formats = value
 
     @property
     def formula(self) -> str:

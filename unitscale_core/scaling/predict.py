@@ -25,7 +25,6 @@ import gc
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -130,6 +129,22 @@ def averaging_overlaps(t: int, s: int, pattern: str, window: int, causal: bool
     return fwd, bwd, float(np.mean(a.sum(0) ** 2))
 
 
+def shared_input_factor(sum_p2: float, d: int) -> float:
+    """How much more gradient reaches the queries because keys and values are projections of
+    the same ``d``-wide input (self-attention, and cross-attention's memory).
+
+    ``gQ_i = m Σ_j gZ_ij K_j`` with ``gZ_ij = P_ij gY_i·(V_j − Σ_l P_il V_l)``, so
+    ``E|gQ_i|² ∝ Σ_jl P_ij P_il (ṽ_j·ṽ_l)(k̃_j·k̃_l)``. With independent K and V only the
+    diagonal ``j = l`` survives (the per-op rule). With ``K = W_k x``, ``V = W_v x`` each pair
+    ``j ≠ l`` adds ``E(x̃_j·x̃_l)² ≈ |x̃|⁴/d`` (isotropic token deviations), and
+    ``Σ_{j≠l} P_ij P_il = 1 − Σ_j P_ij²``: the variance is multiplied by
+    ``1 + (1 − EΣp²)/(d · EΣp²)``. Checked against a torch measurement of one attention op
+    (``tests/core/test_predict.py``).
+    """
+    s = max(sum_p2, 1e-12)
+    return 1.0 + max(1.0 - s, 0.0) / (d * s)
+
+
 def shared_partners(t: int, pattern: str, window: int) -> int:
     """How many other tokens of a sequence share a token's per-sequence part.
 
@@ -162,6 +177,27 @@ def sinusoidal_correlations(d_model: int, t: int, pattern: str, window: int
     rho_all = float((weight * sim).sum() / (t * t))  # includes the t identical pairs as 0
     rho_near = float((weight[near] * sim[near]).sum() / max(weight[near].sum(), 1.0))
     return max(rho_near, 0.0), max(min(rho_all, rho_near), 0.0)
+
+
+@lru_cache(maxsize=64)
+def sinusoidal_row_means(d_model: int, t: int) -> tuple[float, float]:
+    """How much of a sinusoidal encoding is a constant across its features (its row mean).
+
+    ``μ_i = (1/d) Σ_k PE(i)_k``; low frequencies keep ``cos(i ω_k) ≈ 1`` for every position,
+    so ``μ_i`` is far from zero and common to nearby positions. A LayerNorm subtracts it, so
+    it never reaches a pre-norm branch, yet it stays in the residual stream's RMS.
+
+    Returns ``(E μ_i², E_{i≠j} μ_i μ_j)`` over positions ``0 … t − 1`` (at most 128 evenly
+    spaced positions are evaluated: ``μ_i`` varies slowly with ``i``).
+    """
+    from ..positional import sinusoidal_at
+
+    pos = np.unique(np.linspace(0, t - 1, min(t, 128)).round())
+    mu = sinusoidal_at(pos, d_model).astype(np.float64).mean(axis=1)
+    n = len(mu)
+    mu2 = float(np.mean(mu * mu))
+    mumu = float((mu.sum() ** 2 - (mu * mu).sum()) / (n * (n - 1))) if n > 1 else mu2
+    return mu2, mumu
 
 
 def _alibi_row_var(t: int, causal: bool) -> float:
@@ -201,6 +237,10 @@ class _Predictor:
         # residual add multiplies the skip by its weight, every norm divides by its input RMS.
         self.share = 1.0
         self._all_partners = cfg.attention != "local"  # see shared_partners
+        self._pair_coefs: dict[int, tuple[int, int, int]] = {}  # pair_sum's, per length
+        # Variance per element of the residual stream along the all-ones feature direction
+        # (sinusoidal positions' row mean): every LayerNorm removes it, the skip keeps it.
+        self.flat = 0.0
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def act(self, name: str, x: Sig | float, formula: str = "", scales: dict | None = None):
@@ -231,15 +271,22 @@ class _Predictor:
 
         Pairs of rows: the same token (``σ_g² σ_x²``), nearby tokens of one sequence (shared
         parts, :func:`shared_partners` of them), other tokens of the sequence and of other
-        sequences (batch-wide parts only).
+        sequences (batch-wide parts only)::
+
+            b·t·σ_g²σ_x² + b·t·p·c_g c_x + (b·t·(t − 1 − p) + b(b − 1)·t²)·m_g m_x
         """
         t = self.t if t is None else t
-        b = self.b
-        partners = t - 1 if self._all_partners else shared_partners(t, self.cfg.attention,
-                                                                    self.cfg.window)
-        xt, xs, xm = (1.0, 1.0, 1.0) if x is None else (x.total, x.shared, x.m)
-        return (b * t * g.total * xt + b * t * partners * g.shared * xs
-                + b * t * (t - 1 - partners) * g.m * xm + b * (b - 1) * t * t * g.m * xm)
+        coef = self._pair_coefs.get(t)
+        if coef is None:
+            b = self.b
+            partners = t - 1 if self._all_partners else shared_partners(
+                t, self.cfg.attention, self.cfg.window)
+            coef = self._pair_coefs[t] = (b * t, b * t * partners,
+                                          b * t * (t - 1 - partners) + b * (b - 1) * t * t)
+        c_tot, c_shared, c_m = coef
+        if x is None:
+            return c_tot * g.total + c_shared * g.shared + c_m * g.m
+        return c_tot * g.total * x.total + c_shared * g.shared * x.shared + c_m * g.m * x.m
 
     # -- ops -----------------------------------------------------------------------------------
     def linear_fwd(self, name: str, x: Sig, fan_in: int, fan_out: int, t: int | None = None,
@@ -280,9 +327,17 @@ class _Predictor:
         return g.scaled(f.grad_input * math.sqrt(ctx["fan_out"]) * ctx["w"])
 
     def norm_fwd(self, name: str, x: Sig) -> tuple[Sig, dict]:
+        """LayerNorm of the residual stream. It subtracts each row's mean, so the stream's
+        flat part (``self.flat``, shared by the tokens: taken from ``m``, then ``s``) never
+        reaches the output and does not count in the variance it divides by."""
+        flat = self.flat
+        if flat > 0:
+            from_m = min(flat, x.m)
+            x = Sig(x.u, max(x.s - (flat - from_m), 0.0), x.m - from_m)
         r = R.layer_norm_rule(x.rms, 1.0, d=self.c, b_rows=self.rows, eps=LN_EPS)
         y = x.normalised(r.output)
-        self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g}", (x.rms,)))
+        self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g} (row mean removed)",
+                           (x.rms,)))
         self.weight(name + ".weight", 1.0, "LayerNorm gain: ones")
         if self.cfg.bias:
             self.weight(name + ".bias", 0.0, "LayerNorm bias: zeros")
@@ -404,8 +459,10 @@ class _Predictor:
         g_v = Sig(g_ctx.u * (t_ratio * a["sum_p2"] - pair) + g_ctx.shared * max(
             a["col2"] - t_ratio**2, 0.0), g_ctx.u * pair + g_ctx.s * t_ratio**2,
             g_ctx.m * t_ratio**2).scaled(gain_v)
-        # gQ = m·gZ·K: rows of gZ sum to zero, so K's shared parts drop out
-        g_q = Sig((a["m"] * g_logits) ** 2 * a["t_k"] * a["k"].u)
+        # gQ = m·gZ·K: rows of gZ sum to zero, so K's shared parts drop out; K and V come
+        # from the same input, which adds the pairs of keys (shared_input_factor)
+        g_q = Sig((a["m"] * g_logits) ** 2 * a["t_k"] * a["k"].u
+                  * shared_input_factor(a["sum_p2"], self.c))
         g_k = Sig((a["m"] * g_logits) ** 2 * a["t_q"] * a["q"].total)
         s = a["grad_qkv"]
         gq = self.linear_bwd(a["lq"], g_q.scaled(s))
@@ -467,6 +524,7 @@ class _Predictor:
         pre = self.cfg.norm == "pre"
         if self.unit:
             self.share *= R.residual_weights(tau)[1]
+            self.flat *= R.residual_weights(tau)[1] ** 2
         if pre:
             h, n = self.norm_fwd(norm_name, x)
             inner, ctx = branch_fwd(h)
@@ -475,7 +533,8 @@ class _Predictor:
             inner, ctx = branch_fwd(x)
             y = self.residual_add(inner.scaled(self.drop), x, tau)
             out, n = self.norm_fwd(norm_name, y)
-            self.share /= max(y.rms, 1e-30)
+            self.flat = 0.0  # the stream is now a LayerNorm output
+            self.share /= max(n["x"].rms, 1e-30)
         return out, {"norm": n, "branch": ctx, "tau": tau, "pre": pre}
 
     def block_bwd(self, blk: dict, g_out: Sig, branch_bwd) -> Sig:
@@ -562,14 +621,23 @@ class _Predictor:
             if self.unit:
                 constraint = "gmean" if self.p == "unit" else "to_output_scale"
                 factors = R.apply_constraint(constraint, 2**-0.5, 1.0, self.b**-0.5)
+        flat = 0.0
         if positional == "sinusoidal":
-            # nearby positions' encodings are alike (low frequencies barely turn)
+            # nearby positions' encodings are alike (low frequencies barely turn); the row
+            # means (flat) are split off: LayerNorm removes them (see norm_fwd)
             rho_s, rho_m = sinusoidal_correlations(self.c, self.t, self.cfg.attention,
                                                    self.cfg.window)
-            pos_sig = Sig(pos_var * (1 - rho_s), pos_var * (rho_s - rho_m), pos_var * rho_m)
+            mu2, mumu = sinusoidal_row_means(self.c, self.t)
+            flat = mu2
+            var_c = max(pos_var - mu2, 0.0)
+            near_c = min(max(rho_s * pos_var - mu2, 0.0), var_c)
+            all_c = min(max(rho_m * pos_var - mumu, 0.0), near_c)
+            pos_sig = Sig(var_c - near_c, near_c - all_c + max(mu2 - mumu, 0.0),
+                          all_c + min(mumu, mu2))
         else:  # learned rows are independent draws, like the tokens themselves
             pos_sig = Sig(pos_var)
         embed = Sig(1.0).plus(pos_sig).scaled(factors[0])
+        self.flat = flat * factors[0] ** 2
         self.act(f"{prefix}embed", embed, f"α·√(σ_tok² + σ_pos²), α = {factors[0]:.3g}",
                  {"forward": factors[0], "grad_input": factors[1]} if self.unit else None)
         if positional == "relative":
@@ -626,7 +694,7 @@ class _Predictor:
             x, e = self.embed_fwd("", "tok_emb")
             x, layers = self.stack("", cfg.n_layers, x, cfg.architecture == "decoder", None)
             final, n_final = self.norm_fwd("norm", x)
-        self.share /= max(x.rms, 1e-30)  # the final norm
+        self.share /= max(n_final["x"].rms, 1e-30)  # the final norm
         logits, head = self.linear_fwd("head", final, self.c, cfg.vocab_size, role="readout")
         if cfg.tie_embeddings:
             self.weights.pop("head.weight")
@@ -705,27 +773,6 @@ class _Predictor:
         return rows
 
 
-class _FormatColumns(Mapping):
-    """One row's view of the format table: ``{format: {underflow, subnormal, overflow,
-    headroom_max_log2, headroom_min_log2}}``, each dict built only when read (a 96-layer
-    prediction has ~6000 rows; building 24000 small dicts up front would cost a frame)."""
-
-    __slots__ = ("_tables", "_i")
-
-    def __init__(self, tables: dict[str, dict[str, np.ndarray]], i: int):
-        self._tables, self._i = tables, i
-
-    def __getitem__(self, fmt: str) -> dict[str, float]:
-        table = self._tables[fmt]
-        return {k: float(col[self._i]) for k, col in table.items()}
-
-    def __iter__(self):
-        return iter(self._tables)
-
-    def __len__(self) -> int:
-        return len(self._tables)
-
-
 def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]
                     ) -> dict[str, dict[str, np.ndarray]]:
     """Gaussian underflow/overflow fractions and headroom of every row, vectorised; returns
@@ -744,7 +791,7 @@ def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]
         tables[name] = {k: table[k][index] for k in ("underflow", "subnormal", "overflow",
                                                      "headroom_max_log2", "headroom_min_log2")}
     for i, row in enumerate(rows):
-        row.formats = _FormatColumns(tables, i)
+        row.formats = (tables, i)  # a TableRow view, made when first read
     return tables
 
 
