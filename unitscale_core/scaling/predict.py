@@ -30,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..config import ModelConfig
-from ..positional import alibi_slopes
+from ..positional import alibi_slopes, sinusoidal_at
 from ..sizing import RELATIVE_BUCKETS
 from ..tensors import REPORTED_FORMATS, TensorRow
 from . import correlation as C
@@ -190,8 +190,6 @@ def sinusoidal_row_means(d_model: int, t: int) -> tuple[float, float]:
     Returns ``(E μ_i², E_{i≠j} μ_i μ_j)`` over positions ``0 … t − 1`` (at most 128 evenly
     spaced positions are evaluated: ``μ_i`` varies slowly with ``i``).
     """
-    from ..positional import sinusoidal_at
-
     pos = np.unique(np.linspace(0, t - 1, min(t, 128)).round())
     mu = sinusoidal_at(pos, d_model).astype(np.float64).mean(axis=1)
     n = len(mu)
