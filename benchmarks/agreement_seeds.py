@@ -11,8 +11,8 @@ the share by ±10 points. This script measures a config over several seeds and p
 * the rows whose seed-averaged error is outside 0.32 (systematic: a modelling gap, not luck),
   with the spread over seeds.
 
-Configs are ``tests/core/test_predict.py``'s (``HELD_OUT`` and the tuning ``CONFIGS``), by name.
-Seeds are ``100 …`` so the configs' own seeds are not among them.
+Configs are ``tests/core/test_predict.py``'s ``HELD_OUT``, by name, and errors are its own
+(``log2_errors``). Seeds are ``100 …`` so the configs' own seeds are not among them.
 
     python benchmarks/agreement_seeds.py decoder-96 --param unit [--seeds 8] [--json]
 """
@@ -21,46 +21,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from unitscale_core import ModelConfig
-from unitscale_core.measure import measure
-from unitscale_core.scaling.predict import predict
 
 TOLERANCE = 0.32  # log2(1.25)
 
 
-def _configs() -> dict[str, dict]:
+def _test_predict():
+    """``tests/core/test_predict.py``: its configs and its error measure."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "core"))
-    from test_predict import HELD_OUT  # the configs the notes report on
+    import test_predict
 
-    return HELD_OUT
-
-
-def log2_errors(cfg: ModelConfig) -> dict[tuple[str, str], float]:
-    """``log2(pred/meas)`` per (name, kind); 0 where both are zero, ±inf where one is."""
-    meas = {(r.name, r.kind): r.rms for r in measure(cfg)}
-    out = {}
-    for r in predict(cfg):
-        m = meas[(r.name, r.kind)]
-        if r.rms > 0 and m > 0:
-            out[(r.name, r.kind)] = math.log2(r.rms / m)
-        else:
-            out[(r.name, r.kind)] = 0.0 if max(r.rms, m) < 1e-6 else math.inf
-    return out
+    return test_predict
 
 
 def run(name: str, param: str, seeds: int) -> dict:
-    base = dict(_configs()[name])
+    tp = _test_predict()
+    base = dict(tp.HELD_OUT[name])
     per_seed, errors = [], {}
     for i in range(seeds):
         base["seed"] = 100 + i
         cfg = ModelConfig(parametrization=param, tie_embeddings=False, **base)
-        errs = log2_errors(cfg)
+        errs = {key: err for key, (err, _pred, _meas) in tp.log2_errors(cfg).items()}
         per_seed.append(float(np.mean([abs(e) <= TOLERANCE for e in errs.values()])))
         for key, e in errs.items():
             errors.setdefault(key, []).append(e)

@@ -30,18 +30,26 @@ BASE = dict(d_model=64, n_heads=4, d_ff=256, n_layers=2, vocab_size=512, max_len
             seq_len=32, batch_size=4, tie_embeddings=False)
 
 
-def agreement(cfg: ModelConfig) -> tuple[float, list]:
+def log2_errors(cfg: ModelConfig) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """``(name, kind) → (log2(pred/meas), pred, meas)`` over one measured step (0 where the
+    prediction is 0 and the measurement below 1e-6, inf where only the prediction is 0)."""
     meas = {(r.name, r.kind): r.rms for r in measure(cfg)}
     rows = predict(cfg)
     assert {(r.name, r.kind) for r in rows} == set(meas), "predicted and measured names differ"
-    errors = []
+    errors = {}
     for r in rows:
         m = meas[(r.name, r.kind)]
         if r.rms == 0:
             err = 0.0 if m < 1e-6 else math.inf
         else:
-            err = abs(math.log2(r.rms / m))
-        errors.append((err, r.name, r.kind, r.rms, m))
+            err = math.log2(r.rms / m)
+        errors[(r.name, r.kind)] = (err, r.rms, m)
+    return errors
+
+
+def agreement(cfg: ModelConfig) -> tuple[float, list]:
+    errors = [(abs(err), name, kind, pred, m)
+              for (name, kind), (err, pred, m) in log2_errors(cfg).items()]
     ok = sum(e <= 0.32 for e, *_ in errors)
     return ok / len(errors), sorted(errors, reverse=True)[:5]
 

@@ -48,6 +48,8 @@ from unitscale_core.pretrained import PretrainedError
 from unitscale_core.scaling.predict import predict
 from unitscale_core.sizing import size_report
 
+from .test_pretrained import _one_line_error
+
 BOUNDED = settings(max_examples=60, deadline=None, derandomize=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                           HealthCheck.function_scoped_fixture])
@@ -260,14 +262,6 @@ def good_gpt2(tmp_path_factory) -> Path:
     return folder
 
 
-def _refused(folder: Path) -> str:
-    with pytest.raises(PretrainedError) as info:
-        P.load_checkpoint(folder)
-    message = str(info.value)
-    assert message and "\n" not in message
-    return message
-
-
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(cut=st.floats(0.0, 0.999), flips=st.lists(st.integers(0, 10**6), max_size=3))
@@ -323,7 +317,7 @@ def test_wrong_shapes_are_refused_before_any_weight_is_copied(good_gpt2, tmp_pat
     folder = Path(shutil.copytree(good_gpt2, tmp_path / "gpt2"))
     hf = {"model_type": "gpt2", **GPT2, "n_embd": 16, "n_head": 2}  # the file holds width 8
     (folder / "config.json").write_text(json.dumps(hf), encoding="utf-8")
-    assert "shape" in _refused(folder)
+    assert "shape" in _one_line_error(folder)
 
 
 class _Payload:
@@ -349,7 +343,7 @@ def test_pickles_are_refused_without_running(good_gpt2, tmp_path, name):
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "pwned"
     (folder / name).write_bytes(pickle.dumps(_Payload(str(marker))))
-    message = _refused(folder)
+    message = _one_line_error(folder)
     assert "safetensors" in message
     assert not marker.exists()
 
