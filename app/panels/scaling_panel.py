@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QItemSelectionModel, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QItemSelectionModel, QSize, Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QSizePolicy,
     QSplitter,
     QTableView,
     QTabWidget,
@@ -46,7 +47,7 @@ from ..export import (
 )
 from ..widgets.controls_state import restore_controls, save_controls
 from ..widgets.scale_chart import ScaleChart
-from ..widgets.scale_table import ScaleFilterProxy, ScaleTableModel
+from ..widgets.scale_table import ScaleTableModel
 from ..worker import Worker
 from .seed_formula_tab import SeedFormulaTab
 
@@ -54,10 +55,11 @@ CHANNEL = "measure"
 #: Auto-measure only configs this small (parameters), so typing stays smooth on a CPU.
 AUTO_MEASURE_MAX_PARAMS = 20_000_000
 FOLLOW = "follow the model"
-#: With more tensors than this (~24 layers: a prediction costs ~3 µs per tensor), the other
-#: parametrizations' summary counts are predicted in later idle slices, one per slice, so a
-#: change stays within a frame.
-DEFER_SUMMARY_ROWS = 1500
+#: With more tensors than this (~24 layers: a prediction costs ~3 µs per tensor), a change
+#: draws the chart and the summary line in its own frame and leaves the rest to later idle
+#: slices, one piece per slice: the table first (a 96-layer model's reset and repaint take
+#: ~5 ms), then the other parametrizations' summary counts (a prediction each).
+DEFER_ROWS = 1500
 
 
 def agreement(predicted: list[TensorRow], measured: list[TensorRow]) -> tuple[int, int]:
@@ -77,6 +79,46 @@ def agreement(predicted: list[TensorRow], measured: list[TensorRow]) -> tuple[in
     return ok, total
 
 
+class LabelHolder(QWidget):
+    """Holds a word-wrapped label outside any layout, at the height its text needs.
+
+    A label in a layout invalidates it on every new text; the request climbs to the tab
+    widget, which then repaints the whole panel (table and chart included), twice, on every
+    config change. Here the label's request stops at this widget, which changes its own
+    (fixed) height, and so asks its layout, only when the text needs more or fewer lines.
+    """
+
+    def __init__(self, label: QLabel, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.label = label
+        label.setParent(self)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
+        self._fit()
+
+    def _fit(self) -> None:
+        wraps = self.label.wordWrap() and self.width() > 0  # (not laid out yet: one line)
+        height = self.label.heightForWidth(self.width()) if wraps else -1
+        if height < 0:
+            height = self.label.sizeHint().height()
+        if height != self.minimumHeight() or height != self.maximumHeight():
+            self.setFixedHeight(height)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        return QSize(self.label.sizeHint().width(), self.minimumHeight())
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802
+        return QSize(0, self.minimumHeight())
+
+    def event(self, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.LayoutRequest:  # the label's text or font changed
+            self._fit()
+        return super().event(event)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802
+        self.label.setGeometry(self.rect())
+        self._fit()
+
+
 class ScalingPanel(QWidget):
     """Chart and table of one parametrization's tensors, a format selector and a summary."""
 
@@ -92,8 +134,9 @@ class ScalingPanel(QWidget):
         self.measured: list[TensorRow] = []
         self._measure_id = 0
         self._measured_for: ModelConfig | None = None
-        self._defer_others = False  # other parametrizations' counts wait for the idle loop
-        self._summary_pending = False
+        self._deferring = False  # a large model: the table and other counts wait for idle
+        self._table_pending = False  # the table still shows older rows than the chart
+        self._idle_pending = False  # an idle slice is scheduled
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -137,17 +180,16 @@ class ScalingPanel(QWidget):
         box.addLayout(controls)
         self.summary = QLabel(objectName="scaleSummary")
         self.summary.setWordWrap(True)
-        box.addWidget(self.summary)
+        box.addWidget(LabelHolder(self.summary))  # a new summary repaints the label alone
 
         split = QSplitter(Qt.Orientation.Horizontal, objectName="scaleSplitter")
         self.splitter = split
         self.chart = ScaleChart()
         self.chart.setObjectName("scaleChart")
-        self.model = ScaleTableModel(self)
-        self.proxy = ScaleFilterProxy(self)
-        self.proxy.setSourceModel(self.model)
+        self.model = ScaleTableModel(self)  # filters and sorts itself: no proxy to re-sort
+        self.proxy = self.model  # the rows as shown (filtered, sorted), e.g. for export
         self.table = QTableView(objectName="scaleTable")
-        self.table.setModel(self.proxy)
+        self.table.setModel(self.model)
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # op-graph order until sorted
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
@@ -191,17 +233,34 @@ class ScalingPanel(QWidget):
         """Predict the shown config (synchronously: milliseconds) and redraw."""
         cfg = self.shown_config()
         self.predicted = predict(cfg, formats=(self.format.currentData(),))
-        self._defer_others = len(self.predicted) > DEFER_SUMMARY_ROWS
+        self._deferring = len(self.predicted) > DEFER_ROWS
         if self._measured_for != cfg:
             self.measured = []
         self._redraw()
         self.computed.emit()
 
     def _redraw(self) -> None:
-        fmt = self.format.currentData()
         self.chart.set_rows(self.predicted, self.measured)
-        self.model.set_rows(self.predicted, self.measured, fmt)
+        self._table_pending = True
+        if self._deferring:
+            self._schedule_idle()  # the table follows in the next slice
+        else:
+            self.fill_table()
         self.summary.setText(self.summary_text())
+
+    def fill_table(self) -> None:
+        """Bring the table up to the rows the chart shows (nothing to do when it is).
+
+        For a large model a change leaves this to the next idle slice; whatever reads the
+        table (selection, export) calls it first.
+        """
+        if self._table_pending:
+            self._table_pending = False
+            self.model.set_rows(self.predicted, self.measured, self.format.currentData())
+
+    def table_current(self) -> bool:
+        """True when the table shows the rows the chart shows."""
+        return not self._table_pending
 
     def summary_text(self) -> str:
         """Per parametrization: how many tensors the chosen format loses (more than half
@@ -217,10 +276,10 @@ class ScalingPanel(QWidget):
         parts = []
         for p in PARAMETRIZATIONS:
             cfg = shown.replace(parametrization=p)
-            if p != shown.parametrization and self._defer_others and \
+            if p != shown.parametrization and self._deferring and \
                     not is_predicted(cfg, (fmt,)):
                 parts.append(f"<b>{p}</b>: …")
-                self._schedule_summary()
+                self._schedule_idle()
                 continue
             counts = status_counts(cfg, fmt)
             parts.append(f"<b>{p}</b>: {counts['lost']} lost, {counts['at_risk']} at risk")
@@ -235,14 +294,27 @@ class ScalingPanel(QWidget):
         """True when the summary counts every parametrization (none deferred)."""
         return "…" not in self.summary.text()
 
-    def _schedule_summary(self) -> None:
-        if not self._summary_pending:
-            self._summary_pending = True
-            QTimer.singleShot(0, self._fill_summary)
+    def _schedule_idle(self) -> None:
+        if not self._idle_pending:
+            self._idle_pending = True
+            QTimer.singleShot(0, self._idle_slice)
+
+    def _idle_slice(self) -> None:
+        """One piece of deferred work: the table when it waits, else one summary count.
+
+        Each piece schedules the next only when it is done, so the paint that a piece asks
+        for comes before the next piece.
+        """
+        self._idle_pending = False
+        if self._table_pending:
+            self.fill_table()
+            if not self.summary_complete():
+                self._schedule_idle()
+        else:
+            self._fill_summary()
 
     def _fill_summary(self) -> None:
         """Predict one deferred parametrization (one frame's work), then show the summary."""
-        self._summary_pending = False
         fmt, shown = self.format.currentData(), self.shown_config()
         for p in PARAMETRIZATIONS:
             cfg = shown.replace(parametrization=p)
@@ -256,18 +328,18 @@ class ScalingPanel(QWidget):
         self.recompute()  # rows carry headroom for the shown format only
 
     def _on_filter(self) -> None:
-        self.proxy.set_filter(self.filter.text(), self.kind.currentData())
+        self.model.set_filter(self.filter.text(), self.kind.currentData())
 
     def select_tensor(self, name: str) -> None:
         """Select (and scroll to) the first table row of tensor ``name``."""
-        for r in range(self.proxy.rowCount()):
-            index = self.proxy.index(r, 0)
-            if index.data() == name:
-                self.table.selectionModel().select(
-                    index, QItemSelectionModel.SelectionFlag.ClearAndSelect
-                    | QItemSelectionModel.SelectionFlag.Rows)
-                self.table.scrollTo(index)
-                return
+        self.fill_table()
+        r = self.model.row_of(name)
+        if r >= 0:
+            index = self.model.index(r, 0)
+            self.table.selectionModel().select(
+                index, QItemSelectionModel.SelectionFlag.ClearAndSelect
+                | QItemSelectionModel.SelectionFlag.Rows)
+            self.table.scrollTo(index)
 
     # -- measurement ---------------------------------------------------------------------------
     def measure(self) -> int:
@@ -314,6 +386,7 @@ class ScalingPanel(QWidget):
     # -- export --------------------------------------------------------------------------------
     def table_data(self) -> TableData:
         """The table as shown (filtered, sorted); CSV values are the exact numbers."""
+        self.fill_table()
         return table_from_model(self.proxy)
 
     def export_csv(self, path: str | Path) -> None:

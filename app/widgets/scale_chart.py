@@ -6,6 +6,10 @@ the tensor, its value and its formula, and clicking one emits ``picked(name)``.
 
 Markers: filled = predicted, hollow = measured; blue = forward (activation or weight), red =
 backward (its gradient).
+
+A 96-layer model has ~5800 markers. Each series is a :class:`MarkerSeries` (two arrays, one
+pre-rendered symbol) rather than a ``pg.ScatterPlotItem``, which keeps a record, a style and an
+atlas key per point and builds them in Python on every ``setData`` (about 10 ms here).
 """
 
 from __future__ import annotations
@@ -15,12 +19,21 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Signal
-from PySide6.QtGui import QColor
-from PySide6.QtWidgets import QVBoxLayout, QWidget
+from pyqtgraph.graphicsItems.LegendItem import ItemSample
+from pyqtgraph.graphicsItems.ScatterPlotItem import drawSymbol
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtGui import QColor, QImage, QPaintEngine, QPainter, QPixmap
+from PySide6.QtWidgets import QGraphicsView, QVBoxLayout, QWidget
 
 from unitscale_core.scaling.formats import FORMATS
 from unitscale_core.tensors import TensorRow
+
+try:  # drawPixmapFragments from a numpy array, as pyqtgraph's ScatterPlotItem draws
+    from pyqtgraph.Qt.internals import PrimitiveArray
+except ImportError:  # pragma: no cover - older pyqtgraph: one drawPixmap per marker
+    PrimitiveArray = None
+if PrimitiveArray is not None and not hasattr(PrimitiveArray, "drawargs"):  # pragma: no cover
+    PrimitiveArray = None
 
 FORWARD_COLOUR = "#1f5fbf"
 BACKWARD_COLOUR = "#c62828"
@@ -34,6 +47,222 @@ def _log2(x: float) -> float:
     return math.log2(x) if x > 0 and math.isfinite(x) else math.nan
 
 
+class MarkerSeries(pg.GraphicsObject):
+    """Points ``(x, y)`` all drawn with one symbol of a fixed size in pixels.
+
+    New points are two arrays (``setData``); a paint stamps one pre-rendered pixmap at the
+    points in view. Hovering points shows ``tip(x, y)`` of each (three at most) as the view's
+    tool tip; clicking one emits ``sigClicked(self, QPointF)`` with the point's position.
+    ``opts`` carries the style, as a scatter item's does, for the legend.
+    """
+
+    sigClicked = Signal(object, object)
+
+    def __init__(self, symbol: str, size: float, pen, brush, name: str, tip=None):
+        super().__init__()
+        self.opts = {"symbol": symbol, "size": size, "pen": pg.mkPen(pen),
+                     "brush": pg.mkBrush(brush), "name": name, "antialias": True}
+        self.tip = tip
+        self.x = np.empty(0)
+        self.y = np.empty(0)
+        self._bounds: list[tuple[float, float] | None] = [None, None]
+        self._pixmaps: dict[float, QPixmap] = {}  # device pixel ratio → rendered symbol
+        self._fragments = PrimitiveArray(QPainter.PixmapFragment, 10) if PrimitiveArray else None
+        self._tip_shown = False
+
+    def name(self) -> str:
+        return self.opts["name"]
+
+    def setData(self, x: np.ndarray, y: np.ndarray) -> None:  # noqa: N802 (pyqtgraph's name)
+        self.prepareGeometryChange()
+        self.x = np.asarray(x, dtype=np.float64)
+        self.y = np.asarray(y, dtype=np.float64)
+        self._bounds = [None, None]
+        self.informViewBoundsChanged()
+        self.update()
+
+    # -- geometry (what the view box auto-ranges on) --------------------------------------
+    def dataBounds(self, ax: int, frac: float = 1.0, orthoRange=None):  # noqa: N802, N803
+        d, other = (self.x, self.y) if ax == 0 else (self.y, self.x)
+        full = orthoRange is None and frac >= 1.0
+        if full and self._bounds[ax] is not None:
+            return self._bounds[ax]
+        if orthoRange is not None:
+            d = d[(other >= orthoRange[0]) & (other <= orthoRange[1])]
+        d = d[np.isfinite(d)]
+        if not d.size:
+            return (None, None)
+        if frac >= 1.0:
+            bounds = (float(d.min()), float(d.max()))
+        else:
+            bounds = tuple(np.percentile(d, [50 * (1 - frac), 50 * (1 + frac)]))
+        if full:
+            self._bounds[ax] = bounds
+        return bounds
+
+    def pixelPadding(self) -> float:  # noqa: N802
+        return self._half_width()
+
+    def _half_width(self) -> float:
+        return 0.5 * (self.opts["size"] + self.opts["pen"].widthF()) + 1
+
+    def boundingRect(self) -> QRectF:  # noqa: N802
+        (x0, x1), (y0, y1) = self.dataBounds(0), self.dataBounds(1)
+        if x0 is None or y0 is None:
+            return QRectF()
+        px, py = self._pixel_size()
+        pad = self._half_width()
+        return QRectF(x0 - pad * px, y0 - pad * py, x1 - x0 + 2 * pad * px,
+                      y1 - y0 + 2 * pad * py)
+
+    def _pixel_size(self) -> tuple[float, float]:
+        """One screen pixel's width and height in data units (0 before the item is shown)."""
+        try:
+            px, py = self.pixelVectors()
+        except OverflowError:
+            return 0.0, 0.0
+        return (0.0 if px is None else px.length()), (0.0 if py is None else py.length())
+
+    def viewTransformChanged(self) -> None:  # noqa: N802 (the padding is in pixels)
+        self.prepareGeometryChange()
+        super().viewTransformChanged()
+
+    # -- drawing --------------------------------------------------------------------------
+    def _symbol(self, dpr: float) -> QPixmap:
+        """The symbol drawn once, antialiased, at ``dpr`` device pixels per pixel."""
+        pixmap = self._pixmaps.get(dpr)
+        if pixmap is None:
+            o = self.opts
+            side = math.ceil(dpr * (o["size"] + max(math.ceil(o["pen"].widthF()), 1)))
+            image = QImage(side, side, QImage.Format.Format_ARGB32_Premultiplied)
+            image.setDevicePixelRatio(dpr)
+            image.fill(Qt.GlobalColor.transparent)
+            p = QPainter(image)
+            try:
+                p.setRenderHint(QPainter.RenderHint.Antialiasing)
+                p.translate(0.5 * side / dpr, 0.5 * side / dpr)
+                drawSymbol(p, o["symbol"], o["size"], o["pen"], o["brush"])
+            finally:
+                p.end()
+            pixmap = self._pixmaps[dpr] = QPixmap.fromImage(image)
+        return pixmap
+
+    def _in(self, rect: QRectF | None, pad_px: float) -> np.ndarray:
+        """Mask of the points within ``pad_px`` screen pixels of ``rect`` (data units)."""
+        if rect is None:
+            return np.isfinite(self.x) & np.isfinite(self.y)
+        px, py = self._pixel_size()
+        return ((self.x >= rect.left() - pad_px * px) & (self.x <= rect.right() + pad_px * px)
+                & (self.y >= rect.top() - pad_px * py) & (self.y <= rect.bottom() + pad_px * py))
+
+    def paint(self, p: QPainter, *args) -> None:
+        if not self.x.size:
+            return
+        mask = self._in(self.viewRect(), self._half_width())
+        if not mask.any():
+            return
+        t = p.transform()  # item → device; markers keep their size in pixels
+        x, y = self.x[mask], self.y[mask]
+        dx = t.m11() * x + t.m21() * y + t.m31()
+        dy = t.m12() * x + t.m22() * y + t.m32()
+        ok = np.isfinite(dx) & np.isfinite(dy)
+        dx, dy = np.clip(dx[ok], -2**30, 2**30), np.clip(dy[ok], -2**30, 2**30)
+        device = p.device()
+        dpr = device.devicePixelRatioF() if device is not None else 1.0
+        p.resetTransform()
+        engine = p.paintEngine()
+        if engine is not None and engine.type() == QPaintEngine.Type.SVG:  # vectors for SVG
+            o = self.opts
+            p.setRenderHint(QPainter.RenderHint.Antialiasing)
+            for cx, cy in zip(dx.tolist(), dy.tolist()):
+                p.resetTransform()
+                p.translate(cx, cy)
+                drawSymbol(p, o["symbol"], o["size"], o["pen"], o["brush"])
+            return
+        pixmap = self._symbol(dpr)
+        w, h = pixmap.width(), pixmap.height()
+        if self._fragments is not None:
+            self._fragments.resize(dx.size)
+            frags = self._fragments.ndarray()
+            frags[:, 0], frags[:, 1] = dx, dy  # centre of each target
+            frags[:, 2:6] = (0, 0, w, h)  # the whole pixmap
+            frags[:, 6:10] = (1 / dpr, 1 / dpr, 0.0, 1.0)  # scale x/y, rotation, opacity
+            p.drawPixmapFragments(*self._fragments.drawargs(), pixmap)
+        else:  # pragma: no cover
+            hw, hh = 0.5 * w / dpr, 0.5 * h / dpr
+            for cx, cy in zip(dx.tolist(), dy.tolist()):
+                p.drawPixmap(QPointF(cx - hw, cy - hh), pixmap)
+
+    # -- interaction ----------------------------------------------------------------------
+    def points_at(self, pos: QPointF) -> np.ndarray:
+        """Indices of the points whose marker covers ``pos`` (item coordinates), nearest
+        first."""
+        if not self.x.size:
+            return np.empty(0, dtype=np.int64)
+        px, py = self._pixel_size()
+        half = 0.5 * self.opts["size"]
+        ddx, ddy = np.abs(self.x - pos.x()), np.abs(self.y - pos.y())
+        hit = np.flatnonzero((ddx <= half * px) & (ddy <= half * py))
+        if hit.size > 1:
+            dist = (ddx[hit] / max(px, 1e-300)) ** 2 + (ddy[hit] / max(py, 1e-300)) ** 2
+            hit = hit[np.argsort(dist, kind="stable")]
+        return hit
+
+    def mouseClickEvent(self, ev) -> None:  # noqa: N802
+        if ev.button() != Qt.MouseButton.LeftButton:
+            ev.ignore()
+            return
+        hit = self.points_at(ev.pos())
+        if hit.size:
+            ev.accept()
+            self.sigClicked.emit(self, QPointF(self.x[hit[0]], self.y[hit[0]]))
+        else:
+            ev.ignore()
+
+    def hoverEvent(self, ev) -> None:  # noqa: N802
+        view = self.getViewBox()
+        if view is None or self.tip is None:
+            return
+        hit = np.empty(0, dtype=np.int64) if ev.exit else self.points_at(ev.pos())
+        if hit.size:
+            tips = [self.tip(float(self.x[i]), float(self.y[i])) for i in hit[:3]]
+            if hit.size > 3:
+                tips.append(f"({hit.size - 3} others...)")
+            view.setToolTip("\n\n".join(tips))
+            self._tip_shown = True
+        elif self._tip_shown:  # clear our own tip once, leaving other items' tips alone
+            view.setToolTip("")
+            self._tip_shown = False
+
+
+class MarkerSample(ItemSample):
+    """A legend entry for a :class:`MarkerSeries`: its symbol (no line)."""
+
+    def paint(self, p: QPainter, *args) -> None:
+        if not isinstance(self.item, MarkerSeries) or not self.item.isVisible():
+            super().paint(p, *args)
+            return
+        o = self.item.opts
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        p.translate(10, 10)
+        drawSymbol(p, o["symbol"], o["size"], o["pen"], o["brush"])
+
+
+class ClippedAxis(pg.AxisItem):
+    """An axis that clips its painting (tick lines, grid, labels) to its own bounds.
+
+    Qt's raster engine draws translucent cosmetic lines, such as the grid, some 30× slower
+    when the painter has no clip, or a clip of several rectangles, than inside one rectangle:
+    the x grid's ~40 lines cost ~4 ms of every chart paint, ~0.1 ms clipped. A full repaint of
+    a graphics view sets no clip; the chart's view repaints one rectangle at a time so that
+    other repaints clip to one.
+    """
+
+    def paint(self, p: QPainter, *args) -> None:
+        p.setClipRect(self.boundingRect(), Qt.ClipOperation.IntersectClip)
+        super().paint(p, *args)
+
+
 class ScaleChart(QWidget):
     """Tensors (rows) × log2 RMS, with format bands."""
 
@@ -43,7 +272,12 @@ class ScaleChart(QWidget):
         super().__init__(parent)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        self.plot_widget = pg.PlotWidget(background="w")
+        self.plot_widget = pg.PlotWidget(
+            background="w", axisItems={side: ClippedAxis(side) for side in ("left", "bottom")})
+        # one rectangle per repaint: a clip made of several (pyqtgraph's default, minimal
+        # update) sends the grid's translucent lines down the slow path too (see ClippedAxis)
+        self.plot_widget.setViewportUpdateMode(
+            QGraphicsView.ViewportUpdateMode.BoundingRectViewportUpdate)
         layout.addWidget(self.plot_widget)
         self.plot = self.plot_widget.getPlotItem()
         self.plot.invertY(True)
@@ -53,12 +287,13 @@ class ScaleChart(QWidget):
         for axis in ("left", "bottom"):
             self.plot.getAxis(axis).setTextPen("k")
             self.plot.getAxis(axis).setPen("k")
-        legend = self.plot.addLegend(offset=(10, -10), labelTextColor="k", colCount=2)
+        legend = self.plot.addLegend(offset=(10, -10), labelTextColor="k", colCount=2,
+                                     sampleType=MarkerSample)
         legend.setBrush(pg.mkBrush(255, 255, 255, 220))
         self.bands: list[pg.LinearRegionItem] = []
         self.names: list[str] = []
         self._formula_rows: dict[str, TensorRow] = {}  # formulas render on hover only
-        self._series: dict[str, pg.ScatterPlotItem] = {}
+        self._series: dict[str, MarkerSeries] = {}
         for key, colour, symbol, filled, label in (
             ("pred_fwd", FORWARD_COLOUR, "o", True, "forward (predicted)"),
             ("pred_bwd", BACKWARD_COLOUR, "t1", True, "backward (predicted)"),
@@ -67,10 +302,10 @@ class ScaleChart(QWidget):
         ):
             brush = pg.mkBrush(colour) if filled else pg.mkBrush(None)
             pen = pg.mkPen(colour, width=1.5)
-            item = pg.ScatterPlotItem(size=9 if filled else 13, symbol=symbol, brush=brush,
-                                      pen=pen, hoverable=True, name=label, tip=self._tip)
+            item = MarkerSeries(symbol, 9 if filled else 13, pen, brush, label, tip=self._tip)
             item.sigClicked.connect(self._on_click)
             self.plot.addItem(item)
+            legend.addItem(item, label)  # not a pyqtgraph data item, so added by hand
             self._series[key] = item
         self.values: dict[str, dict[str, float]] = {}
 
@@ -78,32 +313,26 @@ class ScaleChart(QWidget):
     def set_rows(self, predicted: Sequence[TensorRow],
                  measured: Sequence[TensorRow] | None = None) -> None:
         """Show predictions (and measurements, matched by name and kind)."""
-        self.names = []
-        index: dict[str, int] = {}
-        for row in predicted:
-            if row.kind in FORWARD_KINDS and row.name not in index:
-                index[row.name] = len(self.names)
-                self.names.append(row.name)
-        self._formula_rows = {r.name: r for r in predicted if r.kind in FORWARD_KINDS}
-        self.values = {"pred_fwd": {}, "pred_bwd": {}, "meas_fwd": {}, "meas_bwd": {}}
+        forward = {r.name: r for r in predicted if r.kind in FORWARD_KINDS}
+        self.names = list(forward)
+        index = {name: i for i, name in enumerate(self.names)}
+        self._formula_rows = forward  # formulas render on hover only
+        values = self.values = {"pred_fwd": {}, "pred_bwd": {}, "meas_fwd": {}, "meas_bwd": {}}
         for prefix, rows in (("pred", predicted), ("meas", measured or [])):
+            fwd, bwd = values[f"{prefix}_fwd"], values[f"{prefix}_bwd"]
             for row in rows:
-                if row.name not in index:
-                    continue
-                side = "fwd" if row.kind in FORWARD_KINDS else "bwd"
-                self.values[f"{prefix}_{side}"][row.name] = row.rms
+                if row.name in index:
+                    (fwd if row.kind in FORWARD_KINDS else bwd)[row.name] = row.rms
         for key, item in self._series.items():
-            data = self.values[key]
-            rows = np.fromiter((index[n] for n in data), dtype=np.int64, count=len(data))
-            rms = np.fromiter(data.values(), dtype=np.float64, count=len(data))
+            data = values[key]
+            ys = np.fromiter(map(index.__getitem__, data), dtype=np.float64, count=len(data))
             with np.errstate(divide="ignore", invalid="ignore"):
-                xs = np.log2(rms)
+                xs = np.log2(np.fromiter(data.values(), dtype=np.float64, count=len(data)))
             ok = np.isfinite(xs)
-            # side by side: forward just above the row's line, backward just below
+            # side by side: forward just above the row's line, backward just below; a
+            # point's row is its y rounded, which hover and click map back to the name
             offset = -0.18 if key.endswith("fwd") else 0.18
-            # no per-point data (pyqtgraph stores it point by point): a point's row is its y
-            # rounded, which hover and click map back to the name
-            item.setData(x=xs[ok], y=rows[ok] + offset)
+            item.setData(xs[ok], ys[ok] + offset)
         self._label_rows()
         self.plot.setLimits(yMin=-1, yMax=max(len(self.names), 1) + 1)
         self.plot.enableAutoRange(x=True)
@@ -157,9 +386,8 @@ class ScaleChart(QWidget):
         """The tensor drawn at height ``y`` (forward and backward sit ±0.18 off its row)."""
         return self.names[min(max(round(y), 0), len(self.names) - 1)]
 
-    def _tip(self, x: float, y: float, data) -> str:
+    def _tip(self, x: float, y: float) -> str:
         return self.describe(self._name(y))
 
-    def _on_click(self, _item, points, _event=None) -> None:
-        if len(points):
-            self.picked.emit(self._name(points[0].pos().y()))
+    def _on_click(self, _item, pos: QPointF) -> None:
+        self.picked.emit(self._name(pos.y()))

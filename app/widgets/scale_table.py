@@ -1,11 +1,17 @@
-"""A sortable, filterable table of tensor rows, headroom colour-coded for one number format."""
+"""A sortable, filterable table of tensor rows, headroom colour-coded for one number format.
+
+The model filters and sorts itself (no ``QSortFilterProxyModel``): a 96-layer prediction has
+~5800 rows, and a proxy would re-sort them on every reset by calling back into Python twice per
+comparison. A cell's text, colour and value are worked out when the view first asks for its
+row (only the rows on screen are ever drawn), then kept until the next reset.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
 from PySide6.QtGui import QBrush, QColor
 
 from unitscale_core.scaling.formats import FormatStats, get_format, headroom_status
@@ -30,14 +36,36 @@ TOOLTIPS = {
               "lost (more than half underflows or overflows)",
     "log₂ error": "log₂(predicted / measured); |error| ≤ 0.32 is within 25%",
 }
+_PERCENT = frozenset({"underflow", "overflow"})
+_TWO_DECIMALS = frozenset({"log₂", "↑ headroom", "↓ headroom", "log₂ error"})
+_SCALE_KEYS = {"× forward": "forward", "× grad-in": "grad_input", "× grad-w": "grad_weight"}
+_FORMAT_KEYS = {"underflow": "underflow", "overflow": "overflow",
+                "↑ headroom": "headroom_max_log2", "↓ headroom": "headroom_min_log2"}
+_RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+_ALIGNMENTS = tuple(None if c in ("tensor", "kind") else _RIGHT for c in COLUMNS)
+_BRUSHES = {colour: QBrush(QColor(colour)) for colour in STATUS_COLOURS.values()}
+_AGREE, _DISAGREE = _BRUSHES["#c8e6c9"], _BRUSHES["#ffcdd2"]
+
+_DISPLAY = Qt.ItemDataRole.DisplayRole
+_SORT = Qt.ItemDataRole.UserRole
+_BACKGROUND = Qt.ItemDataRole.BackgroundRole
+_TOOLTIP = Qt.ItemDataRole.ToolTipRole
+_ALIGNMENT = Qt.ItemDataRole.TextAlignmentRole
+#: The roles a cell answers; a view asks for several more per cell (font, foreground,
+#: decoration, check state) on every paint, and those return at once.
+_ROLES = frozenset(int(r) for r in (_DISPLAY, _SORT, _BACKGROUND, _TOOLTIP, _ALIGNMENT)) | {
+    EXPORT_ROLE}
 
 
 def row_status(row: TensorRow, fmt: str) -> str:
     """``fine`` / ``at_risk`` / ``lost`` for a row's headroom in ``fmt`` ("" without it)."""
-    f = row.formats.get(fmt)
+    return _status(row.formats.get(fmt), row.rms, fmt)
+
+
+def _status(f: dict[str, float] | None, rms: float, fmt: str) -> str:
     if not f:
         return ""
-    stats = FormatStats(get_format(fmt), row.rms, f["underflow"], f.get("subnormal", 0.0),
+    stats = FormatStats(get_format(fmt), rms, f["underflow"], f.get("subnormal", 0.0),
                         1.0 - f["underflow"] - f["overflow"], f["overflow"],
                         f["headroom_max_log2"], f["headroom_min_log2"])
     return headroom_status(stats)
@@ -51,43 +79,159 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _log2(x: float) -> float | None:
+    return math.log2(x) if x > 0 and math.isfinite(x) else None
+
+
+def _sort_key(value) -> float | str:
+    """Strings sort as text; numbers as numbers, with empty (and NaN) cells first."""
+    if isinstance(value, str):
+        return value
+    return -math.inf if value is None or value != value else value
+
+
+class _Cells:
+    """One shown row's cells: values (exact, sortable), texts and backgrounds by column."""
+
+    __slots__ = ("values", "texts", "backgrounds")
+
+    def __init__(self, row: TensorRow, fmt: str, measured: float | None):
+        f = row.formats.get(fmt)
+        values = [row.name, row.kind, row.rms, _log2(row.rms)]
+        values += [row.scales.get(key) for key in _SCALE_KEYS.values()]
+        values += [f.get(key) if f else None for key in _FORMAT_KEYS.values()]
+        status = _status(f, row.rms, fmt)
+        error = None
+        if measured is not None and measured > 0 and row.rms > 0 and \
+                math.isfinite(measured) and math.isfinite(row.rms):
+            error = math.log2(row.rms / measured)
+        values += [status, measured, error]
+        texts = []
+        for column, value in zip(COLUMNS, values):
+            if isinstance(value, str):
+                texts.append(value)
+            elif value is None:
+                texts.append("")
+            elif column in _PERCENT:
+                texts.append(f"{100 * value:.3g}%")
+            elif column in _TWO_DECIMALS:
+                texts.append(f"{value:.2f}")
+            else:
+                texts.append(_fmt(value))
+        backgrounds = [None] * len(COLUMNS)
+        if status in STATUS_COLOURS:
+            backgrounds[-3] = _BRUSHES[STATUS_COLOURS[status]]
+        if error is not None:
+            backgrounds[-1] = _AGREE if abs(error) <= 0.32 else _DISAGREE
+        self.values, self.texts, self.backgrounds = values, texts, backgrounds
+
+
 class ScaleTableModel(QAbstractTableModel):
-    """Rows are predicted tensors; measured values are joined by (name, kind)."""
+    """Rows are predicted tensors; measured values are joined by (name, kind).
+
+    ``rows`` are those shown: ``all_rows`` passing the filter, in op-graph order or sorted by
+    the view's chosen column.
+    """
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.all_rows: list[TensorRow] = []
-        self.rows: list[TensorRow] = []  # all_rows passing the filter, in op-graph order
+        self.rows: list[TensorRow] = []
         self.measured: dict[tuple[str, str], float] = {}
         self.format = "fp8_e4m3"
         self.filter_text = ""
         self.filter_kind = ""
+        self.sort_column = -1  # op-graph order
+        self.sort_order = Qt.SortOrder.AscendingOrder
+        self._cells: dict[int, _Cells] = {}  # shown row → its cells, made when first asked
 
     def set_rows(self, rows: Sequence[TensorRow], measured: Sequence[TensorRow] | None = None,
                  fmt: str | None = None) -> None:
         self.beginResetModel()
         self.all_rows = list(rows)
-        self.rows = self._filtered()
-        self.measured = {(r.name, r.kind): r.rms for r in measured or []}
+        self.measured = {(r.name, r.kind): r.rms for r in measured} if measured else {}
         if fmt is not None:
             self.format = fmt
+        self.rows = self._arranged()
+        self._cells = {}
         self.endResetModel()
 
     def set_filter(self, text: str, kind: str) -> None:
         """Show only rows whose name contains ``text`` (any case) and whose kind is ``kind``
-        (all kinds when empty). Filtering here, in one list comprehension, rather than per
-        row in a proxy callback keeps a 6000-row update within a frame."""
+        (all kinds when empty), in one list comprehension rather than per row in a proxy
+        callback."""
         self.beginResetModel()
         self.filter_text, self.filter_kind = text.lower(), kind
-        self.rows = self._filtered()
+        self.rows = self._arranged()
+        self._cells = {}
         self.endResetModel()
 
-    def _filtered(self) -> list[TensorRow]:
+    def _arranged(self) -> list[TensorRow]:
         text, kind = self.filter_text, self.filter_kind
         if not text and not kind:
-            return list(self.all_rows)
-        return [r for r in self.all_rows
-                if (not kind or r.kind == kind) and text in r.name.lower()]
+            rows = self.all_rows
+        else:
+            rows = [r for r in self.all_rows
+                    if (not kind or r.kind == kind) and text in r.name.lower()]
+        if not 0 <= self.sort_column < len(COLUMNS):
+            return list(rows)
+        column = COLUMNS[self.sort_column]
+        keys = [_sort_key(v) for v in self._column_values(rows, column)]
+        if any(isinstance(k, str) for k in keys):
+            keys = [str(k) if not isinstance(k, str) else k for k in keys]
+        order = sorted(range(len(rows)), key=keys.__getitem__,
+                       reverse=self.sort_order == Qt.SortOrder.DescendingOrder)
+        return [rows[i] for i in order]
+
+    def _column_values(self, rows: Sequence[TensorRow], column: str) -> list:
+        """Every row's value in ``column``: attribute reads for the cheap columns, the full
+        cell otherwise."""
+        if column == "tensor":
+            return [r.name for r in rows]
+        if column == "kind":
+            return [r.kind for r in rows]
+        if column == "predicted RMS":
+            return [r.rms for r in rows]
+        if column == "log₂":
+            return [_log2(r.rms) for r in rows]
+        if column in _SCALE_KEYS:
+            key = _SCALE_KEYS[column]
+            return [r.scales.get(key) for r in rows]
+        if column == "measured RMS":
+            measured = self.measured
+            return [measured.get((r.name, r.kind)) for r in rows]
+        fmt, measured = self.format, self.measured
+        if column in _FORMAT_KEYS:
+            key = _FORMAT_KEYS[column]
+            return [f.get(key) if (f := r.formats.get(fmt)) else None for r in rows]
+        if column == "status":
+            return [_status(r.formats.get(fmt), r.rms, fmt) for r in rows]
+        c = COLUMNS.index(column)
+        return [_Cells(r, fmt, measured.get((r.name, r.kind))).values[c] for r in rows]
+
+    def sort(self, column: int, order: Qt.SortOrder = Qt.SortOrder.AscendingOrder) -> None:
+        """Sort the shown rows by ``column`` (−1: op-graph order); the view calls this when a
+        header is clicked, and later resets keep the order. Selections follow their rows."""
+        self.layoutAboutToBeChanged.emit()
+        old = self.rows
+        self.sort_column, self.sort_order = column, order
+        self.rows = self._arranged()
+        self._cells = {}
+        persistent = self.persistentIndexList()
+        if persistent:
+            where = {id(row): i for i, row in enumerate(self.rows)}
+            moved = [self.index(where[id(old[p.row()])], p.column())
+                     if 0 <= p.row() < len(old) and id(old[p.row()]) in where
+                     else QModelIndex() for p in persistent]
+            self.changePersistentIndexList(persistent, moved)
+        self.layoutChanged.emit()
+
+    def row_of(self, name: str) -> int:
+        """The first shown row of tensor ``name`` (−1 when none is shown)."""
+        for i, row in enumerate(self.rows):
+            if row.name == name:
+                return i
+        return -1
 
     def rowCount(self, parent: QModelIndex | None = None) -> int:  # noqa: N802 (Qt's name)
         return 0 if parent is not None and parent.isValid() else len(self.rows)
@@ -107,81 +251,35 @@ class ScaleTableModel(QAbstractTableModel):
     def status(self, row: TensorRow) -> str:
         return row_status(row, self.format)
 
+    def cells(self, r: int) -> _Cells:
+        """Shown row ``r``'s cells (worked out on first use)."""
+        cells = self._cells.get(r)
+        if cells is None:
+            row = self.rows[r]
+            cells = self._cells[r] = _Cells(row, self.format,
+                                            self.measured.get((row.name, row.kind)))
+        return cells
+
     def value(self, r: int, column: str):
         """The sortable value of a cell."""
-        row = self.rows[r]
-        f = row.formats.get(self.format, {})
-        measured = self.measured.get((row.name, row.kind))
-        if column == "tensor":
-            return row.name
-        if column == "kind":
-            return row.kind
-        if column == "predicted RMS":
-            return row.rms
-        if column == "log₂":
-            return math.log2(row.rms) if row.rms > 0 and math.isfinite(row.rms) else None
-        if column.startswith("× "):
-            key = {"× forward": "forward", "× grad-in": "grad_input", "× grad-w": "grad_weight"}
-            return row.scales.get(key[column])
-        if column in ("underflow", "overflow"):
-            return f.get(column)
-        if column == "↑ headroom":
-            return f.get("headroom_max_log2")
-        if column == "↓ headroom":
-            return f.get("headroom_min_log2")
-        if column == "status":
-            return self.status(row)
-        if column == "measured RMS":
-            return measured
-        if column == "log₂ error":
-            if measured is None or not (measured > 0 and row.rms > 0):
-                return None
-            if not (math.isfinite(measured) and math.isfinite(row.rms)):
-                return None
-            return math.log2(row.rms / measured)
-        return None
+        return self.cells(r).values[COLUMNS.index(column)]
 
-    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
-        if not index.isValid():
+    def data(self, index: QModelIndex | QPersistentModelIndex, role=_DISPLAY):
+        if role not in _ROLES or not index.isValid():
             return None
-        column = COLUMNS[index.column()]
-        value = self.value(index.row(), column)
-        if role == Qt.ItemDataRole.DisplayRole:
-            if column in ("underflow", "overflow") and value is not None:
-                return f"{100 * value:.3g}%"
-            if column in ("log₂", "↑ headroom", "↓ headroom", "log₂ error") and value is not None:
-                return f"{value:.2f}"
-            return value if isinstance(value, str) else _fmt(value)
+        r, c = index.row(), index.column()
+        if role == _DISPLAY:
+            return self.cells(r).texts[c]
+        if role == _BACKGROUND:
+            return self.cells(r).backgrounds[c]
+        if role == _ALIGNMENT:
+            return _ALIGNMENTS[c]
         if role == EXPORT_ROLE:  # the exact number for CSV (None: the cell is empty)
-            return value
-        if role == Qt.ItemDataRole.UserRole:  # sort key
+            return self.cells(r).values[c]
+        if role == _SORT:
+            value = self.cells(r).values[c]
             return value if value is not None else -math.inf
-        if role == Qt.ItemDataRole.BackgroundRole:
-            if column == "status" and value in STATUS_COLOURS:
-                return QBrush(QColor(STATUS_COLOURS[value]))
-            if column == "log₂ error" and value is not None:
-                return QBrush(QColor("#c8e6c9" if abs(value) <= 0.32 else "#ffcdd2"))
-        if role == Qt.ItemDataRole.ToolTipRole:
-            row = self.rows[index.row()]
+        if role == _TOOLTIP:
+            row = self.rows[r]
             return f"{row.name} ({row.kind})\n{row.formula}" if row.formula else row.name
-        if role == Qt.ItemDataRole.TextAlignmentRole and column not in ("tensor", "kind"):
-            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
-
-
-class ScaleFilterProxy(QSortFilterProxyModel):
-    """Sorts by the cell's value; the filter (substring of the tensor name, kind) is applied
-    by the source :class:`ScaleTableModel`."""
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.setSortRole(Qt.ItemDataRole.UserRole)
-
-    def set_filter(self, text: str, kind: str) -> None:
-        self.sourceModel().set_filter(text, kind)
-
-    def lessThan(self, left, right) -> bool:  # noqa: N802
-        a, b = left.data(Qt.ItemDataRole.UserRole), right.data(Qt.ItemDataRole.UserRole)
-        if isinstance(a, str) or isinstance(b, str):
-            return str(a) < str(b)
-        return a < b

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QLabel, QSpinBox, QWidget
 
+from app.export import EXPORT_ROLE
 from app.main_window import MainWindow
-from app.widgets.scale_table import COLUMNS
+from app.widgets.scale_table import COLUMNS, STATUS_COLOURS, row_status
 from unitscale_core.scaling.predict import predict
 
 SMALL = dict(d_model=64, n_heads=4, d_ff=128, n_layers=2, vocab_size=256, max_len=64,
@@ -61,8 +63,6 @@ def test_parametrization_selector_changes_prediction(qtbot, window):
 
 def _row_counts(cfg, fmt):
     """Lost and at-risk tensors counted row by row with the table's own status rule."""
-    from app.widgets.scale_table import row_status
-
     statuses = [row_status(r, fmt) for r in predict(cfg, formats=(fmt,))]
     return statuses.count("lost"), statuses.count("at_risk")
 
@@ -92,6 +92,133 @@ def test_large_model_summary_fills_in_after_the_frame(qtbot, window):
     for p in ("standard", "unit", "umup"):
         lost, risk = _row_counts(deep.replace(parametrization=p), "fp8_e4m3")
         assert f"<b>{p}</b>: {lost} lost, {risk} at risk" in panel.summary.text()
+
+
+def test_large_model_table_follows_in_the_next_slice(qtbot, window):
+    """A deep model's chart shows the change at once; the table follows an idle slice later,
+    or at once when something reads it."""
+    from unitscale_core.scaling.predict import clear_cache
+
+    clear_cache()
+    panel = panel_of(window)
+    deep = window.config.replace(n_layers=40)
+    window.set_config(deep)
+    assert "layers.39.attn.q" in chart_names(panel)
+    assert not panel.table_current()  # left to the next slice
+    qtbot.waitUntil(panel.table_current, timeout=20_000)
+    assert [(r.name, r.kind) for r in panel.model.rows] == \
+        [(r.name, r.kind) for r in predict(deep, formats=("fp8_e4m3",))]
+    deeper = deep.replace(n_layers=41)
+    window.set_config(deeper)
+    panel.select_tensor("layers.40.ffn.down")  # reads the table: brings it up to date first
+    assert panel.table_current()
+    rows = panel.table.selectionModel().selectedRows()
+    assert rows and rows[0].data() == "layers.40.ffn.down"
+    assert len(panel.table_data().cells) == len(predict(deeper, formats=("fp8_e4m3",)))
+
+
+def test_table_sorts_and_keeps_its_order_across_changes(qtbot, window):
+    panel = panel_of(window)
+    rms_col, name_col = COLUMNS.index("predicted RMS"), COLUMNS.index("tensor")
+
+    def column(c):
+        return [panel.model.index(r, c).data(Qt.ItemDataRole.UserRole)
+                for r in range(panel.model.rowCount())]
+
+    panel.select_tensor("layers.1.ffn.down")
+    panel.table.sortByColumn(rms_col, Qt.SortOrder.DescendingOrder)
+    assert column(rms_col) == sorted(column(rms_col), reverse=True)
+    rows = panel.table.selectionModel().selectedRows()  # the selection follows its row
+    assert rows and rows[0].data() == "layers.1.ffn.down"
+    panel.table.sortByColumn(name_col, Qt.SortOrder.AscendingOrder)
+    assert column(name_col) == sorted(column(name_col))
+    status_col = COLUMNS.index("status")
+    panel.table.sortByColumn(status_col, Qt.SortOrder.AscendingOrder)
+    assert column(status_col) == sorted(column(status_col))
+    panel.table.sortByColumn(rms_col, Qt.SortOrder.AscendingOrder)
+    window.model_panel.findChild(QSpinBox, "n_layers").setValue(3)  # a reset keeps the order
+    assert "layers.2.attn.q" in column(name_col)
+    assert column(rms_col) == sorted(column(rms_col))
+    panel.table.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # op-graph order again
+    assert [(r.name, r.kind) for r in panel.model.rows] == \
+        [(r.name, r.kind) for r in predict(window.config, formats=("fp8_e4m3",))]
+
+
+def test_table_cells_text_colour_and_exact_value(qtbot, window):
+    panel = panel_of(window)
+    model = panel.model
+    status_col, under_col = COLUMNS.index("status"), COLUMNS.index("underflow")
+    for r in range(model.rowCount()):
+        row = model.rows[r]
+        status = model.index(r, status_col).data()
+        assert status == row_status(row, "fp8_e4m3")
+        brush = model.index(r, status_col).data(Qt.ItemDataRole.BackgroundRole)
+        assert (brush is not None) == (status in STATUS_COLOURS)
+        under = row.formats["fp8_e4m3"]["underflow"]
+        assert model.index(r, under_col).data(EXPORT_ROLE) == under
+        assert model.index(r, under_col).data() == f"{100 * under:.3g}%"
+    assert model.index(0, 0).data(Qt.ItemDataRole.FontRole) is None
+    assert model.index(0, 0).data(Qt.ItemDataRole.ToolTipRole).startswith(model.rows[0].name)
+
+
+class _Event:
+    """Enough of a pyqtgraph mouse event for a marker series."""
+
+    def __init__(self, pos, exit=False):
+        self._pos, self.exit, self.accepted = pos, exit, None
+
+    def pos(self):
+        return self._pos
+
+    def button(self):
+        return Qt.MouseButton.LeftButton
+
+    def accept(self):
+        self.accepted = True
+
+    def ignore(self):
+        self.accepted = False
+
+
+def test_chart_markers_hover_and_click(qtbot, window):
+    import math
+
+    from PySide6.QtCore import QPointF
+
+    panel = panel_of(window)
+    chart = panel.chart
+    name = "layers.1.ffn.down"
+    item = chart._series["pred_fwd"]
+    at = QPointF(math.log2(chart.values["pred_fwd"][name]), chart.names.index(name) - 0.18)
+    assert item.points_at(at).size
+    item.hoverEvent(_Event(at))
+    tip = chart.plot.getViewBox().toolTip()
+    assert tip.startswith(name) and "forward" in tip and chart.formula(name) in tip
+    item.hoverEvent(_Event(at, exit=True))
+    assert chart.plot.getViewBox().toolTip() == ""
+    with qtbot.waitSignal(chart.picked) as picked:
+        click = _Event(at)
+        item.mouseClickEvent(click)
+    assert click.accepted and picked.args == [name]
+    rows = panel.table.selectionModel().selectedRows()
+    assert rows and rows[0].data() == name
+    miss = _Event(QPointF(at.x() + 40, at.y()))
+    item.mouseClickEvent(miss)
+    assert miss.accepted is False
+
+
+def test_a_new_summary_repaints_the_label_alone(qtbot, window):
+    """The summary's new text must not re-lay out (and so repaint) the whole panel; a text
+    that needs another line makes room for it."""
+    panel = panel_of(window)
+    label = panel.summary
+    one_line = label.height()
+    label.setText(label.text().split("<br>")[0] + " (again)")
+    qtbot.wait(10)
+    assert label.height() == one_line
+    label.setText(label.text() + "<br>a second line")
+    qtbot.waitUntil(lambda: label.height() > one_line)
+    assert label.heightForWidth(label.width()) <= label.height()
 
 
 def test_filter_and_kind(qtbot, window):
