@@ -5,13 +5,16 @@ forward from the embeddings to the loss, then backward from the loss, composed f
 rules in :mod:`.rules`. Rows carry the names measurement uses (``layers.0.attn.q``, …) so the
 two line up row for row. Nothing is built and nothing touches torch.
 
-Each tensor is tracked as a :class:`~.correlation.Sig`: the variance independent from token to
-token, the part shared within a sequence and the part shared by the whole batch. Attention
-creates per-sequence components (every query averages the same keys) and passes existing ones
-through unshrunk; biases and the mean of GELU/ReLU create batch-wide ones; weight and bias
-gradients are sums over rows, where shared components add coherently:
-``E[ΔW²] = α² (N σ_g² σ_x² + B·T(T−1) c_g c_x + B(B−1)T² m_g m_x)`` with ``c`` the same-sequence
-and ``m`` the batch-wide covariance. Everything else follows the rules' i.i.d. formulas.
+Each tensor is tracked as a position-resolved covariance (:class:`~.covariance.Cov`): per
+position the variance that belongs to the token alone, and for every pair of positions the
+covariance of two tokens of one sequence and of two sequences. Attention averages values with
+expected weights uniform over each query's allowed keys, so a causal stack keeps the early
+tokens' own parts while later ones share almost everything, and its backward piles gradient
+onto the first keys; biases and the mean of GELU/ReLU create parts shared by the whole batch;
+sinusoidal encodings make near positions alike. Elementwise nonlinearities map every pair
+through Mehler's formula, LayerNorm rescales each token by its own variance, and weight and
+bias gradients are sums over rows, where the shared parts add coherently:
+``E[ΔW²] = α² (b Σ_i σ_g,i² σ_x,i² + b Σ_{i≠j} C^g_ij C^x_ij + b(b−1) Σ_ij M^g_ij M^x_ij)``.
 
 Two further correlations are modelled: with tied embeddings, the logit of a token's own input
 embedding is ``α_head · d · c`` where ``c`` is the share of that embedding left in the final
@@ -33,9 +36,9 @@ from ..config import ModelConfig
 from ..positional import alibi_slopes, sinusoidal_at
 from ..sizing import RELATIVE_BUCKETS
 from ..tensors import REPORTED_FORMATS, TensorRow
-from . import correlation as C
+from . import covariance
 from . import rules as R
-from .correlation import Sig
+from .covariance import Cov
 from .formats import FORMATS, gaussian_format_table, headroom_status_array
 
 LN_EPS = 1e-5
@@ -57,6 +60,18 @@ def _linear_factors(ops: str, fan_in: int, fan_out: int, rows: int, role: str) -
                                 "to_output_scale")
 
 
+@lru_cache(maxsize=1024)
+def _linear_setup(ops: str, fan_in: int, fan_out: int, rows: int, role: str, bias: bool,
+                  tied: bool) -> tuple[R.LinearFactors, float, float, float]:
+    """A linear layer's factors, weight and bias RMS and forward gain (the same for every
+    layer of a stack, so computed once): ``(f, w, bias, α·√fan_in·w)``."""
+    f = _linear_factors(ops, fan_in, fan_out, rows, role)
+    unit = ops != "standard"
+    w = R.torch_default_linear_weight_rms(fan_in) if not (unit or tied) else 1.0
+    b = R.torch_default_linear_bias_rms(fan_in) if bias and not unit else 0.0
+    return f, w, b, f.output * math.sqrt(fan_in) * w
+
+
 @lru_cache(maxsize=64)
 def _unit_attention_factors(t_q: int, t_k: int, dh: int) -> tuple[float, ...]:
     """Unit scaling's attention factors (the same for every layer of a stack): output, q/k/v
@@ -68,68 +83,7 @@ def _unit_attention_factors(t_q: int, t_k: int, dh: int) -> tuple[float, ...]:
     return sm.output * mm[0], 1.0, mm[1], mm[2], sm.output, sm.grad_input, logit_grad
 
 
-def key_counts(t: int, pattern: str, window: int, causal: bool) -> np.ndarray:
-    """Keys each query may attend to (``unitscale_core.model.masks``), closed form, ``[t]``."""
-    i = np.arange(t)
-    causal = causal or pattern == "causal"
-    if pattern in ("full", "causal"):
-        return i + 1 if causal else np.full(t, t)
-    w = window
-    if causal:
-        near = np.minimum(i + 1, w)
-        return near + (i // w if pattern == "strided" else 0)
-    near = np.minimum(i, w - 1) + np.minimum(t - 1 - i, w - 1) + 1
-    if pattern == "strided":
-        near = near + i // w + (t - 1 - i) // w
-    return near
-
-
-@lru_cache(maxsize=256)
-def averaging_overlaps(t: int, s: int, pattern: str, window: int, causal: bool
-                       ) -> tuple[float, float, float]:
-    """How attention's averaging shares variance between positions (expected probabilities
-    uniform over each query's allowed keys ``A_i``, ``n_i = |A_i|``).
-
-    Returns ``(fwd, bwd, col)``: ``fwd`` = mean over query pairs ``i ≠ k`` of
-    ``|A_i ∩ A_k|/(n_i n_k)`` (covariance of two outputs from independent values); ``bwd`` =
-    mean over key pairs ``j ≠ l`` of ``Σ_i [j, l ∈ A_i]/n_i²`` (the same for ``Pᵀ g``); ``col``
-    = mean over keys of ``(Σ_{i ∋ j} 1/n_i)²`` (how a gradient shared by all queries reaches a
-    key). Closed forms for full and causal; local and strided patterns are evaluated on at most
-    256 positions (the pattern's statistics are scale-free in ``t/window``).
-    """
-    causal = causal or pattern == "causal"
-    if t != s or pattern == "full" and not causal:
-        return 1.0 / s, t / (s * s), (t / s) ** 2
-    if t == 1:  # one token: no pairs to share anything
-        return 0.0, 0.0, 1.0
-    if pattern in ("full", "causal"):
-        n = np.arange(1, t + 1, dtype=np.float64)
-        # fwd: pairs i < k: |A_i ∩ A_k| = i, so i/(i·k) = 1/k, and there are k−1 such i
-        fwd = float(np.sum((n - 1) / n) * 2 / (t * (t - 1))) if t > 1 else 0.0
-        tail = np.cumsum((1 / n**2)[::-1])[::-1]  # Σ_{i ≥ l} 1/i²
-        bwd = float(np.sum((n - 1) * tail) * 2 / (t * (t - 1))) if t > 1 else 0.0
-        colsum = np.cumsum((1 / n)[::-1])[::-1]  # Σ_{i ≥ j} 1/i
-        return fwd, bwd, float(np.mean(colsum**2))
-    size = min(t, 256)
-    w = max(1, round(window * size / t)) if t > 256 else window
-    i = np.arange(size)[:, None]
-    j = np.arange(size)[None, :]
-    d = i - j
-    ok = np.abs(d) < w if pattern == "local" else (np.abs(d) < w) | (d % w == 0)
-    if causal:
-        ok &= d >= 0
-    a = ok / ok.sum(1, keepdims=True)  # (T, S) expected probabilities
-    off = ~np.eye(size, dtype=bool)
-    if pattern == "local":  # only nearby positions share anything: average over those
-        off &= np.abs(d) < w
-    if not off.any():  # a window of one: every token attends only to itself
-        return 0.0, 0.0, float(np.mean(a.sum(0) ** 2))
-    fwd = float((a @ a.T)[off].mean())
-    bwd = float((a.T @ a)[off].mean())
-    return fwd, bwd, float(np.mean(a.sum(0) ** 2))
-
-
-def shared_input_factor(sum_p2: float, d: int) -> float:
+def shared_input_factor(sum_p2: float | np.ndarray, d: int) -> float | np.ndarray:
     """How much more gradient reaches the queries because keys and values are projections of
     the same ``d``-wide input (self-attention, and cross-attention's memory).
 
@@ -141,61 +95,42 @@ def shared_input_factor(sum_p2: float, d: int) -> float:
     ``1 + (1 − EΣp²)/(d · EΣp²)``. Checked against a torch measurement of one attention op
     (``tests/core/test_predict.py``).
     """
-    s = max(sum_p2, 1e-12)
-    return 1.0 + max(1.0 - s, 0.0) / (d * s)
+    s = np.maximum(sum_p2, 1e-12)
+    return 1.0 + np.maximum(1.0 - s, 0.0) / (d * s)
 
 
-def shared_partners(t: int, pattern: str, window: int) -> int:
-    """How many other tokens of a sequence share a token's per-sequence part.
+@lru_cache(maxsize=32)
+def _sinusoidal_cov(d_model: int, t: int) -> tuple[Cov, tuple[np.ndarray, np.ndarray]]:
+    """Sinusoidal encodings (Vaswani et al. 2017 §3.5) on :func:`.covariance.grid` ``(t)``:
+    pair covariances ``PE_i·PE_j/d`` (identical in every sequence, so also ``M``), and those
+    of the row means ``μ_i μ_j`` that a LayerNorm removes (distinct tokens, other
+    sequences). Bins wider than 16 positions are sampled at 16."""
+    g = covariance.grid(t)
+    edges = g.edges
+    samples = [np.unique(np.linspace(lo, hi - 1, min(hi - lo, 16)).round())
+               for lo, hi in zip(edges[:-1], edges[1:])]
+    pos = np.concatenate(samples)
+    onehot = np.zeros((len(pos), len(samples)))
+    onehot[np.arange(len(pos)), np.repeat(np.arange(len(samples)),
+                                          [len(x) for x in samples])] = 1.0
+    cnt = onehot.sum(0)
+    pe = sinusoidal_at(pos, d_model).astype(np.float64)
+    mu = pe.mean(1)
 
-    Every other token (``t − 1``) when attention reaches the whole sequence; with local
-    windows only those closer than the window, ``2(w − 1)`` (attention reaches no further).
-    """
-    if pattern == "local":
-        return min(t - 1, 2 * (window - 1))
-    return t - 1
+    def binned(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        total = onehot.T @ gram @ onehot
+        diag = onehot.T @ np.diagonal(gram)
+        every = total / np.outer(cnt, cnt)
+        pairs = np.outer(cnt, cnt) - np.diag(cnt)
+        distinct = (total - np.diag(diag)) / np.maximum(pairs, 1.0)
+        single = cnt <= 1
+        distinct[single, single] = (diag / cnt)[single]  # one position: the token itself
+        return distinct, every, diag / cnt
 
-
-@lru_cache(maxsize=64)
-def sinusoidal_correlations(d_model: int, t: int, pattern: str, window: int
-                            ) -> tuple[float, float]:
-    """Mean cosine similarity of sinusoidal encodings (Vaswani et al. 2017 §3.5) between two
-    positions: over the pairs that count as neighbours (:func:`shared_partners`), and over all
-    pairs (positions of different sequences).
-
-    ``PE(i)·PE(j) = Σ_k cos((i − j) ω_k)`` with ``ω_k = 10000^(−2k/d)``, so the similarity of
-    a pair depends only on ``Δ = i − j``; the means weight each ``Δ`` by how many pairs have
-    it (``2(t − Δ)``).
-    """
-    if t < 2:
-        return 0.0, 0.0
-    omega = 10000.0 ** (-np.arange(0, d_model, 2) / d_model)
-    delta = np.arange(1, t)
-    sim = np.cos(np.outer(delta, omega)).sum(1) / (d_model / 2)  # cosine similarity at Δ
-    weight = 2.0 * (t - delta)
-    near = delta <= shared_partners(t, pattern, window) // (2 if pattern == "local" else 1)
-    rho_all = float((weight * sim).sum() / (t * t))  # includes the t identical pairs as 0
-    rho_near = float((weight[near] * sim[near]).sum() / max(weight[near].sum(), 1.0))
-    return max(rho_near, 0.0), max(min(rho_all, rho_near), 0.0)
-
-
-@lru_cache(maxsize=64)
-def sinusoidal_row_means(d_model: int, t: int) -> tuple[float, float]:
-    """How much of a sinusoidal encoding is a constant across its features (its row mean).
-
-    ``μ_i = (1/d) Σ_k PE(i)_k``; low frequencies keep ``cos(i ω_k) ≈ 1`` for every position,
-    so ``μ_i`` is far from zero and common to nearby positions. A LayerNorm subtracts it, so
-    it never reaches a pre-norm branch, yet it stays in the residual stream's RMS.
-
-    Returns ``(E μ_i², E_{i≠j} μ_i μ_j)`` over positions ``0 … t − 1`` (at most 128 evenly
-    spaced positions are evaluated: ``μ_i`` varies slowly with ``i``).
-    """
-    pos = np.unique(np.linspace(0, t - 1, min(t, 128)).round())
-    mu = sinusoidal_at(pos, d_model).astype(np.float64).mean(axis=1)
-    n = len(mu)
-    mu2 = float(np.mean(mu * mu))
-    mumu = float((mu.sum() ** 2 - (mu * mu).sum()) / (n * (n - 1))) if n > 1 else mu2
-    return mu2, mumu
+    C, M, var = binned(pe @ pe.T / d_model)
+    FC, FM, _ = binned(np.outer(mu, mu))
+    u = np.maximum(var - np.diagonal(C), 0.0)
+    return Cov(g, u, C, M), (FC, FM)
 
 
 def _alibi_row_var(t: int, causal: bool) -> float:
@@ -223,6 +158,7 @@ class _Predictor:
         self.b = cfg.batch_size
         self.t = cfg.seq_len
         self.rows = self.b * self.t
+        self.grid = covariance.grid(self.t)
         # rows are made as the walk goes (no intermediate records: thousands per prediction)
         self.acts: dict[str, TensorRow] = {}
         self.grads: dict[str, TensorRow] = {}
@@ -234,21 +170,27 @@ class _Predictor:
         # Share of a token's own embedding in the (normalised) stream, for tied logits: every
         # residual add multiplies the skip by its weight, every norm divides by its input RMS.
         self.share = 1.0
-        self._all_partners = cfg.attention != "local"  # see shared_partners
-        self._pair_coefs: dict[int, tuple[int, int, int]] = {}  # pair_sum's, per length
-        # Variance per element of the residual stream along the all-ones feature direction
-        # (sinusoidal positions' row mean): every LayerNorm removes it, the skip keeps it.
-        self.flat = 0.0
+        # The residual stream's component along the all-ones feature direction (sinusoidal
+        # positions' row means), as pair covariances (distinct tokens, other sequences):
+        # every LayerNorm removes it, the skip keeps it.
+        self.flat: tuple[np.ndarray, np.ndarray] | None = None
+        #: (name, kind) → Cov of every activation and activation gradient, when asked for
+        #: (:func:`predicted_covariances`); None in a normal prediction.
+        self.keep: dict[tuple[str, str], Cov] | None = None
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def act(self, name: str, x: Sig | float, formula: str = "", scales: dict | None = None):
-        rms = x.rms if isinstance(x, Sig) else x
+    def act(self, name: str, x: Cov | float, formula: str = "", scales: dict | None = None):
+        rms = x.rms if isinstance(x, Cov) else x
+        if self.keep is not None and isinstance(x, Cov):
+            self.keep[(name, "activation")] = x
         self.acts[name] = TensorRow(name, "activation", rms, scales, None, (), formula)
         self.order.append(name)
         return x
 
-    def grad(self, name: str, g: Sig | float, formula: str = ""):
-        self.grads[name] = TensorRow(name, "grad_activation", g.rms if isinstance(g, Sig)
+    def grad(self, name: str, g: Cov | float, formula: str = ""):
+        if self.keep is not None and isinstance(g, Cov):
+            self.keep[(name, "grad_activation")] = g
+        self.grads[name] = TensorRow(name, "grad_activation", g.rms if isinstance(g, Cov)
                                      else g, None, None, (), formula)
         return g
 
@@ -264,40 +206,28 @@ class _Predictor:
         self.wgrads[name] = TensorRow(name, "grad_weight", math.sqrt(max(var, 0.0)), None,
                                       None, (), formula)
 
-    def pair_sum(self, g: Sig, x: Sig | None, t: int | None = None) -> float:
-        """``E[(Σ_rows g·x)²]`` per element (x None: ``Σ_rows g``), rows = batch × t.
+    def pair_sum(self, g: Cov, x: Cov | None) -> float:
+        """``E[(Σ_rows g·x)²]`` per element (x None: ``Σ_rows g``): :func:`.covariance.
+        pair_sum` — the same token, distinct tokens of a sequence, other sequences."""
+        return covariance.pair_sum(self.b, g, x)
 
-        Pairs of rows: the same token (``σ_g² σ_x²``), nearby tokens of one sequence (shared
-        parts, :func:`shared_partners` of them), other tokens of the sequence and of other
-        sequences (batch-wide parts only)::
-
-            b·t·σ_g²σ_x² + b·t·p·c_g c_x + (b·t·(t − 1 − p) + b(b − 1)·t²)·m_g m_x
-        """
-        t = self.t if t is None else t
-        coef = self._pair_coefs.get(t)
-        if coef is None:
-            b = self.b
-            partners = t - 1 if self._all_partners else shared_partners(
-                t, self.cfg.attention, self.cfg.window)
-            coef = self._pair_coefs[t] = (b * t, b * t * partners,
-                                          b * t * (t - 1 - partners) + b * (b - 1) * t * t)
-        c_tot, c_shared, c_m = coef
-        if x is None:
-            return c_tot * g.total + c_shared * g.shared + c_m * g.m
-        return c_tot * g.total * x.total + c_shared * g.shared * x.shared + c_m * g.m * x.m
+    def independent(self, var: float | np.ndarray) -> Cov:
+        return Cov.independent(self.grid, var)
 
     # -- ops -----------------------------------------------------------------------------------
-    def linear_fwd(self, name: str, x: Sig, fan_in: int, fan_out: int, t: int | None = None,
-                   role: str = "hidden") -> tuple[Sig, dict]:
-        """Forward of ``ops.linear`` over batch × ``t`` rows."""
-        rows = self.b * (self.t if t is None else t)
-        f = _linear_factors(self.p, fan_in, fan_out, rows, role)
+    def linear_fwd(self, name: str, x: Cov, fan_in: int, fan_out: int,
+                   role: str = "hidden") -> tuple[Cov, dict]:
+        """Forward of ``ops.linear`` over batch × sequence rows."""
         has_bias = self.cfg.bias and role != "readout"
         tied = role == "readout" and self.cfg.tie_embeddings  # the head is the N(0, 1) table
-        w = R.torch_default_linear_weight_rms(fan_in) if not (self.unit or tied) else 1.0
-        bias = R.torch_default_linear_bias_rms(fan_in) if has_bias and not self.unit else 0.0
-        gain = f.output * math.sqrt(fan_in) * w
-        y = x.scaled(gain).plus_global((f.output * bias) ** 2)
+        f, w, bias, gain = _linear_setup(self.p, fan_in, fan_out, self.rows, role, has_bias,
+                                         tied)
+        # q, k and v of one input are the same tensor when their factors agree: share one
+        # object, and with it everything derived from it (row variances, pair-sum weights)
+        memo_key = ("linear", gain, (f.output * bias) ** 2)
+        y = x.memo.get(memo_key)
+        if y is None:
+            y = x.memo[memo_key] = x.scaled(gain).plus_global(memo_key[2])
         scales = {"forward": f.output, "grad_input": f.grad_input, "grad_weight": f.grad_weight}
         self.act(name, y, ("α·√(fan_in·σ_x²·σ_w² + σ_b²) = {:.3g}·√({}·{:.3g}²·{:.3g}² + "
                            "{:.3g}²)", (f.output, fan_in, x.rms, w, bias)),
@@ -307,31 +237,28 @@ class _Predictor:
         if has_bias:
             self.weight(name + ".bias", bias, "zeros" if self.unit else
                         ("nn.Linear default: 1/√(3·{})", (fan_in,)))
-        return y, {"name": name, "x": x, "w": w, "fan_out": fan_out, "f": f, "bias": has_bias,
-                   "t": self.t if t is None else t}
+        return y, {"name": name, "x": x, "w": w, "fan_out": fan_out, "f": f, "bias": has_bias}
 
-    def linear_bwd(self, ctx: dict, g: Sig, zero_bias_grad: bool = False) -> Sig:
+    def linear_bwd(self, ctx: dict, g: Cov, zero_bias_grad: bool = False) -> Cov:
         name, f = ctx["name"], ctx["f"]
         self.grad(name, g)
         aw2 = f.grad_weight**2
-        self.wgrad(name + ".weight", aw2 * self.pair_sum(g, ctx["x"], ctx["t"]),
+        self.wgrad(name + ".weight", aw2 * self.pair_sum(g, ctx["x"]),
                    ("α_w²·E[(Σ_rows g·x)²], α_w = {:.3g}", (f.grad_weight,)))
         if ctx["bias"]:
             if zero_bias_grad:
                 self.wgrad(name + ".bias", 0.0, "0: softmax ignores a shift shared by all keys")
             else:
-                self.wgrad(name + ".bias", aw2 * self.pair_sum(g, None, ctx["t"]),
+                self.wgrad(name + ".bias", aw2 * self.pair_sum(g, None),
                            ("α_w²·E[(Σ_rows g)²], α_w = {:.3g}", (f.grad_weight,)))
         return g.scaled(f.grad_input * math.sqrt(ctx["fan_out"]) * ctx["w"])
 
-    def norm_fwd(self, name: str, x: Sig) -> tuple[Sig, dict]:
-        """LayerNorm of the residual stream. It subtracts each row's mean, so the stream's
-        flat part (``self.flat``, shared by the tokens: taken from ``m``, then ``s``) never
-        reaches the output and does not count in the variance it divides by."""
-        flat = self.flat
-        if flat > 0:
-            from_m = min(flat, x.m)
-            x = Sig(x.u, max(x.s - (flat - from_m), 0.0), x.m - from_m)
+    def norm_fwd(self, name: str, x: Cov) -> tuple[Cov, dict]:
+        """LayerNorm of the residual stream: each token to unit RMS. It subtracts each row's
+        mean, so the stream's flat part (``self.flat``) never reaches the output and does not
+        count in the variance it divides by."""
+        if self.flat is not None:
+            x = x.minus_shared(*self.flat)
         r = R.layer_norm_rule(x.rms, 1.0, d=self.c, b_rows=self.rows, eps=LN_EPS)
         y = x.normalised(r.output)
         self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g} (row mean removed)",
@@ -339,11 +266,14 @@ class _Predictor:
         self.weight(name + ".weight", 1.0, "LayerNorm gain: ones")
         if self.cfg.bias:
             self.weight(name + ".bias", 0.0, "LayerNorm bias: zeros")
-        return y, {"name": name, "x": x, "y": y}
+        # the input itself is not kept (a 96-layer forward would hold every stream state):
+        # the backward needs only its variance per position
+        return y, {"name": name, "x_var": x.var, "x_rms": x.rms, "y": y}
 
-    def norm_bwd(self, ctx: dict, g: Sig) -> Sig:
+    def norm_bwd(self, ctx: dict, g: Cov) -> Cov:
+        """Per token ``g_x = (g − mean g − x̂ mean(g x̂))/σ``: :func:`.rules.layer_norm_rule`
+        at each position's own input variance."""
         alpha = R.unit_layer_norm_grad_param_scale(self.c, self.rows) if self.unit else 1.0
-        r = R.layer_norm_rule(ctx["x"].rms, g.rms, d=self.c, b_rows=self.rows, eps=LN_EPS)
         name = ctx["name"]
         self.grad(name, g)
         self.wgrad(name + ".weight", alpha**2 * self.pair_sum(g, ctx["y"]),
@@ -351,13 +281,18 @@ class _Predictor:
         if self.cfg.bias:
             self.wgrad(name + ".bias", alpha**2 * self.pair_sum(g, None),
                        ("α²·E[(Σ_rows g)²], α = {:.3g}", (alpha,)))
-        return g.scaled(r.grad_input / g.rms) if g.rms > 0 else g
+        d = self.c
+        var = np.maximum(ctx["x_var"], 0.0)
+        var_bar = var * (d - 1) / d
+        r = var_bar / (var_bar + LN_EPS)
+        inv_var = 1.0 / (var * max(d - 3, 1) / d + LN_EPS)
+        return g.rescaled(np.sqrt(((d - 2) + (1 - r) ** 2) / d * inv_var))
 
-    def residual_add(self, branch: Sig, skip: Sig, tau: float) -> Sig:
+    def residual_add(self, branch: Cov, skip: Cov, tau: float) -> Cov:
         w_r, w_s = R.residual_weights(tau) if self.unit else (1.0, 1.0)
         return branch.scaled(w_r).plus(skip.scaled(w_s))
 
-    def residual_split_bwd(self, g_branch: Sig, g_skip: Sig, tau: float) -> Sig:
+    def residual_split_bwd(self, g_branch: Cov, g_skip: Cov, tau: float) -> Cov:
         w_r, w_s = R.residual_weights(tau) if self.unit else (1.0, 1.0)
         return g_branch.scaled(w_r).plus(g_skip.scaled(w_s))
 
@@ -374,94 +309,100 @@ class _Predictor:
         base = _alibi_row_var(t, causal)
         return [float(m * m * base) for m in slopes]
 
-    def attention_fwd(self, prefix: str, xq: Sig, xkv: Sig, t_q: int, t_k: int,
-                      causal: bool, pattern: str, positional: str) -> tuple[Sig, dict]:
-        c, dh = self.c, self.dh
-        q, lq = self.linear_fwd(f"{prefix}.q", xq, c, c, t_q)
-        k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, c, t_k)
-        v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, c, t_k)
+    def _row_stats(self, sigma2: np.ndarray, keys: np.ndarray, bias_vars: list[float]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Per query bin ``E Σ_j p_j²`` and the softmax-Jacobian factor, for logits of
+        variance ``sigma2`` over rows of ``keys`` keys (averaged over the bias groups)."""
+        g = len(bias_vars)
+        if g == 1 and bias_vars[0] == 0.0:  # no positional bias: σ² as it is
+            sigma = np.sqrt(np.maximum(sigma2, 0.0))
+        else:
+            sigma = np.sqrt(np.maximum(sigma2[:, None] + np.asarray(bias_vars), 0.0)).ravel()
+            keys = np.repeat(keys, g)
+        sum_p2, gf = R.softmax_row_stats(R._keys(sigma), keys, self.dh)
+        if g > 1:
+            sum_p2, gf = sum_p2.reshape(-1, g).mean(1), gf.reshape(-1, g).mean(1)
+        return sum_p2, gf
+
+    def attention_fwd(self, prefix: str, xq: Cov, xkv: Cov, causal: bool, pattern: str,
+                      positional: str) -> tuple[Cov, dict]:
+        c, dh, t = self.c, self.dh, self.t
+        q, lq = self.linear_fwd(f"{prefix}.q", xq, c, c)
+        k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, c)
+        v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, c)
         m = 1.0 / dh if self.p == "umup" else 1.0 / math.sqrt(dh)
         self.act(prefix + ".scores", R.attention_logits_rms(q.rms, k.rms, dh, m),
                  ("m·√d_head·σ_q·σ_k, m = {:.3g}, d_head = {}", (m, dh)))
         is_causal = causal or pattern == "causal"
-        plain = pattern in ("full", "causal") or t_q != t_k
-        counts = None if plain else key_counts(t_q, pattern, self.cfg.window, causal)
-        # Only the keys' token-specific part moves probabilities: shared parts of k shift a
-        # whole row (softmax-invariant) or are shared with the query's own sequence.
-        sigma_qk = m * math.sqrt(dh * q.total * k.u)
-        stats = []
-        for var in self._logit_bias_vars(positional, t_k, is_causal):
-            sigma_z = math.sqrt(sigma_qk**2 + var)
-            if plain:
-                stats.append(R.softmax_moments(sigma_z, t_k, is_causal and t_q == t_k, dh))
-            else:
-                stats.append(R.softmax_moments_for_counts(sigma_z, counts, dh))
-        sum_p2 = sum(s.sum_p2 for s in stats) / len(stats)
-        grad_factor = sum(max(s.grad_factor, 0.0) for s in stats) / len(stats)
-        self.act(prefix + ".probs", math.sqrt(sum_p2 / t_k),
-                 ("√(E Σp²/S), E Σp² = {:.3g}, S = {}, logit σ = {:.3g}", (sum_p2, t_k,
-                                                                        sigma_qk)))
+        amap = covariance.attention_map(t, pattern, self.cfg.window, causal)
+        # Only the keys' spread about the row's mean moves probabilities (shared parts of k
+        # shift a whole row, which softmax ignores); per query bin.
+        rowvar_k = covariance.row_variance(amap, k)
+        q_var = q.var
+        sum_p2, grad_factor = self._row_stats(m * m * dh * q_var * rowvar_k, amap.keys,
+                                              self._logit_bias_vars(positional, t, is_causal))
+        w = self.grid.w
+        mean_p2 = float(w @ sum_p2)
+        self.act(prefix + ".probs", math.sqrt(mean_p2 / t),
+                 ("√(E Σp²/S), E Σp² = {:.3g}, S = {}", (mean_p2, t)))
         if self.p == "unit":
             (out_scale, grad_qkv, grad_left, grad_right, sm_out, grad_sm_in,
-             logit_grad) = _unit_attention_factors(t_q, t_k, dh)
+             logit_grad) = _unit_attention_factors(t, t, dh)
         else:
             out_scale = 1.0
-            if self.p == "umup" and (t_k > 1 or not is_causal):
-                out_scale = R.unit_sdpa_scale(t_k, dh, is_causal)
+            if self.p == "umup" and (t > 1 or not is_causal):
+                out_scale = R.unit_sdpa_scale(t, dh, is_causal)
             grad_qkv, grad_left, grad_right, sm_out, grad_sm_in = out_scale, 1.0, 1.0, 1.0, 1.0
             logit_grad = m
-        fwd_pair, bwd_pair, col2 = averaging_overlaps(t_q, t_k, pattern, self.cfg.window,
-                                                      causal)
         # Queries of one sequence share q's per-sequence part, so q_s·k_j is a key preference
         # common to all of them: their probabilities overlap more than uniform ones would.
-        sigma_a = m * math.sqrt(dh * q.shared * k.u)
+        q_same, k_u = q.same, max(k.total - k.same, 0.0)
+        sigma_a = m * math.sqrt(dh * max(q_same, 0.0) * k_u)
+        common = 1.0
         if sigma_a > 1e-3:
-            row_causal = is_causal and t_q == t_k
-            common = R.softmax_moments(sigma_a, t_k, row_causal).sum_p2 / R.softmax_moments(
-                0.0, t_k, row_causal).sum_p2
-            fwd_pair, bwd_pair = fwd_pair * common, bwd_pair * common
-        fwd_pair = min(fwd_pair, sum_p2)
-        # P·V: shared parts of V pass whole (rows sum to 1); the independent part shrinks to
-        # E Σp², of which the expected (uniform) weights make a per-sequence share.
-        ctx_sig = Sig(v.u * (sum_p2 - fwd_pair), v.s + v.u * fwd_pair, v.m).scaled(
-            out_scale * self.drop)
+            common = R.softmax_moments(sigma_a, t, is_causal).sum_p2 / R.softmax_moments(
+                0.0, t, is_causal).sum_p2
+        # E Σp² beyond the expected weights' own Σ p̄²: the spread of the probabilities
+        excess = np.maximum(sum_p2 - amap.r0, 0.0)
+        ctx_cov = covariance.attend(amap, v, excess, common).scaled(out_scale * self.drop)
         scales = {"forward": out_scale, "grad_input": grad_qkv if self.p == "umup" else
                   grad_left} if self.unit else None
-        self.act(prefix + ".context", ctx_sig,
-                 ("α·σ_v·√(E Σp²) + shared parts, α = {:.3g}", (out_scale,)), scales)
-        out, lo = self.linear_fwd(f"{prefix}.o", ctx_sig, c, c, t_q)
+        self.act(prefix + ".context", ctx_cov,
+                 ("α·Σ_j p_ij v_j: expected weights p̄ over the allowed keys, E Σp² = {:.3g}, "
+                  "α = {:.3g}", (mean_p2, out_scale)), scales)
+        out, lo = self.linear_fwd(f"{prefix}.o", ctx_cov, c, c)
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
-                     "v": v, "t_q": t_q, "t_k": t_k, "sum_p2": sum_p2, "gf": grad_factor,
+                     "v": v, "amap": amap, "sum_p2": sum_p2, "gf": grad_factor,
+                     "excess": excess, "common": common, "rowvar_k": rowvar_k,
                      "m": logit_grad, "grad_qkv": grad_qkv, "grad_left": grad_left,
-                     "grad_right": grad_right, "grad_sm_in": grad_sm_in, "sm_out": sm_out,
-                     "bwd_pair": bwd_pair, "col2": col2}
+                     "grad_right": grad_right, "grad_sm_in": grad_sm_in, "sm_out": sm_out}
 
-    def attention_bwd(self, a: dict, g: Sig) -> tuple[Sig, Sig, Sig]:
+    def attention_bwd(self, a: dict, g: Cov) -> tuple[Cov, Cov, Cov]:
         """Backward from the output projection's gradient; returns the gradients reaching
         the query input and the key and value inputs."""
-        prefix, dh, v = a["prefix"], self.dh, a["v"]
+        prefix, dh, v, amap, t = a["prefix"], self.dh, a["v"], a["amap"], self.t
         g_ctx = self.linear_bwd(a["lo"], g)
         self.grad(f"{prefix}.context", g_ctx)
         gl = a["grad_left"] * self.drop
         self.grad(f"{prefix}.probs", gl * math.sqrt(dh * g_ctx.total * v.total),
                   "g_P = α·gY·Vᵀ: √(d_head·σ_gy²·σ_v²)")
-        # the softmax Jacobian removes what is constant along a row: V's shared parts
-        g_p_moving = gl * math.sqrt(dh * g_ctx.total * v.u)
-        g_logits = g_p_moving * math.sqrt(a["gf"] / a["t_k"]) * a["grad_sm_in"]
-        self.grad(f"{prefix}.scores", g_logits,
-                  "softmax Jacobian: g_P·√((EΣp² − 2EΣp³ + E(Σp²)²)/S)")
-        # Pᵀ g: the independent part of g shrinks, shared parts reach keys by column sums
+        # the softmax Jacobian removes what is constant along a row: only the values' spread
+        # about the row mean moves g_Z; per query bin, Σ over keys of g_Z²
+        rowvar_v = covariance.row_variance(amap, v)
+        gz2 = (gl * a["grad_sm_in"]) ** 2 * dh * g_ctx.var * rowvar_v * a["gf"]
+        w = self.grid.w
+        self.grad(f"{prefix}.scores", math.sqrt(max(float(w @ gz2), 0.0) / t),
+                  "softmax Jacobian: g_P·√((EΣp² − 2EΣp³ + E(Σp²)²)/S), per query position")
         gain_v = a["grad_right"] * a["sm_out"] * self.drop
-        t_ratio = a["t_q"] / a["t_k"]
-        pair = min(a["bwd_pair"], t_ratio * a["sum_p2"])
-        g_v = Sig(g_ctx.u * (t_ratio * a["sum_p2"] - pair) + g_ctx.shared * max(
-            a["col2"] - t_ratio**2, 0.0), g_ctx.u * pair + g_ctx.s * t_ratio**2,
-            g_ctx.m * t_ratio**2).scaled(gain_v)
-        # gQ = m·gZ·K: rows of gZ sum to zero, so K's shared parts drop out; K and V come
-        # from the same input, which adds the pairs of keys (shared_input_factor)
-        g_q = Sig((a["m"] * g_logits) ** 2 * a["t_k"] * a["k"].u
-                  * shared_input_factor(a["sum_p2"], self.c))
-        g_k = Sig((a["m"] * g_logits) ** 2 * a["t_q"] * a["q"].total)
+        g_v = covariance.attend_transposed(amap, g_ctx, a["excess"], a["common"]).scaled(gain_v)
+        # gQ = m·gZ·K: rows of gZ sum to zero, so only the keys' spread about the row mean
+        # counts; K and V come from the same input, which adds the pairs of keys
+        # (shared_input_factor). gK_j = m Σ_i gZ_ij q_i with gZ_ij² ∝ p_ij².
+        mm = a["m"] ** 2
+        sum_p2 = np.maximum(a["sum_p2"], 1e-12)
+        g_q = self.independent(mm * gz2 * a["rowvar_k"] * shared_input_factor(sum_p2, self.c))
+        per_p2 = gz2 / sum_p2 * a["q"].var  # gZ² per unit p² times |q|²
+        g_k = self.independent(mm * (amap.RT0 @ per_p2 + amap.V @ (a["excess"] * per_p2)))
         s = a["grad_qkv"]
         gq = self.linear_bwd(a["lq"], g_q.scaled(s))
         # the key bias shifts every logit of a row equally, which softmax ignores — unless
@@ -472,25 +413,24 @@ class _Predictor:
         return gq, gk, gv
 
     # -- feed-forward --------------------------------------------------------------------------
-    def ffn_fwd(self, prefix: str, x: Sig) -> tuple[Sig, dict]:
+    def ffn_fwd(self, prefix: str, x: Cov) -> tuple[Cov, dict]:
         c, f, kind = self.c, self.cfg.d_ff, self.cfg.activation
         up, lu = self.linear_fwd(f"{prefix}.up", x, c, f, role="ffn")
         ctx: dict = {"prefix": prefix, "lu": lu, "up": up, "kind": kind}
         if kind == "swiglu":
             gate, lg = self.linear_fwd(f"{prefix}.gate", x, c, f, role="ffn")
             alpha = R.unit_silu_glu_scale() if self.unit else 1.0
-            pf, pd, rhos = C.silu_kernel(gate)
-            h = C.product(up, pf, rhos).scaled(alpha)
+            h = covariance.gated(up, covariance.kernels("silu", gate)[0], alpha)
             self.act(prefix + ".act", h, ("α·σ_up·rms(silu(gate)), α = {:.3g}", (alpha,)),
                      {"forward": alpha, "grad_input": alpha} if self.unit else None)
-            ctx.update(lg=lg, gate=gate, alpha=alpha, pf=pf, pd=pd, rhos=rhos)
+            ctx.update(lg=lg, gate=gate, alpha=alpha)
         else:
             factors = R.ElementwiseFactors(1.0, 1.0)
             if self.unit:
                 constraint = "gmean" if self.p == "unit" else "to_output_scale"
                 factors = (R.unit_gelu_scales(1.0, constraint) if kind == "gelu"
                            else R.unit_relu_scales(constraint))
-            h = C.elementwise(kind, up, factors.output)
+            h = covariance.elementwise(kind, up, factors.output)
             self.act(prefix + ".act", h, ("α·rms({}(x)), x ~ N(0, {:.3g}²); mean and "
                                           "correlations by Hermite expansion", (kind, up.rms)),
                      {"forward": factors.output, "grad_input": factors.grad_input}
@@ -500,29 +440,27 @@ class _Predictor:
         ctx["ld"] = ld
         return out, ctx
 
-    def ffn_bwd(self, a: dict, g: Sig) -> Sig:
+    def ffn_bwd(self, a: dict, g: Cov) -> Cov:
         g_act = self.linear_bwd(a["ld"], g)
         self.grad(f"{a['prefix']}.act", g_act)
         if a["kind"] == "swiglu":
             alpha = a["alpha"]
-            g_up = C.product(g_act, a["pf"], a["rhos"]).scaled(alpha)
-            up = a["up"]
-            rho_s, rho_m = a["rhos"]
-            g_gate = C.from_pair_covariances(
-                up.total * C.kernel(a["pd"], 1.0) * g_act.total,
-                up.shared * C.kernel(a["pd"], rho_s) * g_act.shared,
-                up.m * C.kernel(a["pd"], rho_m) * g_act.m).scaled(alpha)
+            silu, dsilu = covariance.kernels("silu", a["gate"])
+            g_up = covariance.gated(g_act, silu, alpha)
+            g_gate = covariance.gated(covariance.product(g_act, a["up"]), dsilu, alpha)
             return self.linear_bwd(a["lu"], g_up).plus(self.linear_bwd(a["lg"], g_gate))
-        g_up = C.elementwise_grad(a["kind"], a["up"], g_act, a["factors"].grad_input)
+        g_up = covariance.elementwise_grad(a["kind"], a["up"], g_act, a["factors"].grad_input)
         return self.linear_bwd(a["lu"], g_up)
 
     # -- layers --------------------------------------------------------------------------------
-    def block_fwd(self, x: Sig, norm_name: str, tau: float, branch_fwd) -> tuple[Sig, dict]:
+    def block_fwd(self, x: Cov, norm_name: str, tau: float, branch_fwd) -> tuple[Cov, dict]:
         """One residual sub-block; returns (new stream, context for backward)."""
         pre = self.cfg.norm == "pre"
         if self.unit:
-            self.share *= R.residual_weights(tau)[1]
-            self.flat *= R.residual_weights(tau)[1] ** 2
+            w_s = R.residual_weights(tau)[1]
+            self.share *= w_s
+            if self.flat is not None:
+                self.flat = (self.flat[0] * w_s**2, self.flat[1] * w_s**2)
         if pre:
             h, n = self.norm_fwd(norm_name, x)
             inner, ctx = branch_fwd(h)
@@ -531,11 +469,11 @@ class _Predictor:
             inner, ctx = branch_fwd(x)
             y = self.residual_add(inner.scaled(self.drop), x, tau)
             out, n = self.norm_fwd(norm_name, y)
-            self.flat = 0.0  # the stream is now a LayerNorm output
-            self.share /= max(n["x"].rms, 1e-30)
+            self.flat = None  # the stream is now a LayerNorm output
+            self.share /= max(n["x_rms"], 1e-30)
         return out, {"norm": n, "branch": ctx, "tau": tau, "pre": pre}
 
-    def block_bwd(self, blk: dict, g_out: Sig, branch_bwd) -> Sig:
+    def block_bwd(self, blk: dict, g_out: Cov, branch_bwd) -> Cov:
         """Backward of a residual sub-block from the gradient at its output."""
         tau = blk["tau"]
         if blk["pre"]:
@@ -552,8 +490,8 @@ class _Predictor:
             return [1.0 / math.sqrt(n / 2 + k) for k in range(n)]
         return [1.0] * len(kinds)
 
-    def stack(self, prefix: str, n_layers: int, x: Sig, causal: bool,
-              memory: Sig | None) -> tuple[Sig, list]:
+    def stack(self, prefix: str, n_layers: int, x: Cov, causal: bool,
+              memory: Cov | None) -> tuple[Cov, list]:
         """Forward through a stack's layers; returns the output and backward contexts."""
         cfg = self.cfg
         kinds = ["attn", "attn", "mlp"] if memory is not None else ["attn", "mlp"]
@@ -563,14 +501,13 @@ class _Predictor:
             lp = f"{prefix}layers.{i}"
             tau = taus[i * len(kinds):(i + 1) * len(kinds)]
             x, sa = self.block_fwd(x, f"{lp}.norm1", tau[0], lambda h, lp=lp: (
-                self.attention_fwd(f"{lp}.attn", h, h, self.t, self.t, causal, cfg.attention,
+                self.attention_fwd(f"{lp}.attn", h, h, causal, cfg.attention,
                                    cfg.positional)))
             self.act(f"{lp}.after_attn", x, "residual stream after self-attention")
             blocks = [("attn", sa, f"{lp}.after_attn")]
             if memory is not None:
                 x, ca = self.block_fwd(x, f"{lp}.cross_norm", tau[1], lambda h, lp=lp: (
-                    self.attention_fwd(f"{lp}.cross_attn", h, memory, self.t, self.t, False,
-                                       "full", "none")))
+                    self.attention_fwd(f"{lp}.cross_attn", h, memory, False, "full", "none")))
                 self.act(f"{lp}.after_cross", x, "residual stream after cross-attention")
                 blocks.append(("cross", ca, f"{lp}.after_cross"))
             x, fb = self.block_fwd(x, f"{lp}.norm2", tau[-1], lambda h, lp=lp: (
@@ -580,7 +517,7 @@ class _Predictor:
             layers.append(blocks)
         return x, layers
 
-    def stack_bwd(self, layers: list, g: Sig, memory_grads: list) -> Sig:
+    def stack_bwd(self, layers: list, g: Cov, memory_grads: list) -> Cov:
         for blocks in reversed(layers):
             for kind, blk, tap in reversed(blocks):
                 self.grad(tap, g)
@@ -593,49 +530,45 @@ class _Predictor:
                         a, gy, memory_grads))
         return g
 
-    def _self_attn_bwd(self, a: dict, g: Sig) -> Sig:
+    def _self_attn_bwd(self, a: dict, g: Cov) -> Cov:
         gq, gk, gv = self.attention_bwd(a, g)
         return gq.plus(gk).plus(gv)
 
-    def _cross_attn_bwd(self, a: dict, g: Sig, memory_grads: list) -> Sig:
+    def _cross_attn_bwd(self, a: dict, g: Cov, memory_grads: list) -> Cov:
         gq, gk, gv = self.attention_bwd(a, g)
         memory_grads.append(gk.plus(gv))
         return gq
 
     # -- embeddings and positions --------------------------------------------------------------
-    def embed_fwd(self, prefix: str, tok_name: str) -> tuple[Sig, dict]:
+    def _sinusoidal_cov(self) -> tuple[Cov, tuple[np.ndarray, np.ndarray]]:
+        """The sinusoidal table's pair covariances ``PE_i·PE_j/d`` on the grid (the same
+        for every sequence), and those of its row means ``μ_i μ_j`` (the flat part)."""
+        return _sinusoidal_cov(self.c, self.t)
+
+    def embed_fwd(self, prefix: str, tok_name: str) -> tuple[Cov, dict]:
         """Token lookup, absolute positions, the ``embed`` tap."""
         positional = self.cfg.positional
         self.act(tok_name, 1.0, "embedding rows N(0, 1)")
-        pos_var = 0.0
         factors = (1.0, 1.0, 1.0)
+        embed = self.independent(1.0)  # token rows: independent draws
+        flat = None
         if positional in ("learned", "sinusoidal"):
             if positional == "learned":
                 self.act(f"{prefix}pos.table", 1.0, "learned table N(0, 1)")
                 self.weight(f"{prefix}pos.table.weight", 1.0, "nn.Embedding N(0, 1)")
-                pos_var = 1.0
+                # one row per position, shared by every sequence at that position
+                g = self.grid
+                k = len(g.n)
+                pos = Cov(g, np.ones(k), np.zeros((k, k)), np.diag(1.0 / g.n))
             else:
-                pos_var = R.sinusoidal_rms(self.c, self.t) ** 2
+                pos, flat = self._sinusoidal_cov()
+            embed = embed.plus(pos)
             if self.unit:
                 constraint = "gmean" if self.p == "unit" else "to_output_scale"
                 factors = R.apply_constraint(constraint, 2**-0.5, 1.0, self.b**-0.5)
-        flat = 0.0
-        if positional == "sinusoidal":
-            # nearby positions' encodings are alike (low frequencies barely turn); the row
-            # means (flat) are split off: LayerNorm removes them (see norm_fwd)
-            rho_s, rho_m = sinusoidal_correlations(self.c, self.t, self.cfg.attention,
-                                                   self.cfg.window)
-            mu2, mumu = sinusoidal_row_means(self.c, self.t)
-            flat = mu2
-            var_c = max(pos_var - mu2, 0.0)
-            near_c = min(max(rho_s * pos_var - mu2, 0.0), var_c)
-            all_c = min(max(rho_m * pos_var - mumu, 0.0), near_c)
-            pos_sig = Sig(var_c - near_c, near_c - all_c + max(mu2 - mumu, 0.0),
-                          all_c + min(mumu, mu2))
-        else:  # learned rows are independent draws, like the tokens themselves
-            pos_sig = Sig(pos_var)
-        embed = Sig(1.0).plus(pos_sig).scaled(factors[0])
-        self.flat = flat * factors[0] ** 2
+        embed = embed.scaled(factors[0])
+        f2 = factors[0] ** 2
+        self.flat = None if flat is None else (flat[0] * f2, flat[1] * f2)
         self.act(f"{prefix}embed", embed, f"α·√(σ_tok² + σ_pos²), α = {factors[0]:.3g}",
                  {"forward": factors[0], "grad_input": factors[1]} if self.unit else None)
         if positional == "relative":
@@ -644,7 +577,7 @@ class _Predictor:
         self.share = factors[0]
         return embed, {"prefix": prefix, "tok": tok_name, "factors": factors}
 
-    def embed_bwd(self, e: dict, g: Sig) -> Sig:
+    def embed_bwd(self, e: dict, g: Cov) -> Cov:
         """Gradients of the embed tap, the positions, and the token-embedding output."""
         prefix, f, b = e["prefix"], e["factors"], self.b
         positional = self.cfg.positional
@@ -652,8 +585,11 @@ class _Predictor:
         g_tok = self.grad(e["tok"], g.scaled(f[1]))
         if positional == "learned":
             gp = g.scaled(f[2])
-            var = b * gp.total + b * (b - 1) * gp.m  # summed over the batch
-            self.grad(f"{prefix}pos.table", math.sqrt(var), "Σ over the batch of α·g")
+            # a position's row collects that position of every sequence (M_aa: tokens of
+            # bin a in two sequences, the same position when the bin is one position wide)
+            var = float(self.grid.w @ (b * gp.var + b * (b - 1) * np.diagonal(gp.M)))
+            self.grad(f"{prefix}pos.table", math.sqrt(max(var, 0.0)),
+                      "Σ over the batch of α·g")
             rows = self.cfg.max_len
             alpha = R.unit_embedding_grad_scale(rows, self.t) if self.unit else 1.0
             self.wgrad(f"{prefix}pos.table.weight", alpha**2 * var * self.t / rows,
@@ -669,7 +605,7 @@ class _Predictor:
                        f"α²·(T²/buckets)·σ_g², α = {alpha:.3g}")
         return g_tok
 
-    def tok_wgrad(self, g_tok: Sig) -> None:
+    def tok_wgrad(self, g_tok: Cov) -> None:
         v, n = self.cfg.vocab_size, self.rows
         alpha = R.unit_embedding_grad_scale(v, n) if self.unit else 1.0
         # rows hit by the same id add; random ids coincide with probability 1/V
@@ -692,7 +628,7 @@ class _Predictor:
             x, e = self.embed_fwd("", "tok_emb")
             x, layers = self.stack("", cfg.n_layers, x, cfg.architecture == "decoder", None)
             final, n_final = self.norm_fwd("norm", x)
-        self.share /= max(n_final["x"].rms, 1e-30)  # the final norm
+        self.share /= max(n_final["x_rms"], 1e-30)  # the final norm
         logits, head = self.linear_fwd("head", final, self.c, cfg.vocab_size, role="readout")
         if cfg.tie_embeddings:
             self.weights.pop("head.weight")
@@ -711,7 +647,7 @@ class _Predictor:
         self.act("loss", loss, "E[logsumexp(z)] − E[z_target] (exact quadrature)"
                  + ("; with the tied self-logit" if self_logit else ""))
         # ---- backward
-        g = Sig(ce.grad_logits**2)
+        g = self.independent(ce.grad_logits**2)
         self.grad("head", g, "(softmax(z) − onehot)/N"
                   + (" × V/√(V−1), sum reduction" if self.unit else ""))
         g = self.norm_bwd(n_final, self.linear_bwd(head, g))
@@ -720,10 +656,10 @@ class _Predictor:
             row = self.wgrads["tok_emb.weight"] = self.wgrads.pop("head.weight")
             row.name = "tok_emb.weight"
         if cfg.architecture == "encoder-decoder":
-            memory_grads: list[Sig] = []
+            memory_grads: list[Cov] = []
             g = self.stack_bwd(dec_layers, g, memory_grads)
             g_tok2 = self.embed_bwd(e_dec, g)
-            g_mem = Sig(0.0)
+            g_mem = self.independent(0.0)
             for mg in memory_grads:
                 g_mem = g_mem.plus(mg)
             g = self.stack_bwd(enc_layers, self.norm_bwd(n_enc, g_mem), [])
@@ -733,7 +669,7 @@ class _Predictor:
             g = self.stack_bwd(layers, g, [])
             self.tok_wgrad(self.embed_bwd(e, g))
 
-    def _final_norm_coherence(self, norm: str, head: dict, logits: Sig, ce, self_logit: float
+    def _final_norm_coherence(self, norm: str, head: dict, logits: Cov, ce, self_logit: float
                               ) -> None:
         """The final norm's gain gradient ``Σ_rows g ⊙ x̂`` has a mean the i.i.d. rule misses.
 
@@ -781,7 +717,7 @@ def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]
     tables: dict[str, dict[str, np.ndarray]] = {}
     if not rows or not formats:
         return tables
-    rms = np.fromiter((r.rms for r in rows), dtype=np.float64, count=len(rows))
+    rms = np.array([r.rms for r in rows], dtype=np.float64)
     rms[~np.isfinite(rms) | (rms < 0)] = 0.0
     distinct, index = np.unique(rms, return_inverse=True)
     for name in formats:
@@ -789,7 +725,7 @@ def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]
         tables[name] = {k: table[k][index] for k in ("underflow", "subnormal", "overflow",
                                                      "headroom_max_log2", "headroom_min_log2")}
     for i, row in enumerate(rows):
-        row.formats = (tables, i)  # a TableRow view, made when first read
+        row._formats = (tables, i)  # a TableRow view, made when first read (the setter's work)
     return tables
 
 
@@ -799,6 +735,16 @@ def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS) -> li
     Cached per (config, formats): the rows returned are shared and must not be modified.
     """
     return list(_prediction(cfg, tuple(formats))[0])
+
+
+def predicted_covariances(cfg: ModelConfig) -> dict[tuple[str, str], Cov]:
+    """``(name, kind) → Cov`` of every activation and activation gradient of ``cfg``: the
+    position-resolved structure behind :func:`predict`'s RMS (``Cov.parts()`` gives the
+    independent / per-sequence / batch-wide split measurement can check). Not cached."""
+    p = _Predictor(cfg)
+    p.keep = {}
+    p.run()
+    return p.keep
 
 
 def status_counts(cfg: ModelConfig, fmt: str) -> dict[str, int]:

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, Literal, NamedTuple
@@ -319,6 +320,17 @@ def _check_nonnegative(name: str, value: float) -> None:
 def _key(x: float) -> float:
     """``x`` rounded to 3 significant digits: the key numerical caches are stored under."""
     return float(f"{x:.3g}")
+
+
+def _keys(x: np.ndarray) -> np.ndarray:
+    """Every element of ``x`` rounded to 3 significant digits (:func:`_key` vectorised, up to
+    the last bit: a cache key needs only to be the same for the same input). Zeros,
+    negatives and non-finite values are left as they are."""
+    x = np.asarray(x, dtype=np.float64)
+    ok = np.isfinite(x) & (x > 0)
+    safe = np.where(ok, x, 1.0)
+    mag = 10.0 ** (np.floor(np.log10(safe)) - 2)
+    return np.where(ok, np.rint(safe / mag) * mag, x)
 
 
 def logarithmic_interpolation(alpha: float, lower: float, upper: float) -> float:
@@ -1462,6 +1474,52 @@ def bias_row_std(bias: Any, allowed: Any = None) -> float:
     return float(np.sqrt(np.mean(var[cnt > 0])))
 
 
+#: (σ key, keys per row, head_dim) → row of :data:`_ROW_STATS_VALUES`
+#: (:func:`softmax_row_stats`).
+_ROW_STATS: dict[tuple[float, int, int | None], int] = {}
+_ROW_STATS_VALUES: list[tuple[float, float]] = []
+_ROW_STATS_ARRAY = [np.zeros((0, 2))]  # the values as one array, rebuilt after additions
+_ROW_STATS_SIZE = 1 << 16
+_ROW_STATS_LOCK = threading.RLock()
+
+
+def softmax_row_stats(sigma_keys: np.ndarray, counts: np.ndarray, head_dim: int | None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row ``E Σp²`` and the softmax-Jacobian factor ``max(grad_factor, 0)`` of
+    :func:`softmax_moments` (non-causal rows of ``counts[i]`` keys, logits of RMS
+    ``sigma_keys[i]``, already keyed by :func:`_keys`).
+
+    A position-resolved attention layer asks for ~50 rows; a plain dict answers each with
+    one lookup (:func:`softmax_moments` re-keys and checks every time), and the answers are
+    gathered from one array.
+    """
+    table = _ROW_STATS
+    keys = list(zip(sigma_keys.tolist(), counts.tolist()))
+    with _ROW_STATS_LOCK:  # predictions may run in worker threads
+        rows = [table.get((s, n, head_dim)) for s, n in keys]
+        if None in rows:
+            if len(table) > _ROW_STATS_SIZE:
+                _clear_row_stats()
+                rows = [None] * len(keys)
+            for i, (s, n) in enumerate(keys):
+                row = table.get((s, n, head_dim))
+                if row is None:
+                    mom = softmax_moments(s, n, False, head_dim)
+                    row = table[(s, n, head_dim)] = len(_ROW_STATS_VALUES)
+                    _ROW_STATS_VALUES.append((mom.sum_p2, max(mom.grad_factor, 0.0)))
+                rows[i] = row
+            _ROW_STATS_ARRAY[0] = np.array(_ROW_STATS_VALUES)
+        stats = _ROW_STATS_ARRAY[0][rows]
+    return stats[:, 0], stats[:, 1]
+
+
+def _clear_row_stats() -> None:
+    with _ROW_STATS_LOCK:
+        _ROW_STATS.clear()
+        _ROW_STATS_VALUES.clear()
+        _ROW_STATS_ARRAY[0] = np.zeros((0, 2))
+
+
 # =========================================================================== caches
 
 
@@ -1480,3 +1538,4 @@ def clear_caches() -> None:
     _softmax_kernel.cache_clear()
     _softmax_moments_cached.cache_clear()
     _grid_stats.cache_clear()
+    _clear_row_stats()

@@ -1,0 +1,678 @@
+"""Position-resolved covariance of a tensor's tokens: what attention averages and sums share.
+
+A tensor ``x[b, i, :]`` (batch ``b``, position ``i``) at initialisation is described, per
+feature and averaged over features, by
+
+* ``u[i]``: the variance that belongs to token ``i`` alone;
+* ``C[i, j]``: the covariance of two *distinct* tokens ``i ≠ j`` of one sequence;
+* ``M[i, j]``: the covariance of tokens of two different sequences;
+
+so ``Var x_i = u_i + C_ii``. Positions matter: causal attention lets token 0 see only itself
+and every later token average it in, so early tokens keep their own part while late ones
+share almost everything (a measured 12-layer unit-scaled decoder keeps 100× more token-specific
+variance at position 0 than at 31); its backward piles gradient onto the first keys; local
+windows share only with neighbours; sinusoidal encodings make near positions alike. One
+scalar per part (the earlier model) averaged these away and missed by 2–8 log2 in deep models.
+
+Long sequences are grouped into at most :data:`MAX_BINS` bins (single positions first, then
+geometrically wider): tokens of one bin are exchangeable, ``C[a, a]`` is the covariance of two
+distinct tokens of bin ``a``. Expected attention weights are uniform over each query's
+allowed keys (logits at initialisation are exchangeable); their spread adds to the
+token-specific part through ``E[p²] − p̄²``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+
+from .hermite import HERMITE_ORDER, hermite_coefficients
+from .rules import _key, _keys
+
+#: Sequences up to this long are resolved position by position; longer ones are binned.
+MAX_BINS = 48
+#: Binned grids keep this many leading positions single (causal structure is sharpest there).
+SINGLE_POSITIONS = 16
+#: Attention maps of longer sequences are built on this many positions scaled up.
+MAX_MAP_POSITIONS = 2048
+#: :func:`row_variance` below this fraction of the mean variance is a near-cancellation:
+#: computed in the reference summation order (its rounding is the answer there).
+
+
+class Grid(NamedTuple):
+    """Position bins of a length-``t`` sequence: ``edges`` (K+1), sizes ``n`` (K)."""
+
+    t: int
+    edges: np.ndarray
+    n: np.ndarray  # float sizes
+    w: np.ndarray  # n / t: weights of a mean over positions
+    pairs: np.ndarray  # (K, K) ordered pairs of distinct tokens: n_a n_b − δ_ab n_a
+    nn: np.ndarray  # (K, K) n_a n_b
+    single: np.ndarray  # indices of the bins one position wide
+    upper: tuple[np.ndarray, np.ndarray]  # the pairs a ≤ b (of a symmetric matrix)
+    upper_flat: np.ndarray  # the same as indices into a flattened K×K matrix
+    half_index: np.ndarray  # (K, K): index of (a, b) among those pairs
+    zero: np.ndarray  # (K, K) zeros: C or M of a tensor that has none
+    none: np.ndarray  # (0, K, K): the stacked pair matrices of a tensor with neither
+
+
+@lru_cache(maxsize=64)
+def grid(t: int) -> Grid:
+    """Bins for ``t`` positions: one per position up to :data:`MAX_BINS`, else the first
+    :data:`SINGLE_POSITIONS` single and the rest geometrically spaced."""
+    t = max(int(t), 1)
+    if t <= MAX_BINS:
+        edges = np.arange(t + 1)
+    elif t <= MAX_MAP_POSITIONS:
+        tail = np.geomspace(SINGLE_POSITIONS, t, MAX_BINS - SINGLE_POSITIONS + 1)
+        edges = np.unique(np.concatenate([np.arange(SINGLE_POSITIONS),
+                                          np.round(tail).astype(np.int64)]))
+    else:  # the map's bins scaled up, so every bin holds at least one map position
+        edges = np.floor(grid(MAX_MAP_POSITIONS).edges * (t / MAX_MAP_POSITIONS))
+        edges[-1] = t
+        edges = np.unique(edges.astype(np.int64))
+    n = np.diff(edges).astype(np.float64)
+    nn = np.outer(n, n)
+    pairs = nn - np.diag(n)
+    k = len(n)
+    upper = np.triu_indices(k)
+    half_index = np.empty((k, k), dtype=np.intp)
+    half_index[upper] = half_index[upper[::-1]] = np.arange(len(upper[0]))
+    out = Grid(t, edges, n, n / t, pairs, nn, np.flatnonzero(n <= 1), upper,
+               upper[0] * k + upper[1], half_index, np.zeros((k, k)), np.zeros((0, k, k)))
+    for arr in (*out[1:7], *upper, *out[8:]):
+        arr.setflags(write=False)
+    return out
+
+
+class Cov:
+    """``u`` (K), ``C`` (K×K) and ``M`` (K×K) over :class:`Grid` ``g`` (module notes).
+
+    ``C`` and ``M`` are kept stacked, ``S = [C, M]``, so that an operation on both is one
+    numpy call (a 96-layer prediction makes thousands, each costing more in call overhead than
+    in arithmetic at K = 48). Trailing ones that are exactly zero are left out: ``S = [C]``
+    for every gradient (nothing in the backward is shared across sequences), ``S = []`` for
+    independent tokens; ``C`` and ``M`` read as zeros then. An operation's result is what
+    its arithmetic on the zeros would give (0·x = 0, x + 0 = x), without doing it.
+
+    Immutable by convention: every operation returns a new one (arrays may be shared
+    between objects, and none is written after it is made). That lets summaries (``var``,
+    ``total``) and what several ops derive from one tensor (:attr:`memo`: a linear layer's
+    output, pair-sum weights, nonlinearity kernels, row variances) be computed once per
+    object.
+    """
+
+    __slots__ = ("g", "u", "S", "_var", "_total", "_memo")
+
+    def __init__(self, g: Grid, u: np.ndarray, C: np.ndarray, M: np.ndarray):
+        self.g, self.u, self.S = g, u, np.stack((C, M))
+        self._var = self._total = self._memo = None
+
+    @classmethod
+    def of(cls, g: Grid, u: np.ndarray, S: np.ndarray) -> Cov:
+        """From ``u`` and the stacked pair matrices ``S`` (``[C, M]``, ``[C]`` or ``[]``)."""
+        out = cls.__new__(cls)
+        out.g, out.u, out.S = g, u, S
+        out._var = out._total = out._memo = None
+        return out
+
+    @property
+    def C(self) -> np.ndarray:
+        S = self.S
+        return S[0] if len(S) else self.g.zero
+
+    @property
+    def M(self) -> np.ndarray:
+        S = self.S
+        return S[1] if len(S) > 1 else self.g.zero
+
+    @property
+    def memo(self) -> dict:
+        """Quantities derived from this tensor, by the name of what derives them."""
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        return memo
+
+    # -- constructors ----------------------------------------------------------------------
+    @staticmethod
+    def independent(g: Grid, var: float | np.ndarray) -> Cov:
+        """Tokens independent of each other (and of other sequences), variance ``var``."""
+        u = np.array(var, dtype=np.float64)  # a copy
+        return Cov.of(g, u if u.ndim else np.full(len(g.n), u), g.none)
+
+    @staticmethod
+    def constant(g: Grid, var: float) -> Cov:
+        """One vector shared by every token of the batch (a bias), variance ``var``."""
+        k = len(g.n)
+        return Cov.of(g, np.zeros(k), np.full((2, k, k), float(var)))
+
+    # -- summaries -------------------------------------------------------------------------
+    @property
+    def var(self) -> np.ndarray:
+        """Variance of one token, per bin (read-only by convention)."""
+        var = self._var
+        if var is None:
+            S = self.S
+            var = self._var = self.u + S[0].diagonal() if len(S) else self.u
+        return var
+
+    @property
+    def total(self) -> float:
+        """Mean variance over positions (the tensor's RMS²)."""
+        total = self._total
+        if total is None:
+            total = self._total = float(self.g.w @ self.var)
+        return total
+
+    @property
+    def rms(self) -> float:
+        total = self._total
+        if total is None:
+            total = self.total
+        return math.sqrt(total) if total > 0 else 0.0
+
+    @property
+    def same(self) -> float:
+        """Mean covariance of two distinct tokens of one sequence."""
+        out = self.memo.get("same")
+        if out is None:
+            t = self.g.t
+            out = self.memo["same"] = (float((self.g.pairs * self.C).sum() / (t * (t - 1)))
+                                       if t > 1 else 0.0)
+        return out
+
+    @property
+    def m(self) -> float:
+        """Mean covariance of tokens of two different sequences."""
+        return float((self.g.nn * self.M).sum()) / (self.g.t * self.g.t)
+
+    def parts(self) -> tuple[float, float, float]:
+        """(independent, per-sequence, batch-wide) variances: the scalar summary that
+        measurement reports (``u = total − same``, ``s = same − m``)."""
+        total, same, m = self.total, self.same, self.m
+        return total - same, same - m, m
+
+    # -- algebra ---------------------------------------------------------------------------
+    def scaled(self, gain: float) -> Cov:
+        if gain == 1.0:  # most gains of a standard model (no dropout, plain residuals)
+            return self
+        g2 = gain * gain
+        out = Cov.of(self.g, self.u * g2, self.S * g2)
+        if self._total is not None:
+            out._total = self._total * g2
+        return out
+
+    def plus(self, other: Cov) -> Cov:
+        """Sum of two independent tensors."""
+        return Cov.of(self.g, self.u + other.u, _added(self.S, other.S))
+
+    def plus_global(self, var: float) -> Cov:
+        """Add a vector common to every row (a bias) of variance ``var``."""
+        if var == 0:
+            return self
+        S = self.S
+        if len(S) < 2:  # M (and C) become nonzero: write out the zeros they add to
+            S = np.concatenate((S, np.zeros((2 - len(S), *S.shape[1:]))))
+        return Cov.of(self.g, self.u, S + var)
+
+    def minus_shared(self, F: np.ndarray, FM: np.ndarray) -> Cov:
+        """Remove a deterministic component with pair covariances ``F`` (distinct tokens of
+        a sequence) and ``FM`` (other sequences), e.g. sinusoidal encodings' row means."""
+        C = self.C - F
+        var = self.u + np.diagonal(C)
+        # a token's variance cannot go below zero: take any overshoot back from C's diagonal
+        C = C + np.diag(np.maximum(-var, 0.0))
+        return Cov(self.g, self.u, C, self.M - FM)
+
+    def normalised(self, rms: float) -> Cov:
+        """Every token rescaled to RMS ``rms`` (a LayerNorm): ``x_i ↦ rms · x_i/σ_i``."""
+        var = self.var
+        if var.min() >= 1e-300:  # (the usual case, in fewer operations)
+            return self.rescaled(rms / np.sqrt(var))
+        return self.rescaled(np.where(var > 0, rms / np.sqrt(np.maximum(var, 1e-300)), 0.0))
+
+    def rescaled(self, d: np.ndarray) -> Cov:
+        """Token ``i`` multiplied by ``d[i]`` (per bin)."""
+        return Cov.of(self.g, self.u * (d * d), self.S * (d[:, None] * d))
+
+    def correlations(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per bin ``σ``, and the correlation matrices of distinct tokens of one sequence
+        and of different sequences."""
+        sd = np.sqrt(np.maximum(self.var, 1e-300))
+        inv = 1.0 / np.outer(sd, sd)
+        return sd, np.clip(self.C * inv, -1.0, 1.0), np.clip(self.M * inv, -1.0, 1.0)
+
+    def pair_weights(self, b: int, m: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """This tensor's side of :func:`pair_sum` over ``b`` sequences: ``n ⊙ Var x`` and
+        the stack ``[pairs ⊙ C, (b − 1) nn ⊙ M]``, its first ``m`` at most (a gradient has
+        no ``M``). Memoised: a layer's input meets three gradients, q's, k's and v's."""
+        S = self.S
+        m = min(m, len(S))
+        key = ("pair_weights", b, m)
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        out = memo.get(key)
+        if out is None:
+            n, weights = _bias_pair_weights(self.g.t, b)
+            out = memo[key] = (n * self.var, weights[:m] * S[:m])
+        return out
+
+    def __repr__(self) -> str:
+        u, s, m = self.parts()
+        return f"Cov(u={u:.4g}, s={s:.4g}, m={m:.4g}, K={len(self.g.n)})"
+
+
+def _added(S1: np.ndarray, S2: np.ndarray) -> np.ndarray:
+    """``S1 + S2`` for stacks that may leave out trailing zero matrices."""
+    if len(S1) == len(S2):
+        return S1 + S2
+    if len(S1) < len(S2):
+        S1, S2 = S2, S1
+    if not len(S2):
+        return S1  # + 0 (immutable: shared)
+    out = S1.copy()
+    out[:len(S2)] += S2
+    return out
+
+
+@lru_cache(maxsize=64)
+def _bias_pair_weights(t: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Cov.pair_weights` of an all-ones tensor: ``Σ_rows g`` (a bias gradient); the
+    stack multiplies any tensor's ``S`` into its own pair weights."""
+    g = grid(t)
+    out = g.n, np.stack((g.pairs, (b - 1) * g.nn))
+    out[1].setflags(write=False)
+    return out
+
+
+def pair_sum(b: int, g: Cov, x: Cov | None) -> float:
+    """``E[(Σ_rows g·x)²]`` per element over ``b`` sequences (``x`` None: ``Σ_rows g``),
+    with ``g`` independent of ``x``: the same token, distinct tokens of one sequence and
+    tokens of different sequences::
+
+        b Σ_i Var g_i Var x_i + b Σ_{i≠j} C^g_ij C^x_ij + b(b − 1) Σ_ij M^g_ij M^x_ij
+    """
+    S = g.S
+    n = len(S)
+    nv, weights = _bias_pair_weights(g.g.t, b) if x is None else x.pair_weights(b, n)
+    if not n:
+        return b * float(nv @ g.var)
+    if len(weights) != n:  # only the pair matrices both sides have (the rest are zeros)
+        n = min(n, len(weights))
+        weights, S = weights[:n], S[:n]
+    return b * (float(nv @ g.var) + float(np.vdot(weights, S)))
+
+
+# ============================================================================ attention maps
+
+class AttentionMap(NamedTuple):
+    """Binned statistics of the expected attention weights ``p̄_ij`` (uniform over allowed
+    keys) of ``t`` queries on ``t`` keys.
+
+    ``W[a, c]``: a query of bin ``a``'s weight on keys of bin ``c``; ``V[c, a]``: a key of
+    bin ``c``'s total weight from queries of bin ``a``; ``Q[a, b, c]``: ``Σ_{j∈c} p̄_ij p̄_kj``
+    for distinct queries ``i ∈ a``, ``k ∈ b`` (for a single-position bin and ``a = b``: the
+    same query); ``Qt[c, d, a]``: ``Σ_{i∈a} p̄_ij p̄_il`` for distinct keys; ``R0[a, c]``:
+    ``Σ_{j∈c} p̄_ij²`` for a query of ``a``; ``RT0[c, a]``: ``Σ_{i∈a} p̄_ij²`` for a key of
+    ``c``; ``counts[a]``: allowed keys of a query of ``a``; ``r0[a]``: ``Σ_j p̄_ij²``
+    (``R0``'s row sums); ``keys[a]``: ``counts[a]`` rounded to a whole row length (≥ 1), as
+    the softmax statistics take it. ``Q`` and ``Qt`` are symmetric in their
+    first two indices: ``Q_half``, ``Qt_half`` hold their rows ``a ≤ b`` only, and
+    ``half_index[a, b]`` is the row of ``(a, b)`` there (:func:`_pair_overlaps`);
+    ``pair_inverse[a]``: ``1/(1 − Σ_j p̄_ij²)``, 0 for a query with one key (no pairs).
+    """
+
+    W: np.ndarray
+    V: np.ndarray
+    Q: np.ndarray
+    Qt: np.ndarray
+    R0: np.ndarray
+    RT0: np.ndarray
+    counts: np.ndarray
+    r0: np.ndarray
+    keys: np.ndarray
+    Q_half: np.ndarray
+    Qt_half: np.ndarray
+    half_index: np.ndarray
+    pair_inverse: np.ndarray
+
+
+def _mask(t: int, pattern: str, window: int, causal: bool) -> np.ndarray:
+    """Allowed (query, key) pairs, as ``unitscale_core.model.masks`` builds them."""
+    i = np.arange(t)[:, None]
+    j = np.arange(t)[None, :]
+    causal = causal or pattern == "causal"
+    if pattern in ("full", "causal"):
+        ok = np.ones((t, t), dtype=bool)
+    else:
+        d = i - j
+        ok = np.abs(d) < window
+        if pattern == "strided":
+            ok |= d % window == 0
+    if causal:
+        ok &= j <= i
+    return ok
+
+
+@lru_cache(maxsize=32)
+def attention_map(t: int, pattern: str, window: int, causal: bool) -> AttentionMap:
+    """:class:`AttentionMap` for ``t`` positions on :func:`grid` ``(t)``.
+
+    Sequences longer than :data:`MAX_MAP_POSITIONS` are mapped on that many positions, each
+    standing for ``t / MAX_MAP_POSITIONS`` tokens (windows scaled alike): the binned averages
+    change slowly with ``t`` there, and the exact map would need ``t²`` memory.
+    """
+    g = grid(t)
+    scale = 1.0
+    tm, win = t, window
+    if t > MAX_MAP_POSITIONS:
+        scale = t / MAX_MAP_POSITIONS
+        tm, win = MAX_MAP_POSITIONS, max(1, round(window / scale))
+    ok = _mask(tm, pattern, win, causal)
+    rows = ok.sum(1).astype(np.float64)
+    P = ok / rows[:, None]
+    # the bins of the map's positions (positions scaled onto the real sequence)
+    pos = np.minimum(np.floor(np.arange(tm) * scale).astype(np.int64), t - 1)
+    b_of = np.searchsorted(g.edges, pos, side="right") - 1
+    k = len(g.n)
+    onehot = np.zeros((tm, k))
+    onehot[np.arange(tm), b_of] = 1.0
+    nb = onehot.sum(0)  # map positions per bin
+    nb_safe = np.maximum(nb, 1.0)
+    Zr = onehot.T @ P  # (K, tm): Σ_{i∈a} p̄_ij
+    Zc = P @ onehot  # (tm, K): Σ_{j∈c} p̄_ij
+    W = (Zr @ onehot) / nb_safe[:, None]
+    V = (onehot.T @ Zc).T / nb_safe[:, None]  # V[c, a] = mean_{j∈c} Σ_{i∈a} p̄_ij
+    P2 = P * P
+    S2 = onehot.T @ P2 @ onehot  # Σ_{i∈a, j∈c} p̄_ij²
+    R0 = S2 / nb_safe[:, None]
+    RT0 = S2.T / nb_safe[:, None]
+    # pair sums (scaled: a map position stands for `scale` tokens, each p̄ is 1/scale smaller)
+    Q = np.empty((k, k, k))
+    Qt = np.empty((k, k, k))
+    for c in range(k):
+        cols = b_of == c
+        Q[:, :, c] = Zr[:, cols] @ Zr[:, cols].T
+        Qt[c] = (Zc[:, c][:, None] * Zc).T @ onehot
+    # Qt[c, d, a] = Σ_{i∈a} Zc[i, c] Zc[i, d]; remove the same-token terms on the diagonal
+    pair_n = np.outer(nb, nb) - np.diag(nb)
+    single = nb <= 1
+    for a in range(k):
+        Q[a, a, :] -= S2[a, :]
+        Qt[a, a, :] -= S2[:, a]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        Q = np.where(pair_n[:, :, None] > 0, Q / pair_n[:, :, None], 0.0)
+        Qt = np.where(pair_n[:, :, None] > 0, Qt / pair_n[:, :, None], 0.0)
+    for a in np.nonzero(single)[0]:  # one position: the "pair" is the token with itself
+        Q[a, a, :] = R0[a, :]
+        Qt[a, a, :] = RT0[a, :]
+    counts = (onehot.T @ rows) / nb_safe * scale
+    if scale > 1:  # each map position stands for `scale` tokens with weights 1/scale
+        Q, Qt, R0, RT0 = Q / scale, Qt / scale, R0 / scale, RT0 / scale
+    counts = np.maximum(counts, 1.0)
+    out = AttentionMap(W, V, Q, Qt, R0, RT0, counts, R0.sum(1),
+                       np.maximum(np.rint(counts).astype(np.int64), 1),
+                       Q[g.upper], Qt[g.upper], g.half_index, _pair_inverse(R0.sum(1)))
+    for arr in out:
+        if isinstance(arr, np.ndarray):
+            arr.setflags(write=False)
+    return out
+
+
+def _pair_inverse(r0: np.ndarray) -> np.ndarray:
+    """:attr:`AttentionMap.pair_inverse` from ``Σ_j p̄_ij²`` per query bin."""
+    denom = 1.0 - r0
+    ok = denom > 1e-12
+    return np.where(ok, 1.0 / np.where(ok, denom, 1.0), 0.0)
+
+
+def attend(amap: AttentionMap, v: Cov, excess: np.ndarray, common: float) -> Cov:
+    """``Σ_j p_ij v_j`` for weights with mean ``p̄`` and ``E Σ_j p_ij² = Σ_j p̄_ij² +
+    excess_i`` (spread over the allowed keys); ``common`` multiplies the token-specific
+    overlap of two queries (their weights lean the same way when queries share a part).
+
+    ``C' = W C Wᵀ + Q·u`` (distinct queries), ``Var' = diag(W C Wᵀ) + R0·u + excess ·
+    row_variance(v)``, ``M' = W M Wᵀ``. Checked against sampled attention
+    (``tests/core/test_covariance.py``).
+    """
+    W = amap.W
+    # the spread δ = p − p̄ of a row sums to zero, so it weighs the keys' unshared spread:
+    # Σ_jl E[δ_ij δ_il] Cov(v_j, v_l) = excess_i · row_variance_i
+    spread = excess * row_variance(amap, v)
+    return _averaged(v, W @ v.S @ W.T, _pair_overlaps(amap.Q_half, amap, v.u),
+                     common, amap.R0 @ v.u, spread)
+
+
+def _pair_overlaps(half: np.ndarray, amap: AttentionMap, u: np.ndarray) -> np.ndarray:
+    """``Q·u`` (or ``Qt·u``) from the rows ``a ≤ b`` of the symmetric ``Q``: half the
+    largest array of the map to read."""
+    return np.take(half @ u, amap.half_index)  # (np.take: fancy indexing costs more)
+
+
+def _averaged(x: Cov, sandwich: np.ndarray, Qu: np.ndarray, common: float,
+              own: np.ndarray, spread: np.ndarray) -> Cov:
+    """An attention average of ``x``: the stacked ``W S Wᵀ`` (``sandwich``, fresh), the
+    distinct-token overlaps ``Q·u``, and what each token's own part adds to its variance
+    through the expected weights (``own``) and their spread (``spread``)."""
+    overlap = _overlap(Qu, common, x.g.single)
+    if not len(sandwich):  # no shared part in x: C' is the overlap alone
+        return Cov.of(x.g, np.maximum(own + spread - overlap.diagonal(), 0.0), overlap[None])
+    WC = sandwich[0]
+    WC += overlap  # C' = W C Wᵀ + Q·u, in place in the fresh product
+    # Var' − C'_aa: W C Wᵀ's diagonal is in both, so it is left out of the difference
+    return Cov.of(x.g, np.maximum(own + spread - overlap.diagonal(), 0.0), sandwich)
+
+
+def _overlap(Qu: np.ndarray, common: float, single: np.ndarray) -> np.ndarray:
+    """The token-specific overlap ``Q·u`` of two queries, times ``common`` — except on the
+    diagonal of one-position bins, where the "pair" is one query with itself."""
+    if common == 1.0:
+        return Qu
+    own = Qu[single, single]
+    Qu = Qu * common
+    Qu[single, single] = own
+    return Qu
+
+
+def attend_transposed(amap: AttentionMap, g: Cov, excess: np.ndarray, common: float) -> Cov:
+    """``Σ_i p_ij g_i`` (the value gradient): :func:`attend` with queries and keys swapped;
+    ``excess`` is per query bin."""
+    V = amap.V
+    # E[p_ij²] − p̄_ij² = excess_i / count_i on allowed keys: Σ_{i∈a} of it is V[c, a]·excess_a;
+    # different queries' weights spread independently, so each meets its own g_i, all of it
+    return _averaged(g, V @ g.S @ V.T, _pair_overlaps(amap.Qt_half, amap, g.u), common,
+                     amap.RT0 @ g.u, V @ (excess * g.var))
+
+
+def row_variance(amap: AttentionMap, k: Cov) -> np.ndarray:
+    """Per query bin: the variance of its keys that is *not* shared between them — what the
+    softmax statistics (i.i.d. logits) and its Jacobian (which centres each row itself) take:
+    the weighted mean variance ``Σ_j p̄_ij Var k_j`` less the weighted mean covariance of two
+    distinct keys, ``Σ_{j≠l} p̄_ij p̄_il Cov(k_j, k_l) / (1 − Σ_j p̄_ij²)``.
+
+    Both terms change by the same ``c`` when a constant ``c`` is added to every covariance,
+    so one is taken off first: in a deep stack the tokens share almost everything and the
+    spread is a small difference of two large numbers, which would otherwise be rounding.
+    Memoised per (tensor, map): keys and values are often one tensor (the same projection
+    of the same input), so the backward's values ask again for the forward's keys."""
+    memo = k.memo
+    hit = memo.get("row_variance")
+    if hit is not None and hit[0] is amap:
+        return hit[1]
+    W = amap.W
+    C = k.C
+    c = float(C.mean())
+    Cc = C - c
+    mean_var = W @ (k.u + Cc.diagonal())
+    distinct = ((W @ Cc) * W).sum(1) - amap.R0 @ Cc.diagonal()
+    out = np.maximum(mean_var - distinct * amap.pair_inverse, 0.0)
+    memo["row_variance"] = (amap, out)
+    return out
+
+
+# ============================================================================ nonlinearities
+
+class Hermite(NamedTuple):
+    """Per-bin Hermite coefficients ``A`` (K, order + 1) of ``f`` at each bin's scale, and
+    ``A``'s row sums of squares ``energy`` (``E f²`` per bin). When every bin has the same
+    coefficients up to a factor, ``A[a] = scale[a] · row`` (``scale`` None: 1) — the usual
+    case, as a LayerNorm gives every token one scale — and ``row`` is that row (``A`` is
+    then not needed: None), else ``row`` is None."""
+
+    A: np.ndarray | None
+    energy: np.ndarray
+    row: np.ndarray | None
+    scale: np.ndarray | None
+
+
+def rho_powers(rho: np.ndarray) -> np.ndarray:
+    """``ρ^1 … ρ^order`` (order, …) of correlations ``rho`` (any shape). By doubling: each
+    multiplication extends the known powers ``ρ^1 … ρ^h`` by ``ρ^h`` (4 array operations
+    for order 10)."""
+    out = np.empty((HERMITE_ORDER, *rho.shape))
+    out[0] = rho
+    have = 1
+    while have < HERMITE_ORDER:
+        more = min(have, HERMITE_ORDER - have)
+        np.multiply(out[:more], out[have - 1], out=out[have:have + more])
+        have += more
+    return out
+
+
+def _coefficients(kind: str, sd: np.ndarray) -> tuple[Hermite, Hermite]:
+    """Per bin the signed Hermite coefficients (:func:`.hermite.hermite_coefficients`)
+    of ``f`` and of ``f'`` at that bin's scale."""
+    if kind == "relu":  # homogeneous: f(σz) = σ f(z), f'(σz) = f'(z)
+        f1, d1 = hermite_coefficients("relu", 1.0)
+        f_energy, d_energy = (e for _row, e in _uniform_coefficients("relu", 1.0))
+        return (Hermite(None, (f_energy * sd) * sd, f1, sd),
+                Hermite(None, np.full(len(sd), d_energy), d1, None))
+    # one key for the smallest and the largest scale: one for all (rounding is monotonic)
+    lo = _key(max(float(sd.min()), 1e-12))
+    if lo == _key(max(float(sd.max()), 1e-12)):
+        return tuple(Hermite(None, np.full(len(sd), energy), row, None)
+                     for row, energy in _uniform_coefficients(kind, lo))
+    keys = _keys(np.maximum(sd, 1e-12))
+    distinct, index = np.unique(keys, return_inverse=True)
+    out = []
+    for which in (0, 1):
+        rows = np.stack([hermite_coefficients(kind, key)[which] for key in distinct.tolist()])
+        A = rows[index]
+        out.append(Hermite(A, (A * A).sum(1), rows[0] if len(rows) == 1 else None, None))
+    return out[0], out[1]
+
+
+@lru_cache(maxsize=2048)
+def _uniform_coefficients(kind: str, key: float) -> tuple[tuple[np.ndarray, float], ...]:
+    """``f``'s and ``f'``'s coefficient rows at scale ``key`` with their sums of squares."""
+    return tuple((row, float((row * row).sum())) for row in hermite_coefficients(kind, key))
+
+
+class Kernel(NamedTuple):
+    """``f`` at a tensor ``a``: ``S`` = ``[K(ρ_C), K(ρ_M)]``, the covariances of ``f(a)`` at
+    two distinct tokens of a sequence and of different sequences, and ``energy`` = ``E f²``
+    per bin (the same-token covariance)."""
+
+    S: np.ndarray
+    energy: np.ndarray
+
+
+def kernels(kind: str, x: Cov) -> tuple[Kernel, Kernel]:
+    """:class:`Kernel` s of ``f`` and of ``f'`` at ``x``, memoised on ``x`` (the backward
+    takes the forward's): ``K(ρ_ab) = Σ_k A[a, k] A[b, k] ρ_ab^k`` (Mehler) for each pair
+    of bins at their own scales and correlation.
+
+    The matrices are symmetric: everything is computed for the pairs ``a ≤ b`` only
+    (:attr:`Grid.upper`) and spread to both halves at the end. With one coefficient row
+    each (the usual case) both kernels are one product over the powers of ``ρ``."""
+    key = ("kernels", kind)
+    out = x.memo.get(key)
+    if out is None:
+        g = x.g
+        sd, rho = _half_correlations(x)
+        A, dA = _coefficients(kind, sd)
+        powers = rho_powers(rho).reshape(HERMITE_ORDER, -1)  # (order, both matrices' pairs)
+        if A.row is not None and dA.row is not None:
+            c = np.stack((A.row, dA.row))
+            c *= c
+            both = (c[:, 1:] @ powers).reshape(2, *rho.shape)
+            both += c[:, :1, None]
+        else:
+            both = np.stack([_pair_kernel(h, powers, g.upper).reshape(rho.shape)
+                             for h in (A, dA)])
+        for i, h in enumerate((A, dA)):
+            if h.row is not None and h.scale is not None:
+                both[i] *= h.scale[g.upper[0]] * h.scale[g.upper[1]]
+        f, df = np.take(both, g.half_index, axis=-1)  # (2, K, K) each
+        out = x.memo[key] = (Kernel(f, A.energy), Kernel(df, dA.energy))
+    return out
+
+
+def _half_correlations(x: Cov) -> tuple[np.ndarray, np.ndarray]:
+    """Per bin ``σ`` and the correlations ``[ρ_C, ρ_M]`` of the pairs of bins ``a ≤ b``
+    (2, pairs), clipped to [−1, 1]."""
+    g = x.g
+    i, j = g.upper
+    sd = np.sqrt(np.maximum(x.var, 1e-300))
+    inv = 1.0 / (sd[i] * sd[j])
+    S = x.S
+    half = np.take(S.reshape(len(S), -1), g.upper_flat, axis=1)
+    if len(S) == 2:
+        rho = half * inv
+    else:  # the missing matrices' correlations are zeros
+        rho = np.zeros((2, len(i)))
+        np.multiply(half, inv, out=rho[:len(S)])
+    np.maximum(rho, -1.0, out=rho)  # (np.clip costs more)
+    return sd, np.minimum(rho, 1.0, out=rho)
+
+
+def _pair_kernel(h: Hermite, powers: np.ndarray, upper: tuple[np.ndarray, np.ndarray]
+                 ) -> np.ndarray:
+    """``Σ_k A[a, k] A[b, k] ρ^k`` for pairs ``(a, b)`` of bins with different coefficient
+    rows; ``powers``: (order, matrices × pairs)."""
+    if h.row is not None:
+        c = h.row * h.row
+        return c[0] + c[1:] @ powers
+    i, j = upper
+    coef = h.A[i] * h.A[j]  # (pairs, order + 1)
+    n = len(i)
+    return (coef[:, 0] + np.einsum("pk,kmp->mp", coef[:, 1:],
+                                   powers.reshape(HERMITE_ORDER, -1, n))).ravel()
+
+
+def elementwise(kind: str, x: Cov, gain: float = 1.0) -> Cov:
+    """``gain · f(x)`` for ``f`` in gelu, relu, silu: every pair of tokens through Mehler's
+    formula at its own scales and correlation; the mean (``k = 0``) is shared by all."""
+    f = kernels(kind, x)[0]
+    out = Cov.of(x.g, np.maximum(f.energy - f.S[0].diagonal(), 0.0), f.S)
+    return out.scaled(gain) if gain != 1.0 else out
+
+
+def elementwise_grad(kind: str, x: Cov, g: Cov, gain: float = 1.0) -> Cov:
+    """``gain · f'(x) ⊙ g`` with ``g`` independent of ``x``: covariances multiply pair by
+    pair."""
+    return gated(g, kernels(kind, x)[1], gain)
+
+
+def gated(b: Cov, f: Kernel, gain: float = 1.0) -> Cov:
+    """``f(a) ⊙ b`` for ``b`` independent of ``a`` (``f``: :func:`kernels` at ``a``)."""
+    n = len(b.S)  # only the pair matrices b has
+    S = b.S * f.S[:n] if n else b.S
+    var = b.var * f.energy
+    out = Cov.of(b.g, np.maximum(var - S[0].diagonal(), 0.0) if n else np.maximum(var, 0.0),
+                 S)
+    return out.scaled(gain) if gain != 1.0 else out
+
+
+def product(a: Cov, b: Cov) -> Cov:
+    """``a ⊙ b`` for independent zero-mean-part tensors: covariances multiply."""
+    n = min(len(a.S), len(b.S))
+    S = a.S[:n] * b.S[:n]
+    var = a.var * b.var
+    return Cov.of(a.g, np.maximum(var - S[0].diagonal(), 0.0) if n else np.maximum(var, 0.0),
+                  S)
