@@ -1,6 +1,8 @@
 """The scaling panel: predicted (and measured) RMS of every tensor, and format headroom.
 
-Live on every valid config: the prediction is analytic and recomputes in the GUI thread. The
+Live on every valid config: the prediction is analytic. A small config's recomputes in the GUI
+thread; a deep one's (more than ``ASYNC_LAYERS`` layers, several frames' work) in a background
+thread while the panel keeps the previous prediction on screen and says it is updating. The
 "Measure" action runs one real forward+backward pass in the worker and overlays it; the
 auto-measure toggle does that on every change for small configs. A second tab holds the seed
 document's own formula.
@@ -45,6 +47,7 @@ from ..export import (
     save_table,
     table_from_model,
 )
+from ..prediction_thread import PredictionThread
 from ..widgets.controls_state import restore_controls, save_controls
 from ..widgets.scale_chart import ScaleChart
 from ..widgets.scale_table import ScaleTableModel
@@ -55,11 +58,29 @@ CHANNEL = "measure"
 #: Auto-measure only configs this small (parameters), so typing stays smooth on a CPU.
 AUTO_MEASURE_MAX_PARAMS = 20_000_000
 FOLLOW = "follow the model"
-#: With more tensors than this (~24 layers: a prediction costs ~3 µs per tensor), a change
-#: draws the chart and the summary line in its own frame and leaves the rest to later idle
-#: slices, one piece per slice: the table first (a 96-layer model's reset and repaint take
-#: ~5 ms), then the other parametrizations' summary counts (a prediction each).
+#: With more tensors than this (~24 layers), a new prediction draws the chart and the summary
+#: line in its own frame and leaves the table (a 96-layer model's reset and repaint take
+#: ~5 ms) to the next idle slice; the other parametrizations' summary counts are asked of the
+#: background thread once that table has painted.
 DEFER_ROWS = 1500
+#: A config with more layers than this (encoder and decoder together) whose prediction is not
+#: cached is predicted in a background thread, as are the other parametrizations' summary
+#: counts: a prediction costs ~0.75 ms per layer on 2 CPU cores (8 layers ~6 ms, which with
+#: the redraw still fits a frame; 24 ~18 ms; 96 ~75 ms).
+ASYNC_LAYERS = 8
+#: After a refilled table, the summary's background predictions start once it has painted, or
+#: after this long (a hidden table does not paint).
+PAINT_GRACE_MS = 100
+
+
+def prediction_layers(cfg: ModelConfig) -> int:
+    """Layers a prediction of ``cfg`` walks through (its cost is about proportional)."""
+    return cfg.encoder_layers + cfg.decoder_layers
+
+
+def slow_to_predict(cfg: ModelConfig) -> bool:
+    """True when predicting ``cfg`` would not fit in a frame (see ``ASYNC_LAYERS``)."""
+    return prediction_layers(cfg) > ASYNC_LAYERS
 
 
 def agreement(predicted: list[TensorRow], measured: list[TensorRow]) -> tuple[int, int]:
@@ -137,6 +158,17 @@ class ScalingPanel(QWidget):
         self._deferring = False  # a large model: the table and other counts wait for idle
         self._table_pending = False  # the table still shows older rows than the chart
         self._idle_pending = False  # an idle slice is scheduled
+        self._summary_wanted = False  # the summary waits for background predictions
+        self._summary_after_paint = False  # … asked for once the refilled table is painted
+        # (config, formats) of the rows shown, and of those wanted now: they differ while a
+        # background prediction is on its way
+        self._predicted_for: tuple[ModelConfig, tuple[str, ...]] | None = None
+        self._wanted: tuple[ModelConfig, tuple[str, ...]] | None = None
+        self._summary_body = ""  # the summary of the prediction shown
+        self.predictions = PredictionThread(self)
+        self.predictions.ready.connect(self._on_predicted, Qt.ConnectionType.QueuedConnection)
+        self.predictions.failed.connect(self._on_predict_failed,
+                                        Qt.ConnectionType.QueuedConnection)
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -181,6 +213,13 @@ class ScalingPanel(QWidget):
         self.summary = QLabel(objectName="scaleSummary")
         self.summary.setWordWrap(True)
         box.addWidget(LabelHolder(self.summary))  # a new summary repaints the label alone
+        self.busy = QLabel(objectName="predictBusy")
+        self.busy.setStyleSheet("color: palette(mid); font-style: italic;")
+        busy = LabelHolder(self.busy)  # outside the layout's reach, at a fixed width
+        self.busy.setText("predicting…")
+        busy.setFixedWidth(self.busy.sizeHint().width() + 4)
+        self.busy.setText("")
+        controls.insertWidget(controls.count() - 1, busy)
 
         split = QSplitter(Qt.Orientation.Horizontal, objectName="scaleSplitter")
         self.splitter = split
@@ -199,6 +238,7 @@ class ScalingPanel(QWidget):
         self.table.setColumnWidth(0, 210)
         split.addWidget(self.chart)
         split.addWidget(self.table)
+        self.table.viewport().installEventFilter(self)
         split.setSizes([420, 640])
         box.addWidget(split, 1)
         attach_context_menu(self.chart.plot_widget, self, self.export_items)
@@ -230,14 +270,76 @@ class ScalingPanel(QWidget):
         self._maybe_auto_measure()
 
     def recompute(self) -> None:
-        """Predict the shown config (synchronously: milliseconds) and redraw."""
+        """Predict the shown config and redraw: at once when cached or small, else in the
+        background (the previous prediction stays on screen, a label says "predicting";
+        :meth:`prediction_current` tells when it has arrived)."""
         cfg = self.shown_config()
-        self.predicted = predict(cfg, formats=(self.format.currentData(),))
-        self._deferring = len(self.predicted) > DEFER_ROWS
-        if self._measured_for != cfg:
+        formats = (self.format.currentData(),)
+        key = self._wanted = (cfg, formats)
+        cached = is_predicted(cfg, formats)
+        if slow_to_predict(cfg):  # this one (unless cached) and the summary's others
+            # this one alone: the other parametrizations' summary counts are asked for once
+            # it is drawn and painted (they would compete with that for the GIL)
+            self.predictions.request([] if cached else [key])
+            if not cached:
+                self._show_busy()  # the previous prediction stays until this one arrives
+                return
+        else:
+            self.predictions.cancel_pending()
+        self._apply_prediction(key, predict(cfg, formats=formats))
+
+    def prediction_current(self) -> bool:
+        """True when the chart shows the prediction of the shown config and format."""
+        return self._predicted_for == self._wanted
+
+    def predicted_config(self) -> ModelConfig | None:
+        """The config whose prediction the chart shows (None before the first arrives)."""
+        return None if self._predicted_for is None else self._predicted_for[0]
+
+    def wait_for_prediction(self) -> None:
+        """Bring the shown prediction up to date now (computing it here if it has not
+        arrived): for whatever reads the rows (selection, export)."""
+        if not self.prediction_current() and self._wanted is not None:
+            cfg, formats = self._wanted
+            self._apply_prediction(self._wanted, predict(cfg, formats=formats))
+
+    def _apply_prediction(self, key: tuple[ModelConfig, tuple[str, ...]],
+                          rows: list[TensorRow]) -> None:
+        self.predicted, self._predicted_for = rows, key
+        self._deferring = len(rows) > DEFER_ROWS
+        if self._measured_for != key[0]:
             self.measured = []
         self._redraw()
+        self._show_busy()
         self.computed.emit()
+
+    def _on_predicted(self, cfg: ModelConfig, formats: tuple[str, ...],
+                      rows: list[TensorRow]) -> None:
+        """A background prediction: shown when it is the wanted one, a summary count when it
+        is another parametrization of it, else dropped (stale)."""
+        wanted = self._wanted
+        if wanted is None or formats != wanted[1]:
+            return
+        if cfg == wanted[0]:
+            if not self.prediction_current():
+                self._apply_prediction(wanted, rows)
+        elif cfg.replace(parametrization=wanted[0].parametrization) == wanted[0] and \
+                self.prediction_current():
+            self._show_summary()
+
+    def _on_predict_failed(self, cfg: ModelConfig, formats: tuple[str, ...],
+                           message: str) -> None:
+        if self._wanted is not None and formats == self._wanted[1] and \
+                cfg.replace(parametrization=self._wanted[0].parametrization) == \
+                self._wanted[0]:
+            self.summary.setText(f"⚠ prediction of {cfg.parametrization} failed: {message}"
+                                 + (f"<br>{self._summary_body}" if self._summary_body else ""))
+            if cfg == self._wanted[0]:
+                self.busy.setText("failed")
+
+    def shutdown(self) -> None:
+        """Stop the background predictions (waits for a running one: tens of ms at most)."""
+        self.predictions.stop()
 
     def _redraw(self) -> None:
         self.chart.set_rows(self.predicted, self.measured)
@@ -246,7 +348,25 @@ class ScalingPanel(QWidget):
             self._schedule_idle()  # the table follows in the next slice
         else:
             self.fill_table()
-        self.summary.setText(self.summary_text())
+        self._show_summary()
+
+    def _show_summary(self) -> None:
+        """The summary of the prediction shown (kept while a newer one is on its way)."""
+        if self.prediction_current():
+            self._summary_body = self.summary_text()
+            self.summary.setText(self._summary_body)
+
+    def _show_busy(self) -> None:
+        """Say whether a newer prediction is on its way (in a label of fixed size: a new
+        text repaints that label alone, and the summary keeps its lines)."""
+        if self.prediction_current():
+            self.busy.setText("")
+            self.busy.setToolTip("")
+        else:
+            layers = prediction_layers(self._wanted[0])
+            self.busy.setText("predicting…")
+            self.busy.setToolTip(f"Predicting {layers} layers in the background; the chart "
+                                 "shows the previous config until it arrives")
 
     def fill_table(self) -> None:
         """Bring the table up to the rows the chart shows (nothing to do when it is).
@@ -268,18 +388,18 @@ class ScalingPanel(QWidget):
         with the measurement when there is one.
 
         The shown parametrization's counts come with its prediction. Another one's are
-        filled in from the idle loop when its prediction is not cached and the model is large
-        (a 96-layer model takes most of a frame per prediction): "…" until then.
+        predicted in the background when not cached and the model is deep (several frames'
+        work each, see ``ASYNC_LAYERS``): "…" until they arrive.
         """
         fmt = self.format.currentData()
         shown = self.shown_config()
         parts = []
         for p in PARAMETRIZATIONS:
             cfg = shown.replace(parametrization=p)
-            if p != shown.parametrization and self._deferring and \
-                    not is_predicted(cfg, (fmt,)):
+            if (slow_to_predict(cfg) or self._deferring) and not is_predicted(cfg, (fmt,)):
                 parts.append(f"<b>{p}</b>: …")
-                self._schedule_idle()
+                self._summary_wanted = True
+                self._schedule_idle()  # asked for after this frame's paint
                 continue
             counts = status_counts(cfg, fmt)
             parts.append(f"<b>{p}</b>: {counts['lost']} lost, {counts['at_risk']} at risk")
@@ -291,8 +411,9 @@ class ScalingPanel(QWidget):
         return text
 
     def summary_complete(self) -> bool:
-        """True when the summary counts every parametrization (none deferred)."""
-        return "…" not in self.summary.text()
+        """True when the summary counts every parametrization of the shown config (none
+        deferred, no newer prediction on its way)."""
+        return self.prediction_current() and "…" not in self.summary.text()
 
     def _schedule_idle(self) -> None:
         if not self._idle_pending:
@@ -300,28 +421,46 @@ class ScalingPanel(QWidget):
             QTimer.singleShot(0, self._idle_slice)
 
     def _idle_slice(self) -> None:
-        """One piece of deferred work: the table when it waits, else one summary count.
+        """One piece of deferred work: the table when it waits, then the request for the
+        summary's missing counts (predicted in the background thread).
 
         Each piece schedules the next only when it is done, so the paint that a piece asks
-        for comes before the next piece.
+        for comes before the next piece (and before a background prediction competes with
+        the GUI thread for the GIL).
         """
         self._idle_pending = False
         if self._table_pending:
             self.fill_table()
-            if not self.summary_complete():
-                self._schedule_idle()
-        else:
-            self._fill_summary()
+            if self._summary_wanted:  # after the table's paint (or a frame's grace at most)
+                self._summary_wanted = False
+                self._summary_after_paint = True
+                QTimer.singleShot(PAINT_GRACE_MS, self._summary_due)
+        elif self._summary_wanted:
+            self._summary_wanted = False
+            self._request_summary()
 
-    def _fill_summary(self) -> None:
-        """Predict one deferred parametrization (one frame's work), then show the summary."""
+    def _summary_due(self) -> None:
+        if self._summary_after_paint:
+            self._summary_after_paint = False
+            self._request_summary()
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt's name)
+        """The table's paint after a refill: now ask for the summary's counts (a background
+        prediction during that paint would slow it several times over: the table's
+        ``data()`` calls would wait for the GIL)."""
+        if event.type() == QEvent.Type.Paint and self._summary_after_paint and \
+                obj is self.table.viewport():
+            QTimer.singleShot(0, self._summary_due)
+        return False
+
+    def _request_summary(self) -> None:
+        """Ask the background thread for the summary counts still missing (a no-op for those
+        already pending: the request lists the same keys)."""
         fmt, shown = self.format.currentData(), self.shown_config()
-        for p in PARAMETRIZATIONS:
-            cfg = shown.replace(parametrization=p)
-            if not is_predicted(cfg, (fmt,)):
-                predict(cfg, formats=(fmt,))
-                break
-        self.summary.setText(self.summary_text())
+        if not self.prediction_current():
+            return  # asked for again once the shown prediction has arrived
+        keys = [(shown.replace(parametrization=p), (fmt,)) for p in PARAMETRIZATIONS]
+        self.predictions.request([k for k in keys if not is_predicted(*k)])
 
     def _on_format(self) -> None:
         self.chart.set_formats([self.format.currentData()])
@@ -332,6 +471,7 @@ class ScalingPanel(QWidget):
 
     def select_tensor(self, name: str) -> None:
         """Select (and scroll to) the first table row of tensor ``name``."""
+        self.wait_for_prediction()
         self.fill_table()
         r = self.model.row_of(name)
         if r >= 0:
@@ -370,14 +510,16 @@ class ScalingPanel(QWidget):
         if cfg != self.shown_config():
             return False
         self.measured, self._measured_for = rows, cfg
-        self._redraw()
+        if self.prediction_current():  # else drawn with the prediction when it arrives
+            self._redraw()
         self.measured_ready.emit()
         return True
 
     def _on_failure(self, channel: str, request_id: int, message: str) -> None:
         if channel == CHANNEL and request_id == self._measure_id:
             self.measure_button.setEnabled(True)
-            self.summary.setText(self.summary_text() + f"<br>⚠ measurement failed: {message}")
+            self._show_summary()
+            self.summary.setText(self.summary.text() + f"<br>⚠ measurement failed: {message}")
 
     def _on_cancelled(self, channel: str, request_id: int) -> None:
         if channel == CHANNEL and request_id == self._measure_id:
@@ -386,6 +528,7 @@ class ScalingPanel(QWidget):
     # -- export --------------------------------------------------------------------------------
     def table_data(self) -> TableData:
         """The table as shown (filtered, sorted); CSV values are the exact numbers."""
+        self.wait_for_prediction()
         self.fill_table()
         return table_from_model(self.proxy)
 

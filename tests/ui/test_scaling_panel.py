@@ -79,15 +79,16 @@ def test_summary_counts_each_parametrization(qtbot, window):
 
 
 def test_large_model_summary_fills_in_after_the_frame(qtbot, window):
-    """A deep model's other parametrizations are predicted in later idle slices."""
+    """A deep model is predicted in the background, its other parametrizations after it."""
     from unitscale_core.scaling.predict import clear_cache
 
     clear_cache()
     deep = window.config.replace(n_layers=40)
     window.set_config(deep)
     panel = panel_of(window)
+    assert panel.busy.text() == "predicting…" and not panel.summary_complete()
+    qtbot.waitUntil(panel.prediction_current, timeout=20_000)
     assert len(panel.predicted) > 1500
-    assert "<b>unit</b>: …" in panel.summary.text()  # not computed within this frame
     qtbot.waitUntil(panel.summary_complete, timeout=20_000)
     for p in ("standard", "unit", "umup"):
         lost, risk = _row_counts(deep.replace(parametrization=p), "fp8_e4m3")
@@ -95,26 +96,127 @@ def test_large_model_summary_fills_in_after_the_frame(qtbot, window):
 
 
 def test_large_model_table_follows_in_the_next_slice(qtbot, window):
-    """A deep model's chart shows the change at once; the table follows an idle slice later,
-    or at once when something reads it."""
+    """A deep model's chart shows the prediction when it arrives; the table follows an idle
+    slice later, or at once when something reads it."""
     from unitscale_core.scaling.predict import clear_cache
 
     clear_cache()
     panel = panel_of(window)
     deep = window.config.replace(n_layers=40)
-    window.set_config(deep)
+    table_when_shown = []
+    panel.computed.connect(lambda: table_when_shown.append(panel.table_current()))
+    with qtbot.waitSignal(panel.computed, timeout=20_000):
+        window.set_config(deep)
     assert "layers.39.attn.q" in chart_names(panel)
-    assert not panel.table_current()  # left to the next slice
+    assert table_when_shown == [False]  # left to the next slice
     qtbot.waitUntil(panel.table_current, timeout=20_000)
     assert [(r.name, r.kind) for r in panel.model.rows] == \
         [(r.name, r.kind) for r in predict(deep, formats=("fp8_e4m3",))]
     deeper = deep.replace(n_layers=41)
     window.set_config(deeper)
+    assert not panel.prediction_current()  # on its way in the background
     panel.select_tensor("layers.40.ffn.down")  # reads the table: brings it up to date first
-    assert panel.table_current()
+    assert panel.prediction_current() and panel.table_current()
     rows = panel.table.selectionModel().selectedRows()
     assert rows and rows[0].data() == "layers.40.ffn.down"
     assert len(panel.table_data().cells) == len(predict(deeper, formats=("fp8_e4m3",)))
+
+
+BIG = dict(d_model=512, n_heads=8, d_ff=2048, n_layers=48, vocab_size=8192, max_len=512,
+           seq_len=512, batch_size=2)
+
+
+def _slow_predict(monkeypatch, seconds=0.3):
+    """Make every uncached prediction take at least ``seconds`` (in whichever thread)."""
+    from unitscale_core.scaling import predict as P
+
+    real = P._prediction
+
+    def slow(cfg, formats):
+        if (cfg, formats) not in P._CACHE:
+            time.sleep(seconds)
+        return real(cfg, formats)
+
+    monkeypatch.setattr(P, "_prediction", slow)
+
+
+def test_big_config_change_returns_at_once_and_the_prediction_follows(qtbot, window,
+                                                                      monkeypatch):
+    from unitscale_core import ModelConfig
+    from unitscale_core.scaling.predict import clear_cache
+
+    clear_cache()
+    _slow_predict(monkeypatch)
+    panel = panel_of(window)
+    small_names = chart_names(panel)
+    big = ModelConfig(**BIG)
+    t0 = time.perf_counter()
+    window.set_config(big)
+    assert time.perf_counter() - t0 < 0.2  # the GUI thread did not predict
+    assert not panel.prediction_current()
+    assert chart_names(panel) == small_names  # the previous prediction stays on screen
+    assert panel.busy.text() == "predicting…" and "48 layers" in panel.busy.toolTip()
+    assert not panel.summary_complete()
+    qtbot.waitUntil(panel.prediction_current, timeout=20_000)
+    assert "layers.47.attn.q" in chart_names(panel)
+    qtbot.waitUntil(lambda: panel.table_current() and panel.summary_complete(),
+                    timeout=20_000)
+    fmt = panel.format.currentData()
+    assert [(r.name, r.rms) for r in panel.model.rows] == \
+        [(r.name, r.rms) for r in predict(big, formats=(fmt,))]
+    assert panel.busy.text() == ""
+    for p in ("standard", "unit", "umup"):
+        lost, risk = _row_counts(big.replace(parametrization=p), fmt)
+        assert f"<b>{p}</b>: {lost} lost, {risk} at risk" in panel.summary.text()
+
+
+def test_rapid_big_changes_end_with_the_last_prediction(qtbot, window, monkeypatch):
+    """Results for configs replaced meanwhile are dropped; the last config's is shown."""
+    from unitscale_core import ModelConfig
+    from unitscale_core.scaling.predict import clear_cache
+
+    clear_cache()
+    _slow_predict(monkeypatch, 0.1)
+    panel = panel_of(window)
+    applied = []
+    panel.computed.connect(lambda: applied.append(panel.predicted_config()))
+    configs = [ModelConfig(**BIG).replace(n_layers=n) for n in range(20, 31)]
+    for cfg in configs:
+        window.set_config(cfg)
+        qtbot.wait(15)  # some results arrive mid-stream, most are overtaken
+    qtbot.waitUntil(lambda: panel.prediction_current() and panel.summary_complete(),
+                    timeout=30_000)
+    final = configs[-1]
+    assert applied[-1] == final and panel.predicted_config() == final
+    assert len(applied) < len(configs)  # stale ones never reached the chart
+    assert all(c in configs for c in applied)
+    assert "layers.29.ffn.down" in chart_names(panel)
+    assert {(r.name, r.kind): r.rms for r in panel.predicted} == \
+        {(r.name, r.kind): r.rms for r in predict(final, formats=(panel.format.currentData(),))}
+    qtbot.wait(300)  # nothing older arrives later
+    assert panel.predicted_config() == final
+
+
+def test_close_during_background_prediction_is_clean(qtbot, monkeypatch):
+    from unitscale_core import ModelConfig
+    from unitscale_core.scaling.predict import clear_cache
+
+    clear_cache()
+    _slow_predict(monkeypatch, 0.5)
+    win = MainWindow(ModelConfig(**SMALL))
+    qtbot.addWidget(win)
+    win.show()
+    win.set_config(ModelConfig(**BIG))
+    panel = win.scaling_panel
+    qtbot.waitUntil(panel.predictions.busy)
+    assert panel.predictions.isRunning()
+    t0 = time.perf_counter()
+    with qtbot.assertNotEmitted(panel.computed, wait=100):
+        win.close()
+    assert time.perf_counter() - t0 < 2.0
+    assert not panel.predictions.isRunning()
+    panel.update_config(ModelConfig(**BIG).replace(n_layers=47))  # after shutdown: inert
+    assert not panel.predictions.isRunning()
 
 
 def test_table_sorts_and_keeps_its_order_across_changes(qtbot, window):
