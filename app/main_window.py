@@ -576,7 +576,7 @@ class MainWindow(QMainWindow):
         # something uncancellable (torch's first import, a model build) is waited for: Qt
         # aborts the process if a running QThread is destroyed.
         self.training_panel.shutdown()  # no further chunks are submitted
-        self.scaling_panel.shutdown()  # a background prediction finishes (tens of ms)
+        self.scaling_panel.shutdown()  # a background prediction stops at its next sub-block
         if not self.worker.stop(2000):
             self.statusBar().showMessage("waiting for the running job to finish…")
             self.worker.wait()

@@ -5,9 +5,12 @@ a prediction touches neither and would wait behind a measurement or a training c
 :func:`~unitscale_core.scaling.predict.predict` is thread-safe (a lock-protected cache).
 
 Latest wins: :meth:`PredictionThread.request` replaces everything still pending with the new
-list, so only the newest config's predictions run once the current one (which cannot be
-interrupted) is done. Each result carries the ``(config, formats)`` it was computed for and
-reaches the GUI thread through a queued signal; the receiver drops results it no longer needs.
+list, and a running prediction that is no longer wanted gives up at its next sub-block
+(``predict``'s ``should_stop``). Each result carries the ``(config, formats)`` it was computed
+for and reaches the GUI thread through a queued signal; the receiver drops results it no longer
+needs. The thread is a daemon Python thread rather than a QThread: one op of an extreme config
+(a softmax quadrature over 10⁵ keys) can take seconds, and closing the window must not wait for
+it nor leave a running QThread behind; a daemon thread simply ends with the process.
 """
 
 from __future__ import annotations
@@ -15,29 +18,31 @@ from __future__ import annotations
 import logging
 import threading
 
-from PySide6.QtCore import QObject, QThread, Signal
+from PySide6.QtCore import QObject, Signal
 
 from unitscale_core.config import ModelConfig
-from unitscale_core.scaling.predict import predict
+from unitscale_core.scaling.predict import PredictionCancelled, predict
 
 log = logging.getLogger(__name__)
 
 Key = tuple[ModelConfig, tuple[str, ...]]
 
 
-class PredictionThread(QThread):
-    """Runs ``predict(cfg, formats)`` for the newest requested keys, in order."""
+class PredictionThread(QObject):
+    """Runs ``predict(cfg, formats)`` for the newest requested keys, in order, in a daemon
+    thread; signals are emitted from that thread and arrive queued in the GUI thread."""
 
     ready = Signal(object, object, object)  # cfg, formats, rows (list[TensorRow])
     failed = Signal(object, object, str)  # cfg, formats, one-line message
 
     def __init__(self, parent: QObject | None = None):
         super().__init__(parent)
-        self.setObjectName("predictionThread")
         self._cond = threading.Condition()
         self._pending: list[Key] = []
         self._current: Key | None = None
+        self._latest: set[Key] = set()  # the newest request's keys: others are stale
         self._stopping = False
+        self._thread: threading.Thread | None = None
 
     # -- GUI thread ----------------------------------------------------------------------------
     def request(self, keys: list[Key]) -> None:
@@ -45,11 +50,19 @@ class PredictionThread(QThread):
         with self._cond:
             if self._stopping:
                 return
-            # the running one need not run again: its result is on its way
+            # the running one need not run again: its result is on its way (and one that is
+            # no longer wanted gives up at its next sub-block)
+            self._latest = set(keys)
             self._pending = [k for k in dict.fromkeys(keys) if k != self._current]
             self._cond.notify()
         if self._pending and not self.isRunning():
-            self.start()
+            self._thread = threading.Thread(target=self.run, name="predictionThread",
+                                            daemon=True)
+            self._thread.start()
+
+    def isRunning(self) -> bool:  # noqa: N802 (the QThread name the panel and tests use)
+        """True while the thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
 
     def cancel_pending(self) -> None:
         """Forget pending requests (the running prediction, if any, finishes)."""
@@ -62,16 +75,17 @@ class PredictionThread(QThread):
             return self._current is not None or bool(self._pending)
 
     def stop(self, timeout_ms: int | None = None) -> bool:
-        """Drop pending requests, let the running prediction finish (its result is not
-        sent) and end the thread; True when it has ended (``None``: wait as long as it
-        takes, tens of milliseconds for a 96-layer model)."""
+        """Drop pending requests, stop the running prediction at its next sub-block (its
+        result is not sent) and end the thread; True when it has ended (``None``: wait as
+        long as that takes, a few milliseconds)."""
         with self._cond:
             self._stopping = True
             self._pending = []
             self._cond.notify()
         if not self.isRunning():
             return True
-        return self.wait() if timeout_ms is None else self.wait(timeout_ms)
+        self._thread.join(None if timeout_ms is None else timeout_ms / 1000)
+        return not self.isRunning()
 
     # -- the thread ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -84,7 +98,14 @@ class PredictionThread(QThread):
                 key = self._current = self._pending.pop(0)
             cfg, formats = key
             try:
-                rows, error = predict(cfg, formats=formats), None
+                rows, error = predict(cfg, formats=formats, should_stop=lambda key=key: (
+                    self._stopping or key not in self._latest)), None
+            except PredictionCancelled:  # stale, or the window is closing
+                with self._cond:
+                    self._current = None
+                    if self._stopping:
+                        return
+                continue
             except Exception as exc:  # a failure comes back as a message; the thread lives on
                 log.exception("prediction failed for %s", cfg)
                 rows, error = None, f"{type(exc).__name__}: {exc}".splitlines()[0]

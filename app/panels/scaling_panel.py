@@ -338,8 +338,10 @@ class ScalingPanel(QWidget):
                 self.busy.setText("failed")
 
     def shutdown(self) -> None:
-        """Stop the background predictions (waits for a running one: tens of ms at most)."""
-        self.predictions.stop()
+        """Stop the background predictions: a running one stops at its next sub-block; one
+        op of an extreme config can take seconds, so this waits at most 1 s (the thread is
+        a daemon and ends with the process)."""
+        self.predictions.stop(timeout_ms=1000)
 
     def _redraw(self) -> None:
         self.chart.set_rows(self.predicted, self.measured)

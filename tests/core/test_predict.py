@@ -244,3 +244,19 @@ def test_causal_stack_keeps_the_early_tokens_own_parts():
         own = float(x.pow(2).mean()) - same
         predicted = covs[(name, "activation")].parts()[0]
         assert 1 / 1.6 < predicted / own < 1.6, (name, predicted, own)
+
+
+def test_a_stopped_prediction_raises_and_caches_nothing():
+    from unitscale_core.scaling.predict import PredictionCancelled, is_predicted
+
+    cfg = ModelConfig(n_layers=6, seed=404, **{k: v for k, v in BASE.items() if k != "n_layers"})
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 3  # after three sub-blocks
+
+    with pytest.raises(PredictionCancelled):
+        predict(cfg, should_stop=stop)
+    assert len(asked) == 4 and not is_predicted(cfg, ("fp8_e4m3", "fp8_e5m2", "fp16", "bf16"))
+    assert predict(cfg)  # and the next one runs in full

@@ -132,10 +132,10 @@ def _slow_predict(monkeypatch, seconds=0.3):
 
     real = P._prediction
 
-    def slow(cfg, formats):
+    def slow(cfg, formats, should_stop=None):
         if (cfg, formats) not in P._CACHE:
             time.sleep(seconds)
-        return real(cfg, formats)
+        return real(cfg, formats, should_stop)
 
     monkeypatch.setattr(P, "_prediction", slow)
 
@@ -217,6 +217,37 @@ def test_close_during_background_prediction_is_clean(qtbot, monkeypatch):
     assert not panel.predictions.isRunning()
     panel.update_config(ModelConfig(**BIG).replace(n_layers=47))  # after shutdown: inert
     assert not panel.predictions.isRunning()
+
+
+def test_close_during_a_long_prediction_does_not_wait_for_it(qtbot):
+    """A prediction that would run for seconds gives up at its next sub-block when the
+    window closes (and one op of an extreme config that cannot stop is left to its daemon
+    thread): closing takes well under the 2 s the worker is allowed."""
+    from unitscale_core import ModelConfig
+    from unitscale_core.scaling import predict as P
+
+    P.clear_cache()
+    real = P._Predictor.block_fwd
+
+    def slow_block(self, *args, **kwargs):
+        time.sleep(0.05)  # 96 layers × 2 sub-blocks: ~10 s in all
+        return real(self, *args, **kwargs)
+
+    win = MainWindow(ModelConfig(**SMALL))
+    qtbot.addWidget(win)
+    win.show()
+    P._Predictor.block_fwd = slow_block
+    try:
+        win.set_config(ModelConfig(**BIG).replace(n_layers=96))
+        panel = win.scaling_panel
+        qtbot.waitUntil(panel.predictions.busy)
+        qtbot.wait(200)
+        t0 = time.perf_counter()
+        win.close()
+        assert time.perf_counter() - t0 < 1.0
+        qtbot.waitUntil(lambda: not panel.predictions.isRunning(), timeout=1000)
+    finally:
+        P._Predictor.block_fwd = real
 
 
 def test_table_sorts_and_keeps_its_order_across_changes(qtbot, window):

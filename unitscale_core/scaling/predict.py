@@ -28,6 +28,7 @@ import gc
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -45,6 +46,9 @@ LN_EPS = 1e-5
 #: With many ALiBi heads, the softmax statistics are averaged over at most this many slopes
 #: (evenly spaced in head index) to keep a 96-layer prediction within a frame.
 MAX_ALIBI_GROUPS = 8
+#: The common key preference of a sequence's queries is evaluated on rows of at most this
+#: many keys (see ``attention_fwd``).
+COMMON_MAX_KEYS = 4096
 
 
 @lru_cache(maxsize=1024)
@@ -146,11 +150,16 @@ def _alibi_row_var(t: int, causal: bool) -> float:
     return float(np.mean(sq / t - (ab / t) ** 2))
 
 
+class PredictionCancelled(Exception):
+    """Raised by :func:`predict` when its ``should_stop`` says so (nothing is cached)."""
+
+
 class _Predictor:
     """One pass over one config; fills ``acts``, ``grads``, ``weights``, ``wgrads``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, should_stop: Callable[[], bool] | None = None):
         self.cfg = cfg
+        self.should_stop = should_stop
         self.p = cfg.parametrization
         self.unit = self.p != "standard"
         self.c = cfg.d_model
@@ -360,8 +369,12 @@ class _Predictor:
         sigma_a = m * math.sqrt(dh * max(q_same, 0.0) * k_u)
         common = 1.0
         if sigma_a > 1e-3:
-            common = R.softmax_moments(sigma_a, t, is_causal).sum_p2 / R.softmax_moments(
-                0.0, t, is_causal).sum_p2
+            # rows longer than COMMON_MAX_KEYS are taken at that length: the quadrature for a
+            # sharp preference over 10⁵ keys takes seconds, and this factor is a first-order
+            # correction to the overlap of two queries' weights
+            n = min(t, COMMON_MAX_KEYS)
+            common = R.softmax_moments(sigma_a, n, is_causal).sum_p2 / R.softmax_moments(
+                0.0, n, is_causal).sum_p2
         # E Σp² beyond the expected weights' own Σ p̄²: the spread of the probabilities
         excess = np.maximum(sum_p2 - amap.r0, 0.0)
         ctx_cov = covariance.attend(amap, v, excess, common).scaled(out_scale * self.drop)
@@ -453,8 +466,14 @@ class _Predictor:
         return self.linear_bwd(a["lu"], g_up)
 
     # -- layers --------------------------------------------------------------------------------
+    def _check(self) -> None:
+        """Between sub-blocks: stop when asked (a long prediction in a GUI's thread)."""
+        if self.should_stop is not None and self.should_stop():
+            raise PredictionCancelled(self.cfg)
+
     def block_fwd(self, x: Cov, norm_name: str, tau: float, branch_fwd) -> tuple[Cov, dict]:
         """One residual sub-block; returns (new stream, context for backward)."""
+        self._check()
         pre = self.cfg.norm == "pre"
         if self.unit:
             w_s = R.residual_weights(tau)[1]
@@ -475,6 +494,7 @@ class _Predictor:
 
     def block_bwd(self, blk: dict, g_out: Cov, branch_bwd) -> Cov:
         """Backward of a residual sub-block from the gradient at its output."""
+        self._check()
         tau = blk["tau"]
         if blk["pre"]:
             g_inner = branch_bwd(blk["branch"], g_out.scaled(self.drop))
@@ -729,12 +749,15 @@ def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]
     return tables
 
 
-def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS) -> list[TensorRow]:
+def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS,
+            should_stop: Callable[[], bool] | None = None) -> list[TensorRow]:
     """Predicted rows for ``cfg`` (see module docstring), with headroom in ``formats``.
 
     Cached per (config, formats): the rows returned are shared and must not be modified.
+    ``should_stop`` (optional) is asked between sub-blocks; when it returns True the pass
+    raises :class:`PredictionCancelled` (a thread can give up a stale or long prediction).
     """
-    return list(_prediction(cfg, tuple(formats))[0])
+    return list(_prediction(cfg, tuple(formats), should_stop)[0])
 
 
 def predicted_covariances(cfg: ModelConfig) -> dict[tuple[str, str], Cov]:
@@ -775,7 +798,8 @@ _CACHE_SIZE = 16
 _CACHE_LOCK = threading.Lock()
 
 
-def _prediction(cfg: ModelConfig, formats: tuple[str, ...]
+def _prediction(cfg: ModelConfig, formats: tuple[str, ...],
+                should_stop: Callable[[], bool] | None = None
                 ) -> tuple[tuple[TensorRow, ...], dict[str, dict[str, np.ndarray]]]:
     key = (cfg, formats)
     with _CACHE_LOCK:
@@ -783,12 +807,12 @@ def _prediction(cfg: ModelConfig, formats: tuple[str, ...]
             _CACHE.move_to_end(key)
             return _CACHE[key]
     # A prediction allocates tens of thousands of small acyclic objects (rows, deferred
-    # formulas, Sigs); the cyclic collector would rescan them over and over and cost a few
+    # formulas, covariances); the cyclic collector would rescan them over and over and cost a few
     # milliseconds of the frame, collecting nothing. Reference counting frees them as usual.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        p = _Predictor(cfg)
+        p = _Predictor(cfg, should_stop)
         p.run()
         rows = p.to_rows()
         tables = _attach_formats(rows, formats)
