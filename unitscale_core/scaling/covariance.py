@@ -38,8 +38,6 @@ MAX_BINS = 48
 SINGLE_POSITIONS = 16
 #: Attention maps of longer sequences are built on this many positions scaled up.
 MAX_MAP_POSITIONS = 2048
-#: :func:`row_variance` below this fraction of the mean variance is a near-cancellation:
-#: computed in the reference summation order (its rounding is the answer there).
 
 
 class Grid(NamedTuple):
