@@ -102,19 +102,26 @@ def _structured(t: int) -> Cov:
     return Cov(g, u, C + M, M)
 
 
+def _causal_softmax(t: int, n_seq: int, sigma: float, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, cv.AttentionMap, np.ndarray]:
+    """Causal softmax weights of random logits ``N(0, σ²)`` ``(n_seq, t, t)``, the map, and
+    each query bin's ``E Σp²`` beyond ``Σ p̄²`` (the excess the predictor passes)."""
+    z = sigma * torch.randn(n_seq, t, t, generator=gen, dtype=torch.float64)
+    z = z.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    amap = cv.attention_map(t, "causal", 1, True)
+    sum_p2 = np.array([R.softmax_moments(sigma, int(n)).sum_p2 for n in amap.counts])
+    return z.softmax(-1), amap, np.maximum(sum_p2 - amap.r0, 0.0)
+
+
 def test_attend_matches_sampled_attention():
     """Σ_j p_ij v_j with softmax weights of random logits (causal), against draws."""
-    t, d, n_seq, sigma = 12, 8, 6000, 1.0
+    t, d, n_seq = 12, 8, 6000
     gen = torch.Generator().manual_seed(1)
     v_cov = _structured(t)
     v = _sample(v_cov, n_seq, d, gen)
-    z = sigma * torch.randn(n_seq, t, t, generator=gen, dtype=torch.float64)
-    z = z.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-    ctx = z.softmax(-1) @ v
-    amap = cv.attention_map(t, "causal", 1, True)
-    sum_p2 = np.array([R.softmax_moments(sigma, int(n)).sum_p2 for n in amap.counts])
-    out = cv.attend(amap, v_cov, np.maximum(sum_p2 - amap.R0.sum(1), 0.0), 1.0)
-    var, cov, _ = _measured(ctx)
+    p, amap, excess = _causal_softmax(t, n_seq, 1.0, gen)
+    out = cv.attend(amap, v_cov, excess, 1.0)
+    var, cov, _ = _measured(p @ v)
     np.testing.assert_allclose(out.var, var, rtol=0.06)
     off = ~np.eye(t, dtype=bool)
     np.testing.assert_allclose(out.C[off], cov[off], rtol=0.06, atol=0.01)
@@ -122,17 +129,13 @@ def test_attend_matches_sampled_attention():
 
 def test_attend_transposed_matches_sampled_value_gradient():
     """Σ_i p_ij g_i (the value gradient) for heteroscedastic, correlated gradients."""
-    t, d, n_seq, sigma = 12, 8, 6000, 1.0
+    t, d, n_seq = 12, 8, 6000
     gen = torch.Generator().manual_seed(2)
     g_cov = _structured(t)
     g = _sample(g_cov, n_seq, d, gen)
-    z = sigma * torch.randn(n_seq, t, t, generator=gen, dtype=torch.float64)
-    z = z.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-    gv = z.softmax(-1).transpose(1, 2) @ g
-    amap = cv.attention_map(t, "causal", 1, True)
-    sum_p2 = np.array([R.softmax_moments(sigma, int(n)).sum_p2 for n in amap.counts])
-    out = cv.attend_transposed(amap, g_cov, np.maximum(sum_p2 - amap.R0.sum(1), 0.0), 1.0)
-    var, cov, _ = _measured(gv)
+    p, amap, excess = _causal_softmax(t, n_seq, 1.0, gen)
+    out = cv.attend_transposed(amap, g_cov, excess, 1.0)
+    var, cov, _ = _measured(p.transpose(1, 2) @ g)
     np.testing.assert_allclose(out.var, var, rtol=0.06)
     off = ~np.eye(t, dtype=bool)
     np.testing.assert_allclose(out.C[off], cov[off], rtol=0.08, atol=0.02)
