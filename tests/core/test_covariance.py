@@ -211,3 +211,130 @@ def test_long_sequences_map_on_fewer_positions():
     np.testing.assert_allclose(amap.counts[cv.SINGLE_POSITIONS:], middle[cv.SINGLE_POSITIONS:],
                                rtol=0.05)
     assert math.isfinite(float(amap.Q.sum()))
+
+
+# ============================================================== attention's query and key gradients
+
+def _collapsed(t: int) -> Cov:
+    """A deep stack's stream: one shared vector whose load grows slowly with position, near
+    neighbours a little alike, and little of each token's own."""
+    pos = np.arange(t)
+    lam = 1.0 + 0.3 * np.log1p(pos) / math.log(t)
+    C = np.outer(lam, lam) + 0.05 * np.exp(-np.abs(pos[:, None] - pos[None]) / 8)
+    return Cov(cv.grid(t), np.full(t, 0.02), C, np.zeros((t, t)))
+
+
+def _full(cov: Cov) -> np.ndarray:
+    """Position-level covariance of a one-position-per-bin ``cov`` (variance on the diagonal)."""
+    full = cov.C.copy()
+    np.fill_diagonal(full, cov.var)
+    return full
+
+
+def _score_gradient(g, v, p):
+    """g_Z = P ⊙ (g Vᵀ − rowsum(P ⊙ g Vᵀ)): the softmax backward of ``Y = P V``."""
+    gp = g @ v.transpose(1, 2)
+    return p * (gp - (p * gp).sum(-1, keepdim=True))
+
+
+def test_query_gradient_is_exact_for_uniform_weights():
+    """Σ_jl p_ij p_kl A_jl B̃_ik(j, l) by brute force over positions (causal, heteroscedastic,
+    correlated values and keys), for the same query and for distinct ones."""
+    t = 12
+    v, k = _structured(t), _collapsed(t)
+    A, B = _full(v), _full(k)
+    P = _expected_weights(t, "causal", 1, True)
+    amap = cv.attention_map(t, "causal", 1, True)
+    want = np.empty((t, t))
+    for i in range(t):
+        for m in range(t):
+            Bt = B - (B @ P[m])[:, None] - (P[i] @ B)[None, :] + P[i] @ B @ P[m]
+            want[i, m] = P[i] @ (A * Bt) @ P[m]
+    uniform_jacobian = amap.r0 - 2 * (P ** 3).sum(1) + amap.r0 ** 2
+    g = Cov(cv.grid(t), np.full(t, 0.5), np.full((t, t), 0.5), np.zeros((t, t)))
+    out = cv.query_gradient(amap, g, v, k, amap.r0, uniform_jacobian, np.ones(t))
+    np.testing.assert_allclose(out.var, want.diagonal(), rtol=1e-9, atol=1e-15)
+    off = ~np.eye(t, dtype=bool)
+    np.testing.assert_allclose(out.C[off], 0.5 * want[off], rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0])
+@pytest.mark.parametrize("inputs", ["structured", "collapsed"])
+def test_query_gradient_matches_sampled_attention(inputs, sigma):
+    """m·g_Z·K for causal softmax of random logits, values and keys with position structure:
+    the variance per query and the covariance of distinct queries (which the earlier
+    per-token model had as zero, and the variance 2–8× low for a collapsed stream)."""
+    t, d, n_seq = 12, 8, 6000
+    gen = torch.Generator().manual_seed(11)
+    make = _structured if inputs == "structured" else _collapsed
+    g_cov, v_cov, k_cov = _structured(t), make(t), make(t)
+    g, v, k = (_sample(c, n_seq, d, gen) for c in (g_cov, v_cov, k_cov))
+    p, amap, _excess = _causal_softmax(t, n_seq, sigma, gen)
+    var, cov, _ = _measured(_score_gradient(g, v, p) @ k)
+    sum_p2, jacobian = R.softmax_row_stats(np.full(t, sigma), amap.keys, None)
+    out = cv.query_gradient(amap, g_cov, v_cov, k_cov, sum_p2, jacobian, np.ones(t)).scaled(
+        math.sqrt(d))
+    np.testing.assert_allclose(out.var[1:], var[1:], rtol=0.12)
+    off = ~np.eye(t, dtype=bool)
+    assert out.C[off].sum() == pytest.approx(cov[off].sum(), rel=0.08)
+    np.testing.assert_allclose(out.C[off], cov[off], rtol=0.25, atol=0.02 * var.max())
+
+
+def test_query_gradient_of_a_binned_collapsed_stream():
+    """Sequences longer than the bins: tokens of a wide bin differ in their load of the shared
+    vector; the one-position bins' shares are taken smoothly (``_smooth_split``). Sampled at
+    every position, compared bin by bin."""
+    t, d, n_seq, sigma = 120, 8, 1500, 0.5
+    gen = torch.Generator().manual_seed(12)
+    exact = {name: _collapsed(t) if name != "g" else _structured(t) for name in "gvk"}
+    samples = {}
+    for name, c in exact.items():
+        chol = np.linalg.cholesky(_full(c) + 1e-9 * np.eye(t))
+        z = torch.randn(n_seq, t, d, generator=gen, dtype=torch.float64)
+        samples[name] = torch.einsum("ij,bjd->bid", torch.from_numpy(chol), z)
+    z = sigma * torch.randn(n_seq, t, t, generator=gen, dtype=torch.float64)
+    p = z.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    gq = _score_gradient(samples["g"], samples["v"], p) @ samples["k"]
+    grid = cv.grid(t)
+    onehot = np.eye(len(grid.n))[_bins(grid)]
+
+    def binned(c: Cov) -> Cov:
+        full = _full(c)
+        var = onehot.T @ np.diag(full) / grid.n
+        C = onehot.T @ (full - np.diag(np.diag(full))) @ onehot / np.maximum(grid.pairs, 1)
+        C[grid.single, grid.single] = 0.0  # as some ops leave it: the rule must not care
+        return Cov(grid, var - np.diag(C), C, np.zeros_like(C))
+
+    amap = cv.attention_map(t, "causal", 1, True)
+    sum_p2, jacobian = R.softmax_row_stats(np.full(len(grid.n), sigma), amap.keys, None)
+    out = cv.query_gradient(amap, binned(exact["g"]), binned(exact["v"]), binned(exact["k"]),
+                            sum_p2, jacobian, np.ones(len(grid.n)))
+    measured = onehot.T @ gq.pow(2).mean((0, 2)).numpy() / grid.n
+    np.testing.assert_allclose(d * out.var[1:], measured[1:], rtol=0.15)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0])
+@pytest.mark.parametrize("inputs", ["structured", "collapsed"])
+def test_key_gradient_matches_sampled_attention(inputs, sigma):
+    """m·g_Zᵀ·Q: per key, and between keys; the columns of g_Z meet queries that share a
+    part, so they add coherently, and every sequence's key gradients sum to zero."""
+    t, d, n_seq = 12, 8, 6000
+    gen = torch.Generator().manual_seed(13)
+    make = _structured if inputs == "structured" else _collapsed
+    g_cov, v_cov, q_cov = _structured(t), make(t), make(t)
+    g, v, q = (_sample(c, n_seq, d, gen) for c in (g_cov, v_cov, q_cov))
+    p, amap, excess = _causal_softmax(t, n_seq, sigma, gen)
+    var, cov, _ = _measured(_score_gradient(g, v, p).transpose(1, 2) @ q)
+    sum_p2, jacobian = R.softmax_row_stats(np.full(t, sigma), amap.keys, None)
+    out = cv.key_gradient(amap, g_cov, v_cov, q_cov, sum_p2, jacobian, excess).scaled(
+        math.sqrt(d))
+    # the own (same-query) part takes the values' spread per query row, not per key: within
+    # 20% here (10% in RMS); the first key (seen by every query, alone by the first) and the
+    # last (seen by the last query only, the farthest from its row's mean) within 30%
+    np.testing.assert_allclose(out.var[1:-1], var[1:-1], rtol=0.2)
+    np.testing.assert_allclose(out.var[[0, -1]], var[[0, -1]], rtol=0.3)
+    off = ~np.eye(t, dtype=bool)
+    assert out.C[off].sum() == pytest.approx(cov[off].sum(), rel=0.05)  # = −Σ var, exactly
+    assert out.C[off].sum() == pytest.approx(-out.var.sum(), rel=1e-9)
+    # single pairs carry the closure's share of what was left out (third order in p)
+    np.testing.assert_allclose(out.C[off], cov[off], rtol=0.3, atol=0.08 * var.max())

@@ -322,7 +322,8 @@ class AttentionMap(NamedTuple):
     the softmax statistics take it. ``Q`` and ``Qt`` are symmetric in their
     first two indices: ``Q_half``, ``Qt_half`` hold their rows ``a ≤ b`` only, and
     ``half_index[a, b]`` is the row of ``(a, b)`` there (:func:`_pair_overlaps`);
-    ``pair_inverse[a]``: ``1/(1 − Σ_j p̄_ij²)``, 0 for a query with one key (no pairs).
+    ``pair_inverse[a]``: ``1/(1 − Σ_j p̄_ij²)``, 0 for a query with one key (no pairs);
+    ``Q_by_second[b, a, c] = Q[a, b, c]`` (contiguous, for batched products over ``c``).
     """
 
     W: np.ndarray
@@ -338,6 +339,7 @@ class AttentionMap(NamedTuple):
     Qt_half: np.ndarray
     half_index: np.ndarray
     pair_inverse: np.ndarray
+    Q_by_second: np.ndarray
 
 
 def _mask(t: int, pattern: str, window: int, causal: bool) -> np.ndarray:
@@ -415,7 +417,8 @@ def attention_map(t: int, pattern: str, window: int, causal: bool) -> AttentionM
     counts = np.maximum(counts, 1.0)
     out = AttentionMap(W, V, Q, Qt, R0, RT0, counts, R0.sum(1),
                        np.maximum(np.rint(counts).astype(np.int64), 1),
-                       Q[g.upper], Qt[g.upper], g.half_index, _pair_inverse(R0.sum(1)))
+                       Q[g.upper], Qt[g.upper], g.half_index, _pair_inverse(R0.sum(1)),
+                       np.ascontiguousarray(Q.transpose(1, 0, 2)))
     for arr in out:
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)
@@ -485,6 +488,188 @@ def attend_transposed(amap: AttentionMap, g: Cov, excess: np.ndarray, common: fl
     # different queries' weights spread independently, so each meets its own g_i, all of it
     return _averaged(g, V @ g.S @ V.T, _pair_overlaps(amap.Qt_half, amap, g.u), common,
                      amap.RT0 @ g.u, V @ (excess * g.var))
+
+
+def _smooth_split(x: Cov) -> tuple[np.ndarray, np.ndarray]:
+    """``(u, C)`` of ``x`` with the one-position bins' ``C[a, a]`` taken from their
+    neighbours (the mean of ``C[a, a ± 1]``, at most ``Var x_a``) and ``u`` the rest.
+
+    ``C[a, a]`` of a one-position bin is not a covariance of two tokens, only a share of the
+    token's variance, and ops leave different shares there. The attention-gradient rules
+    weigh the tokens' own parts and their shared parts by different random-weight factors,
+    so they need the share that continues the shared part smoothly: for a collapsed stream
+    (every token ≈ λ_j z) a zero ``C[a, a]`` would count ``λ_a² z²`` as the token's own and
+    over-predict the query gradient 40× once the weights spread (sampled check).
+    """
+    memo = x.memo
+    hit = memo.get("smooth_split")
+    if hit is not None:
+        return hit
+    C, var = x.C, x.var
+    single = x.g.single
+    if not len(single) or not len(x.S):
+        out = (x.u, C)
+    else:
+        k = len(var)
+        up = np.concatenate((np.diagonal(C, 1), [np.nan]))  # C[a, a + 1]
+        down = np.concatenate(([np.nan], np.diagonal(C, -1)))  # C[a, a − 1]
+        near = np.nanmean(np.stack((up, down)), axis=0) if k > 1 else np.zeros(1)
+        C = C.copy()
+        C[single, single] = np.clip(near[single], 0.0, var[single])
+        out = (var - C.diagonal(), C)
+    memo["smooth_split"] = out
+    return out
+
+
+def _centring(amap: AttentionMap, x: Cov) -> tuple[np.ndarray, ...]:
+    """``(u, C, C Wᵀ, W C Wᵀ)`` of ``x`` (:func:`_smooth_split`) for the centring on the
+    queries' weights; memoised per (tensor, map): the values meet both gradients."""
+    memo = x.memo
+    hit = memo.get("centring")
+    if hit is not None and hit[0] is amap:
+        return hit[1]
+    u, C = _smooth_split(x)
+    R = C @ amap.W.T
+    out = (u, C, R, amap.W @ R)
+    memo["centring"] = (amap, out)
+    return out
+
+
+def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarray,
+                   jacobian: np.ndarray, shared_input: np.ndarray) -> Cov:
+    """``Σ_j p_ij (g_i·ṽ_ij) k̃_ij`` per unit ``m²·d_head``: the query gradient, where
+    ``ṽ_ij = v_j − Σ_l p_il v_l`` and ``k̃_ij`` likewise are centred on query ``i``'s own
+    weights (the softmax Jacobian), with ``g`` (the context gradient), ``v`` and ``k``
+    independent of each other.
+
+    For two queries ``i, k`` (the same one or distinct), with ``A``, ``B`` the full
+    covariances of values and keys (``A = diag(u) + C``), the centring terms sum to zero
+    against the other side's, leaving::
+
+        E[gq_i·gq_k] ∝ Cov(g_i, g_k) · Σ_jl p_ij p_kl A_jl B̃_ik(j, l),
+        B̃_ik(j, l) = B_jl − (B p_k)_j − (p_i B)_l + p_i B p_k
+
+    which splits into the tokens' own parts (``u_v u_k``: what independent tokens give, with
+    the spread of random weights from the moments ``E p² = EΣp²·p̄``), their cross terms
+    ``u·C`` and the coherent ``C·C`` part. The last matters in a deep or correlated stack:
+    the centred keys and values of one sequence then lean the same way at every position
+    (``k̃_j ∝ (λ_j − λ̄) z``), so the sum over keys adds up coherently instead of averaging
+    out as ``Σ_j p_ij²`` — the earlier per-token model missed the query gradients of such
+    stacks by 1.5–2.7 log2. On the bins::
+
+        C·C = W(C_v ∘ C_k)Wᵀ − Z − Zᵀ + (W C_v Wᵀ) ∘ (W C_k Wᵀ),
+        Z_ab = Σ_c W_ac (C_v Wᵀ)_cb (C_k Wᵀ)_cb
+
+    and the ``u·C`` terms use the distinct-query overlaps ``Q`` (``R0`` for one query).
+    Random weights multiply the parts with a shared factor by ``a_i a_k``,
+    ``a = (1 − EΣp²)/(1 − Σp̄²)`` (``E p_ij p_il`` for ``j ≠ l``, over ``p̄_ij p̄_il``); the
+    same query's own-part term by ``jacobian / jacobian₀`` (the softmax-Jacobian factor with
+    random over uniform weights); ``shared_input`` multiplies the own parts
+    (:func:`~unitscale_core.scaling.predict.shared_input_factor`). Exact for uniform
+    weights at one position per bin (brute force), checked against sampled attention
+    (``tests/core/test_covariance.py``).
+    """
+    W, Q, R0, n, r0 = amap.W, amap.Q, amap.R0, amap.counts, amap.r0
+    uv, Cv, RV, XV = _centring(amap, v)  # RV[c, b]: (C p_b) at key bin c; XV = W C Wᵀ
+    uk, Ck, RK, XK = _centring(amap, k)
+    ZC = W @ (RV * RK)
+    coherent = W @ (Cv * Ck) @ W.T - ZC - ZC.T + XV * XK
+    h = uv * Ck.diagonal() + Cv.diagonal() * uk
+    a = (1.0 - sum_p2) * amap.pair_inverse
+    aa = a[:, None] * a
+    # distinct queries
+    Qb = amap.Q_by_second  # [b, a, c]: batched products over c for each b
+    QuRK = np.matmul(Qb, (uv[:, None] * RK).T[:, :, None])[..., 0].T  # Σ_c Q_abc u_c RK_cb
+    QuRV = np.matmul(Qb, (uk[:, None] * RV).T[:, :, None])[..., 0].T
+    Qv, Qk, Quu = Q @ uv, Q @ uk, Q @ (uv * uk)
+    cross = Q @ h - QuRK - QuRK.T - QuRV - QuRV.T + Qv * XK + XV * Qk
+    rest = 1.0 - sum_p2
+    root = np.sqrt(shared_input)
+    own = (rest[:, None] * rest * Quu + aa * (Qv * Qk - Quu / (n[:, None] * n))) * (
+        root[:, None] * root)
+    pair = g.C * (own + aa * (cross + coherent))
+    # one query with itself
+    Ruu = R0 @ (uv * uk)
+    own0 = Ruu * (1.0 - 2.0 / n) + (R0 @ uv) * (R0 @ uk)
+    jac0 = r0 * (1.0 - 2.0 / n) + r0 * r0
+    ok = jac0 > 1e-300
+    own_s = np.where(ok, own0 * jacobian / np.where(ok, jac0, 1.0), 0.0) * shared_input
+    cross_s = (R0 @ h - 2.0 * ((R0 * uv) * RK.T).sum(1) - 2.0 * ((R0 * uk) * RV.T).sum(1)
+               + (R0 @ uv) * XK.diagonal() + XV.diagonal() * (R0 @ uk))
+    # the weights' spread about p̄ meets the keys' unshared spread of the shared products
+    # (first order in δp, as in :func:`attend`): E δp_j δp_l = excess·(δ_jl/n − 1/(n(n−1)))
+    cv_d = Cv.diagonal()[None, :] - 2.0 * RV.T + XV.diagonal()[:, None]  # [a, c]: Ã_cc
+    ck_d = Ck.diagonal()[None, :] - 2.0 * RK.T + XK.diagonal()[:, None]
+    both = cv_d * ck_d
+    shared_d = uv[None, :] * ck_d + cv_d * uk[None, :] + both
+    spread = np.maximum((W * shared_d).sum(1) - (coherent.diagonal() - (R0 * both).sum(1))
+                        * amap.pair_inverse, 0.0) * np.maximum(sum_p2 - r0, 0.0) * a
+    var = g.var * np.maximum(own_s + a * a * (cross_s + coherent.diagonal()) + spread, 0.0)
+    single = g.g.single
+    pair[single, single] = 0.0  # a one-position bin has no distinct pair
+    return Cov.of(g.g, np.maximum(var - pair.diagonal(), 0.0), pair[None])
+
+
+def key_gradient(amap: AttentionMap, g: Cov, v: Cov, q: Cov, sum_p2: np.ndarray,
+                 jacobian: np.ndarray, excess: np.ndarray, zero_sum: bool = True) -> Cov:
+    """``Σ_i p_ij (g_i·ṽ_ij) q_i`` per unit ``m²·d_head``: the key gradient, ``ṽ_ij`` centred
+    on query ``i``'s weights, with ``g``, ``v``, ``q`` independent of each other.
+
+    With ``G_ik = Cov(g_i, g_k)·Cov(q_i, q_k)`` split into the queries' own parts
+    ``diag(γ)`` and the shared ``Γ = C_g ∘ C_q``, and ``Ã_ik(j, l)`` the values' covariance
+    centred on the weights of queries ``i`` and ``k``::
+
+        E[gk_j·gk_l] ∝ Σ_ik p_ij p_kl G_ik Ã_ik(j, l)
+
+    * own (``i = k``): per key, ``Σ_i E p_ij² γ_i ·`` the row's unshared value spread
+      (with the weights' spread, as before); between keys, the same query's centring
+      (``Qt``: ``Σ_i p_ij p_il``), which makes them anti-correlated;
+    * shared (``i ≠ k``): the queries attending to a key lean the same way when ``g`` and
+      ``q`` share a part across tokens, so they add coherently (``V Γ Vᵀ``); random weights
+      enter through ``E p_ij p_il = a_i p̄_ij p̄_il`` (``a = (1 − EΣp²)/(1 − Σp̄²)``) and
+      ``E p_ij² = EΣp²·p̄_ij``.
+
+    Rows of ``g_Z`` sum to zero, so ``Σ_j gk_j = 0`` in every sequence (unless RoPE rotates
+    each key differently: ``zero_sum`` False): the full covariance's rows sum to zero. The
+    pair covariances are closed to that exactly with a correction ``α_j + α_l``, which also
+    absorbs the terms of third order in ``p`` left out above. Checked against sampled
+    attention (``tests/core/test_covariance.py``).
+    """
+    V, Q, Qt, RT0, n = amap.V, amap.Q, amap.Qt, amap.RT0, amap.counts
+    uv, Cv, RV, XV = _centring(amap, v)
+    shared = _smooth_split(g)[1] * _smooth_split(q)[1]
+    own = np.maximum(g.var * q.var - shared.diagonal(), 0.0)
+    rest = 1.0 - sum_p2
+    a = rest * amap.pair_inverse
+    aa = a[:, None] * a
+    per_p2 = own * row_variance(amap, v) * jacobian / sum_p2
+    Quv = Q @ uv
+    # the same query: per key, and its centring between keys
+    t2 = np.matmul(Qt, (own * RV)[:, :, None])[..., 0]  # Σ_a Qt_cda γ_a RV_ca
+    pair = ((Qt @ own) * Cv - t2 - t2.T + Qt @ (own * XV.diagonal())
+            - (uv[:, None] + uv[None]) * (Qt @ (own / n)) + Qt @ (own * (amap.R0 @ uv)))
+    var = RT0 @ per_p2 + V @ (excess * per_p2)
+    # distinct queries: the coherent sum over the queries attending to each key
+    VS = V @ shared
+    VSV = VS @ V.T
+    T2 = (VS * RV) @ V.T
+    coherent = Cv * VSV - T2 - T2.T + V @ (shared * (XV + aa * Quv)) @ V.T
+    third = (rest + a / n)[:, None] * shared * a
+    U = uv[:, None] * np.matmul(Qt, (V @ third)[:, :, None])[..., 0]
+    centred_own = rest[:, None] * rest - aa / (n[:, None] * n)
+    var = var + coherent.diagonal() + uv * ((V @ (shared * centred_own)) * V).sum(1)
+    pair = pair + coherent - U - U.T
+    if zero_sum and g.g.t > 2:
+        nb = g.g.n
+        t = float(g.g.t)
+        deficit = -(pair @ nb - pair.diagonal() + var)  # Σ_l Cov(gk_j, gk_l) should be 0
+        mean = float(nb @ deficit) / (2.0 * t - 2.0)
+        alpha = (deficit - mean) / (t - 2.0)
+        pair = pair + alpha[:, None] + alpha[None]
+    var = np.maximum(var, 0.0)
+    single = g.g.single
+    pair[single, single] = 0.0
+    return Cov.of(g.g, np.maximum(var - pair.diagonal(), 0.0), pair[None])
 
 
 def row_variance(amap: AttentionMap, k: Cov) -> np.ndarray:

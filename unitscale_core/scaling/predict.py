@@ -413,9 +413,12 @@ class _Predictor:
         # (shared_input_factor). gK_j = m Σ_i gZ_ij q_i with gZ_ij² ∝ p_ij².
         mm = a["m"] ** 2
         sum_p2 = np.maximum(a["sum_p2"], 1e-12)
-        g_q = self.independent(mm * gz2 * a["rowvar_k"] * shared_input_factor(sum_p2, self.c))
-        per_p2 = gz2 / sum_p2 * a["q"].var  # gZ² per unit p² times |q|²
-        g_k = self.independent(mm * (amap.RT0 @ per_p2 + amap.V @ (a["excess"] * per_p2)))
+        g_q = covariance.query_gradient(amap, g_ctx, v, a["k"], sum_p2, a["gf"],
+                                        shared_input_factor(sum_p2, self.c)).scaled(
+            math.sqrt(mm * dh) * gl * a["grad_sm_in"])
+        g_k = covariance.key_gradient(amap, g_ctx, v, a["q"], sum_p2, a["gf"], a["excess"],
+                                      zero_sum=self.cfg.positional != "rope").scaled(
+            math.sqrt(mm * dh) * gl * a["grad_sm_in"])
         s = a["grad_qkv"]
         gq = self.linear_bwd(a["lq"], g_q.scaled(s))
         # the key bias shifts every logit of a row equally, which softmax ignores — unless
