@@ -478,22 +478,27 @@ class _Predictor:
         """One residual sub-block; returns (new stream, context for backward)."""
         self._check()
         pre = self.cfg.norm == "pre"
-        if self.unit:
-            w_s = R.residual_weights(tau)[1]
-            self.share *= w_s
-            if self.flat is not None:
-                self.flat = (self.flat[0] * w_s**2, self.flat[1] * w_s**2)
+        w_s = R.residual_weights(tau)[1] if self.unit else 1.0
+        self.share *= w_s
         if pre:
+            # the norm reads the stream as it is; the skip weight applies to the new stream
             h, n = self.norm_fwd(norm_name, x)
+            self._scale_flat(w_s)
             inner, ctx = branch_fwd(h)
             out = self.residual_add(inner.scaled(self.drop), x, tau)
         else:
             inner, ctx = branch_fwd(x)
             y = self.residual_add(inner.scaled(self.drop), x, tau)
+            self._scale_flat(w_s)
             out, n = self.norm_fwd(norm_name, y)
             self.flat = None  # the stream is now a LayerNorm output
             self.share /= max(n["x_rms"], 1e-30)
         return out, {"norm": n, "branch": ctx, "tau": tau, "pre": pre}
+
+    def _scale_flat(self, w_s: float) -> None:
+        """The stream's flat part after a residual add that weighs the skip path by ``w_s``."""
+        if self.flat is not None and w_s != 1.0:
+            self.flat = (self.flat[0] * w_s**2, self.flat[1] * w_s**2)
 
     def block_bwd(self, blk: dict, g_out: Cov, branch_bwd) -> Cov:
         """Backward of a residual sub-block from the gradient at its output."""
