@@ -326,6 +326,8 @@ class AttentionMap(NamedTuple):
     first two indices: ``Q_half``, ``Qt_half`` hold their rows ``a ≤ b`` only, and
     ``half_index[a, b]`` is the row of ``(a, b)`` there (:func:`_pair_overlaps`);
     ``pair_inverse[a]``: ``1/(1 − Σ_j p̄_ij²)``, 0 for a query with one key (no pairs).
+    ``WT``, ``VT``: ``Wᵀ`` and ``Vᵀ`` laid out row by row (a product with a transposed view
+    costs a quarter more, and every layer makes two).
     """
 
     W: np.ndarray
@@ -341,6 +343,8 @@ class AttentionMap(NamedTuple):
     Qt_half: np.ndarray
     half_index: np.ndarray
     pair_inverse: np.ndarray
+    WT: np.ndarray
+    VT: np.ndarray
 
 
 def _mask(t: int, pattern: str, window: int, causal: bool) -> np.ndarray:
@@ -418,7 +422,8 @@ def attention_map(t: int, pattern: str, window: int, causal: bool) -> AttentionM
     counts = np.maximum(counts, 1.0)
     out = AttentionMap(W, V, Q, Qt, R0, RT0, counts, R0.sum(1),
                        np.maximum(np.rint(counts).astype(np.int64), 1),
-                       Q[g.upper], Qt[g.upper], g.half_index, _pair_inverse(R0.sum(1)))
+                       Q[g.upper], Qt[g.upper], g.half_index, _pair_inverse(R0.sum(1)),
+                       np.ascontiguousarray(W.T), np.ascontiguousarray(V.T))
     for arr in out:
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)
@@ -445,7 +450,7 @@ def attend(amap: AttentionMap, v: Cov, excess: np.ndarray, common: float) -> Cov
     # the spread δ = p − p̄ of a row sums to zero, so it weighs the keys' unshared spread:
     # Σ_jl E[δ_ij δ_il] Cov(v_j, v_l) = excess_i · row_variance_i
     spread = excess * row_variance(amap, v)
-    return _averaged(v, W @ v.S @ W.T, _pair_overlaps(amap.Q_half, amap, v.u),
+    return _averaged(v, W @ v.S @ amap.WT, _pair_overlaps(amap.Q_half, amap, v.u),
                      common, amap.R0 @ v.u, spread)
 
 
@@ -486,7 +491,7 @@ def attend_transposed(amap: AttentionMap, g: Cov, excess: np.ndarray, common: fl
     V = amap.V
     # E[p_ij²] − p̄_ij² = excess_i / count_i on allowed keys: Σ_{i∈a} of it is V[c, a]·excess_a;
     # different queries' weights spread independently, so each meets its own g_i, all of it
-    return _averaged(g, V @ g.S @ V.T, _pair_overlaps(amap.Qt_half, amap, g.u), common,
+    return _averaged(g, V @ g.S @ amap.VT, _pair_overlaps(amap.Qt_half, amap, g.u), common,
                      amap.RT0 @ g.u, V @ (excess * g.var))
 
 
@@ -507,10 +512,10 @@ def row_variance(amap: AttentionMap, k: Cov) -> np.ndarray:
         return hit[1]
     W = amap.W
     C = k.C
-    c = float(C.mean())
+    c = float(np.add.reduce(C, axis=None)) / C.size  # C.mean(), without its wrapper
     Cc = C - c
     mean_var = W @ (k.u + Cc.diagonal())
-    distinct = ((W @ Cc) * W).sum(1) - amap.R0 @ Cc.diagonal()
+    distinct = np.add.reduce((W @ Cc) * W, axis=1) - amap.R0 @ Cc.diagonal()
     out = np.maximum(mean_var - distinct * amap.pair_inverse, 0.0)
     memo["row_variance"] = (amap, out)
     return out

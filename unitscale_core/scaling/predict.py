@@ -169,6 +169,9 @@ class _Predictor:
         self.b = cfg.batch_size
         self.t = cfg.seq_len
         self.rows = self.b * self.t
+        #: the LayerNorm gain and bias gradients' factor (the same for every norm)
+        self.ln_alpha = (R.unit_layer_norm_grad_param_scale(self.c, self.rows) if self.unit
+                         else 1.0)
         self.grid = covariance.grid(self.t)
         # rows are made as the walk goes (no intermediate records: thousands per prediction)
         self.acts: dict[str, TensorRow] = {}
@@ -282,7 +285,7 @@ class _Predictor:
     def norm_bwd(self, ctx: dict, g: Cov) -> Cov:
         """Per token ``g_x = (g − mean g − x̂ mean(g x̂))/σ``: :func:`.rules.layer_norm_rule`
         at each position's own input variance."""
-        alpha = R.unit_layer_norm_grad_param_scale(self.c, self.rows) if self.unit else 1.0
+        alpha = self.ln_alpha
         name = ctx["name"]
         self.grad(name, g)
         self.wgrad(name + ".weight", alpha**2 * pair_sum(self.b, g, ctx["y"]),
