@@ -24,6 +24,7 @@ token-specific part through ``E[p²] − p̄²``.
 from __future__ import annotations
 
 import math
+import threading
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -103,18 +104,18 @@ class Cov:
     object.
     """
 
-    __slots__ = ("g", "u", "S", "_var", "_total", "_memo")
+    __slots__ = ("g", "u", "S", "_var", "_total", "_same", "_memo")
 
     def __init__(self, g: Grid, u: np.ndarray, C: np.ndarray, M: np.ndarray):
         self.g, self.u, self.S = g, u, np.stack((C, M))
-        self._var = self._total = self._memo = None
+        self._var = self._total = self._same = self._memo = None
 
     @classmethod
     def of(cls, g: Grid, u: np.ndarray, S: np.ndarray) -> Cov:
         """From ``u`` and the stacked pair matrices ``S`` (``[C, M]``, ``[C]`` or ``[]``)."""
         out = cls.__new__(cls)
         out.g, out.u, out.S = g, u, S
-        out._var = out._total = out._memo = None
+        out._var = out._total = out._same = out._memo = None
         return out
 
     @property
@@ -176,11 +177,11 @@ class Cov:
     @property
     def same(self) -> float:
         """Mean covariance of two distinct tokens of one sequence."""
-        out = self.memo.get("same")
+        out = self._same
         if out is None:
             t = self.g.t
-            out = self.memo["same"] = (float((self.g.pairs * self.C).sum() / (t * (t - 1)))
-                                       if t > 1 else 0.0)
+            out = self._same = (float(np.vdot(self.g.pairs, self.C)) / (t * (t - 1))
+                                if t > 1 else 0.0)
         return out
 
     @property
@@ -199,7 +200,8 @@ class Cov:
         if gain == 1.0:  # most gains of a standard model (no dropout, plain residuals)
             return self
         g2 = gain * gain
-        out = Cov.of(self.g, self.u * g2, self.S * g2)
+        S = self.S
+        out = Cov.of(self.g, self.u * g2, S * g2 if len(S) else S)
         if self._total is not None:
             out._total = self._total * g2
         return out
@@ -235,7 +237,8 @@ class Cov:
 
     def rescaled(self, d: np.ndarray) -> Cov:
         """Token ``i`` multiplied by ``d[i]`` (per bin)."""
-        return Cov.of(self.g, self.u * (d * d), self.S * (d[:, None] * d))
+        S = self.S
+        return Cov.of(self.g, self.u * (d * d), S * (d[:, None] * d) if len(S) else S)
 
     def correlations(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per bin ``σ``, and the correlation matrices of distinct tokens of one sequence
@@ -323,7 +326,9 @@ class AttentionMap(NamedTuple):
     first two indices: ``Q_half``, ``Qt_half`` hold their rows ``a ≤ b`` only, and
     ``half_index[a, b]`` is the row of ``(a, b)`` there (:func:`_pair_overlaps`);
     ``pair_inverse[a]``: ``1/(1 − Σ_j p̄_ij²)``, 0 for a query with one key (no pairs);
-    ``Q_by_second[b, a, c] = Q[a, b, c]`` (contiguous, for batched products over ``c``).
+    ``Q_by_second[b, a, c] = Q[a, b, c]`` (contiguous, for batched products over ``c``);
+    ``WT``, ``VT``: ``Wᵀ`` and ``Vᵀ`` laid out row by row (a product with a transposed view
+    costs a quarter more, and every layer makes several).
     """
 
     W: np.ndarray
@@ -340,6 +345,8 @@ class AttentionMap(NamedTuple):
     half_index: np.ndarray
     pair_inverse: np.ndarray
     Q_by_second: np.ndarray
+    WT: np.ndarray
+    VT: np.ndarray
 
 
 def _mask(t: int, pattern: str, window: int, causal: bool) -> np.ndarray:
@@ -418,7 +425,8 @@ def attention_map(t: int, pattern: str, window: int, causal: bool) -> AttentionM
     out = AttentionMap(W, V, Q, Qt, R0, RT0, counts, R0.sum(1),
                        np.maximum(np.rint(counts).astype(np.int64), 1),
                        Q[g.upper], Qt[g.upper], g.half_index, _pair_inverse(R0.sum(1)),
-                       np.ascontiguousarray(Q.transpose(1, 0, 2)))
+                       np.ascontiguousarray(Q.transpose(1, 0, 2)),
+                       np.ascontiguousarray(W.T), np.ascontiguousarray(V.T))
     for arr in out:
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)
@@ -445,7 +453,7 @@ def attend(amap: AttentionMap, v: Cov, excess: np.ndarray, common: float) -> Cov
     # the spread δ = p − p̄ of a row sums to zero, so it weighs the keys' unshared spread:
     # Σ_jl E[δ_ij δ_il] Cov(v_j, v_l) = excess_i · row_variance_i
     spread = excess * row_variance(amap, v)
-    return _averaged(v, W @ v.S @ W.T, _pair_overlaps(amap.Q_half, amap, v.u),
+    return _averaged(v, W @ v.S @ amap.WT, _pair_overlaps(amap.Q_half, amap, v.u),
                      common, amap.R0 @ v.u, spread)
 
 
@@ -486,7 +494,7 @@ def attend_transposed(amap: AttentionMap, g: Cov, excess: np.ndarray, common: fl
     V = amap.V
     # E[p_ij²] − p̄_ij² = excess_i / count_i on allowed keys: Σ_{i∈a} of it is V[c, a]·excess_a;
     # different queries' weights spread independently, so each meets its own g_i, all of it
-    return _averaged(g, V @ g.S @ V.T, _pair_overlaps(amap.Qt_half, amap, g.u), common,
+    return _averaged(g, V @ g.S @ amap.VT, _pair_overlaps(amap.Qt_half, amap, g.u), common,
                      amap.RT0 @ g.u, V @ (excess * g.var))
 
 
@@ -529,7 +537,7 @@ def _centring(amap: AttentionMap, x: Cov) -> tuple[np.ndarray, ...]:
     if hit is not None and hit[0] is amap:
         return hit[1]
     u, C = _smooth_split(x)
-    R = C @ amap.W.T
+    R = C @ amap.WT
     out = (u, C, R, amap.W @ R)
     memo["centring"] = (amap, out)
     return out
@@ -573,7 +581,7 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     uv, Cv, RV, XV = _centring(amap, v)  # RV[c, b]: (C p_b) at key bin c; XV = W C Wᵀ
     uk, Ck, RK, XK = _centring(amap, k)
     ZC = W @ (RV * RK)
-    coherent = W @ (Cv * Ck) @ W.T - ZC - ZC.T + XV * XK
+    coherent = W @ (Cv * Ck) @ amap.WT - ZC - ZC.T + XV * XK
     h = uv * Ck.diagonal() + Cv.diagonal() * uk
     a = (1.0 - sum_p2) * amap.pair_inverse
     aa = a[:, None] * a
@@ -689,10 +697,10 @@ def row_variance(amap: AttentionMap, k: Cov) -> np.ndarray:
         return hit[1]
     W = amap.W
     C = k.C
-    c = float(C.mean())
+    c = float(np.add.reduce(C, axis=None)) / C.size  # C.mean(), without its wrapper
     Cc = C - c
     mean_var = W @ (k.u + Cc.diagonal())
-    distinct = ((W @ Cc) * W).sum(1) - amap.R0 @ Cc.diagonal()
+    distinct = np.add.reduce((W @ Cc) * W, axis=1) - amap.R0 @ Cc.diagonal()
     out = np.maximum(mean_var - distinct * amap.pair_inverse, 0.0)
     memo["row_variance"] = (amap, out)
     return out
@@ -713,11 +721,12 @@ class Hermite(NamedTuple):
     scale: np.ndarray | None
 
 
-def rho_powers(rho: np.ndarray) -> np.ndarray:
-    """``ρ^1 … ρ^order`` (order, …) of correlations ``rho`` (any shape). By doubling: each
-    multiplication extends the known powers ``ρ^1 … ρ^h`` by ``ρ^h`` (4 array operations
-    for order 10)."""
-    out = np.empty((HERMITE_ORDER, *rho.shape))
+def rho_powers(rho: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``ρ^1 … ρ^order`` (order, …) of correlations ``rho`` (any shape), into ``out`` when
+    given. By doubling: each multiplication extends the known powers ``ρ^1 … ρ^h`` by
+    ``ρ^h`` (4 array operations for order 10)."""
+    if out is None:
+        out = np.empty((HERMITE_ORDER, *rho.shape))
     out[0] = rho
     have = 1
     while have < HERMITE_ORDER:
@@ -727,19 +736,30 @@ def rho_powers(rho: np.ndarray) -> np.ndarray:
     return out
 
 
-def _coefficients(kind: str, sd: np.ndarray) -> tuple[Hermite, Hermite]:
+#: Per thread, the buffer :func:`kernels` computes the powers of ``ρ`` in (used and dropped
+#: within one call; a fresh 190 kB array each time costs more than the products).
+_SCRATCH = threading.local()
+
+
+def _powers_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    buf = getattr(_SCRATCH, "powers", None)
+    if buf is None or buf.shape[1:] != shape:
+        buf = _SCRATCH.powers = np.empty((HERMITE_ORDER, *shape))
+    return buf
+
+
+def _coefficients(kind: str, sd: np.ndarray) -> tuple[Hermite, Hermite, np.ndarray | None]:
     """Per bin the signed Hermite coefficients (:func:`.hermite.hermite_coefficients`)
-    of ``f`` and of ``f'`` at that bin's scale."""
+    of ``f`` and of ``f'`` at that bin's scale; and when each has one row, the stack of
+    both rows squared (the weights of :func:`kernels`' one product), else None."""
+    k = len(sd)
     if kind == "relu":  # homogeneous: f(σz) = σ f(z), f'(σz) = f'(z)
-        f1, d1 = hermite_coefficients("relu", 1.0)
-        f_energy, d_energy = (e for _row, e in _uniform_coefficients("relu", 1.0))
-        return (Hermite(None, (f_energy * sd) * sd, f1, sd),
-                Hermite(None, np.full(len(sd), d_energy), d1, None))
+        f, df, c = _uniform_coefficients("relu", 1.0, k)
+        return Hermite(None, (float(f.energy[0]) * sd) * sd, f.row, sd), df, c
     # one key for the smallest and the largest scale: one for all (rounding is monotonic)
     lo = _key(max(float(sd.min()), 1e-12))
     if lo == _key(max(float(sd.max()), 1e-12)):
-        return tuple(Hermite(None, np.full(len(sd), energy), row, None)
-                     for row, energy in _uniform_coefficients(kind, lo))
+        return _uniform_coefficients(kind, lo, k)
     keys = _keys(np.maximum(sd, 1e-12))
     distinct, index = np.unique(keys, return_inverse=True)
     out = []
@@ -747,19 +767,34 @@ def _coefficients(kind: str, sd: np.ndarray) -> tuple[Hermite, Hermite]:
         rows = np.stack([hermite_coefficients(kind, key)[which] for key in distinct.tolist()])
         A = rows[index]
         out.append(Hermite(A, (A * A).sum(1), rows[0] if len(rows) == 1 else None, None))
-    return out[0], out[1]
+    f, df = out
+    return f, df, _squared_rows(f.row, df.row) if f.row is not None else None
 
 
 @lru_cache(maxsize=2048)
-def _uniform_coefficients(kind: str, key: float) -> tuple[tuple[np.ndarray, float], ...]:
-    """``f``'s and ``f'``'s coefficient rows at scale ``key`` with their sums of squares."""
-    return tuple((row, float((row * row).sum())) for row in hermite_coefficients(kind, key))
+def _uniform_coefficients(kind: str, key: float, k: int) -> tuple[Hermite, Hermite, np.ndarray]:
+    """:func:`_coefficients` when all ``k`` bins have the scale ``key`` (arrays read-only:
+    shared by every tensor at that scale)."""
+    rows = hermite_coefficients(kind, key)
+    f, df = (Hermite(None, np.full(k, float((row * row).sum())), row, None) for row in rows)
+    f.energy.setflags(write=False)
+    df.energy.setflags(write=False)
+    return f, df, _squared_rows(*rows)
+
+
+def _squared_rows(f_row: np.ndarray, df_row: np.ndarray) -> np.ndarray:
+    """``[f_row², df_row²]`` (2, order + 1): the Mehler weights of both kernels."""
+    c = np.stack((f_row, df_row))
+    c *= c
+    c.setflags(write=False)
+    return c
 
 
 class Kernel(NamedTuple):
     """``f`` at a tensor ``a``: ``S`` = ``[K(ρ_C), K(ρ_M)]``, the covariances of ``f(a)`` at
     two distinct tokens of a sequence and of different sequences, and ``energy`` = ``E f²``
-    per bin (the same-token covariance)."""
+    per bin (the same-token covariance). A derivative's kernel carries ``K(ρ_C)`` only: it
+    multiplies gradients, which have no ``M``."""
 
     S: np.ndarray
     energy: np.ndarray
@@ -776,39 +811,42 @@ def kernels(kind: str, x: Cov) -> tuple[Kernel, Kernel]:
     key = ("kernels", kind)
     out = x.memo.get(key)
     if out is None:
-        g = x.g
-        sd, rho = _half_correlations(x)
-        A, dA = _coefficients(kind, sd)
-        powers = rho_powers(rho).reshape(HERMITE_ORDER, -1)  # (order, both matrices' pairs)
-        if A.row is not None and dA.row is not None:
-            c = np.stack((A.row, dA.row))
-            c *= c
-            both = (c[:, 1:] @ powers).reshape(2, *rho.shape)
-            both += c[:, :1, None]
-        else:
-            both = np.stack([_pair_kernel(h, powers, g.upper).reshape(rho.shape)
-                             for h in (A, dA)])
-        for i, h in enumerate((A, dA)):
-            if h.row is not None and h.scale is not None:
-                both[i] *= h.scale[g.upper[0]] * h.scale[g.upper[1]]
-        f, df = np.take(both, g.half_index, axis=-1)  # (2, K, K) each
-        out = x.memo[key] = (Kernel(f, A.energy), Kernel(df, dA.energy))
+        out = x.memo[key] = _kernels(kind, x)
     return out
+
+
+def _kernels(kind: str, x: Cov) -> tuple[Kernel, Kernel]:
+    g = x.g
+    sd, rho = _half_correlations(x)
+    A, dA, c = _coefficients(kind, sd)
+    # (order, both matrices' pairs)
+    powers = rho_powers(rho, _powers_buffer(rho.shape)).reshape(HERMITE_ORDER, -1)
+    if c is not None:
+        both = np.dot(c[:, 1:], powers).reshape(2, *rho.shape)
+        both += c[:, :1, None]
+    else:
+        both = np.stack([_pair_kernel(h, powers, g.upper).reshape(rho.shape)
+                         for h in (A, dA)])
+    for i, h in enumerate((A, dA)):
+        if h.row is not None and h.scale is not None:
+            both[i] *= h.scale[g.upper[0]] * h.scale[g.upper[1]]
+    # f's C and M, f''s C (the only one a gradient meets), each spread to (K, K)
+    full = np.take(both.reshape(4, -1)[:3], g.half_index, axis=1)
+    return Kernel(full[:2], A.energy), Kernel(full[2:], dA.energy)
 
 
 def _half_correlations(x: Cov) -> tuple[np.ndarray, np.ndarray]:
     """Per bin ``σ`` and the correlations ``[ρ_C, ρ_M]`` of the pairs of bins ``a ≤ b``
     (2, pairs), clipped to [−1, 1]."""
     g = x.g
-    i, j = g.upper
     sd = np.sqrt(np.maximum(x.var, 1e-300))
-    inv = 1.0 / (sd[i] * sd[j])
+    inv = 1.0 / np.take(sd[:, None] * sd, g.upper_flat)  # 1/(σ_a σ_b)
     S = x.S
     half = np.take(S.reshape(len(S), -1), g.upper_flat, axis=1)
     if len(S) == 2:
-        rho = half * inv
+        rho = np.multiply(half, inv, out=half)
     else:  # the missing matrices' correlations are zeros
-        rho = np.zeros((2, len(i)))
+        rho = np.zeros((2, len(inv)))
         np.multiply(half, inv, out=rho[:len(S)])
     np.maximum(rho, -1.0, out=rho)  # (np.clip costs more)
     return sd, np.minimum(rho, 1.0, out=rho)

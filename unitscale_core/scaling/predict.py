@@ -27,9 +27,11 @@ from __future__ import annotations
 import gc
 import math
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from functools import lru_cache
+from itertools import repeat
+from operator import attrgetter
 
 import numpy as np
 
@@ -39,7 +41,7 @@ from ..sizing import RELATIVE_BUCKETS
 from ..tensors import REPORTED_FORMATS, TensorRow
 from . import covariance
 from . import rules as R
-from .covariance import Cov
+from .covariance import Cov, pair_sum
 from .formats import FORMATS, gaussian_format_table, headroom_status_array
 
 LN_EPS = 1e-5
@@ -167,6 +169,9 @@ class _Predictor:
         self.b = cfg.batch_size
         self.t = cfg.seq_len
         self.rows = self.b * self.t
+        #: the LayerNorm gain and bias gradients' factor (the same for every norm)
+        self.ln_alpha = (R.unit_layer_norm_grad_param_scale(self.c, self.rows) if self.unit
+                         else 1.0)
         self.grid = covariance.grid(self.t)
         # rows are made as the walk goes (no intermediate records: thousands per prediction)
         self.acts: dict[str, TensorRow] = {}
@@ -215,12 +220,10 @@ class _Predictor:
         self.wgrads[name] = TensorRow(name, "grad_weight", math.sqrt(max(var, 0.0)), None,
                                       None, (), formula)
 
-    def pair_sum(self, g: Cov, x: Cov | None) -> float:
-        """``E[(Σ_rows g·x)²]`` per element (x None: ``Σ_rows g``): :func:`.covariance.
-        pair_sum` — the same token, distinct tokens of a sequence, other sequences."""
-        return covariance.pair_sum(self.b, g, x)
-
     def independent(self, var: float | np.ndarray) -> Cov:
+        """Independent tokens of variance ``var`` (an array: a fresh one, taken as it is)."""
+        if isinstance(var, np.ndarray) and var.ndim:
+            return Cov.of(self.grid, var, self.grid.none)
         return Cov.independent(self.grid, var)
 
     # -- ops -----------------------------------------------------------------------------------
@@ -237,10 +240,10 @@ class _Predictor:
         y = x.memo.get(memo_key)
         if y is None:
             y = x.memo[memo_key] = x.scaled(gain).plus_global(memo_key[2])
-        scales = {"forward": f.output, "grad_input": f.grad_input, "grad_weight": f.grad_weight}
+        scales = ({"forward": f.output, "grad_input": f.grad_input,
+                   "grad_weight": f.grad_weight} if self.unit else None)
         self.act(name, y, ("α·√(fan_in·σ_x²·σ_w² + σ_b²) = {:.3g}·√({}·{:.3g}²·{:.3g}² + "
-                           "{:.3g}²)", (f.output, fan_in, x.rms, w, bias)),
-                 scales if self.unit else None)
+                           "{:.3g}²)", (f.output, fan_in, x.rms, w, bias)), scales)
         self.weight(name + ".weight", w, "N(0, 1)" if self.unit else
                     ("nn.Linear default U(±1/√fan_in): 1/√(3·{})", (fan_in,)))
         if has_bias:
@@ -252,13 +255,13 @@ class _Predictor:
         name, f = ctx["name"], ctx["f"]
         self.grad(name, g)
         aw2 = f.grad_weight**2
-        self.wgrad(name + ".weight", aw2 * self.pair_sum(g, ctx["x"]),
+        self.wgrad(name + ".weight", aw2 * pair_sum(self.b, g, ctx["x"]),
                    ("α_w²·E[(Σ_rows g·x)²], α_w = {:.3g}", (f.grad_weight,)))
         if ctx["bias"]:
             if zero_bias_grad:
                 self.wgrad(name + ".bias", 0.0, "0: softmax ignores a shift shared by all keys")
             else:
-                self.wgrad(name + ".bias", aw2 * self.pair_sum(g, None),
+                self.wgrad(name + ".bias", aw2 * pair_sum(self.b, g, None),
                            ("α_w²·E[(Σ_rows g)²], α_w = {:.3g}", (f.grad_weight,)))
         return g.scaled(f.grad_input * math.sqrt(ctx["fan_out"]) * ctx["w"])
 
@@ -282,13 +285,13 @@ class _Predictor:
     def norm_bwd(self, ctx: dict, g: Cov) -> Cov:
         """Per token ``g_x = (g − mean g − x̂ mean(g x̂))/σ``: :func:`.rules.layer_norm_rule`
         at each position's own input variance."""
-        alpha = R.unit_layer_norm_grad_param_scale(self.c, self.rows) if self.unit else 1.0
+        alpha = self.ln_alpha
         name = ctx["name"]
         self.grad(name, g)
-        self.wgrad(name + ".weight", alpha**2 * self.pair_sum(g, ctx["y"]),
+        self.wgrad(name + ".weight", alpha**2 * pair_sum(self.b, g, ctx["y"]),
                    ("α²·E[(Σ_rows g·x̂)²], α = {:.3g}", (alpha,)))
         if self.cfg.bias:
-            self.wgrad(name + ".bias", alpha**2 * self.pair_sum(g, None),
+            self.wgrad(name + ".bias", alpha**2 * pair_sum(self.b, g, None),
                        ("α²·E[(Σ_rows g)²], α = {:.3g}", (alpha,)))
         d = self.c
         var = np.maximum(ctx["x_var"], 0.0)
@@ -406,26 +409,24 @@ class _Predictor:
         w = self.grid.w
         self.grad(f"{prefix}.scores", math.sqrt(max(float(w @ gz2), 0.0) / t),
                   "softmax Jacobian: g_P·√((EΣp² − 2EΣp³ + E(Σp²)²)/S), per query position")
-        gain_v = a["grad_right"] * a["sm_out"] * self.drop
+        s = a["grad_qkv"]  # the q, k and v input-gradient factor, applied with the others
+        gain_v = a["grad_right"] * a["sm_out"] * self.drop * s
         g_v = covariance.attend_transposed(amap, g_ctx, a["excess"], a["common"]).scaled(gain_v)
-        # gQ = m·gZ·K: rows of gZ sum to zero, so only the keys' spread about the row mean
-        # counts; K and V come from the same input, which adds the pairs of keys
-        # (shared_input_factor). gK_j = m Σ_i gZ_ij q_i with gZ_ij² ∝ p_ij².
-        mm = a["m"] ** 2
+        # gQ = m·gZ·K and gK = m·gZᵀ·Q, with their covariance between tokens (the centred
+        # keys and values of a correlated stream add coherently over keys; the queries
+        # attending to a key add coherently); K and V come from the same input, which adds the
+        # pairs of keys (shared_input_factor)
+        gain = math.sqrt(a["m"] ** 2 * dh) * gl * a["grad_sm_in"] * s
         sum_p2 = np.maximum(a["sum_p2"], 1e-12)
         g_q = covariance.query_gradient(amap, g_ctx, v, a["k"], sum_p2, a["gf"],
-                                        shared_input_factor(sum_p2, self.c)).scaled(
-            math.sqrt(mm * dh) * gl * a["grad_sm_in"])
+                                        shared_input_factor(sum_p2, self.c)).scaled(gain)
         g_k = covariance.key_gradient(amap, g_ctx, v, a["q"], sum_p2, a["gf"], a["excess"],
-                                      zero_sum=self.cfg.positional != "rope").scaled(
-            math.sqrt(mm * dh) * gl * a["grad_sm_in"])
-        s = a["grad_qkv"]
-        gq = self.linear_bwd(a["lq"], g_q.scaled(s))
+                                      zero_sum=self.cfg.positional != "rope").scaled(gain)
+        gq = self.linear_bwd(a["lq"], g_q)
         # the key bias shifts every logit of a row equally, which softmax ignores — unless
         # RoPE rotates it differently at each position
-        gk = self.linear_bwd(a["lk"], g_k.scaled(s),
-                             zero_bias_grad=self.cfg.positional != "rope")
-        gv = self.linear_bwd(a["lv"], g_v.scaled(s))
+        gk = self.linear_bwd(a["lk"], g_k, zero_bias_grad=self.cfg.positional != "rope")
+        gv = self.linear_bwd(a["lv"], g_v)
         return gq, gk, gv
 
     # -- feed-forward --------------------------------------------------------------------------
@@ -637,7 +638,7 @@ class _Predictor:
         v, n = self.cfg.vocab_size, self.rows
         alpha = R.unit_embedding_grad_scale(v, n) if self.unit else 1.0
         # rows hit by the same id add; random ids coincide with probability 1/V
-        pairs = self.pair_sum(g_tok, None) - n * g_tok.total
+        pairs = pair_sum(self.b, g_tok, None) - n * g_tok.total
         var = alpha**2 * (n * g_tok.total + pairs / v) / v
         self.wgrad("tok_emb.weight", var, f"α²·(n/V)·σ_g², α = {alpha:.3g}")
 
@@ -745,16 +746,22 @@ def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]
     tables: dict[str, dict[str, np.ndarray]] = {}
     if not rows or not formats:
         return tables
-    rms = np.array([r.rms for r in rows], dtype=np.float64)
+    rms = np.fromiter(map(_RMS, rows), dtype=np.float64, count=len(rows))
     rms[~np.isfinite(rms) | (rms < 0)] = 0.0
     distinct, index = np.unique(rms, return_inverse=True)
     for name in formats:
         table = gaussian_format_table(distinct, FORMATS[name])
         tables[name] = {k: table[k][index] for k in ("underflow", "subnormal", "overflow",
                                                      "headroom_max_log2", "headroom_min_log2")}
-    for i, row in enumerate(rows):
-        row._formats = (tables, i)  # a TableRow view, made when first read (the setter's work)
+    # row i reads entry i: ``row._formats = (tables, i)``, a TableRow view made when first
+    # read (the setter's work), in one pass that runs in C (a Python loop over ~6000 rows
+    # costs a millisecond)
+    deque(map(_SET_FORMATS, rows, zip(repeat(tables), range(len(rows)))), maxlen=0)
     return tables
+
+
+_RMS = attrgetter("rms")
+_SET_FORMATS = TensorRow._formats.__set__
 
 
 def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS,

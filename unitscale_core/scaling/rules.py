@@ -327,6 +327,9 @@ def _keys(x: np.ndarray) -> np.ndarray:
     the last bit: a cache key needs only to be the same for the same input). Zeros,
     negatives and non-finite values are left as they are."""
     x = np.asarray(x, dtype=np.float64)
+    if x.size and x.min() > 0 and x.max() < math.inf:  # the usual case, in fewer operations
+        mag = 10.0 ** (np.floor(np.log10(x)) - 2)
+        return np.rint(x / mag) * mag
     ok = np.isfinite(x) & (x > 0)
     safe = np.where(ok, x, 1.0)
     mag = 10.0 ** (np.floor(np.log10(safe)) - 2)
@@ -1474,9 +1477,9 @@ def bias_row_std(bias: Any, allowed: Any = None) -> float:
     return float(np.sqrt(np.mean(var[cnt > 0])))
 
 
-#: (σ key, keys per row, head_dim) → row of :data:`_ROW_STATS_VALUES`
+#: head_dim → {(σ key, keys per row) → row of :data:`_ROW_STATS_VALUES`}
 #: (:func:`softmax_row_stats`).
-_ROW_STATS: dict[tuple[float, int, int | None], int] = {}
+_ROW_STATS: dict[int | None, dict[tuple[float, int], int]] = {}
 _ROW_STATS_VALUES: list[tuple[float, float]] = []
 _ROW_STATS_ARRAY = [np.zeros((0, 2))]  # the values as one array, rebuilt after additions
 _ROW_STATS_SIZE = 1 << 16
@@ -1489,23 +1492,26 @@ def softmax_row_stats(sigma_keys: np.ndarray, counts: np.ndarray, head_dim: int 
     :func:`softmax_moments` (non-causal rows of ``counts[i]`` keys, logits of RMS
     ``sigma_keys[i]``, already keyed by :func:`_keys`).
 
-    A position-resolved attention layer asks for ~50 rows; a plain dict answers each with
-    one lookup (:func:`softmax_moments` re-keys and checks every time), and the answers are
-    gathered from one array.
+    A position-resolved attention layer asks for ~50 rows; a plain dict per head width
+    answers them in one ``map`` (:func:`softmax_moments` re-keys and checks every time), and
+    the answers are gathered from one array.
     """
-    table = _ROW_STATS
     keys = list(zip(sigma_keys.tolist(), counts.tolist()))
     with _ROW_STATS_LOCK:  # predictions may run in worker threads
-        rows = [table.get((s, n, head_dim)) for s, n in keys]
+        table = _ROW_STATS.get(head_dim)
+        if table is None:
+            table = _ROW_STATS[head_dim] = {}
+        rows = list(map(table.get, keys))
         if None in rows:
-            if len(table) > _ROW_STATS_SIZE:
+            if len(_ROW_STATS_VALUES) > _ROW_STATS_SIZE:
                 _clear_row_stats()
+                table = _ROW_STATS[head_dim] = {}
                 rows = [None] * len(keys)
             for i, (s, n) in enumerate(keys):
-                row = table.get((s, n, head_dim))
+                row = table.get((s, n))
                 if row is None:
                     mom = softmax_moments(s, n, False, head_dim)
-                    row = table[(s, n, head_dim)] = len(_ROW_STATS_VALUES)
+                    row = table[(s, n)] = len(_ROW_STATS_VALUES)
                     _ROW_STATS_VALUES.append((mom.sum_p2, max(mom.grad_factor, 0.0)))
                 rows[i] = row
             _ROW_STATS_ARRAY[0] = np.array(_ROW_STATS_VALUES)
