@@ -519,11 +519,15 @@ def _smooth_split(x: Cov) -> tuple[np.ndarray, np.ndarray]:
         out = (x.u, C)
     else:
         k = len(var)
-        up = np.concatenate((np.diagonal(C, 1), [np.nan]))  # C[a, a + 1]
-        down = np.concatenate(([np.nan], np.diagonal(C, -1)))  # C[a, a − 1]
-        near = np.nanmean(np.stack((up, down)), axis=0) if k > 1 else np.zeros(1)
+        if k > 1:
+            side = np.diagonal(C, 1)  # C[a, a + 1]
+            near = np.empty(k)  # the mean of the neighbours there are
+            near[1:-1] = 0.5 * (side[:-1] + side[1:])
+            near[0], near[-1] = side[0], side[-1]
+        else:
+            near = np.zeros(1)
         C = C.copy()
-        C[single, single] = np.clip(near[single], 0.0, var[single])
+        C[single, single] = np.minimum(np.maximum(near[single], 0.0), var[single])
         out = (var - C.diagonal(), C)
     memo["smooth_split"] = out
     return out
@@ -582,37 +586,43 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     uk, Ck, RK, XK = _centring(amap, k)
     ZC = W @ (RV * RK)
     coherent = W @ (Cv * Ck) @ amap.WT - ZC - ZC.T + XV * XK
+    XVd, XKd, coherent_d = XV.diagonal(), XK.diagonal(), coherent.diagonal()
+    uvk = uv * uk
     h = uv * Ck.diagonal() + Cv.diagonal() * uk
     a = (1.0 - sum_p2) * amap.pair_inverse
     aa = a[:, None] * a
-    # distinct queries
-    Qb = amap.Q_by_second  # [b, a, c]: batched products over c for each b
-    QuRK = np.matmul(Qb, (uv[:, None] * RK).T[:, :, None])[..., 0].T  # Σ_c Q_abc u_c RK_cb
-    QuRV = np.matmul(Qb, (uk[:, None] * RV).T[:, :, None])[..., 0].T
-    Qv, Qk, Quu = Q @ uv, Q @ uk, Q @ (uv * uk)
-    cross = Q @ h - QuRK - QuRK.T - QuRV - QuRV.T + Qv * XK + XV * Qk
+    # distinct queries: the overlaps Q against four vectors at once, and Σ_c Q_abc u_c R_cb
+    # for keys and values as one batched product
+    K = len(n)
+    Qv, Qk, Quu, Qh = np.moveaxis((Q.reshape(K * K, K) @ np.stack((uv, uk, uvk, h), 1)
+                                   ).reshape(K, K, 4), 2, 0)
+    v.memo["Q_u"] = (amap, Qv)  # the key gradient's values meet the same overlaps
+    both = np.matmul(amap.Q_by_second, np.stack(((uv[:, None] * RK).T, (uk[:, None] * RV).T),
+                                                 2))  # [b, a, 2]
+    QuR = both[..., 0] + both[..., 1]  # transposed: [b, a]
+    cross = Qh - QuR - QuR.T + Qv * XK + XV * Qk
     rest = 1.0 - sum_p2
     root = np.sqrt(shared_input)
     own = (rest[:, None] * rest * Quu + aa * (Qv * Qk - Quu / (n[:, None] * n))) * (
         root[:, None] * root)
     pair = g.C * (own + aa * (cross + coherent))
     # one query with itself
-    Ruu = R0 @ (uv * uk)
-    own0 = Ruu * (1.0 - 2.0 / n) + (R0 @ uv) * (R0 @ uk)
+    Rv, Rk, Ruu, Rh = (R0 @ np.stack((uv, uk, uvk, h), 1)).T
+    own0 = Ruu * (1.0 - 2.0 / n) + Rv * Rk
     jac0 = r0 * (1.0 - 2.0 / n) + r0 * r0
     ok = jac0 > 1e-300
     own_s = np.where(ok, own0 * jacobian / np.where(ok, jac0, 1.0), 0.0) * shared_input
-    cross_s = (R0 @ h - 2.0 * ((R0 * uv) * RK.T).sum(1) - 2.0 * ((R0 * uk) * RV.T).sum(1)
-               + (R0 @ uv) * XK.diagonal() + XV.diagonal() * (R0 @ uk))
+    cross_s = (Rh - 2.0 * ((R0 * uv) * RK.T).sum(1) - 2.0 * ((R0 * uk) * RV.T).sum(1)
+               + Rv * XKd + XVd * Rk)
     # the weights' spread about p̄ meets the keys' unshared spread of the shared products
     # (first order in δp, as in :func:`attend`): E δp_j δp_l = excess·(δ_jl/n − 1/(n(n−1)))
-    cv_d = Cv.diagonal()[None, :] - 2.0 * RV.T + XV.diagonal()[:, None]  # [a, c]: Ã_cc
-    ck_d = Ck.diagonal()[None, :] - 2.0 * RK.T + XK.diagonal()[:, None]
-    both = cv_d * ck_d
-    shared_d = uv[None, :] * ck_d + cv_d * uk[None, :] + both
-    spread = np.maximum((W * shared_d).sum(1) - (coherent.diagonal() - (R0 * both).sum(1))
+    cv_d = Cv.diagonal()[None, :] - 2.0 * RV.T + XVd[:, None]  # [a, c]: Ã_cc
+    ck_d = Ck.diagonal()[None, :] - 2.0 * RK.T + XKd[:, None]
+    prod = cv_d * ck_d
+    shared_d = uv * ck_d + cv_d * uk + prod
+    spread = np.maximum((W * shared_d).sum(1) - (coherent_d - (R0 * prod).sum(1))
                         * amap.pair_inverse, 0.0) * np.maximum(sum_p2 - r0, 0.0) * a
-    var = g.var * np.maximum(own_s + a * a * (cross_s + coherent.diagonal()) + spread, 0.0)
+    var = g.var * np.maximum(own_s + a * a * (cross_s + coherent_d) + spread, 0.0)
     single = g.g.single
     pair[single, single] = 0.0  # a one-position bin has no distinct pair
     return Cov.of(g.g, np.maximum(var - pair.diagonal(), 0.0), pair[None])
@@ -651,19 +661,24 @@ def key_gradient(amap: AttentionMap, g: Cov, v: Cov, q: Cov, sum_p2: np.ndarray,
     a = rest * amap.pair_inverse
     aa = a[:, None] * a
     per_p2 = own * row_variance(amap, v) * jacobian / sum_p2
-    Quv = Q @ uv
-    # the same query: per key, and its centring between keys
-    t2 = np.matmul(Qt, (own * RV)[:, :, None])[..., 0]  # Σ_a Qt_cda γ_a RV_ca
-    pair = ((Qt @ own) * Cv - t2 - t2.T + Qt @ (own * XV.diagonal())
-            - (uv[:, None] + uv[None]) * (Qt @ (own / n)) + Qt @ (own * (amap.R0 @ uv)))
+    hit = v.memo.get("Q_u")
+    Quv = hit[1] if hit is not None and hit[0] is amap else Q @ uv
+    K = len(n)
+    # the same query: per key (Qt against four vectors at once), and its centring between
+    # keys; Σ_a Qt_cda x_ca for two x as one batched product
+    Qo, Qox, Qon, Qor = np.moveaxis((Qt.reshape(K * K, K) @ np.stack(
+        (own, own * XV.diagonal(), own / n, own * (amap.R0 @ uv)), 1)).reshape(K, K, 4), 2, 0)
+    third = (rest + a / n)[:, None] * shared * a
+    VT = amap.VT
+    t2, U = np.moveaxis(np.matmul(Qt, np.stack((own * RV, V @ third), 2)), 2, 0)
+    U = uv[:, None] * U
+    pair = Qo * Cv - t2 - t2.T + Qox - (uv[:, None] + uv) * Qon + Qor
     var = RT0 @ per_p2 + V @ (excess * per_p2)
     # distinct queries: the coherent sum over the queries attending to each key
     VS = V @ shared
-    VSV = VS @ V.T
-    T2 = (VS * RV) @ V.T
-    coherent = Cv * VSV - T2 - T2.T + V @ (shared * (XV + aa * Quv)) @ V.T
-    third = (rest + a / n)[:, None] * shared * a
-    U = uv[:, None] * np.matmul(Qt, (V @ third)[:, :, None])[..., 0]
+    VSV = VS @ VT
+    T2 = (VS * RV) @ VT
+    coherent = Cv * VSV - T2 - T2.T + V @ (shared * (XV + aa * Quv)) @ VT
     centred_own = rest[:, None] * rest - aa / (n[:, None] * n)
     var = var + coherent.diagonal() + uv * ((V @ (shared * centred_own)) * V).sum(1)
     pair = pair + coherent - U - U.T
