@@ -338,3 +338,32 @@ def test_key_gradient_matches_sampled_attention(inputs, sigma):
     assert out.C[off].sum() == pytest.approx(-out.var.sum(), rel=1e-9)
     # single pairs carry the closure's share of what was left out (third order in p)
     np.testing.assert_allclose(out.C[off], cov[off], rtol=0.3, atol=0.08 * var.max())
+
+
+def test_shared_projection_term_is_the_key_weight_gradients_mean_part():
+    """Keys and values projected from one input: Σ_j x_j ⊗ g_kj has a part that a copy of x
+    drawn independently of the gradient lacks. Measured as that difference over draws of x,
+    the projections, g and q; the term leaves out what is third order in p (20% of it here)."""
+    t, d, dh, n_seq = 12, 32, 8, 3000
+    gen = torch.Generator().manual_seed(22)
+    x_cov, g_cov, q_cov = _structured(t), _structured(t).scaled(0.8), _structured(t).scaled(1.2)
+    m = 1 / math.sqrt(dh)
+    mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+    same, independent = [], []
+    for _ in range(10):
+        x, x_other = _sample(x_cov, n_seq, d, gen), _sample(x_cov, n_seq, d, gen)
+        g, q = _sample(g_cov, n_seq, dh, gen), _sample(q_cov, n_seq, dh, gen)
+        w_k, w_v = (torch.randn(d, dh, generator=gen, dtype=torch.float64) / math.sqrt(d)
+                    for _ in range(2))
+        p = (m * q @ (x @ w_k).transpose(1, 2)).masked_fill(mask, float("-inf")).softmax(-1)
+        g_k = m * _score_gradient(g, x @ w_v, p).transpose(1, 2) @ q
+        same.append(torch.einsum("nja,njb->nab", x, g_k).pow(2).mean().item())
+        independent.append(torch.einsum("nja,njb->nab", x_other, g_k).pow(2).mean().item())
+    measured = np.mean(same) - np.mean(independent)
+    assert measured > 0.05 * np.mean(same)  # a real part of the weight gradient
+    amap = cv.attention_map(t, "causal", 1, True)
+    sigma = m * math.sqrt(dh * q_cov.total * float(np.mean(cv.row_variance(amap, x_cov))))
+    sum_p2, _ = R.softmax_row_stats(np.full(t, round(sigma, 2)), amap.keys, None)
+    # gain² = m²·d_head, κ_v = σ_w² = 1/d
+    predicted = m * m * dh / d * cv.shared_projection_term(amap, x_cov, g_cov, q_cov, sum_p2)
+    assert predicted == pytest.approx(measured, rel=0.3)

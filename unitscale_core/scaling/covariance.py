@@ -695,6 +695,31 @@ def key_gradient(amap: AttentionMap, g: Cov, v: Cov, q: Cov, sum_p2: np.ndarray,
     return Cov.of(g.g, np.maximum(var - pair.diagonal(), 0.0), pair[None])
 
 
+def shared_projection_term(amap: AttentionMap, x: Cov, g: Cov, q: Cov,
+                           sum_p2: np.ndarray) -> float:
+    """``Σ_ii' ū_i ū_i' Cov(g_i, g_i') Cov(q_i, q_i')`` over one sequence: the mean part of
+    the key (and value) weight gradients, per unit of their gains.
+
+    Keys and values are projections of one input ``x``, so the gradient reaching key ``j``,
+    ``m Σ_i p_ij (g_i·W_v x̃_ij) q_i``, is linear in ``x_j`` itself: ``Σ_j x_j g_kj`` has the
+    mean ``m Σ_i ū_i q_i (W_vᵀ g_i)ᵀ``, with ``ū_i = E Σ_j p_ij (x_j − x̄_i)·x_j`` per feature
+    (the input's spread among query ``i``'s keys; random weights take ``1 − EΣp²`` of the
+    own part). Over ``W_v`` its square is ``κ_v·d_head·Σ_ii' ū_i ū_i' C_g C_q`` — coherent over
+    the queries, like the key gradient itself. The value weights get the same through the
+    logits' dependence on ``x_j`` (``κ_k`` and the logit scale). Not in ``pair_sum``, which
+    takes the gradient independent of the input.
+    """
+    u, C = _smooth_split(x)
+    W = amap.W
+    spread = (1.0 - sum_p2) * (W @ u) + np.maximum(
+        W @ C.diagonal() - ((W @ C) * W).sum(1), 0.0)
+    shared = _smooth_split(g)[1] * _smooth_split(q)[1]
+    own = g.var * q.var
+    n = g.g.n
+    s = n * spread
+    return float(s @ shared @ s - (n * spread * spread) @ (shared.diagonal() - own))
+
+
 def row_variance(amap: AttentionMap, k: Cov) -> np.ndarray:
     """Per query bin: the variance of its keys that is *not* shared between them — what the
     softmax statistics (i.i.d. logits) and its Jacobian (which centres each row itself) take:

@@ -251,12 +251,17 @@ class _Predictor:
                         ("nn.Linear default: 1/√(3·{})", (fan_in,)))
         return y, {"name": name, "x": x, "w": w, "fan_out": fan_out, "f": f, "bias": has_bias}
 
-    def linear_bwd(self, ctx: dict, g: Cov, zero_bias_grad: bool = False) -> Cov:
+    def linear_bwd(self, ctx: dict, g: Cov, zero_bias_grad: bool = False,
+                   extra: float = 0.0) -> Cov:
+        """Backward of ``ops.linear``; ``extra`` adds to ``E[(Σ_rows g·x)²]`` what a gradient
+        that depends on its own input adds (attention's keys and values)."""
         name, f = ctx["name"], ctx["f"]
         self.grad(name, g)
         aw2 = f.grad_weight**2
-        self.wgrad(name + ".weight", aw2 * pair_sum(self.b, g, ctx["x"]),
-                   ("α_w²·E[(Σ_rows g·x)²], α_w = {:.3g}", (f.grad_weight,)))
+        self.wgrad(name + ".weight", aw2 * (pair_sum(self.b, g, ctx["x"]) + extra),
+                   ("α_w²·E[(Σ_rows g·x)²], α_w = {:.3g}", (f.grad_weight,)) if not extra else
+                   ("α_w²·(E[(Σ_rows g·x)²] + {:.3g}, the mean part of g·x), α_w = {:.3g}",
+                    (extra, f.grad_weight)))
         if ctx["bias"]:
             if zero_bias_grad:
                 self.wgrad(name + ".bias", 0.0, "0: softmax ignores a shift shared by all keys")
@@ -390,7 +395,8 @@ class _Predictor:
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
                      "v": v, "amap": amap, "sum_p2": sum_p2, "gf": grad_factor,
                      "excess": excess, "common": common, "rowvar_k": rowvar_k,
-                     "m": logit_grad, "grad_qkv": grad_qkv, "grad_left": grad_left,
+                     "m": logit_grad, "m_fwd": m, "x_kv": xkv, "grad_qkv": grad_qkv,
+                     "grad_left": grad_left,
                      "grad_right": grad_right, "grad_sm_in": grad_sm_in, "sm_out": sm_out}
 
     def attention_bwd(self, a: dict, g: Cov) -> tuple[Cov, Cov, Cov]:
@@ -423,10 +429,20 @@ class _Predictor:
         g_k = covariance.key_gradient(amap, g_ctx, v, a["q"], sum_p2, a["gf"], a["excess"],
                                       zero_sum=self.cfg.positional != "rope").scaled(gain)
         gq = self.linear_bwd(a["lq"], g_q)
+        # K and V are projections of one input, so the gradient reaching a key (through its
+        # value) and reaching a value (through its key's logits) both depend on that input:
+        # the weight gradients have a mean part besides the products pair_sum counts
+        coherent = covariance.shared_projection_term(amap, a["x_kv"], g_ctx, a["q"],
+                                                     a["sum_p2"])
+        x_tot = max(a["x_kv"].total, 1e-300)
+        kappa_v, kappa_k = v.total / (x_tot * self.c), a["k"].total / (x_tot * self.c)
+        extra_k = self.b * gain * gain * kappa_v * coherent
+        extra_v = self.b * gain_v * gain_v * a["m_fwd"] ** 2 * dh * kappa_k * coherent
         # the key bias shifts every logit of a row equally, which softmax ignores — unless
         # RoPE rotates it differently at each position
-        gk = self.linear_bwd(a["lk"], g_k, zero_bias_grad=self.cfg.positional != "rope")
-        gv = self.linear_bwd(a["lv"], g_v)
+        gk = self.linear_bwd(a["lk"], g_k, zero_bias_grad=self.cfg.positional != "rope",
+                             extra=extra_k)
+        gv = self.linear_bwd(a["lv"], g_v, extra=extra_v)
         return gq, gk, gv
 
     # -- feed-forward --------------------------------------------------------------------------
