@@ -28,7 +28,11 @@ def warm_up_torch() -> None:
     """Run torch's lazy imports (``nn.init`` pulls in ``torch.distributed.tensor``, sympy,
     mpmath: about two seconds holding the GIL) now, off the main thread right after the first
     paint, instead of inside the first model job, where they would stall the window while
-    the user waits for it."""
+    the user waits for it. Initialising a tensor on the meta device (how a checkpoint is
+    shaped before its weights are read) imports ``torch._dynamo`` the first time: another
+    second, in chunks of up to 150 ms, that used to stall the window when the attention tab
+    first loaded all-MiniLM-L6-v2."""
     import torch
 
     torch.nn.Linear(2, 2)(torch.zeros(1, 2)).sum().backward()
+    torch.empty(1, device="meta").normal_()
