@@ -576,7 +576,10 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     Random weights multiply the parts with a shared factor by ``a_i a_k``,
     ``a = (1 − EΣp²)/(1 − Σp̄²)`` (``E p_ij p_il`` for ``j ≠ l``, over ``p̄_ij p̄_il``); the
     same query's own-part term by ``jacobian / jacobian₀`` (the softmax-Jacobian factor with
-    random over uniform weights); ``shared_input`` multiplies the own parts
+    random over uniform weights); the weights' spread about ``p̄`` adds, to first order,
+    ``excess·a`` times the keys' unshared spread of the shared products (as in :func:`attend`;
+    damped by ``a`` because the first-order term overshoots once the weights concentrate);
+    ``shared_input`` multiplies the own parts
     (:func:`~unitscale_core.scaling.predict.shared_input_factor`). Exact for uniform
     weights at one position per bin (brute force), checked against sampled attention
     (``tests/core/test_covariance.py``).
