@@ -597,6 +597,10 @@ class AttentionPanel(QWidget):
         layout.addWidget(self.splitter, 1)
         for view in (self.head_view.view, self.model_view, self.entropy_view.view):
             attach_context_menu(view, self, self.export_items)
+        # the thumbnail grid (a view box per layer and head: ~30 ms of pyqtgraph for a small
+        # model) is built in the first idle moment for the shape the first result will most
+        # likely have, not when that result arrives while the worker is still busy
+        QTimer.singleShot(0, self._prebuild_grid)
 
         worker.finished_job.connect(self._on_result)
         worker.failed_job.connect(self._on_failure)
@@ -640,6 +644,20 @@ class AttentionPanel(QWidget):
         if self._active is None and self._stale:  # a panel not in a dock
             self._stale = False
             QTimer.singleShot(0, self.recompute)
+
+    def _prebuild_grid(self) -> None:
+        """The thumbnail grid and the entropy labels for the current source's likely shape
+        (configured model: its self-attention layers × heads; the bundled MiniLM: 6 × 12)."""
+        source = self.source.currentData()
+        cfg = self.config
+        if source == "configured" and cfg.architecture != "encoder-decoder":
+            shape = (cfg.n_layers, cfg.n_heads)
+        elif source == "minilm":
+            shape = (6, 12)
+        else:
+            return
+        self.model_view.set_shape(*shape)
+        self._entropy_cells(shape[0] * shape[1])
 
     def recompute(self) -> None:
         """Send the current source and text to the worker (latest wins)."""
@@ -890,20 +908,28 @@ class AttentionPanel(QWidget):
                            color="k", size="10pt")
         for axis, n in (("left", km.layers), ("bottom", km.heads)):
             view.plot.getAxis(axis).setTicks([[(i + 0.5, str(i)) for i in range(n)], []])
-        for item in self._entropy_labels:
-            view.plot.removeItem(item)
-        self._entropy_labels = []
-        if km.layers * km.heads > 24 * 24:
+        self._entropy_cells(km.layers * km.heads)
+        for i, item in enumerate(self._entropy_labels):
+            r, c = divmod(i, km.heads)
+            value = float(km.entropy[r, c])
+            item.setText(f"{value:.2f}", color="k" if umax > 0 and value > 0.6 * umax else "w")
+            item.setPos(c + 0.5, r + 0.5)
+
+    def _entropy_cells(self, cells: int) -> None:
+        """One value label per entropy cell (none past 24 × 24), kept and re-texted while the
+        grid keeps its size: making a TextItem costs about a millisecond."""
+        cells = cells if cells <= 24 * 24 else 0
+        if len(self._entropy_labels) == cells:
             return
-        for r in range(km.layers):
-            for c in range(km.heads):
-                value = float(km.entropy[r, c])
-                colour = "k" if umax > 0 and value > 0.6 * umax else "w"
-                item = pg.TextItem(f"{value:.2f}", color=colour, anchor=(0.5, 0.5))
-                item.setFont(_tick_font())
-                item.setPos(c + 0.5, r + 0.5)
-                view.plot.addItem(item)
-                self._entropy_labels.append(item)
+        plot = self.entropy_view.plot
+        for item in self._entropy_labels:
+            plot.removeItem(item)
+        self._entropy_labels = []
+        for _ in range(cells):
+            item = pg.TextItem("", anchor=(0.5, 0.5))
+            item.setFont(_tick_font())
+            plot.addItem(item)
+            self._entropy_labels.append(item)
 
     def _update_status(self, km: KindMaps) -> None:
         maps = self.maps
