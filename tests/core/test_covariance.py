@@ -141,6 +141,21 @@ def test_attend_transposed_matches_sampled_value_gradient():
     np.testing.assert_allclose(out.C[off], cov[off], rtol=0.08, atol=0.02)
 
 
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_value_gradient_keys_share_their_queries_rows(sigma):
+    """Two keys of one query split its unit of weight: E p_ij p_il = a·p̄_ij p̄_il with
+    a = (1 − EΣp²)/(1 − Σp̄²) < 1, so independent gradients reach two keys less alike than
+    the expected weights alone would make them (36% less at σ = 2)."""
+    t, d, n_seq = 12, 8, 6000
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(n_seq, t, d, generator=gen, dtype=torch.float64)
+    p, amap, excess = _causal_softmax(t, n_seq, sigma, gen)
+    out = cv.attend_transposed(amap, Cov.independent(cv.grid(t), 1.0), excess, 1.0)
+    _var, cov, _ = _measured(p.transpose(1, 2) @ g)
+    off = ~np.eye(t, dtype=bool)
+    assert out.C[off].sum() == pytest.approx(cov[off].sum(), rel=0.03)
+
+
 def test_row_variance_is_the_keys_unshared_spread():
     t, d, n_seq = 10, 16, 4000
     gen = torch.Generator().manual_seed(3)

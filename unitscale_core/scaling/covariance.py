@@ -493,9 +493,13 @@ def attend_transposed(amap: AttentionMap, g: Cov, excess: np.ndarray, common: fl
     ``excess`` is per query bin."""
     V = amap.V
     # E[p_ij²] − p̄_ij² = excess_i / count_i on allowed keys: Σ_{i∈a} of it is V[c, a]·excess_a;
-    # different queries' weights spread independently, so each meets its own g_i, all of it
-    return _averaged(g, V @ g.S @ amap.VT, _pair_overlaps(amap.Qt_half, amap, g.u), common,
-                     amap.RT0 @ g.u, V @ (excess * g.var))
+    # different queries' weights spread independently, so each meets its own g_i, all of it.
+    # Two keys of one query share its row: E p_ij p_il = a_i p̄_ij p̄_il (j ≠ l), with
+    # a = (1 − EΣp²)/(1 − Σp̄²) = 1 − excess/(1 − Σp̄²) — the row's weights sum to one, so
+    # what one key gains the others lose (measured: the keys' covariance 15% lower at σ = 1)
+    a = 1.0 - excess * amap.pair_inverse
+    return _averaged(g, V @ g.S @ amap.VT, _pair_overlaps(amap.Qt_half, amap, g.u * a),
+                     common, amap.RT0 @ g.u, V @ (excess * g.var))
 
 
 def _smooth_split(x: Cov) -> tuple[np.ndarray, np.ndarray]:
@@ -669,11 +673,14 @@ def key_gradient(amap: AttentionMap, g: Cov, v: Cov, q: Cov, sum_p2: np.ndarray,
     K = len(n)
     # the same query: per key (Qt against four vectors at once), and its centring between
     # keys; Σ_a Qt_cda x_ca for two x as one batched product
+    # (two keys of one query: E p_ij p_il = a_i p̄_ij p̄_il)
+    own_a = own * a
     Qo, Qox, Qon, Qor = np.moveaxis((Qt.reshape(K * K, K) @ np.stack(
-        (own, own * XV.diagonal(), own / n, own * (amap.R0 @ uv)), 1)).reshape(K, K, 4), 2, 0)
+        (own_a, own_a * XV.diagonal(), own_a / n, own_a * (amap.R0 @ uv)), 1)
+    ).reshape(K, K, 4), 2, 0)
     third = (rest + a / n)[:, None] * shared * a
     VT = amap.VT
-    t2, U = np.moveaxis(np.matmul(Qt, np.stack((own * RV, V @ third), 2)), 2, 0)
+    t2, U = np.moveaxis(np.matmul(Qt, np.stack((own_a * RV, V @ third), 2)), 2, 0)
     U = uv[:, None] * U
     pair = Qo * Cv - t2 - t2.T + Qox - (uv[:, None] + uv) * Qon + Qor
     var = RT0 @ per_p2 + V @ (excess * per_p2)
