@@ -583,6 +583,7 @@ class AttentionPanel(QWidget):
         self.entropy_view.setObjectName("attnEntropy")
         _black_colorbar(self.entropy_view)
         self.entropy_view.plot.scene().sigMouseClicked.connect(self._on_entropy_click)
+        self.entropy_view.plot.vb.sigResized.connect(self._fit_entropy_labels)
 
         right = QSplitter(Qt.Orientation.Vertical)
         right.addWidget(self.model_view)
@@ -914,6 +915,22 @@ class AttentionPanel(QWidget):
             value = float(km.entropy[r, c])
             item.setText(f"{value:.2f}", color="k" if umax > 0 and value > 0.6 * umax else "w")
             item.setPos(c + 0.5, r + 0.5)
+        self._fit_entropy_labels()
+
+    def _fit_entropy_labels(self, *_args) -> None:
+        """Show the entropy values only where a cell can hold one: in a short dock the cells
+        are a few pixels tall and the labels would pile up over each other."""
+        labels = self._entropy_labels
+        if not labels or self.maps is None:
+            return
+        km = self.current()
+        if km is None:
+            return
+        box = self.entropy_view.plot.vb.size()
+        fits = (box.height() / max(km.layers, 1) >= 13
+                and box.width() / max(km.heads, 1) >= 28)
+        for item in labels:
+            item.setVisible(fits)
 
     def _entropy_cells(self, cells: int) -> None:
         """One value label per entropy cell (none past 24 × 24), kept and re-texted while the
