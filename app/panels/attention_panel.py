@@ -921,10 +921,8 @@ class AttentionPanel(QWidget):
         """Show the entropy values only where a cell can hold one: in a short dock the cells
         are a few pixels tall and the labels would pile up over each other."""
         labels = self._entropy_labels
-        if not labels or self.maps is None:
-            return
         km = self.current()
-        if km is None:
+        if not labels or km is None:
             return
         box = self.entropy_view.plot.vb.size()
         fits = (box.height() / max(km.layers, 1) >= 13

@@ -635,6 +635,19 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     return Cov.of(g.g, np.maximum(var - pair.diagonal(), 0.0), pair[None])
 
 
+def _query_products(g: Cov, q: Cov) -> tuple[np.ndarray, np.ndarray]:
+    """``(C_g ∘ C_q, Var g ∘ Var q)`` per query bin pair / bin (shared parts smoothly split):
+    what the key gradient and the key weights' mean part both weigh the queries by.
+    Memoised on ``g`` for this ``q`` (the same context gradient meets both)."""
+    memo = g.memo
+    hit = memo.get("query_products")
+    if hit is not None and hit[0] is q:
+        return hit[1]
+    out = (_smooth_split(g)[1] * _smooth_split(q)[1], g.var * q.var)
+    memo["query_products"] = (q, out)
+    return out
+
+
 def key_gradient(amap: AttentionMap, g: Cov, v: Cov, q: Cov, sum_p2: np.ndarray,
                  jacobian: np.ndarray, excess: np.ndarray, zero_sum: bool = True) -> Cov:
     """``Σ_i p_ij (g_i·ṽ_ij) q_i`` per unit ``m²·d_head``: the key gradient, ``ṽ_ij`` centred
@@ -662,8 +675,8 @@ def key_gradient(amap: AttentionMap, g: Cov, v: Cov, q: Cov, sum_p2: np.ndarray,
     """
     V, Q, Qt, RT0, n = amap.V, amap.Q, amap.Qt, amap.RT0, amap.counts
     uv, Cv, RV, XV = _centring(amap, v)
-    shared = _smooth_split(g)[1] * _smooth_split(q)[1]
-    own = np.maximum(g.var * q.var - shared.diagonal(), 0.0)
+    shared, full = _query_products(g, q)
+    own = np.maximum(full - shared.diagonal(), 0.0)
     rest = 1.0 - sum_p2
     a = rest * amap.pair_inverse
     aa = a[:, None] * a
@@ -723,8 +736,7 @@ def shared_projection_term(amap: AttentionMap, x: Cov, g: Cov, q: Cov,
     W = amap.W
     spread = (1.0 - sum_p2) * (W @ u) + np.maximum(
         W @ C.diagonal() - ((W @ C) * W).sum(1), 0.0)
-    shared = _smooth_split(g)[1] * _smooth_split(q)[1]
-    own = g.var * q.var
+    shared, own = _query_products(g, q)
     n = g.g.n
     s = n * spread
     return float(s @ shared @ s - (n * spread * spread) @ (shared.diagonal() - own))

@@ -394,7 +394,7 @@ class _Predictor:
         out, lo = self.linear_fwd(f"{prefix}.o", ctx_cov, c, c)
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
                      "v": v, "amap": amap, "sum_p2": sum_p2, "gf": grad_factor,
-                     "excess": excess, "common": common, "rowvar_k": rowvar_k,
+                     "excess": excess, "common": common,
                      "m": logit_grad, "m_fwd": m, "x_kv": xkv, "grad_qkv": grad_qkv,
                      "grad_left": grad_left,
                      "grad_right": grad_right, "grad_sm_in": grad_sm_in, "sm_out": sm_out}
