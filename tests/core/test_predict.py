@@ -150,6 +150,55 @@ def test_held_out_configs(param, name, request):
     assert share >= 0.90, worst
 
 
+#: Tied embeddings (the app's default; every config above is untied). Defined on
+#: 2026-11-29 (sixth session) after the tied-logit lean of the stream gradient, first run after
+#: it; the deep one checks stacks beyond the 12 layers above.
+HELD_OUT_TIED = {
+    "tied-decoder-6": dict(architecture="decoder", d_model=96, n_heads=4, d_ff=384, n_layers=6,
+                           seq_len=48, max_len=48, batch_size=3, vocab_size=800, seed=51),
+    "tied-encoder-rope-3": dict(architecture="encoder", d_model=128, n_heads=4, d_ff=512,
+                                n_layers=3, seq_len=40, max_len=64, batch_size=4,
+                                vocab_size=1200, positional="rope", seed=53),
+    "tied-decoder-deep-32": dict(architecture="decoder", d_model=64, n_heads=2, d_ff=256,
+                                 n_layers=32, seq_len=32, max_len=32, batch_size=2,
+                                 vocab_size=500, seed=59),
+    "tied-enc-dec-2": dict(architecture="encoder-decoder", d_model=80, n_heads=4, d_ff=320,
+                           n_layers=2, n_decoder_layers=2, seq_len=24, max_len=24,
+                           batch_size=4, vocab_size=600, seed=61),
+}
+#: Unit-scaled, tied: below the goal at their first run (89.2, 64.1, 84.8). The deep one is the
+#: collapsed regime: after ~20 unit-scaled layers the tokens of a sequence are nearly one vector
+#: (fp64: q/k gradients ~1e-16 of the v gradients), which the model does not reach.
+KNOWN_TIED_GAPS = {("unit", "tied-decoder-6"), ("unit", "tied-decoder-deep-32"),
+                   ("unit", "tied-enc-dec-2")}
+
+
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+@pytest.mark.parametrize("name", list(HELD_OUT_TIED))
+def test_held_out_tied_configs(param, name, request):
+    if (param, name) in KNOWN_TIED_GAPS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="known gap, see notes"))
+    share, worst = agreement(ModelConfig(parametrization=param, tie_embeddings=True,
+                                         **HELD_OUT_TIED[name]))
+    assert share >= 0.90, worst
+
+
+def test_tied_logits_lean_the_stream_gradient_against_its_shared_parts():
+    """Standard, tied: the softmax's weight on the input token's own logit sends back a
+    gradient against the rest of the normed stream, shared between tokens; without it the
+    bias gradients came out 0.5–0.8 log2 low and the share was 83% (a config the fix was
+    developed on)."""
+    cfg = ModelConfig(architecture="decoder", d_model=128, n_heads=4, d_ff=512, n_layers=4,
+                      seq_len=128, max_len=128, batch_size=2, vocab_size=1000, seed=5,
+                      tie_embeddings=True, parametrization="standard")
+    errors = log2_errors(cfg)
+    biases = [err for (name, kind), (err, *_) in errors.items()
+              if kind == "grad_weight" and name.endswith("bias") and ".attn.k." not in name]
+    assert sum(abs(e) <= 0.32 for e in biases) >= 0.8 * len(biases), biases
+    share, worst = agreement(cfg)
+    assert share >= 0.90, worst
+
+
 def test_every_architecture_predicts_every_measured_tensor():
     for arch in ("encoder", "decoder", "encoder-decoder"):
         for positional in ("learned", "relative", "sinusoidal"):
