@@ -11,7 +11,8 @@ the share by ±10 points. This script measures a config over several seeds and p
 * the rows whose seed-averaged error is outside 0.32 (systematic: a modelling gap, not luck),
   with the spread over seeds.
 
-Configs are ``tests/core/test_predict.py``'s ``HELD_OUT``, by name, and errors are its own
+Configs are ``tests/core/test_predict.py``'s ``HELD_OUT`` (untied) and ``HELD_OUT_TIED`` (tied
+embeddings), by name, and errors are its own
 (``log2_errors``). Seeds are ``100 …`` so the configs' own seeds are not among them.
 
     python benchmarks/agreement_seeds.py decoder-96 --param unit [--seeds 8] [--json]
@@ -41,11 +42,12 @@ def _test_predict():
 
 def run(name: str, param: str, seeds: int) -> dict:
     tp = _test_predict()
-    base = dict(tp.HELD_OUT[name])
+    tied = name in tp.HELD_OUT_TIED
+    base = dict(tp.HELD_OUT_TIED[name] if tied else tp.HELD_OUT[name])
     per_seed, errors = [], {}
     for i in range(seeds):
         base["seed"] = 100 + i
-        cfg = ModelConfig(parametrization=param, tie_embeddings=False, **base)
+        cfg = ModelConfig(parametrization=param, tie_embeddings=tied, **base)
         errs = {key: err for key, (err, _pred, _meas) in tp.log2_errors(cfg).items()}
         per_seed.append(float(np.mean([abs(e) <= TOLERANCE for e in errs.values()])))
         for key, e in errs.items():
@@ -68,7 +70,7 @@ def run(name: str, param: str, seeds: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", help="a HELD_OUT config of tests/core/test_predict.py")
+    ap.add_argument("config", help="a HELD_OUT or HELD_OUT_TIED config of tests/core/test_predict.py")
     ap.add_argument("--param", default="unit", choices=("standard", "unit", "umup"))
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--json", action="store_true")
