@@ -45,6 +45,7 @@ from PySide6.QtWidgets import (
     QSizePolicy,
     QSpinBox,
     QSplitter,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -99,6 +100,12 @@ KIND_SHORT = {"self": "decoder self-attention", "encoder": "encoder self-attenti
 def _tick_font() -> QFont:
     font = QFont()
     font.setPointSizeF(8.0)
+    return font
+
+
+def _label_font(points: float) -> QFont:
+    font = QFont()
+    font.setPointSizeF(points)
     return font
 
 
@@ -509,6 +516,7 @@ class AttentionPanel(QWidget):
         self._view = "head"  # the view drawn (rollout falls back to the average)
         self._fallback = ""
         self._entropy_labels: list[pg.TextItem] = []
+        self._entropy_label_points = 8.0  # the labels' font size now
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -585,14 +593,22 @@ class AttentionPanel(QWidget):
         self.entropy_view.plot.scene().sigMouseClicked.connect(self._on_entropy_click)
         self.entropy_view.plot.vb.sigResized.connect(self._fit_entropy_labels)
 
-        right = QSplitter(Qt.Orientation.Vertical)
-        right.addWidget(self.model_view)
-        right.addWidget(self.entropy_view)
-        right.setStretchFactor(0, 3)
-        right.setStretchFactor(1, 2)
+        # the thumbnail grid and the entropy heatmap each take the column's full height, as
+        # tabs: stacked, a docked panel (~370 px in a 1700 × 1000 window) left the entropy
+        # cells a few pixels tall or clipped a 6 × 12 grid
+        self.right_tabs = QTabWidget(objectName="attnRightTabs")
+        self.right_tabs.setDocumentMode(True)
+        self.right_tabs.addTab(self.model_view, "All heads")
+        self.right_tabs.addTab(self.entropy_view, "Entropy")
+        self.right_tabs.setTabToolTip(0, "Every layer × head as a thumbnail: click one to show "
+                                         "it in the head view")
+        self.right_tabs.setTabToolTip(1, "Each head's mean attention entropy in nats, "
+                                         "H = −Σ_j p_ij ln p_ij averaged over queries; the "
+                                         "title gives the uniform maximum (mean ln of each "
+                                         "query's allowed keys). Click a cell to select it")
         self.splitter = QSplitter(Qt.Orientation.Horizontal, objectName="attnSplitter")
         self.splitter.addWidget(self.head_view)
-        self.splitter.addWidget(right)
+        self.splitter.addWidget(self.right_tabs)
         self.splitter.setStretchFactor(0, 1)
         self.splitter.setStretchFactor(1, 1)
         layout.addWidget(self.splitter, 1)
@@ -905,8 +921,10 @@ class AttentionPanel(QWidget):
             km.entropy, xlabel="head", ylabel="layer", levels=(0.0, umax if umax > 0 else 1.0),
             formatter=lambda r, c, v: (f"layer {r}, head {c}: entropy {v:.3f} nats "
                                        f"(uniform {umax:.3f})"))
-        view.plot.setTitle(f"mean attention entropy (nats) · uniform max {umax:.2f}",
-                           color="k", size="10pt")
+        # a short title: the plot cannot be narrower than it, and a long one pushed the
+        # colour bar out of a docked panel's column
+        view.plot.setTitle(f"mean entropy · uniform max {umax:.2f}", color="k", size="10pt")
+        view.colorbar.axis.setLabel("nats", color="k")
         for axis, n in (("left", km.layers), ("bottom", km.heads)):
             view.plot.getAxis(axis).setTicks([[(i + 0.5, str(i)) for i in range(n)], []])
         self._entropy_cells(km.layers * km.heads)
@@ -925,10 +943,21 @@ class AttentionPanel(QWidget):
         if not labels or km is None:
             return
         box = self.entropy_view.plot.vb.size()
-        fits = (box.height() / max(km.layers, 1) >= 13
-                and box.width() / max(km.heads, 1) >= 28)
+        cell_w, cell_h = box.width() / max(km.heads, 1), box.height() / max(km.layers, 1)
+        size = None  # the largest of 8 and 7 pt at which "0.00" fits a cell, with a margin
+        for points, margin in ((8.0, 4), (7.0, 2)):
+            metrics = QFontMetrics(_label_font(points))
+            if cell_w >= metrics.horizontalAdvance("0.00") + margin and \
+                    cell_h >= metrics.height():
+                size = points
+                break
+        if size is not None and size != self._entropy_label_points:
+            font = _label_font(size)
+            for item in labels:
+                item.setFont(font)
+            self._entropy_label_points = size
         for item in labels:
-            item.setVisible(fits)
+            item.setVisible(size is not None)
 
     def _entropy_cells(self, cells: int) -> None:
         """One value label per entropy cell (none past 24 × 24), kept and re-texted while the
@@ -940,9 +969,10 @@ class AttentionPanel(QWidget):
         for item in self._entropy_labels:
             plot.removeItem(item)
         self._entropy_labels = []
+        self._entropy_label_points = 8.0
         for _ in range(cells):
             item = pg.TextItem("", anchor=(0.5, 0.5))
-            item.setFont(_tick_font())
+            item.setFont(_label_font(8.0))
             plot.addItem(item)
             self._entropy_labels.append(item)
 
@@ -1025,7 +1055,7 @@ class AttentionPanel(QWidget):
 
     # -- state ---------------------------------------------------------------------------------
     def _state_controls(self) -> list[QWidget]:
-        return [self.text, self.view, self.log, self.splitter]
+        return [self.text, self.view, self.log, self.splitter, self.right_tabs]
 
     def state(self) -> dict[str, Any]:
         """The panel's choices: source (configured model or MiniLM), text, view, colour

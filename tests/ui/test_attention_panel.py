@@ -250,3 +250,24 @@ def test_long_encoder_decoder_text_reduced_on_the_device(qtbot, make_panel):
     for kind in ("self", "encoder", "cross"):
         assert panel.maps.kinds[kind].att.shape[-1] == 16
     assert panel.maps.kinds["cross"].rollout is None
+
+
+def test_entropy_tab_shows_values_where_a_cell_can_hold_them(qtbot, make_panel):
+    """The grid and the entropy heatmap are tabs, each with the column's full height; the
+    values show at 8 or 7 pt where "0.00" fits a cell, and hide where it cannot."""
+    panel = make_panel()
+    choose(panel, qtbot, panel.source, "minilm")  # 6 layers × 12 heads
+    tabs = panel.right_tabs
+    assert [tabs.tabText(i) for i in range(tabs.count())] == ["All heads", "Entropy"]
+    tabs.setCurrentIndex(1)
+    qtbot.waitUntil(lambda: panel.entropy_view.isVisible())
+    labels = panel._entropy_labels
+    km = panel.current()
+    assert len(labels) == km.layers * km.heads
+    qtbot.waitUntil(lambda: all(item.isVisible() for item in labels))
+    assert panel._entropy_label_points in (7.0, 8.0)
+    sizes = panel.splitter.sizes()
+    panel.splitter.setSizes([sum(sizes) - 90, 90])  # a column a few pixels per head wide
+    qtbot.waitUntil(lambda: not any(item.isVisible() for item in labels))
+    panel.splitter.setSizes(sizes)
+    qtbot.waitUntil(lambda: all(item.isVisible() for item in labels))
