@@ -273,6 +273,37 @@ def test_query_gradient_is_exact_for_uniform_weights():
     np.testing.assert_allclose(out.C[off], 0.5 * want[off], rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("t", [12, 120])
+def test_attention_gradients_ignore_a_constant_shared_by_every_pair(t):
+    """The values (and the query gradient's keys) enter centred on a query's weights, so a
+    constant added to every covariance drops out exactly. With it at 1e4 × the tokens'
+    spread (a collapsed stream) the results stay within 1e-9 of the unshifted ones; taking
+    the products uncentred left errors of 1e-5 of the largest variance at this constant."""
+    g = cv.grid(t)
+    k = len(g.n)
+    amap = cv.attention_map(t, "causal", 1, True)
+    pos = np.arange(k)
+    C = 0.3 * np.exp(-np.abs(pos[:, None] - pos[None]) / 4) + 0.2 / np.sqrt(1.0 + pos)[:, None]
+    C = 0.5 * (C + C.T)
+    zero = np.zeros((k, k))
+    v, keys = Cov(g, np.full(k, 0.1), C, zero), Cov(g, np.full(k, 0.05), 0.8 * C, zero)
+    grad = Cov(g, np.full(k, 0.5), np.full((k, k), 0.2), zero)
+    sum_p2, jacobian = R.softmax_row_stats(np.full(k, 1.0), amap.keys, None)
+    excess = np.maximum(sum_p2 - amap.r0, 0.0)
+
+    def both(shift: float) -> tuple[Cov, Cov]:
+        vs = Cov(g, v.u, v.C + shift, zero)
+        ks = Cov(g, keys.u, keys.C + shift, zero)
+        return (cv.query_gradient(amap, grad, vs, ks, sum_p2, jacobian, np.ones(k)),
+                cv.key_gradient(amap, grad, vs, keys, sum_p2, jacobian, excess))
+
+    (q0, k0), (q1, k1) = both(0.0), both(1e4)
+    for a, b in ((q0, q1), (k0, k1)):
+        scale = np.abs(a.var).max()
+        np.testing.assert_allclose(b.var, a.var, rtol=0, atol=1e-9 * scale)
+        np.testing.assert_allclose(b.C, a.C, rtol=0, atol=1e-9 * scale)
+
+
 @pytest.mark.parametrize("sigma", [0.3, 1.0])
 @pytest.mark.parametrize("inputs", ["structured", "collapsed"])
 def test_query_gradient_matches_sampled_attention(inputs, sigma):
