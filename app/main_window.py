@@ -141,7 +141,11 @@ class MainWindow(QMainWindow):
         self.device_label = QLabel("device: looking…", objectName="deviceLabel")
         self.statusBar().addPermanentWidget(self.device_label)
         self.device_described.connect(self.device_label.setText)
-        self._device_thread = threading.Thread(target=self._describe_device, daemon=True)
+        # not a daemon: a daemon thread still importing torch when the interpreter exits is
+        # stopped inside C++ (std::terminate, the process aborts); a window closed within the
+        # first seconds now lets the process end once the import is done
+        self._device_thread = threading.Thread(target=self._describe_device, daemon=False,
+                                               name="describeDevice")
         QTimer.singleShot(DEVICE_LOOKUP_DELAY_MS, self._start_device_lookup)
         self.notice = QLabel(objectName="noticeLabel")  # what could not be opened or restored
         self.notice.setStyleSheet("color: #b71c1c;")

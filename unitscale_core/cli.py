@@ -90,20 +90,27 @@ def _rows_text(rows) -> str:
     return "\n".join(lines)
 
 
-def _rows_output(cfg: ModelConfig, source: str, rows, as_json: bool) -> str:
-    """``predict`` and ``measure`` print the same shape: config, parametrization, tensors."""
+def _rows_output(cfg: ModelConfig, source: str, rows, as_json: bool,
+                 warnings: list[str]) -> str:
+    """``predict`` and ``measure`` print the same shape: config, parametrization, source,
+    tensors and ``warnings`` (a list of lines; in text, one ``warning:`` line each)."""
     if not as_json:
-        return _rows_text(rows)
+        return _rows_text(rows) + "".join(f"\nwarning: {w}" for w in warnings)
     return json.dumps({"config": cfg.to_dict(), "parametrization": cfg.parametrization,
-                       "source": source, "tensors": [r.to_json() for r in rows]}, indent=1)
+                       "source": source, "tensors": [r.to_json() for r in rows],
+                       "warnings": warnings}, indent=1)
 
 
 def cmd_predict(args: argparse.Namespace) -> str:
-    """Analytic RMS of every tensor at initialisation (no model is built)."""
-    from .scaling.predict import predict
+    """Analytic RMS of every tensor at initialisation (no model is built); warnings: where
+    the stack's tokens collapse below the resolution of its dtype."""
+    from .scaling.predict import predict, stream_collapse
 
     cfg = _with_param(_load_config(args.config), args.param)
-    return _rows_output(cfg, "predicted", predict(cfg), args.json)
+    rows = predict(cfg)
+    collapse = stream_collapse(cfg)
+    return _rows_output(cfg, "predicted", rows, args.json,
+                        [collapse.describe()] if collapse is not None else [])
 
 
 def cmd_seed_formula(args: argparse.Namespace) -> str:
@@ -148,13 +155,18 @@ def cmd_attention(args: argparse.Namespace) -> str:
 
 
 def cmd_measure(args: argparse.Namespace) -> str:
-    """One forward+backward pass; RMS of every tensor (same JSON shape as ``predict``)."""
+    """One forward+backward pass; RMS of every tensor (same JSON shape as ``predict``;
+    warnings: tensors that are not finite)."""
     from .measure import measure
 
     cfg = _with_param(_load_config(args.config), args.param)
     if args.device is not None:
         cfg = cfg.replace(device=args.device)
-    return _rows_output(cfg, "measured", measure(cfg), args.json)
+    rows = measure(cfg)
+    bad = [f"{r.name} ({r.kind})" for r in rows if not math.isfinite(r.rms)]
+    warnings = [f"{len(bad)} tensors are not finite: " + ", ".join(bad[:3])
+                + (", …" if len(bad) > 3 else "")] if bad else []
+    return _rows_output(cfg, "measured", rows, args.json, warnings)
 
 
 def cmd_train(args: argparse.Namespace) -> str:

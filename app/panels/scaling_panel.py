@@ -10,6 +10,7 @@ document's own formula.
 
 from __future__ import annotations
 
+import html
 import math
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,12 @@ from PySide6.QtWidgets import (
 )
 
 from unitscale_core.config import PARAMETRIZATIONS, ModelConfig
-from unitscale_core.scaling.predict import is_predicted, predict, status_counts
+from unitscale_core.scaling.predict import (
+    is_predicted,
+    predict,
+    status_counts,
+    stream_collapse,
+)
 from unitscale_core.sizing import count_parameters
 from unitscale_core.tensors import REPORTED_FORMATS, TensorRow
 
@@ -212,6 +218,15 @@ class ScalingPanel(QWidget):
         box.addLayout(controls)
         self.summary = QLabel(objectName="scaleSummary")
         self.summary.setWordWrap(True)
+        self.summary.setToolTip(
+            "Per parametrization, in the chosen format: lost = more than half of a Gaussian "
+            "of the tensor's RMS underflows or overflows; at risk = overflow > 1e-6, "
+            "underflow > 1e-3 or subnormal > 10%.\n⚠ collapse: from that LayerNorm on, what "
+            "tells a token from its neighbours beyond its position (a relative √s, s = its "
+            "own share of the stream's variance) is below the unit roundoff ε of the "
+            "model's dtype, so the query/key gradients, which weigh keys and values centred "
+            "on the attention weights, are rounding noise there. The point moves a few "
+            "layers with the seed.")
         box.addWidget(LabelHolder(self.summary))  # a new summary repaints the label alone
         self.busy = QLabel(objectName="predictBusy")
         self.busy.setStyleSheet("color: palette(mid); font-style: italic;")
@@ -386,8 +401,10 @@ class ScalingPanel(QWidget):
 
     def summary_text(self) -> str:
         """Per parametrization: how many tensors the chosen format loses (more than half
-        underflows or overflows) or puts at risk (see the table's status column); agreement
-        with the measurement when there is one.
+        underflows or overflows) or puts at risk (see the table's status column); where a
+        stack's tokens collapse below the resolution of the model's dtype
+        (:mod:`unitscale_core.scaling.collapse`); agreement with the measurement when there
+        is one.
 
         The shown parametrization's counts come with its prediction. Another one's are
         predicted in the background when not cached and the model is deep (several frames'
@@ -395,7 +412,7 @@ class ScalingPanel(QWidget):
         """
         fmt = self.format.currentData()
         shown = self.shown_config()
-        parts = []
+        parts, warnings = [], []
         for p in PARAMETRIZATIONS:
             cfg = shown.replace(parametrization=p)
             if (slow_to_predict(cfg) or self._deferring) and not is_predicted(cfg, (fmt,)):
@@ -405,7 +422,12 @@ class ScalingPanel(QWidget):
                 continue
             counts = status_counts(cfg, fmt)
             parts.append(f"<b>{p}</b>: {counts['lost']} lost, {counts['at_risk']} at risk")
+            collapse = stream_collapse(cfg)  # from the same cached prediction
+            if collapse is not None:
+                warnings.append(f"⚠ <b>{p}</b>: {html.escape(collapse.describe())}")
         text = f"{fmt}, of {len(self.predicted)} tensors — " + " · ".join(parts)
+        if warnings:
+            text += "<br>" + "<br>".join(warnings)
         if self.measured:
             ok, total = agreement(self.predicted, self.measured)
             text += (f"<br>measured: {ok}/{total} tensors ({100 * ok / max(total, 1):.0f}%) "

@@ -133,6 +133,24 @@ def test_predict_json_matches_measure_names(capsys, tmp_path):
                                            "headroom_min_log2"}
 
 
+def test_predict_warns_where_tokens_collapse(capsys, tmp_path):
+    """A 32-layer unit-scaled stack: the JSON's warnings name the LayerNorm the predictor
+    finds (:func:`stream_collapse`), and the text ends with the same line; u-μP: none."""
+    from unitscale_core.scaling.predict import stream_collapse
+
+    cfg = ModelConfig(d_model=64, n_heads=2, d_ff=256, n_layers=32, vocab_size=500,
+                      seq_len=32, max_len=32, batch_size=2, parametrization="unit")
+    path = tmp_path / "deep.json"
+    save(cfg, path)
+    code, out, _ = run(capsys, "predict", "--config", str(path), "--json")
+    want = stream_collapse(cfg).describe()
+    assert code == 0 and json.loads(out)["warnings"] == [want]
+    code, out, _ = run(capsys, "predict", "--config", str(path))
+    assert out.rstrip().endswith(f"warning: {want}")
+    code, out, _ = run(capsys, "predict", "--config", str(path), "--param", "umup", "--json")
+    assert json.loads(out)["warnings"] == []
+
+
 def test_seed_formula_example_and_errors(capsys):
     code, out, _ = run(capsys, "seed-formula", "--target", "0.85", "--alpha", "1.2", "--beta",
                        "1e6", "--json")

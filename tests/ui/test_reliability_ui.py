@@ -177,3 +177,37 @@ def test_close_while_busy_is_quick(qtbot, make_window):
     win.close()
     assert time.perf_counter() - t0 < 2.0
     assert not win.worker.isRunning()
+
+
+def test_quitting_while_torch_still_loads_exits_cleanly(tmp_path):
+    """A deep config's summary shown and the window closed in the first seconds, while the
+    start-up thread is still importing and warming up torch: the process ends normally (it
+    aborted in C++, "terminate called without an active exception", when that thread was a
+    daemon stopped mid-warm-up: 3 of 3 runs)."""
+    import os
+    import subprocess
+
+    script = tmp_path / "quit_early.py"
+    script.write_text(
+        "import time\n"
+        "from PySide6.QtCore import QSettings\n"
+        "from PySide6.QtWidgets import QApplication\n"
+        "app = QApplication([])\n"
+        "from app.main_window import MainWindow\n"
+        "from unitscale_core import ModelConfig\n"
+        "cfg = ModelConfig(d_model=64, n_heads=2, d_ff=256, n_layers=32, seq_len=32,\n"
+        "                  max_len=32, batch_size=2, vocab_size=500)\n"
+        f"settings = QSettings({str(tmp_path / 's.ini')!r}, QSettings.Format.IniFormat)\n"
+        "win = MainWindow(cfg, settings=settings)\n"
+        "win.show()\n"
+        "t0 = time.time()\n"
+        "while not win.scaling_panel.summary_complete() and time.time() - t0 < 60:\n"
+        "    app.processEvents()\n"
+        "    time.sleep(0.01)\n"
+        "win.close()\n"
+        "print('closed', flush=True)\n")
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=os.getcwd())
+    assert "closed" in done.stdout
+    assert done.returncode == 0, done.stderr[-2000:]

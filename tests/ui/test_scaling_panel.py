@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import time
 
 import pytest
@@ -59,6 +60,29 @@ def test_parametrization_selector_changes_prediction(qtbot, window):
     param.setCurrentIndex(0)
     window.model_panel.findChild(QComboBox, "parametrization").setCurrentText("umup")
     assert panel.shown_config().parametrization == "umup"
+
+
+def test_summary_warns_where_a_unit_scaled_stack_collapses(qtbot, make_window):
+    """A 32-layer stack: unit scaling's tokens collapse below fp32 resolution (the warning
+    names the LayerNorm the predictor finds), u-μP's and the standard model's do not; in
+    bf16 the collapse comes earlier."""
+    from unitscale_core import ModelConfig
+    from unitscale_core.scaling.predict import stream_collapse
+
+    cfg = ModelConfig(architecture="decoder", d_model=64, n_heads=2, d_ff=256, n_layers=32,
+                      seq_len=32, max_len=32, batch_size=2, vocab_size=500)
+    win = make_window(cfg)
+    panel = panel_of(win)
+    qtbot.waitUntil(panel.summary_complete, timeout=30_000)
+    text = panel.findChild(QLabel, "scaleSummary").text()
+    collapse = stream_collapse(cfg.replace(parametrization="unit"))
+    assert f"⚠ <b>unit</b>: tokens' own parts fall below fp32 resolution from " \
+        f"{collapse.norm}" in html.unescape(text)
+    assert "<b>umup</b>: tokens" not in text and "<b>standard</b>: tokens" not in text
+    win.model_panel.findChild(QComboBox, "dtype").setCurrentText("bf16")
+    qtbot.waitUntil(lambda: "bf16 resolution" in panel.summary.text(), timeout=30_000)
+    assert stream_collapse(win.config.replace(parametrization="unit")).norm in \
+        panel.summary.text()
 
 
 def _row_counts(cfg, fmt):

@@ -41,6 +41,7 @@ from ..sizing import RELATIVE_BUCKETS
 from ..tensors import REPORTED_FORMATS, TensorRow
 from . import covariance
 from . import rules as R
+from .collapse import Collapse, find_collapse
 from .covariance import Cov, pair_sum
 from .formats import FORMATS, gaussian_format_table, headroom_status_array
 
@@ -188,6 +189,9 @@ class _Predictor:
         # positions' row means), as pair covariances (distinct tokens, other sequences):
         # every LayerNorm removes it, the skip keeps it.
         self.flat: tuple[np.ndarray, np.ndarray] | None = None
+        #: (norm name, the token's own share of the stream's variance there) per LayerNorm
+        #: that reads the residual stream, in execution order (:mod:`.collapse`)
+        self.own_shares: list[tuple[str, float]] = []
         #: (name, kind) → Cov of every activation and activation gradient, when asked for
         #: (:func:`predicted_covariances`); None in a normal prediction.
         self.keep: dict[tuple[str, str], Cov] | None = None
@@ -276,6 +280,8 @@ class _Predictor:
         count in the variance it divides by."""
         if self.flat is not None:
             x = x.minus_shared(*self.flat)
+        total = x.total
+        self.own_shares.append((name, float(self.grid.w @ x.u) / total if total > 0 else 1.0))
         r = R.layer_norm_rule(x.rms, 1.0, d=self.c, b_rows=self.rows, eps=LN_EPS)
         y = x.normalised(r.output)
         self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g} (row mean removed)",
@@ -829,6 +835,17 @@ def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS,
     return list(_prediction(cfg, tuple(formats), should_stop)[0])
 
 
+def stream_collapse(cfg: ModelConfig) -> Collapse | None:
+    """The first LayerNorm of ``cfg`` whose input tokens differ by less than the resolution
+    of ``cfg.dtype`` (:mod:`.collapse`), from the cached prediction (any formats) when there
+    is one, else from a new one."""
+    with _CACHE_LOCK:
+        for (c, _formats), result in reversed(_CACHE.items()):
+            if c == cfg:
+                return result[2]
+    return _prediction(cfg, ())[2]
+
+
 def predicted_covariances(cfg: ModelConfig) -> dict[tuple[str, str], Cov]:
     """``(name, kind) → Cov`` of every activation and activation gradient of ``cfg``: the
     position-resolved structure behind :func:`predict`'s RMS (``Cov.parts()`` gives the
@@ -842,7 +859,7 @@ def predicted_covariances(cfg: ModelConfig) -> dict[tuple[str, str], Cov]:
 def status_counts(cfg: ModelConfig, fmt: str) -> dict[str, int]:
     """How many predicted tensors are ``fine``, ``at_risk`` and ``lost`` in ``fmt``
     (:func:`~.formats.headroom_status` of each row, vectorised)."""
-    _rows, tables = _prediction(cfg, (fmt,))
+    _rows, tables, _collapse = _prediction(cfg, (fmt,))
     table = tables[fmt]
     statuses = headroom_status_array(table["underflow"], table["subnormal"], table["overflow"])
     return {status: int(np.count_nonzero(statuses == status))
@@ -869,7 +886,8 @@ _CACHE_LOCK = threading.Lock()
 
 def _prediction(cfg: ModelConfig, formats: tuple[str, ...],
                 should_stop: Callable[[], bool] | None = None
-                ) -> tuple[tuple[TensorRow, ...], dict[str, dict[str, np.ndarray]]]:
+                ) -> tuple[tuple[TensorRow, ...], dict[str, dict[str, np.ndarray]],
+                           Collapse | None]:
     key = (cfg, formats)
     with _CACHE_LOCK:
         if key in _CACHE:
@@ -888,7 +906,7 @@ def _prediction(cfg: ModelConfig, formats: tuple[str, ...],
     finally:
         if collecting:
             gc.enable()
-    result = tuple(rows), tables
+    result = tuple(rows), tables, find_collapse(p.own_shares, cfg.dtype, cfg.seq_len)
     with _CACHE_LOCK:
         _CACHE[key] = result
         while len(_CACHE) > _CACHE_SIZE:

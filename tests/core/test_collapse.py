@@ -1,0 +1,80 @@
+"""The collapse warning (:mod:`unitscale_core.scaling.collapse`) against measurement.
+
+Past the predicted LayerNorm a unit-scaled stack's tokens differ by less than fp32's
+resolution, so fp32's query weight gradients are rounding noise: several times what the same
+model computes in fp64. Ten layers before it the two agree. The point moves with the seed, so
+the check takes several."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unitscale_core import ModelConfig
+from unitscale_core.measure import measurement_batch
+from unitscale_core.model import build_model
+from unitscale_core.scaling.collapse import RESOLUTION, find_collapse
+from unitscale_core.scaling.predict import stream_collapse
+
+#: tests/core/test_predict.py's held-out "tied-decoder-deep-32"
+DEEP = dict(architecture="decoder", d_model=64, n_heads=2, d_ff=256, n_layers=32, seq_len=32,
+            max_len=32, batch_size=2, vocab_size=500, tie_embeddings=True)
+
+
+def _layer(norm: str) -> int:
+    return int(norm.split(".")[1])
+
+
+def _query_weight_grads(cfg: ModelConfig, dtype: torch.dtype) -> list[float]:
+    torch.manual_seed(0)
+    model = build_model(cfg, device=torch.device("cpu")).to(dtype)
+    model.train()
+    batch = measurement_batch(cfg, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    model.loss(model(batch["ids"]), batch["targets"]).backward()
+    return [float(layer.attn.q.weight.grad.pow(2).mean().sqrt()) for layer in model.layers]
+
+
+def test_find_collapse_takes_the_first_norm_below_the_resolution():
+    eps = RESOLUTION["fp32"]
+    shares = [("layers.0.norm1", 1.0), ("layers.0.norm2", 0.5 * eps * eps),
+              ("layers.1.norm1", 0.1 * eps * eps)]
+    assert find_collapse(shares, "fp32", 64).norm == "layers.0.norm2"
+    assert find_collapse(shares, "bf16", 64).norm == "layers.0.norm2"
+    assert find_collapse([("norm", 2 * eps * eps)], "fp32", 64) is None
+    assert find_collapse(shares, "fp32", 1) is None  # one token: nothing to tell apart
+    collapse = find_collapse([("layers.3.norm1", 1e-6)], "bf16", 8)
+    assert collapse.norm == "layers.3.norm1" and "bf16" in collapse.describe()
+
+
+@pytest.mark.parametrize("seed", [100, 101, 102])
+def test_unit_stack_collapses_where_predicted(seed):
+    cfg = ModelConfig(parametrization="unit", seed=seed, **DEEP)
+    collapse = stream_collapse(cfg)
+    assert collapse is not None and collapse.dtype == "fp32"
+    at = _layer(collapse.norm)
+    assert 10 <= at <= cfg.n_layers - 3, collapse
+    fp32 = _query_weight_grads(cfg, torch.float32)
+    fp64 = _query_weight_grads(cfg, torch.float64)
+    before = fp32[at - 10] / fp64[at - 10]
+    last = fp32[-1] / fp64[-1]
+    assert before == pytest.approx(1.0, abs=0.05), (at, before)
+    assert last >= 3.0, (at, last)
+
+
+def test_umup_stack_keeps_its_tokens_apart():
+    """u-μP's residual rule keeps a share of every embedding: no collapse predicted, and fp32
+    and fp64 agree to the last layer."""
+    cfg = ModelConfig(parametrization="umup", seed=100, **DEEP)
+    assert stream_collapse(cfg) is None
+    fp32 = _query_weight_grads(cfg, torch.float32)
+    fp64 = _query_weight_grads(cfg, torch.float64)
+    assert all(math.isclose(a, b, rel_tol=0.05) for a, b in zip(fp32, fp64))
+
+
+def test_bf16_collapses_earlier_than_fp32():
+    cfg = ModelConfig(parametrization="unit", **DEEP)
+    fp32, bf16 = stream_collapse(cfg), stream_collapse(cfg.replace(dtype="bf16"))
+    assert bf16 is not None and _layer(bf16.norm) < _layer(fp32.norm)
