@@ -70,7 +70,8 @@ def run(name: str, param: str, seeds: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", help="a HELD_OUT or HELD_OUT_TIED config of tests/core/test_predict.py")
+    ap.add_argument("config",
+                    help="a HELD_OUT or HELD_OUT_TIED config of tests/core/test_predict.py")
     ap.add_argument("--param", default="unit", choices=("standard", "unit", "umup"))
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--json", action="store_true")
