@@ -452,3 +452,26 @@ def test_close_while_measuring_exits_quickly(qtbot):
     win.close()
     assert time.perf_counter() - t0 < 2.0
     assert not win.worker.isRunning()
+
+
+def test_summary_holder_grows_at_once_and_shrinks_once_the_text_stays_short(qtbot):
+    """More lines are shown at once; fewer only after LabelHolder.SHRINK_MS without a longer
+    text, so a line that comes and goes while the user edits does not relayout the panel."""
+    from app.panels.scaling_panel import LabelHolder
+
+    label = QLabel()
+    label.setWordWrap(True)
+    holder = LabelHolder(label)
+    qtbot.addWidget(holder)
+    holder.resize(300, 20)
+    holder.show()
+    label.setText("one line")
+    qtbot.waitUntil(lambda: holder.height() == label.heightForWidth(300))
+    one = holder.height()
+    label.setText("a much longer text that needs several lines at this width " * 3)
+    qtbot.waitUntil(lambda: holder.height() > one)
+    tall = holder.height()
+    label.setText("one line")
+    qtbot.wait(LabelHolder.SHRINK_MS // 3)
+    assert holder.height() == tall  # not yet
+    qtbot.waitUntil(lambda: holder.height() == one, timeout=3 * LabelHolder.SHRINK_MS)
