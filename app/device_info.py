@@ -36,3 +36,9 @@ def warm_up_torch() -> None:
 
     torch.nn.Linear(2, 2)(torch.zeros(1, 2)).sum().backward()
     torch.empty(1, device="meta").normal_()
+    # and the modules the first measurement, attention map or training run would import: on
+    # the GUI thread (Measure imports unitscale_core.measure) that took 80-90 ms, PySide's
+    # import hook reading each new module's source to look for its feature flags
+    import unitscale_core.attention_views  # noqa: F401
+    import unitscale_core.measure  # noqa: F401
+    import unitscale_core.training  # noqa: F401

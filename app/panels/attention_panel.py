@@ -42,7 +42,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QSizePolicy,
     QSpinBox,
     QSplitter,
     QTabWidget,
@@ -73,6 +72,7 @@ from ..export import (
 )
 from ..widgets.controls_state import restore_controls, save_controls
 from ..widgets.heatmap import Heatmap
+from ..widgets.label_holder import LabelHolder
 from ..worker import Worker
 
 CHANNEL = "attention"
@@ -572,9 +572,11 @@ class AttentionPanel(QWidget):
         bar = QHBoxLayout()
         self.status = QLabel(objectName="attnStatus")
         self.status.setWordWrap(True)
-        self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        bar.addWidget(self.status, 1)
+        # held outside the layout: "computing…" and the result's line (its timing changes
+        # every time) relayouted the panel and re-fitted the head view's token axes on every
+        # job, 10-30 ms of the GUI thread while the worker still runs
+        bar.addWidget(LabelHolder(self.status), 1)
         bar.addWidget(export_button(self, "attnExport", self.export_items))
         layout.addLayout(bar)
 

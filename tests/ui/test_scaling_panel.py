@@ -457,7 +457,7 @@ def test_close_while_measuring_exits_quickly(qtbot):
 def test_summary_holder_grows_at_once_and_shrinks_once_the_text_stays_short(qtbot):
     """More lines are shown at once; fewer only after LabelHolder.SHRINK_MS without a longer
     text, so a line that comes and goes while the user edits does not relayout the panel."""
-    from app.panels.scaling_panel import LabelHolder
+    from app.widgets.label_holder import LabelHolder
 
     label = QLabel()
     label.setWordWrap(True)
