@@ -320,6 +320,12 @@ class ScalingPanel(QWidget):
 
     def _redraw(self) -> None:
         self.chart.set_rows(self.predicted, self.measured)
+        collapse = stream_collapse(self._predicted_for[0]) if self._predicted_for else None
+        if collapse is None:
+            self.chart.set_collapse(None)
+        else:
+            self.chart.set_collapse(collapse.norm, f"tokens' own parts below {collapse.dtype} "
+                                    "from here on ↓", collapse.describe())
         self._table_pending = True
         if self._deferring:
             self._schedule_idle()  # the table follows in the next slice

@@ -37,6 +37,7 @@ if PrimitiveArray is not None and not hasattr(PrimitiveArray, "drawargs"):  # pr
 
 FORWARD_COLOUR = "#1f5fbf"
 BACKWARD_COLOUR = "#c62828"
+COLLAPSE_COLOUR = "#6a1b9a"
 BAND_COLOURS = {"fp8_e4m3": "#2e7d32", "fp8_e5m2": "#6a1b9a", "fp16": "#ef6c00",
                 "bf16": "#00838f", "fp32": "#546e7a"}
 MAX_LABELS = 40
@@ -308,6 +309,7 @@ class ScaleChart(QWidget):
             legend.addItem(item, label)  # not a pyqtgraph data item, so added by hand
             self._series[key] = item
         self.values: dict[str, dict[str, float]] = {}
+        self.collapse_line: pg.InfiniteLine | None = None
 
     # -- data ----------------------------------------------------------------------------------
     def set_rows(self, predicted: Sequence[TensorRow],
@@ -337,6 +339,25 @@ class ScaleChart(QWidget):
         self.plot.setLimits(yMin=-1, yMax=max(len(self.names), 1) + 1)
         self.plot.enableAutoRange(x=True)
         self.plot.setYRange(-0.5, min(len(self.names), 60) - 0.5, padding=0)
+
+    def set_collapse(self, norm: str | None, label: str = "", tip: str = "") -> None:
+        """A dashed line just above ``norm``'s row, labelled: from there down the chart the
+        stack's tokens differ by less than its dtype resolves (:mod:`unitscale_core.scaling.
+        collapse`). ``None`` (or a name not on the chart): no line."""
+        if self.collapse_line is not None:
+            self.plot.removeItem(self.collapse_line)
+            self.collapse_line = None
+        if norm is None or norm not in self.names:
+            return
+        line = pg.InfiniteLine(
+            pos=self.names.index(norm) - 0.5, angle=0, movable=False,
+            pen=pg.mkPen(COLLAPSE_COLOUR, width=1.5, style=Qt.PenStyle.DashLine), label=label,
+            labelOpts={"position": 0.02, "color": COLLAPSE_COLOUR, "anchors": [(0, 1), (0, 1)],
+                       "fill": pg.mkBrush(255, 255, 255, 200)})
+        line.setToolTip(tip)
+        line.setZValue(-5)  # under the markers, over the format bands
+        self.plot.addItem(line, ignoreBounds=True)
+        self.collapse_line = line
 
     def _label_rows(self) -> None:
         step = max(1, math.ceil(len(self.names) / MAX_LABELS))

@@ -64,8 +64,8 @@ def test_parametrization_selector_changes_prediction(qtbot, window):
 
 def test_summary_warns_where_a_unit_scaled_stack_collapses(qtbot, make_window):
     """A 32-layer stack: unit scaling's tokens collapse below fp32 resolution (the warning
-    names the LayerNorm the predictor finds), u-μP's and the standard model's do not; in
-    bf16 the collapse comes earlier."""
+    names the LayerNorm the predictor finds, and the unit chart marks its row), u-μP's and
+    the standard model's do not; in bf16 the collapse comes earlier."""
     from unitscale_core import ModelConfig
     from unitscale_core.scaling.predict import stream_collapse
 
@@ -79,6 +79,13 @@ def test_summary_warns_where_a_unit_scaled_stack_collapses(qtbot, make_window):
     assert f"⚠ <b>unit</b>: tokens' own parts fall below fp32 resolution from " \
         f"{collapse.norm}" in html.unescape(text)
     assert "<b>umup</b>: tokens" not in text and "<b>standard</b>: tokens" not in text
+    assert panel.chart.collapse_line is None  # the chart shows the standard model
+    param = panel.findChild(QComboBox, "scaleParam")
+    param.setCurrentIndex(param.findData("unit"))
+    qtbot.waitUntil(lambda: panel.chart.collapse_line is not None, timeout=30_000)
+    line = panel.chart.collapse_line
+    assert line.value() == panel.chart.names.index(collapse.norm) - 0.5
+    assert "fp32" in line.label.toPlainText()
     win.model_panel.findChild(QComboBox, "dtype").setCurrentText("bf16")
     qtbot.waitUntil(lambda: "bf16 resolution" in panel.summary.text(), timeout=30_000)
     assert stream_collapse(win.config.replace(parametrization="unit")).norm in \
