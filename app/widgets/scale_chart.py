@@ -40,7 +40,6 @@ BACKWARD_COLOUR = "#c62828"
 COLLAPSE_COLOUR = "#6a1b9a"
 BAND_COLOURS = {"fp8_e4m3": "#2e7d32", "fp8_e5m2": "#6a1b9a", "fp16": "#ef6c00",
                 "bf16": "#00838f", "fp32": "#546e7a"}
-MAX_LABELS = 40
 FORWARD_KINDS = {"activation": "grad_activation", "weight": "grad_weight"}
 
 
@@ -264,6 +263,37 @@ class ClippedAxis(pg.AxisItem):
         super().paint(p, *args)
 
 
+class NameAxis(ClippedAxis):
+    """The chart's tensor axis: row ``i`` is ``names[i]``, labelled at every ``step``-th row
+    where ``step`` keeps one label per :data:`LABEL_PX` pixels of the visible rows — so
+    zooming in names every row (a fixed list named every 50th row of a 96-layer model at any
+    zoom). Multiples of ``step``, so labels stay put while the view pans. ``setTicks``
+    (the report's every-row chart) still overrides it."""
+
+    LABEL_PX = 14
+
+    def __init__(self, orientation: str):
+        super().__init__(orientation)
+        self.names: list[str] = []
+
+    def set_names(self, names: list[str]) -> None:
+        self.names = names
+        self.picture = None  # drawn afresh
+        self.update()
+
+    def tickValues(self, minVal, maxVal, size):  # noqa: N802, N803 (pyqtgraph's names)
+        minVal, maxVal = sorted((minVal, maxVal))  # (the chart's y axis is inverted)
+        lo, hi = max(0, math.ceil(minVal)), min(len(self.names) - 1, math.floor(maxVal))
+        if hi < lo or size <= 0:
+            return []
+        step = max(1, math.ceil((maxVal - minVal) * self.LABEL_PX / size))
+        return [(step, list(range(lo + (-lo) % step, hi + 1, step)))]
+
+    def tickStrings(self, values, scale, spacing):  # noqa: N802 (pyqtgraph's name)
+        names = self.names
+        return [names[int(v)] if 0 <= int(v) < len(names) else "" for v in values]
+
+
 class ScaleChart(QWidget):
     """Tensors (rows) × log2 RMS, with format bands."""
 
@@ -274,7 +304,7 @@ class ScaleChart(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         self.plot_widget = pg.PlotWidget(
-            background="w", axisItems={side: ClippedAxis(side) for side in ("left", "bottom")})
+            background="w", axisItems={"left": NameAxis("left"), "bottom": ClippedAxis("bottom")})
         # one rectangle per repaint: a clip made of several (pyqtgraph's default, minimal
         # update) sends the grid's translucent lines down the slow path too (see ClippedAxis)
         self.plot_widget.setViewportUpdateMode(
@@ -335,7 +365,7 @@ class ScaleChart(QWidget):
             # point's row is its y rounded, which hover and click map back to the name
             offset = -0.18 if key.endswith("fwd") else 0.18
             item.setData(xs[ok], ys[ok] + offset)
-        self._label_rows()
+        self.plot.getAxis("left").set_names(self.names)
         self.plot.setLimits(yMin=-1, yMax=max(len(self.names), 1) + 1)
         self.plot.enableAutoRange(x=True)
         self.plot.setYRange(-0.5, min(len(self.names), 60) - 0.5, padding=0)
@@ -358,11 +388,6 @@ class ScaleChart(QWidget):
         line.setZValue(-5)  # under the markers, over the format bands
         self.plot.addItem(line, ignoreBounds=True)
         self.collapse_line = line
-
-    def _label_rows(self) -> None:
-        step = max(1, math.ceil(len(self.names) / MAX_LABELS))
-        ticks = [(i, name) for i, name in enumerate(self.names) if i % step == 0]
-        self.plot.getAxis("left").setTicks([ticks, []])
 
     def set_formats(self, names: Sequence[str]) -> None:
         """Draw each format's normal range (solid) and subnormal range (faint) as x bands."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import time
 
 import pytest
@@ -482,3 +483,21 @@ def test_summary_holder_grows_at_once_and_shrinks_once_the_text_stays_short(qtbo
     qtbot.wait(LabelHolder.SHRINK_MS // 3)
     assert holder.height() == tall  # not yet
     qtbot.waitUntil(lambda: holder.height() == one, timeout=3 * LabelHolder.SHRINK_MS)
+
+
+def test_chart_names_as_many_rows_as_fit_and_every_row_zoomed_in(qtbot, window):
+    """The tensor axis labels one row per ~14 px of the visible rows: a few rows in view,
+    each has its name; the whole model in view, a spread of them."""
+    panel = panel_of(window)
+    axis = panel.chart.plot.getAxis("left")
+    names = panel.chart.names
+    height = axis.geometry().height()
+    ticks = axis.tickValues(0, len(names) - 1, height)
+    (step, rows), = ticks
+    assert step == math.ceil((len(names) - 1) * axis.LABEL_PX / height)
+    assert rows[0] == 0 and all(b - a == step for a, b in zip(rows, rows[1:]))
+    (step, rows), = axis.tickValues(10, 14, height)  # zoomed in: every row named
+    assert step == 1 and rows == [10, 11, 12, 13, 14]
+    assert axis.tickStrings(rows, 1, 1) == names[10:15]
+    (step, rows), = axis.tickValues(14, 10, height)  # (the y axis is inverted)
+    assert rows == [10, 11, 12, 13, 14]
