@@ -270,7 +270,7 @@ class NameAxis(ClippedAxis):
     zoom). Multiples of ``step``, so labels stay put while the view pans. ``setTicks``
     (the report's every-row chart) still overrides it."""
 
-    LABEL_PX = 14
+    LABEL_PX = 18
 
     def __init__(self, orientation: str):
         super().__init__(orientation)

@@ -486,7 +486,7 @@ def test_summary_holder_grows_at_once_and_shrinks_once_the_text_stays_short(qtbo
 
 
 def test_chart_names_as_many_rows_as_fit_and_every_row_zoomed_in(qtbot, window):
-    """The tensor axis labels one row per ~14 px of the visible rows: a few rows in view,
+    """The tensor axis labels one row per ~18 px of the visible rows: a few rows in view,
     each has its name; the whole model in view, a spread of them."""
     panel = panel_of(window)
     axis = panel.chart.plot.getAxis("left")
