@@ -496,8 +496,10 @@ def test_chart_names_as_many_rows_as_fit_and_every_row_zoomed_in(qtbot, window):
     (step, rows), = ticks
     assert step == math.ceil((len(names) - 1) * axis.LABEL_PX / height)
     assert rows[0] == 0 and all(b - a == step for a, b in zip(rows, rows[1:]))
-    (step, rows), = axis.tickValues(10, 14, height)  # zoomed in: every row named
+    (step, rows), = axis.tickValues(10, 14, 400)  # zoomed in (400 px): every row named
     assert step == 1 and rows == [10, 11, 12, 13, 14]
     assert axis.tickStrings(rows, 1, 1) == names[10:15]
-    (step, rows), = axis.tickValues(14, 10, height)  # (the y axis is inverted)
+    (step, rows), = axis.tickValues(14, 10, 400)  # (the y axis is inverted)
     assert rows == [10, 11, 12, 13, 14]
+    (step, rows), = axis.tickValues(10, 14, 40)  # 40 px: every other row
+    assert step == 2 and rows == [10, 12, 14]
