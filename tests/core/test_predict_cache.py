@@ -91,3 +91,21 @@ def test_status_counts_match_row_by_row():
     lost_std = P.status_counts(SMALL, "fp8_e4m3")["lost"]
     lost_unit = P.status_counts(SMALL.replace(parametrization="unit"), "fp8_e4m3")["lost"]
     assert lost_std > lost_unit
+
+
+def test_stream_collapse_outlives_the_rows_in_the_cache(monkeypatch):
+    """The collapse of a predicted config is answered without a new prediction even after
+    its rows left the cache (the panel asks for the shown config's on the GUI thread)."""
+    deep = ModelConfig(d_model=32, n_heads=2, d_ff=64, n_layers=32, vocab_size=64, max_len=16,
+                       seq_len=16, batch_size=2, parametrization="unit")
+    P.clear_cache()
+    P.predict(deep, formats=("fp16",))
+    want = P.stream_collapse(deep)
+    assert want is not None
+    for seed in range(1, P._CACHE_SIZE + 2):  # push its rows out
+        P.predict(SMALL.replace(seed=seed), formats=("fp16",))
+    assert not P.is_predicted(deep, ("fp16",))
+    calls = []
+    monkeypatch.setattr(P, "_Predictor", lambda *a, **k: calls.append(a))
+    assert P.stream_collapse(deep) == want
+    assert calls == []  # no prediction was made

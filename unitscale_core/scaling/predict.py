@@ -837,12 +837,11 @@ def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS,
 
 def stream_collapse(cfg: ModelConfig) -> Collapse | None:
     """The first LayerNorm of ``cfg`` whose input tokens differ by less than the resolution
-    of ``cfg.dtype`` (:mod:`.collapse`), from the cached prediction (any formats) when there
-    is one, else from a new one."""
+    of ``cfg.dtype`` (:mod:`.collapse`): remembered from any earlier prediction of ``cfg``
+    (whatever its formats, kept after its rows leave the cache), else from a new one."""
     with _CACHE_LOCK:
-        for (c, _formats), result in reversed(_CACHE.items()):
-            if c == cfg:
-                return result[2]
+        if cfg in _COLLAPSES:
+            return _COLLAPSES[cfg]
     return _prediction(cfg, ())[2]
 
 
@@ -875,6 +874,7 @@ def clear_cache() -> None:
     """Forget every cached prediction (benchmarks time cold predictions)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _COLLAPSES.clear()
 
 
 #: The most recent predictions, least recently used first (an explicit LRU rather than
@@ -882,6 +882,11 @@ def clear_cache() -> None:
 _CACHE: OrderedDict[tuple, tuple] = OrderedDict()
 _CACHE_SIZE = 16
 _CACHE_LOCK = threading.Lock()
+#: Each predicted config's :func:`stream_collapse`, kept longer than the rows (a few bytes
+#: each): the panel asks for the shown config's after other predictions may have pushed its
+#: rows out of the cache, and must not redo a 96-layer prediction on the GUI thread for it.
+_COLLAPSES: OrderedDict[ModelConfig, Collapse | None] = OrderedDict()
+_COLLAPSES_SIZE = 512
 
 
 def _prediction(cfg: ModelConfig, formats: tuple[str, ...],
@@ -911,4 +916,8 @@ def _prediction(cfg: ModelConfig, formats: tuple[str, ...],
         _CACHE[key] = result
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
+        _COLLAPSES[cfg] = result[2]
+        _COLLAPSES.move_to_end(cfg)
+        while len(_COLLAPSES) > _COLLAPSES_SIZE:
+            _COLLAPSES.popitem(last=False)
     return result
