@@ -16,10 +16,13 @@ through Mehler's formula, LayerNorm rescales each token by its own variance, and
 bias gradients are sums over rows, where the shared parts add coherently:
 ``E[ΔW²] = α² (b Σ_i σ_g,i² σ_x,i² + b Σ_{i≠j} C^g_ij C^x_ij + b(b−1) Σ_ij M^g_ij M^x_ij)``.
 
-Two further correlations are modelled: with tied embeddings, the logit of a token's own input
+Further correlations are modelled: with tied embeddings, the logit of a token's own input
 embedding is ``α_head · d · c`` where ``c`` is the share of that embedding left in the final
 normalised stream (the "self-logit", which dominates the loss of a standard model with tied
-N(0, 1) embeddings); and the key bias gets no gradient (softmax ignores per-row shifts).
+N(0, 1) embeddings), and the gradient it sends back leans against the stream's shared parts
+(``_self_logit_lean``); the key bias gets no gradient (softmax ignores per-row shifts). Each
+LayerNorm's input also records the token's own share of the stream, from which
+:mod:`.collapse` finds where a deep stack's tokens fall below the resolution of its dtype.
 """
 
 from __future__ import annotations
