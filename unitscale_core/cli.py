@@ -155,14 +155,17 @@ def cmd_attention(args: argparse.Namespace) -> str:
 
 
 def cmd_measure(args: argparse.Namespace) -> str:
-    """One forward+backward pass; RMS of every tensor (same JSON shape as ``predict``;
-    warnings: tensors that are not finite)."""
-    from .measure import measure
+    """One forward+backward pass (or ``--seeds`` of them, combined by geometric mean); RMS
+    of every tensor (same JSON shape as ``predict``; warnings: tensors that are not
+    finite)."""
+    from .measure import measure_seeds
 
     cfg = _with_param(_load_config(args.config), args.param)
     if args.device is not None:
         cfg = cfg.replace(device=args.device)
-    rows = measure(cfg)
+    if not 1 <= args.seeds <= 64:
+        raise UserError(f"--seeds: {args.seeds} is not between 1 and 64")
+    rows = measure_seeds(cfg, args.seeds)
     bad = [f"{r.name} ({r.kind})" for r in rows if not math.isfinite(r.rms)]
     warnings = [f"{len(bad)} tensors are not finite: " + ", ".join(bad[:3])
                 + (", …" if len(bad) > 3 else "")] if bad else []
@@ -250,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = config_command("measure", "measure every tensor's RMS in one training step",
                        cmd_measure, param=True)
     p.add_argument("--device", choices=DEVICES, help="override the device")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="measure N initialisations (seed, seed+1, …) and report each "
+                        "tensor's geometric-mean RMS (default 1)")
 
     p = sub.add_parser("attention", help="write every layer's attention for a text to .npz")
     p.add_argument("--model", metavar="minilm|FOLDER",

@@ -205,3 +205,46 @@ def measure(cfg: ModelConfig, device: str | torch.device | None = None,
             rows.append(TensorRow(name, "grad_weight", rms, {}, formats, tuple(p.shape)))
     log.debug("measured %d tensors on %s", len(rows), dev)
     return rows
+
+
+def measure_seeds(cfg: ModelConfig, seeds: int, device: str | torch.device | None = None,
+                  check_cancelled: Callable[[], None] | None = None,
+                  progress: Callable[[float], None] | None = None) -> list[TensorRow]:
+    """:func:`measure` over ``seeds`` initialisations (``cfg.seed``, ``cfg.seed + 1``, …),
+    combined per tensor: the RMS is the geometric mean ``exp(mean log rms)`` (the typical
+    value the predictor's expectation is about; one draw of a deep or strongly correlated
+    stack scatters ±1 log₂ around it), the format fractions the arithmetic mean, and each
+    format's headroom is taken at the combined RMS. A tensor that is zero in any draw keeps
+    the arithmetic mean of its RMS. ``seeds = 1`` is :func:`measure` itself.
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, not {seeds}")
+    runs = []
+    for i in range(seeds):
+        if check_cancelled is not None:
+            check_cancelled()
+        runs.append(measure(cfg.replace(seed=cfg.seed + i), device, check_cancelled))
+        if progress is not None:
+            progress((i + 1) / seeds)
+    if seeds == 1:
+        return runs[0]
+    by_key = [{(r.name, r.kind): r for r in rows} for rows in runs]
+    out = []
+    for row in runs[0]:
+        key = (row.name, row.kind)
+        draws = [rows[key] for rows in by_key if key in rows]
+        values = [r.rms for r in draws]
+        if all(v > 0 and math.isfinite(v) for v in values):
+            rms = math.exp(sum(math.log(v) for v in values) / len(values))
+        else:
+            rms = sum(values) / len(values)
+        formats = {}
+        for name in row.formats:
+            fmt = FORMATS[name]
+            hmax, hmin = headroom_log2(rms, fmt.max_normal, fmt.min_subnormal)
+            formats[name] = {
+                "underflow": sum(r.formats[name]["underflow"] for r in draws) / len(draws),
+                "overflow": sum(r.formats[name]["overflow"] for r in draws) / len(draws),
+                "headroom_max_log2": hmax, "headroom_min_log2": hmin}
+        out.append(TensorRow(row.name, row.kind, rms, {}, formats, row.shape))
+    return out

@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QSpinBox,
     QSplitter,
     QTableView,
     QTabWidget,
@@ -121,6 +122,7 @@ class ScalingPanel(QWidget):
         self.measured: list[TensorRow] = []
         self._measure_id = 0
         self._measured_for: ModelConfig | None = None
+        self._measured_seeds = 1  # initialisations the measurement shown is combined over
         self._deferring = False  # a large model: the table and other counts wait for idle
         self._table_pending = False  # the table still shows older rows than the chart
         self._idle_pending = False  # an idle slice is scheduled
@@ -168,11 +170,18 @@ class ScalingPanel(QWidget):
         self.measure_button.setToolTip("Run one forward+backward pass in the worker and "
                                        "overlay the measured RMS (Ctrl+M)")
         self.measure_button.setShortcut("Ctrl+M")
+        self.seeds = QSpinBox(objectName="measureSeeds", minimum=1, maximum=16, value=1,
+                              prefix="× ", suffix=" seeds")
+        self.seeds.setToolTip(
+            "Measure over this many initialisations (the config's seed, seed + 1, …) and "
+            "overlay each tensor's geometric-mean RMS, exp(mean log rms): what the prediction "
+            "is about. One draw of a deep or strongly correlated stack scatters ±1 log₂ "
+            "around it")
         self.auto = QCheckBox("auto-measure small configs", objectName="autoMeasure")
         self.auto.setToolTip(f"Measure on every change while the model has at most "
                              f"{AUTO_MEASURE_MAX_PARAMS:,} parameters")
         for w in (QLabel("parametrization"), self.param, QLabel("format"), self.format,
-                  self.filter, self.kind, self.measure_button, self.auto):
+                  self.filter, self.kind, self.measure_button, self.seeds, self.auto):
             controls.addWidget(w)
         controls.addWidget(export_button(self, "scalingExport", self.export_items))
         box.addLayout(controls)
@@ -396,8 +405,10 @@ class ScalingPanel(QWidget):
             text += "<br>" + "<br>".join(warnings)
         if self.measured:
             ok, total = agreement(self.predicted, self.measured)
-            text += (f"<br>measured: {ok}/{total} tensors ({100 * ok / max(total, 1):.0f}%) "
-                     "within 25% of the prediction")
+            over = f" (geometric mean of {self._measured_seeds} seeds)" \
+                if self._measured_seeds > 1 else ""
+            text += (f"<br>measured{over}: {ok}/{total} tensors "
+                     f"({100 * ok / max(total, 1):.0f}%) within 25% of the prediction")
         return text
 
     def summary_complete(self) -> bool:
@@ -473,13 +484,16 @@ class ScalingPanel(QWidget):
 
     # -- measurement ---------------------------------------------------------------------------
     def measure(self) -> int:
-        """Ask the worker for a measurement of the shown config; returns the request id."""
-        from unitscale_core.measure import measure
+        """Ask the worker for a measurement of the shown config (over the chosen number of
+        seeds); returns the request id."""
+        from unitscale_core.measure import measure_seeds
 
         cfg = self.shown_config()
         worker = self.worker
-        self._measure_id = worker.submit(CHANNEL, lambda: (cfg, measure(
-            cfg, check_cancelled=worker.check_cancelled)))
+        seeds = self.seeds.value()
+        self._measure_id = worker.submit(CHANNEL, lambda: (cfg, seeds, measure_seeds(
+            cfg, seeds, check_cancelled=worker.check_cancelled, progress=lambda f: worker.report(
+                f, f"measured {round(f * seeds)} of {seeds} seeds") if seeds > 1 else None)))
         self.measure_button.setEnabled(False)
         return self._measure_id
 
@@ -491,15 +505,16 @@ class ScalingPanel(QWidget):
     def _on_result(self, channel: str, request_id: int, result) -> None:
         if channel != CHANNEL or request_id != self._measure_id:
             return  # stale: a newer request is pending or done
-        cfg, rows = result
+        cfg, seeds, rows = result
         self.measure_button.setEnabled(True)
-        self.show_measured(cfg, rows)
+        self.show_measured(cfg, rows, seeds)
 
-    def show_measured(self, cfg: ModelConfig, rows: list[TensorRow]) -> bool:
-        """Overlay a measurement of ``cfg``; ignored (False) when ``cfg`` is not shown now."""
+    def show_measured(self, cfg: ModelConfig, rows: list[TensorRow], seeds: int = 1) -> bool:
+        """Overlay a measurement of ``cfg`` (over ``seeds`` initialisations, combined by
+        ``measure_seeds``); ignored (False) when ``cfg`` is not shown now."""
         if cfg != self.shown_config():
             return False
-        self.measured, self._measured_for = rows, cfg
+        self.measured, self._measured_for, self._measured_seeds = rows, cfg, seeds
         if self.prediction_current():  # else drawn with the prediction when it arrives
             self._redraw()
         self.measured_ready.emit()
@@ -534,8 +549,8 @@ class ScalingPanel(QWidget):
     # -- state ---------------------------------------------------------------------------------
     def _state_controls(self) -> list[QWidget]:
         seeds = list(self.seed_tab.inputs.values())
-        return [self.param, self.format, self.kind, self.filter, self.auto, self.tabs,
-                self.splitter, *seeds]
+        return [self.param, self.format, self.kind, self.filter, self.seeds, self.auto,
+                self.tabs, self.splitter, *seeds]
 
     def state(self) -> dict[str, Any]:
         """The panel's choices (parametrization, format, filters, tab, seed-formula inputs)."""

@@ -164,3 +164,18 @@ def test_seed_formula_example_and_errors(capsys):
     assert json.loads(out)["warning"] == ""
     code, out, err = run(capsys, "seed-formula", "--target", "0", "--alpha", "1", "--beta", "1")
     assert code == 2 and "target" in err and "alpha" in err and err.count("\n") == 1
+
+
+def test_measure_over_seeds(capsys, tmp_path):
+    from unitscale_core.measure import measure_seeds
+
+    cfg = ModelConfig(d_model=32, n_heads=2, d_ff=64, n_layers=1, vocab_size=50, seq_len=8,
+                      max_len=8, batch_size=2)
+    path = tmp_path / "m.json"
+    save(cfg, path)
+    code, out, _ = run(capsys, "measure", "--config", str(path), "--seeds", "2", "--json")
+    assert code == 0
+    got = {(t["name"], t["kind"]): t["rms"] for t in json.loads(out)["tensors"]}
+    assert got == {(r.name, r.kind): r.rms for r in measure_seeds(cfg, 2)}
+    code, _, err = run(capsys, "measure", "--config", str(path), "--seeds", "0")
+    assert code == 2 and "--seeds" in err and err.count("\n") == 1

@@ -177,3 +177,28 @@ def test_models_are_cached_and_reused_without_stale_gradients():
     assert by_key(longer)[("tok_emb.weight", "weight")].rms == first[
         ("tok_emb.weight", "weight")].rms
     assert M.cached_model(cfg.replace(seed=1), torch.device("cpu")) is not model
+
+
+def test_measure_seeds_is_the_geometric_mean_of_single_measurements():
+    """Over three seeds: each tensor's RMS is the geometric mean of three single measurements
+    at seeds s, s+1, s+2, its format fractions their mean; one seed is measure() itself."""
+    from unitscale_core.measure import measure_seeds
+
+    cfg = ModelConfig(d_model=32, n_heads=2, d_ff=64, n_layers=1, vocab_size=64, max_len=8,
+                      seq_len=8, batch_size=2, seed=4)
+    single = [{(r.name, r.kind): r for r in measure(cfg.replace(seed=s))} for s in (4, 5, 6)]
+    done = []
+    rows = measure_seeds(cfg, 3, progress=done.append)
+    assert done == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert [(r.name, r.kind) for r in rows] == [(r.name, r.kind) for r in measure(cfg)]
+    for row in rows:
+        draws = [m[(row.name, row.kind)] for m in single]
+        values = [d.rms for d in draws]
+        if all(v > 0 for v in values):
+            assert row.rms == pytest.approx(math.prod(values) ** (1 / 3), rel=1e-9)
+        for fmt in row.formats:
+            assert row.formats[fmt]["underflow"] == pytest.approx(
+                sum(d.formats[fmt]["underflow"] for d in draws) / 3)
+    assert [r.rms for r in measure_seeds(cfg, 1)] == [r.rms for r in measure(cfg)]
+    with pytest.raises(ValueError, match="seeds"):
+        measure_seeds(cfg, 0)

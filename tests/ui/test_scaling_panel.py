@@ -421,6 +421,24 @@ def test_measure_overlays_measurement(qtbot, window):
     assert panel.chart.values["meas_fwd"]
 
 
+def test_measure_over_seeds_overlays_their_geometric_mean(qtbot, window):
+    """× 3 seeds: the overlay is measure_seeds' combination (seeds s, s+1, s+2), the summary
+    says so, and progress comes per seed."""
+    from unitscale_core.measure import measure_seeds
+
+    panel = panel_of(window)
+    panel.findChild(QSpinBox, "measureSeeds").setValue(3)
+    texts = []
+    window.worker.progress.connect(lambda ch, rid, f, text: texts.append(text))
+    with qtbot.waitSignal(panel.measured_ready, timeout=60_000):
+        panel.findChild(QWidget, "measureButton").click()
+    want = {(r.name, r.kind): r.rms for r in measure_seeds(panel.shown_config(), 3)}
+    got = {(r.name, r.kind): r.rms for r in panel.measured}
+    assert got == pytest.approx(want, rel=1e-6)
+    assert "measured (geometric mean of 3 seeds):" in panel.summary.text()
+    assert "measured 3 of 3 seeds" in texts
+
+
 def test_stale_measurement_is_dropped(qtbot, window):
     panel = panel_of(window)
     first = panel.measure()
