@@ -171,7 +171,9 @@ class ScalingPanel(QWidget):
                                        "overlay the measured RMS (Ctrl+M)")
         self.measure_button.setShortcut("Ctrl+M")
         self.seeds = QSpinBox(objectName="measureSeeds", minimum=1, maximum=16, value=1,
-                              prefix="× ", suffix=" seeds")
+                              suffix=" seed")
+        self.seeds.valueChanged.connect(
+            lambda n: self.seeds.setSuffix(" seed" if n == 1 else " seeds"))
         self.seeds.setToolTip(
             "Measure over this many initialisations (the config's seed, seed + 1, …) and "
             "overlay each tensor's geometric-mean RMS, exp(mean log rms): what the prediction "
