@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (
 )
 
 from unitscale_core.config import PARAMETRIZATIONS, ModelConfig
+from unitscale_core.scaling.collapse import noise_rows
 from unitscale_core.scaling.predict import (
     is_predicted,
     predict,
@@ -370,7 +371,11 @@ class ScalingPanel(QWidget):
         """
         if self._table_pending:
             self._table_pending = False
-            self.model.set_rows(self.predicted, self.measured, self.format.currentData())
+            collapse = stream_collapse(self._predicted_for[0]) if self._predicted_for else None
+            self.model.set_rows(
+                self.predicted, self.measured, self.format.currentData(),
+                noise_rows(((r.name, r.kind) for r in self.predicted), collapse),
+                collapse.describe() if collapse is not None else "")
 
     def table_current(self) -> bool:
         """True when the table shows the rows the chart shows."""

@@ -144,10 +144,17 @@ class ScaleTableModel(QAbstractTableModel):
         self.sort_column = -1  # op-graph order
         self.sort_order = Qt.SortOrder.AscendingOrder
         self._cells: dict[int, _Cells] = {}  # shown row → its cells, made when first asked
+        #: (name, kind) of rows whose values are rounding noise, and why (one line)
+        self.noise: frozenset[tuple[str, str]] = frozenset()
+        self.noise_reason = ""
 
     def set_rows(self, rows: Sequence[TensorRow], measured: Sequence[TensorRow] | None = None,
-                 fmt: str | None = None) -> None:
+                 fmt: str | None = None, noise: frozenset[tuple[str, str]] = frozenset(),
+                 noise_reason: str = "") -> None:
+        """Show ``rows`` (joined with ``measured``) in ``fmt``; ``noise``: rows marked ⚠ as
+        rounding noise, ``noise_reason`` their tooltip's line."""
         self.beginResetModel()
+        self.noise, self.noise_reason = noise, noise_reason
         self.all_rows = list(rows)
         self.measured = {(r.name, r.kind): r.rms for r in measured} if measured else {}
         if fmt is not None:
@@ -269,7 +276,12 @@ class ScaleTableModel(QAbstractTableModel):
             return None
         r, c = index.row(), index.column()
         if role == _DISPLAY:
-            return self.cells(r).texts[c]
+            text = self.cells(r).texts[c]
+            if c == 0 and self.noise:
+                row = self.rows[r]
+                if (row.name, row.kind) in self.noise:
+                    return f"{text}  ⚠"
+            return text
         if role == _BACKGROUND:
             return self.cells(r).backgrounds[c]
         if role == _ALIGNMENT:
@@ -281,5 +293,8 @@ class ScaleTableModel(QAbstractTableModel):
             return value if value is not None else -math.inf
         if role == _TOOLTIP:
             row = self.rows[r]
-            return f"{row.name} ({row.kind})\n{row.formula}" if row.formula else row.name
+            tip = f"{row.name} ({row.kind})\n{row.formula}" if row.formula else row.name
+            if (row.name, row.kind) in self.noise:
+                tip += f"\n⚠ rounding noise: {self.noise_reason}"
+            return tip
         return None

@@ -87,3 +87,28 @@ def test_bf16_collapses_earlier_where_predicted(seed):
     exact = _query_weight_grads(cfg, torch.float64)
     assert low[at - 4] / exact[at - 4] == pytest.approx(1.0, abs=0.25)
     assert low[at + 4] / exact[at + 4] >= 3.0
+
+
+def test_noise_rows_are_the_centred_attention_gradients_past_the_point():
+    from unitscale_core.scaling.collapse import Collapse, noise_rows
+    from unitscale_core.scaling.predict import predict
+
+    cfg = ModelConfig(parametrization="unit", seed=100, **DEEP)
+    collapse = stream_collapse(cfg)
+    at = _layer(collapse.norm)
+    rows = [(r.name, r.kind) for r in predict(cfg)]
+    noise = noise_rows(rows, collapse)
+    first = at if collapse.norm.endswith("norm1") else at + 1
+    assert (f"layers.{first}.attn.q", "grad_activation") in noise
+    assert (f"layers.{first}.attn.k.weight", "grad_weight") in noise
+    assert (f"layers.{first - 1}.attn.q", "grad_activation") not in noise
+    assert all(_layer(name) >= first for name, _ in noise)
+    assert not any(name.endswith(("attn.v", "attn.o", "probs")) or kind == "activation"
+                   for name, kind in noise)
+    per_layer = {k for k in noise if _layer(k[0]) == first}
+    assert len(per_layer) == 7  # q, k, scores gradients; q and k weight and bias gradients
+    assert noise_rows(rows, None) == frozenset()
+    final = Collapse("norm", 1e-20, "fp32", 2.0**-24)  # after the last layer: nothing
+    assert noise_rows(rows, final) == frozenset()
+    norm1 = Collapse("layers.5.norm1", 1e-20, "fp32", 2.0**-24)  # before layer 5's attention
+    assert ("layers.5.attn.q", "grad_activation") in noise_rows(rows, norm1)

@@ -87,6 +87,15 @@ def test_summary_warns_where_a_unit_scaled_stack_collapses(qtbot, make_window):
     line = panel.chart.collapse_line
     assert line.value() == panel.chart.names.index(collapse.norm) - 0.5
     assert "fp32" in line.label.toPlainText()
+    panel.fill_table()
+    model = panel.model
+    marked = [i for i, r in enumerate(model.rows) if (r.name, r.kind) in model.noise]
+    assert marked and all(model.rows[i].kind.startswith("grad") for i in marked)
+    first = model.index(marked[0], 0)
+    assert first.data().endswith("⚠")
+    assert "rounding noise" in first.data(Qt.ItemDataRole.ToolTipRole)
+    clean = next(i for i, r in enumerate(model.rows) if r.name == "layers.0.attn.q")
+    assert not model.index(clean, 0).data().endswith("⚠")
     win.model_panel.findChild(QComboBox, "dtype").setCurrentText("bf16")
     qtbot.waitUntil(lambda: "bf16 resolution" in panel.summary.text(), timeout=30_000)
     assert stream_collapse(win.config.replace(parametrization="unit")).norm in \

@@ -19,6 +19,7 @@ seeds), so it is a warning about a region, not an exact layer.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -55,3 +56,37 @@ def find_collapse(own_shares: Iterable[tuple[str, float]], dtype: str,
         if share < eps * eps:
             return Collapse(norm, max(share, 0.0), dtype, eps)
     return None
+
+
+_LAYER = re.compile(r"^(?P<stack>(?:encoder\.|decoder\.)?)layers\.(?P<i>\d+)\.(?P<rest>.+)$")
+#: The rows that weigh keys and values centred on the attention weights: what the collapse
+#: turns into rounding noise (activation gradients, and the weight and bias gradients of the
+#: query and key projections).
+_CENTRED = {("q", "grad_activation"), ("k", "grad_activation"), ("scores", "grad_activation"),
+            ("q.weight", "grad_weight"), ("q.bias", "grad_weight"),
+            ("k.weight", "grad_weight"), ("k.bias", "grad_weight")}
+
+
+def noise_rows(rows: Iterable[tuple[str, str]], collapse: Collapse | None
+               ) -> frozenset[tuple[str, str]]:
+    """The ``(name, kind)`` rows of attention past ``collapse`` in its stack whose values are
+    rounding noise: the query, key and score gradients (:data:`_CENTRED`) of every layer
+    after the collapsing norm's, and of its own layer when that norm comes before the
+    attention (``norm1``)."""
+    if collapse is None:
+        return frozenset()
+    at = _LAYER.match(collapse.norm)
+    if at is None:  # a final norm: no attention after it in its stack
+        return frozenset()
+    stack, first = at["stack"], int(at["i"]) + (0 if at["rest"] == "norm1" else 1)
+    out = []
+    for name, kind in rows:
+        if kind == "activation" or kind == "weight" or "attn." not in name:
+            continue  # (most rows, without a regular expression)
+        m = _LAYER.match(name)
+        if m is None or m["stack"] != stack or int(m["i"]) < first:
+            continue
+        module, _, part = m["rest"].partition(".")
+        if module in ("attn", "cross_attn") and (part, kind) in _CENTRED:
+            out.append((name, kind))
+    return frozenset(out)
