@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +165,7 @@ def build(cfg: ModelConfig, *, source: str = "config", fmt: str | None = None,
           measure_scales: bool = True, text: str | None = None,
           scale: float = 2.0) -> list[Output]:
     """Every file of the report, in memory (nothing is written)."""
-    from unitscale_core.scaling.predict import predict
+    from unitscale_core.scaling.predict import predict, stream_collapse
 
     from .export import csv_text, markdown_text, table_from_model
 
@@ -177,6 +177,7 @@ def build(cfg: ModelConfig, *, source: str = "config", fmt: str | None = None,
 
     text = DEFAULT_TEXT if text is None else text
     predicted = predict(cfg, formats=(fmt,))
+    collapse = stream_collapse(cfg)
     measured: list[TensorRow] = []
     if measure_scales:
         from unitscale_core.measure import measure
@@ -202,16 +203,18 @@ def build(cfg: ModelConfig, *, source: str = "config", fmt: str | None = None,
                f"measured RMS in one training step ({cfg.parametrization}) beside the "
                "prediction")
 
-    for name, make, caption in _figures(cfg, predicted, measured, fmt, maps):
+    for name, make, caption in _figures(cfg, predicted, measured, fmt, maps, collapse):
         widget, size, target = make()
         outputs.append(Output(name, _render(widget, size, scale, target), caption))
     app.processEvents()
+    warnings = [collapse.describe()] if collapse is not None else []
     outputs.append(Output("index.md", index_markdown(cfg, source, outputs, measure_scales,
-                                                     text).encode(), "this page"))
+                                                     text, warnings).encode(), "this page"))
     return outputs
 
 
-def _figures(cfg, predicted, measured, fmt, maps) -> list[tuple[str, Callable, str]]:
+def _figures(cfg, predicted, measured, fmt, maps, collapse=None
+             ) -> list[tuple[str, Callable, str]]:
     from .panels.attention_panel import ModelView, _linear_levels, colour_values, model_view_title
     from .panels.positional_panel import SchemeView, spec_for_config
     from .widgets.scale_chart import ScaleChart
@@ -220,6 +223,9 @@ def _figures(cfg, predicted, measured, fmt, maps) -> list[tuple[str, Callable, s
         widget = ScaleChart()
         widget.set_rows(predicted, measured)
         widget.set_formats([fmt])
+        if collapse is not None:
+            widget.set_collapse(collapse.norm, f"tokens' own parts below {collapse.dtype} "
+                                "from here on ↓", collapse.describe())
         n = max(len(widget.names), 1)
         widget.plot.setYRange(-0.5, n - 0.5, padding=0)  # every tensor, not the first 60
         widget.plot.setTitle(f"{cfg.parametrization}: log₂ RMS of every tensor "
@@ -268,8 +274,9 @@ def default_format(cfg: ModelConfig) -> str:
 
 
 def index_markdown(cfg: ModelConfig, source: str, outputs: list[Output], measured: bool,
-                   text: str) -> str:
-    """The report's front page: what each file is, figures inline."""
+                   text: str, warnings: Sequence[str] = ()) -> str:
+    """The report's front page: what each file is, figures inline; ``warnings`` (the
+    collapse point, :mod:`unitscale_core.scaling.collapse`) under Scales."""
     from .export import markdown_escape
 
     names = {o.name: o for o in outputs}
@@ -291,6 +298,7 @@ def index_markdown(cfg: ModelConfig, source: str, outputs: list[Output], measure
                      f"{links('measured_scales')}")
     else:
         lines.append("- Measured: not run (`--no-measure`)")
+    lines += [f"- ⚠ {markdown_escape(w)}" for w in warnings]
     lines += ["", "![scale chart](scale_chart.png)", "",
               f"*{names['scale_chart.png'].caption}*", "", "## Positions", ""]
     if "positional.png" in names:

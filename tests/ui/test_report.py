@@ -119,3 +119,19 @@ def test_write_folder_replaces_files_and_keeps_others(tmp_path):
     report.write_folder(out, [report.Output("index.md", b"new", "")])
     assert (out / "index.md").read_text() == "new" and (out / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_report_names_where_a_unit_stack_collapses():
+    """index.md lists the collapse warning under Scales (and the tiny preset has none)."""
+    from unitscale_core import ModelConfig
+    from unitscale_core.scaling.predict import stream_collapse
+
+    cfg = ModelConfig(d_model=64, n_heads=2, d_ff=256, n_layers=32, seq_len=32, max_len=32,
+                      batch_size=2, vocab_size=500, parametrization="unit")
+    outputs = {o.name: o for o in report.build(cfg, measure_scales=False, scale=1.0)}
+    index = outputs["index.md"].data.decode()
+    want = stream_collapse(cfg)
+    assert f"- ⚠ tokens' own parts fall below fp32 resolution from {want.norm}" in \
+        index.replace("\\", "")
+    assert "⚠" not in report.index_markdown(load(TINY), "tiny", list(outputs.values()),
+                                            False, "text")
