@@ -223,9 +223,7 @@ def _figures(cfg, predicted, measured, fmt, maps, collapse=None
         widget = ScaleChart()
         widget.set_rows(predicted, measured)
         widget.set_formats([fmt])
-        if collapse is not None:
-            widget.set_collapse(collapse.norm, f"tokens' own parts below {collapse.dtype} "
-                                "from here on ↓", collapse.describe())
+        widget.set_collapse(collapse)
         n = max(len(widget.names), 1)
         widget.plot.setYRange(-0.5, n - 0.5, padding=0)  # every tensor, not the first 60
         widget.plot.setTitle(f"{cfg.parametrization}: log₂ RMS of every tensor "

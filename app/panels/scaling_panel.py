@@ -34,7 +34,7 @@ from PySide6.QtWidgets import (
 )
 
 from unitscale_core.config import PARAMETRIZATIONS, ModelConfig
-from unitscale_core.scaling.collapse import noise_rows
+from unitscale_core.scaling.collapse import Collapse, noise_rows
 from unitscale_core.scaling.predict import (
     is_predicted,
     predict,
@@ -330,14 +330,13 @@ class ScalingPanel(QWidget):
         a daemon and ends with the process)."""
         self.predictions.stop(timeout_ms=1000)
 
+    def _shown_collapse(self) -> Collapse | None:
+        """Where the shown prediction's tokens collapse below its dtype (None: nowhere)."""
+        return stream_collapse(self._predicted_for[0]) if self._predicted_for else None
+
     def _redraw(self) -> None:
         self.chart.set_rows(self.predicted, self.measured)
-        collapse = stream_collapse(self._predicted_for[0]) if self._predicted_for else None
-        if collapse is None:
-            self.chart.set_collapse(None)
-        else:
-            self.chart.set_collapse(collapse.norm, f"tokens' own parts below {collapse.dtype} "
-                                    "from here on ↓", collapse.describe())
+        self.chart.set_collapse(self._shown_collapse())
         self._table_pending = True
         if self._deferring:
             self._schedule_idle()  # the table follows in the next slice
@@ -371,7 +370,7 @@ class ScalingPanel(QWidget):
         """
         if self._table_pending:
             self._table_pending = False
-            collapse = stream_collapse(self._predicted_for[0]) if self._predicted_for else None
+            collapse = self._shown_collapse()
             self.model.set_rows(
                 self.predicted, self.measured, self.format.currentData(),
                 noise_rows(((r.name, r.kind) for r in self.predicted), collapse),

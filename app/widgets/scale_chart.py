@@ -25,6 +25,7 @@ from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QImage, QPaintEngine, QPainter, QPixmap
 from PySide6.QtWidgets import QGraphicsView, QVBoxLayout, QWidget
 
+from unitscale_core.scaling.collapse import Collapse
 from unitscale_core.scaling.formats import FORMATS
 from unitscale_core.tensors import TensorRow
 
@@ -370,21 +371,23 @@ class ScaleChart(QWidget):
         self.plot.enableAutoRange(x=True)
         self.plot.setYRange(-0.5, min(len(self.names), 60) - 0.5, padding=0)
 
-    def set_collapse(self, norm: str | None, label: str = "", tip: str = "") -> None:
-        """A dashed line just above ``norm``'s row, labelled: from there down the chart the
-        stack's tokens differ by less than its dtype resolves (:mod:`unitscale_core.scaling.
-        collapse`). ``None`` (or a name not on the chart): no line."""
+    def set_collapse(self, collapse: Collapse | None) -> None:
+        """A dashed line just above the collapsing norm's row, labelled: from there down the
+        chart the stack's tokens differ by less than its dtype resolves
+        (:mod:`unitscale_core.scaling.collapse`). ``None`` (or a norm not on the chart): no
+        line."""
         if self.collapse_line is not None:
             self.plot.removeItem(self.collapse_line)
             self.collapse_line = None
-        if norm is None or norm not in self.names:
+        if collapse is None or collapse.norm not in self.names:
             return
+        label = f"tokens' own parts below {collapse.dtype} from here on ↓"
         line = pg.InfiniteLine(
-            pos=self.names.index(norm) - 0.5, angle=0, movable=False,
+            pos=self.names.index(collapse.norm) - 0.5, angle=0, movable=False,
             pen=pg.mkPen(COLLAPSE_COLOUR, width=1.5, style=Qt.PenStyle.DashLine), label=label,
             labelOpts={"position": 0.02, "color": COLLAPSE_COLOUR, "anchors": [(0, 1), (0, 1)],
                        "fill": pg.mkBrush(255, 255, 255, 200)})
-        line.setToolTip(tip)
+        line.setToolTip(collapse.describe())
         line.setZValue(-5)  # under the markers, over the format bands
         self.plot.addItem(line, ignoreBounds=True)
         self.collapse_line = line

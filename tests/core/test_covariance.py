@@ -252,6 +252,21 @@ def _score_gradient(g, v, p):
     return p * (gp - (p * gp).sum(-1, keepdim=True))
 
 
+def _sampled_attention(inputs: str, sigma: float, seed: int, t: int = 12, d: int = 8,
+                       n_seq: int = 6000):
+    """Causal softmax of random logits (σ) over ``t`` positions, with the context gradient
+    (structured) and the values and keys or queries (``inputs``: structured or collapsed)
+    sampled in ``d`` features: their Covs, the samples, the weights, their map and excess, and
+    the softmax row statistics ``(EΣp², Jacobian)`` the rules take."""
+    gen = torch.Generator().manual_seed(seed)
+    make = _structured if inputs == "structured" else _collapsed
+    covs = _structured(t), make(t), make(t)
+    samples = tuple(_sample(c, n_seq, d, gen) for c in covs)
+    p, amap, excess = _causal_softmax(t, n_seq, sigma, gen)
+    sum_p2, jacobian = R.softmax_row_stats(np.full(t, sigma), amap.keys, None)
+    return covs, samples, p, amap, excess, sum_p2, jacobian
+
+
 def test_query_gradient_is_exact_for_uniform_weights():
     """Σ_jl p_ij p_kl A_jl B̃_ik(j, l) by brute force over positions (causal, heteroscedastic,
     correlated values and keys), for the same query and for distinct ones."""
@@ -310,14 +325,10 @@ def test_query_gradient_matches_sampled_attention(inputs, sigma):
     """m·g_Z·K for causal softmax of random logits, values and keys with position structure:
     the variance per query and the covariance of distinct queries (which the earlier
     per-token model had as zero, and the variance 2–8× low for a collapsed stream)."""
-    t, d, n_seq = 12, 8, 6000
-    gen = torch.Generator().manual_seed(11)
-    make = _structured if inputs == "structured" else _collapsed
-    g_cov, v_cov, k_cov = _structured(t), make(t), make(t)
-    g, v, k = (_sample(c, n_seq, d, gen) for c in (g_cov, v_cov, k_cov))
-    p, amap, _excess = _causal_softmax(t, n_seq, sigma, gen)
+    t, d = 12, 8
+    (g_cov, v_cov, k_cov), (g, v, k), p, amap, _excess, sum_p2, jacobian = _sampled_attention(
+        inputs, sigma, 11)
     var, cov, _ = _measured(_score_gradient(g, v, p) @ k)
-    sum_p2, jacobian = R.softmax_row_stats(np.full(t, sigma), amap.keys, None)
     out = cv.query_gradient(amap, g_cov, v_cov, k_cov, sum_p2, jacobian, np.ones(t)).scaled(
         math.sqrt(d))
     np.testing.assert_allclose(out.var[1:], var[1:], rtol=0.12)
@@ -364,14 +375,10 @@ def test_query_gradient_of_a_binned_collapsed_stream():
 def test_key_gradient_matches_sampled_attention(inputs, sigma):
     """m·g_Zᵀ·Q: per key, and between keys; the columns of g_Z meet queries that share a
     part, so they add coherently, and every sequence's key gradients sum to zero."""
-    t, d, n_seq = 12, 8, 6000
-    gen = torch.Generator().manual_seed(13)
-    make = _structured if inputs == "structured" else _collapsed
-    g_cov, v_cov, q_cov = _structured(t), make(t), make(t)
-    g, v, q = (_sample(c, n_seq, d, gen) for c in (g_cov, v_cov, q_cov))
-    p, amap, excess = _causal_softmax(t, n_seq, sigma, gen)
+    t, d = 12, 8
+    (g_cov, v_cov, q_cov), (g, v, q), p, amap, excess, sum_p2, jacobian = _sampled_attention(
+        inputs, sigma, 13)
     var, cov, _ = _measured(_score_gradient(g, v, p).transpose(1, 2) @ q)
-    sum_p2, jacobian = R.softmax_row_stats(np.full(t, sigma), amap.keys, None)
     out = cv.key_gradient(amap, g_cov, v_cov, q_cov, sum_p2, jacobian, excess).scaled(
         math.sqrt(d))
     # the own (same-query) part takes the values' spread per query row, not per key: within

@@ -502,6 +502,11 @@ def attend_transposed(amap: AttentionMap, g: Cov, excess: np.ndarray, common: fl
                      common, amap.RT0 @ g.u, V @ (excess * g.var))
 
 
+def _mean(C: np.ndarray) -> float:
+    """``C.mean()``, without its wrapper (called per layer in a 96-layer prediction)."""
+    return float(np.add.reduce(C, axis=None)) / C.size
+
+
 def _smooth_split(x: Cov) -> tuple[np.ndarray, np.ndarray]:
     """``(u, C)`` of ``x`` with the one-position bins' ``C[a, a]`` taken from their
     neighbours (the mean of ``C[a, a ± 1]``, at most ``Var x_a``) and ``u`` the rest.
@@ -554,7 +559,7 @@ def _centring(amap: AttentionMap, x: Cov) -> tuple[np.ndarray, ...]:
     if hit is not None and hit[0] is amap:
         return hit[1]
     u, C = _smooth_split(x)
-    C = C - float(np.add.reduce(C, axis=None)) / C.size  # C.mean(), without its wrapper
+    C = C - _mean(C)
     R = C @ amap.WT
     out = (u, C, R, amap.W @ R)
     memo["centring"] = (amap, out)
@@ -769,7 +774,7 @@ def row_variance(amap: AttentionMap, k: Cov) -> np.ndarray:
         return hit[1]
     W = amap.W
     C = k.C
-    c = float(np.add.reduce(C, axis=None)) / C.size  # C.mean(), without its wrapper
+    c = _mean(C)
     Cc = C - c
     mean_var = W @ (k.u + Cc.diagonal())
     distinct = np.add.reduce((W @ Cc) * W, axis=1) - amap.R0 @ Cc.diagonal()

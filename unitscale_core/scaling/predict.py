@@ -726,6 +726,12 @@ class _Predictor:
             g = self.stack_bwd(layers, g, [])
             self.tok_wgrad(self.embed_bwd(e, g))
 
+    def _loss_grad_scale(self) -> float:
+        """The loss gradient's scale per logit: ``1/N`` (mean reduction), or unit scaling's
+        ``V/√(V−1)``."""
+        return (R.unit_cross_entropy_grad_scale(self.cfg.vocab_size) if self.unit
+                else 1.0 / self.rows)
+
     def _p_self(self, ce, self_logit: float) -> float:
         """The softmax weight on the input token's own (tied) logit: ``σ(z_self − L)``."""
         if self_logit <= 0:
@@ -748,9 +754,8 @@ class _Predictor:
         rows. The token's variance is unchanged (that part was in it already). Measured
         (standard, tied, 4 layers, d 128, t 128): the bias gradients were 0.5–0.8 log2 low.
         """
-        f = head["f"]
-        s = R.unit_cross_entropy_grad_scale(self.cfg.vocab_size) if self.unit else 1.0 / self.rows
-        lean = f.grad_input * s * self._p_self(ce, self_logit) * self.share
+        lean = (head["f"].grad_input * self._loss_grad_scale() * self._p_self(ce, self_logit)
+                * self.share)
         if lean == 0 or not len(final.S):
             return g
         ok = g_normed.var > 0
@@ -776,7 +781,7 @@ class _Predictor:
         """
         cfg, f = self.cfg, head["f"]
         v = cfg.vocab_size
-        s = R.unit_cross_entropy_grad_scale(v) if self.unit else 1.0 / self.rows
+        s = self._loss_grad_scale()
         p_self = self._p_self(ce, self_logit)
         sum_p2 = R.softmax_moments(logits.rms, v).sum_p2
         w2 = head["w"] ** 2
