@@ -51,10 +51,48 @@ def test_cache_answers_and_forgets():
 
 def test_cache_is_bounded():
     P.clear_cache()
-    for seed in range(P._CACHE_SIZE + 3):
-        P.predict(SMALL.replace(seed=seed + 1), formats=("fp16",))
-    assert len(P._CACHE) == P._CACHE_SIZE
-    assert not P.is_predicted(SMALL.replace(seed=1), ("fp16",))
+    for i in range(P._CACHE_SIZE + 3):
+        P.predict(SMALL.replace(vocab_size=600 + i), formats=("fp16",))
+    assert len(P._CACHE) == len(P._PASSES) == P._CACHE_SIZE
+    assert not P.is_predicted(SMALL.replace(vocab_size=600), ("fp16",))
+
+
+def test_formats_dtype_seed_and_device_reuse_the_pass(monkeypatch):
+    """Another format, dtype, seed or device of a predicted config makes no new pass, and
+    its answer equals a cold prediction's: the same RMS, formats as asked, the collapse of
+    its own dtype."""
+    deep = SMALL.replace(n_layers=24, d_model=32, n_heads=2, d_ff=64, seq_len=16, max_len=16,
+                         parametrization="unit")
+    variants = [(deep.replace(dtype="bf16", seed=7, device="cpu"), ("fp8_e4m3", "bf16")),
+                (deep.replace(dtype="fp16"), ("fp16",)), (deep.replace(seed=3), ())]
+    P.clear_cache()
+    cold = {}
+    for cfg, formats in variants:  # each from its own pass
+        P.clear_cache()
+        rows = P.predict(cfg, formats=formats)
+        cold[cfg] = ([(r.name, r.kind, r.rms, dict(r.formats)) for r in rows],
+                     P.stream_collapse(cfg))
+    P.clear_cache()
+    P.predict(deep, formats=("fp16",))
+    calls = []
+    real = P._Predictor
+    monkeypatch.setattr(P, "_Predictor", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for cfg, formats in variants:
+        assert P.is_predicted(cfg, formats)
+        rows = P.predict(cfg, formats=formats)
+        assert all(set(r.formats) == set(formats) for r in rows)
+        assert ([(r.name, r.kind, r.rms, dict(r.formats)) for r in rows],
+                P.stream_collapse(cfg)) == cold[cfg]
+    assert calls == []
+    # the collapse follows the dtype: bf16 resolves less, so its tokens collapse earlier
+    at = {dtype: P.stream_collapse(deep.replace(dtype=dtype)) for dtype in ("fp32", "bf16")}
+    assert at["bf16"] is not None
+    assert at["fp32"] is None or int(at["fp32"].norm.split(".")[1]) > \
+        int(at["bf16"].norm.split(".")[1])
+    assert calls == []
+    # a field the prediction reads does make a new pass
+    P.predict(deep.replace(seq_len=8), formats=("fp16",))
+    assert len(calls) == 1
 
 
 @settings(max_examples=60, deadline=None)
@@ -102,8 +140,8 @@ def test_stream_collapse_outlives_the_rows_in_the_cache(monkeypatch):
     P.predict(deep, formats=("fp16",))
     want = P.stream_collapse(deep)
     assert want is not None
-    for seed in range(1, P._CACHE_SIZE + 2):  # push its rows out
-        P.predict(SMALL.replace(seed=seed), formats=("fp16",))
+    for i in range(P._CACHE_SIZE + 1):  # push its rows and its pass out
+        P.predict(SMALL.replace(vocab_size=600 + i), formats=("fp16",))
     assert not P.is_predicted(deep, ("fp16",))
     calls = []
     monkeypatch.setattr(P, "_Predictor", lambda *a, **k: calls.append(a))

@@ -174,7 +174,7 @@ def _slow_predict(monkeypatch, seconds=0.3):
     real = P._prediction
 
     def slow(cfg, formats, should_stop=None):
-        if (cfg, formats) not in P._CACHE:
+        if not P.is_predicted(cfg, formats):  # a new pass
             time.sleep(seconds)
         return real(cfg, formats, should_stop)
 
@@ -208,6 +208,33 @@ def test_big_config_change_returns_at_once_and_the_prediction_follows(qtbot, win
     assert panel.busy.text() == ""
     for p in ("standard", "unit", "umup"):
         lost, risk = _row_counts(big.replace(parametrization=p), fmt)
+        assert f"<b>{p}</b>: {lost} lost, {risk} at risk" in panel.summary.text()
+
+
+def test_big_config_format_and_dtype_changes_reuse_its_passes(qtbot, window, monkeypatch):
+    """Once a deep model is predicted, another format or dtype is shown in the same call
+    (no background prediction): the rows and every summary count come from its passes."""
+    from unitscale_core import ModelConfig
+    from unitscale_core.scaling.predict import clear_cache
+
+    clear_cache()
+    _slow_predict(monkeypatch)
+    panel = panel_of(window)
+    big = ModelConfig(**BIG)
+    window.set_config(big)
+    qtbot.waitUntil(lambda: panel.prediction_current() and panel.summary_complete(),
+                    timeout=20_000)
+    panel.format.setCurrentIndex(panel.format.findData("bf16"))
+    assert panel.prediction_current() and panel.summary_complete()
+    assert panel.busy.text() == "" and not panel.predictions.busy()
+    window.set_config(big.replace(dtype="fp16"))
+    assert panel.prediction_current() and panel.summary_complete()
+    assert panel.predicted_config().dtype == "fp16"
+    panel.fill_table()
+    assert [(r.name, r.rms) for r in panel.model.rows] == \
+        [(r.name, r.rms) for r in predict(big, formats=("bf16",))]
+    for p in ("standard", "unit", "umup"):
+        lost, risk = _row_counts(big.replace(parametrization=p), "bf16")
         assert f"<b>{p}</b>: {lost} lost, {risk} at risk" in panel.summary.text()
 
 

@@ -804,32 +804,64 @@ class _Predictor:
         return rows
 
 
-def _attach_formats(rows: list[TensorRow], formats: tuple[str, ...]
-                    ) -> dict[str, dict[str, np.ndarray]]:
-    """Gaussian underflow/overflow fractions and headroom of every row, vectorised; returns
-    the table (format → column → array in row order) the rows' ``formats`` read from.
+class _Pass:
+    """One predictor run: what every ``(config, formats)`` that differs from it only in
+    :data:`UNPREDICTED_FIELDS` shares. ``rows`` carry no formats (each answer copies them and
+    attaches its own); ``tables`` holds each format's columns over ``rows``, made when first
+    asked for (a format's table is computed once per distinct RMS: a stack's weights all
+    share a few values)."""
 
-    The table is computed once per distinct RMS (a stack's weights all share a few values).
-    """
-    tables: dict[str, dict[str, np.ndarray]] = {}
-    if not rows or not formats:
-        return tables
-    rms = np.fromiter(map(_RMS, rows), dtype=np.float64, count=len(rows))
-    rms[~np.isfinite(rms) | (rms < 0)] = 0.0
-    distinct, index = np.unique(rms, return_inverse=True)
-    for name in formats:
-        table = gaussian_format_table(distinct, FORMATS[name])
-        tables[name] = {k: table[k][index] for k in ("underflow", "subnormal", "overflow",
-                                                     "headroom_max_log2", "headroom_min_log2")}
-    # row i reads entry i: ``row._formats = (tables, i)``, a TableRow view made when first
-    # read (the setter's work), in one pass that runs in C (a Python loop over ~6000 rows
-    # costs a millisecond)
-    deque(map(_SET_FORMATS, rows, zip(repeat(tables), range(len(rows)))), maxlen=0)
-    return tables
+    __slots__ = ("rows", "own_shares", "distinct", "index", "tables")
+
+    def __init__(self, rows: list[TensorRow], own_shares: list[tuple[str, float]]):
+        self.rows, self.own_shares = tuple(rows), tuple(own_shares)
+        rms = np.fromiter(map(_RMS, rows), dtype=np.float64, count=len(rows))
+        rms[~np.isfinite(rms) | (rms < 0)] = 0.0
+        self.distinct, self.index = np.unique(rms, return_inverse=True)
+        self.tables: dict[str, dict[str, np.ndarray]] = {}
+
+    def table(self, fmt: str) -> dict[str, np.ndarray]:
+        """Gaussian underflow/overflow fractions and headroom of every row in ``fmt``,
+        vectorised (column → array in row order)."""
+        out = self.tables.get(fmt)
+        if out is None:  # (two threads may both compute it: the same values, either kept)
+            table = gaussian_format_table(self.distinct, FORMATS[fmt])
+            out = self.tables[fmt] = {k: table[k][self.index] for k in (
+                "underflow", "subnormal", "overflow", "headroom_max_log2",
+                "headroom_min_log2")}
+        return out
+
+    def answer(self, cfg: ModelConfig, formats: tuple[str, ...]
+               ) -> tuple[tuple[TensorRow, ...], dict[str, dict[str, np.ndarray]],
+                          Collapse | None]:
+        """Fresh rows with headroom in ``formats``, their table, and ``cfg``'s collapse."""
+        tables = {fmt: self.table(fmt) for fmt in formats}
+        rows = tuple(map(_copy_row, self.rows))
+        if tables:
+            # row i reads entry i: ``row._formats = (tables, i)``, a TableRow view made when
+            # first read (the setter's work), in one pass that runs in C (a Python loop over
+            # ~6000 rows costs a millisecond)
+            deque(map(_SET_FORMATS, rows, zip(repeat(tables), range(len(rows)))), maxlen=0)
+        return rows, tables, find_collapse(self.own_shares, cfg.dtype, cfg.seq_len)
+
+
+def _copy_row(row: TensorRow) -> TensorRow:
+    return TensorRow(row.name, row.kind, row.rms, row.scales, None, row.shape, row._formula)
 
 
 _RMS = attrgetter("rms")
 _SET_FORMATS = TensorRow._formats.__set__
+
+#: Config fields the prediction does not depend on: the dtype only decides where a deep
+#: stack's tokens collapse (:mod:`.collapse`, from the pass's own shares), and the seed and
+#: device change the measured draw, not its expectation. Configs that differ only in these
+#: share one predictor pass.
+UNPREDICTED_FIELDS = {"dtype": "fp32", "device": "auto", "seed": 0}
+
+
+def pass_key(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with :data:`UNPREDICTED_FIELDS` at fixed values: the key of its pass."""
+    return cfg.replace(**UNPREDICTED_FIELDS)
 
 
 def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS,
@@ -837,6 +869,8 @@ def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS,
     """Predicted rows for ``cfg`` (see module docstring), with headroom in ``formats``.
 
     Cached per (config, formats): the rows returned are shared and must not be modified.
+    Another format, dtype, seed or device of a predicted config reuses its pass (a few
+    milliseconds for a 96-layer model instead of a new pass).
     ``should_stop`` (optional) is asked between sub-blocks; when it returns True the pass
     raises :class:`PredictionCancelled` (a thread can give up a stale or long prediction).
     """
@@ -845,12 +879,15 @@ def predict(cfg: ModelConfig, formats: tuple[str, ...] = REPORTED_FORMATS,
 
 def stream_collapse(cfg: ModelConfig) -> Collapse | None:
     """The first LayerNorm of ``cfg`` whose input tokens differ by less than the resolution
-    of ``cfg.dtype`` (:mod:`.collapse`): remembered from any earlier prediction of ``cfg``
-    (whatever its formats, kept after its rows leave the cache), else from a new one."""
+    of ``cfg.dtype`` (:mod:`.collapse`): from the own shares of any earlier pass for ``cfg``
+    (whatever its formats or dtype; kept after its rows leave the cache), else from a new
+    pass."""
+    key = pass_key(cfg)
     with _CACHE_LOCK:
-        if cfg in _COLLAPSES:
-            return _COLLAPSES[cfg]
-    return _prediction(cfg, ())[2]
+        shares = _OWN_SHARES.get(key)
+    if shares is None:
+        shares = _pass(cfg).own_shares
+    return find_collapse(shares, cfg.dtype, cfg.seq_len)
 
 
 def predicted_covariances(cfg: ModelConfig) -> dict[tuple[str, str], Cov]:
@@ -865,36 +902,77 @@ def predicted_covariances(cfg: ModelConfig) -> dict[tuple[str, str], Cov]:
 
 def status_counts(cfg: ModelConfig, fmt: str) -> dict[str, int]:
     """How many predicted tensors are ``fine``, ``at_risk`` and ``lost`` in ``fmt``
-    (:func:`~.formats.headroom_status` of each row, vectorised)."""
-    _rows, tables, _collapse = _prediction(cfg, (fmt,))
-    table = tables[fmt]
+    (:func:`~.formats.headroom_status` of each row, vectorised; from the pass's table, with no
+    rows made)."""
+    table = _pass(cfg).table(fmt)
     statuses = headroom_status_array(table["underflow"], table["subnormal"], table["overflow"])
     return {status: int(np.count_nonzero(statuses == status))
             for status in ("fine", "at_risk", "lost")}
 
 
 def is_predicted(cfg: ModelConfig, formats: tuple[str, ...]) -> bool:
-    """True when :func:`predict` would answer ``(cfg, formats)`` from its cache."""
-    return (cfg, tuple(formats)) in _CACHE
+    """True when :func:`predict` would answer ``(cfg, formats)`` without a new pass: from its
+    cache, or by giving a cached pass's rows these formats (~6 ms for 96 layers)."""
+    with _CACHE_LOCK:
+        return (cfg, tuple(formats)) in _CACHE or pass_key(cfg) in _PASSES
 
 
 def clear_cache() -> None:
-    """Forget every cached prediction (benchmarks time cold predictions)."""
+    """Forget every cached prediction and pass (benchmarks time cold predictions)."""
     with _CACHE_LOCK:
         _CACHE.clear()
-        _COLLAPSES.clear()
+        _PASSES.clear()
+        _OWN_SHARES.clear()
 
 
-#: The most recent predictions, least recently used first (an explicit LRU rather than
-#: functools' so the panel can ask whether a prediction is ready without computing it).
+#: The most recent answers (rows with formats), least recently used first (an explicit LRU
+#: rather than functools' so the panel can ask whether a prediction is ready without
+#: computing it).
 _CACHE: OrderedDict[tuple, tuple] = OrderedDict()
 _CACHE_SIZE = 16
+#: The most recent passes, by :func:`pass_key`.
+_PASSES: OrderedDict[ModelConfig, _Pass] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
-#: Each predicted config's :func:`stream_collapse`, kept longer than the rows (a few bytes
-#: each): the panel asks for the shown config's after other predictions may have pushed its
-#: rows out of the cache, and must not redo a 96-layer prediction on the GUI thread for it.
-_COLLAPSES: OrderedDict[ModelConfig, Collapse | None] = OrderedDict()
-_COLLAPSES_SIZE = 512
+#: Each pass's own shares (a few hundred floats), kept longer than the passes: the panel asks
+#: for the shown config's :func:`stream_collapse` after other predictions may have pushed its
+#: pass out, and must not redo a 96-layer prediction on the GUI thread for it.
+_OWN_SHARES: OrderedDict[ModelConfig, tuple[tuple[str, float], ...]] = OrderedDict()
+_OWN_SHARES_SIZE = 512
+
+
+def _remember(cache: OrderedDict, key, value, size: int) -> None:
+    """Put ``value`` in the LRU ``cache`` and drop its oldest beyond ``size`` (under the
+    lock)."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+def _pass(cfg: ModelConfig, should_stop: Callable[[], bool] | None = None) -> _Pass:
+    """The predictor pass of ``cfg`` (cached by :func:`pass_key`)."""
+    key = pass_key(cfg)
+    with _CACHE_LOCK:
+        done = _PASSES.get(key)
+        if done is not None:
+            _PASSES.move_to_end(key)
+            return done
+    # A prediction allocates tens of thousands of small acyclic objects (rows, deferred
+    # formulas, covariances); the cyclic collector would rescan them over and over and cost a few
+    # milliseconds of the frame, collecting nothing. Reference counting frees them as usual.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        p = _Predictor(key, should_stop)
+        p.run()
+        done = _Pass(p.to_rows(), p.own_shares)
+    finally:
+        if collecting:
+            gc.enable()
+    with _CACHE_LOCK:
+        _remember(_PASSES, key, done, _CACHE_SIZE)
+        _remember(_OWN_SHARES, key, done.own_shares, _OWN_SHARES_SIZE)
+    return done
 
 
 def _prediction(cfg: ModelConfig, formats: tuple[str, ...],
@@ -906,26 +984,7 @@ def _prediction(cfg: ModelConfig, formats: tuple[str, ...],
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    # A prediction allocates tens of thousands of small acyclic objects (rows, deferred
-    # formulas, covariances); the cyclic collector would rescan them over and over and cost a few
-    # milliseconds of the frame, collecting nothing. Reference counting frees them as usual.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        p = _Predictor(cfg, should_stop)
-        p.run()
-        rows = p.to_rows()
-        tables = _attach_formats(rows, formats)
-    finally:
-        if collecting:
-            gc.enable()
-    result = tuple(rows), tables, find_collapse(p.own_shares, cfg.dtype, cfg.seq_len)
+    result = _pass(cfg, should_stop).answer(cfg, formats)
     with _CACHE_LOCK:
-        _CACHE[key] = result
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-        _COLLAPSES[cfg] = result[2]
-        _COLLAPSES.move_to_end(cfg)
-        while len(_COLLAPSES) > _COLLAPSES_SIZE:
-            _COLLAPSES.popitem(last=False)
+        _remember(_CACHE, key, result, _CACHE_SIZE)
     return result
