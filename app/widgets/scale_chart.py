@@ -345,8 +345,11 @@ class ScaleChart(QWidget):
     # -- data ----------------------------------------------------------------------------------
     def set_rows(self, predicted: Sequence[TensorRow],
                  measured: Sequence[TensorRow] | None = None) -> None:
-        """Show predictions (and measurements, matched by name and kind)."""
+        """Show predictions (and measurements, matched by name and kind). The rows in view
+        stay in view when the tensors are the same ones (another dtype, format or
+        parametrization of the same model); a new model scrolls back to the first rows."""
         forward = {r.name: r for r in predicted if r.kind in FORWARD_KINDS}
+        same_rows = list(forward) == self.names
         self.names = list(forward)
         index = {name: i for i, name in enumerate(self.names)}
         self._formula_rows = forward  # formulas render on hover only
@@ -366,9 +369,11 @@ class ScaleChart(QWidget):
             # point's row is its y rounded, which hover and click map back to the name
             offset = -0.18 if key.endswith("fwd") else 0.18
             item.setData(xs[ok], ys[ok] + offset)
+        self.plot.enableAutoRange(x=True)
+        if same_rows:
+            return
         self.plot.getAxis("left").set_names(self.names)
         self.plot.setLimits(yMin=-1, yMax=max(len(self.names), 1) + 1)
-        self.plot.enableAutoRange(x=True)
         self.plot.setYRange(-0.5, min(len(self.names), 60) - 0.5, padding=0)
 
     def set_collapse(self, collapse: Collapse | None) -> None:

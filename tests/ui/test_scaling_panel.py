@@ -238,6 +238,27 @@ def test_big_config_format_and_dtype_changes_reuse_its_passes(qtbot, window, mon
         assert f"<b>{p}</b>: {lost} lost, {risk} at risk" in panel.summary.text()
 
 
+def test_chart_keeps_the_rows_in_view_for_the_same_model(qtbot, window):
+    """Scrolled down a deep model's chart, another dtype, format or parametrization keeps
+    those rows in view; another model starts again from the first rows."""
+    panel = panel_of(window)
+    deep = window.config.replace(n_layers=20)
+    window.set_config(deep)
+    qtbot.waitUntil(panel.prediction_current, timeout=20_000)
+    plot = panel.chart.plot
+    plot.setYRange(300, 340, padding=0)
+    rows_in_view = plot.viewRange()[1]
+    window.set_config(deep.replace(dtype="bf16"))
+    panel.format.setCurrentIndex(panel.format.findData("fp16"))
+    panel.param.setCurrentIndex(panel.param.findData("unit"))
+    qtbot.waitUntil(panel.prediction_current, timeout=20_000)
+    assert panel.predicted_config().parametrization == "unit"
+    assert plot.viewRange()[1] == pytest.approx(rows_in_view)
+    window.set_config(deep.replace(n_layers=21))
+    qtbot.waitUntil(panel.prediction_current, timeout=20_000)
+    assert plot.viewRange()[1][0] < 0
+
+
 def test_rapid_big_changes_end_with_the_last_prediction(qtbot, window, monkeypatch):
     """Results for configs replaced meanwhile are dropped; the last config's is shown."""
     from unitscale_core import ModelConfig
