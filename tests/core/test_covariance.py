@@ -420,3 +420,37 @@ def test_shared_projection_term_is_the_key_weight_gradients_mean_part():
     # gain² = m²·d_head, κ_v = σ_w² = 1/d
     predicted = m * m * dh / d * cv.shared_projection_term(amap, x_cov, g_cov, q_cov, sum_p2)
     assert predicted == pytest.approx(measured, rel=0.3)
+
+
+@pytest.mark.parametrize("t, d, causal", [(40, 32, False), (40, 32, True), (24, 64, False)])
+def test_attend_with_keys_and_values_of_one_input(t, d, causal):
+    """Queries, keys and values projected from one isotropic input (fresh weights per
+    sequence: the expectation over initialisations), logits of variance 1: each query's
+    token-specific output variance (its variance less its covariance with other queries),
+    against :func:`cv.key_value_pairs`'s factor on the weights' spread. Without it the later
+    queries' part is 16–43% low; with it within 10%."""
+    n_seq = 400
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n_seq, t, d, generator=gen, dtype=torch.float64)
+    wq, wk, wv = (torch.randn(n_seq, d, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+                  for _ in range(3))
+    z = (x @ wq) @ (x @ wk).transpose(1, 2) / math.sqrt(d)
+    if causal:
+        z = z.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    p = z.softmax(-1)
+    var, cov, _ = _measured(p @ (x @ wv))
+    off = ~np.eye(t, dtype=bool)
+    amap = cv.attention_map(t, "causal" if causal else "full", 1, causal)
+    excess = np.maximum((p * p).sum(-1).mean(0).numpy() - amap.r0, 0.0)
+    v = Cov.independent(cv.grid(t), 1.0)
+
+    def own(var, C):  # the later half of the queries (the earlier have few keys)
+        return np.mean([var[i] - C[i][off[i]].mean() for i in range(t // 2, t)])
+
+    measured = own(var, cov)
+    paired = cv.attend(amap, v, excess, 1.0,
+                       cv.key_value_pairs(amap, d, np.ones(len(excess)), excess))
+    alone = cv.attend(amap, v, excess, 1.0)
+    err_paired = abs(math.log2(own(paired.var, paired.C) / measured))
+    err_alone = abs(math.log2(own(alone.var, alone.C) / measured))
+    assert err_paired <= math.log2(1.1) and err_alone > 2 * err_paired, (err_paired, err_alone)

@@ -440,10 +440,13 @@ def _pair_inverse(r0: np.ndarray) -> np.ndarray:
     return np.where(ok, 1.0 / np.where(ok, denom, 1.0), 0.0)
 
 
-def attend(amap: AttentionMap, v: Cov, excess: np.ndarray, common: float) -> Cov:
+def attend(amap: AttentionMap, v: Cov, excess: np.ndarray, common: float,
+           pairs: np.ndarray | None = None) -> Cov:
     """``Σ_j p_ij v_j`` for weights with mean ``p̄`` and ``E Σ_j p_ij² = Σ_j p̄_ij² +
     excess_i`` (spread over the allowed keys); ``common`` multiplies the token-specific
-    overlap of two queries (their weights lean the same way when queries share a part).
+    overlap of two queries (their weights lean the same way when queries share a part);
+    ``pairs`` (per query bin, default 1) multiplies what the weights' spread adds, when
+    keys and values are projections of one input (:func:`key_value_pairs`).
 
     ``C' = W C Wᵀ + Q·u`` (distinct queries), ``Var' = diag(W C Wᵀ) + R0·u + excess ·
     row_variance(v)``, ``M' = W M Wᵀ``. Checked against sampled attention
@@ -453,8 +456,40 @@ def attend(amap: AttentionMap, v: Cov, excess: np.ndarray, common: float) -> Cov
     # the spread δ = p − p̄ of a row sums to zero, so it weighs the keys' unshared spread:
     # Σ_jl E[δ_ij δ_il] Cov(v_j, v_l) = excess_i · row_variance_i
     spread = excess * row_variance(amap, v)
+    if pairs is not None:
+        spread = spread * pairs
+        if common != 1.0:
+            # the common preference's share of two queries' overlap is a spread of the same
+            # kind
+            root = np.sqrt(pairs)
+            common = 1.0 + (common - 1.0) * (root[:, None] * root)
     return _averaged(v, W @ v.S @ amap.WT, _pair_overlaps(amap.Q_half, amap, v.u),
                      common, amap.R0 @ v.u, spread)
+
+
+def key_value_pairs(amap: AttentionMap, d: int, sigma2: np.ndarray, excess: np.ndarray,
+                    aniso: float = 1.0) -> np.ndarray:
+    """Per query bin: how much more the weights' spread moves ``Σ_j p_ij v_j`` because keys
+    and values are projections of one ``d``-wide input, for logits ``q·k`` of variance
+    ``sigma2`` and ``E Σp² − Σp̄² = excess``::
+
+        1 + S (1 − r0)/(d r0) · σ² r0 (1 − r0)/excess,   r0 = Σ_j p̄_ij²
+
+    To first order ``δp_ij = p̄_ij (s_ij − s̄_i)`` with ``s_ij = q_i·k_j``, so the spread's part
+    of ``|Σ_j p_ij ṽ_j|²`` is ``Σ_jl p̄_ij p̄_il E[(q·k̃_j)(q·k̃_l)] ṽ_j·ṽ_l``. With keys and
+    values independent only ``j = l`` survives (``excess · row_variance``). With ``K = W_k x``,
+    ``V = W_v x`` each pair ``j ≠ l`` adds ``E(x̃_j·x̃_l)² = S|x̃|⁴/d`` over the diagonal's
+    ``|x̃|⁴`` (``S``: the deviations' anisotropy, 1 when isotropic, as in
+    :func:`~unitscale_core.scaling.predict.shared_input_factor`), and ``Σ_{j≠l} p̄_ij p̄_il =
+    1 − r0``. That term is of first order in ``σ²``, whose own diagonal is ``σ² r0(1 − r0)``
+    where the exact ``excess`` has grown like ``e^{σ²}``: hence the last factor (at most 1).
+    Checked against sampled attention (``tests/core/test_covariance.py``: within 10%, 16–43%
+    low without it)."""
+    r0 = np.maximum(amap.r0, 1e-300)
+    first = np.maximum(sigma2, 0.0) * r0 * (1.0 - r0)
+    ok = excess > 1e-300
+    share = np.where(ok, np.minimum(first / np.where(ok, excess, 1.0), 1.0), 0.0)
+    return 1.0 + aniso * np.maximum(1.0 - r0, 0.0) / (d * r0) * share
 
 
 def _pair_overlaps(half: np.ndarray, amap: AttentionMap, u: np.ndarray) -> np.ndarray:
@@ -463,7 +498,7 @@ def _pair_overlaps(half: np.ndarray, amap: AttentionMap, u: np.ndarray) -> np.nd
     return np.take(half @ u, amap.half_index)  # (np.take: fancy indexing costs more)
 
 
-def _averaged(x: Cov, sandwich: np.ndarray, Qu: np.ndarray, common: float,
+def _averaged(x: Cov, sandwich: np.ndarray, Qu: np.ndarray, common: float | np.ndarray,
               own: np.ndarray, spread: np.ndarray) -> Cov:
     """An attention average of ``x``: the stacked ``W S Wᵀ`` (``sandwich``, fresh), the
     distinct-token overlaps ``Q·u``, and what each token's own part adds to its variance
@@ -477,10 +512,11 @@ def _averaged(x: Cov, sandwich: np.ndarray, Qu: np.ndarray, common: float,
     return Cov.of(x.g, np.maximum(own + spread - overlap.diagonal(), 0.0), sandwich)
 
 
-def _overlap(Qu: np.ndarray, common: float, single: np.ndarray) -> np.ndarray:
-    """The token-specific overlap ``Q·u`` of two queries, times ``common`` — except on the
-    diagonal of one-position bins, where the "pair" is one query with itself."""
-    if common == 1.0:
+def _overlap(Qu: np.ndarray, common: float | np.ndarray, single: np.ndarray) -> np.ndarray:
+    """The token-specific overlap ``Q·u`` of two queries, times ``common`` (a number, or
+    per pair of query bins) — except on the diagonal of one-position bins, where the "pair"
+    is one query with itself."""
+    if not isinstance(common, np.ndarray) and common == 1.0:
         return Qu
     own = Qu[single, single]
     Qu = Qu * common

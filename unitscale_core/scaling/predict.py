@@ -23,6 +23,11 @@ N(0, 1) embeddings), and the gradient it sends back leans against the stream's s
 (``_self_logit_lean``); the key bias gets no gradient (softmax ignores per-row shifts). Each
 LayerNorm's input also records the token's own share of the stream, from which
 :mod:`.collapse` finds where a deep stack's tokens fall below the resolution of its dtype.
+The stream's token deviations are also tracked in feature space, by one number: their
+anisotropy ``S = d·tr Σ²/(tr Σ)²`` (1 when isotropic), which every branch that maps a token's
+own deviation linearly raises (``_mix_aniso``); keys and values are projections of one input,
+so ``S`` scales what pairs of keys add to attention's output and to the query and key
+gradients (:func:`.covariance.key_value_pairs`, :func:`shared_input_factor`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from . import rules as R
 from .collapse import Collapse, find_collapse
 from .covariance import Cov, pair_sum
 from .formats import FORMATS, gaussian_format_table, headroom_status_array
+from .hermite import hermite_coefficients
 
 LN_EPS = 1e-5
 #: With many ALiBi heads, the softmax statistics are averaged over at most this many slopes
@@ -93,20 +99,22 @@ def _unit_attention_factors(t_q: int, t_k: int, dh: int) -> tuple[float, ...]:
     return sm.output * mm[0], 1.0, mm[1], mm[2], sm.output, sm.grad_input, logit_grad
 
 
-def shared_input_factor(sum_p2: float | np.ndarray, d: int) -> float | np.ndarray:
+def shared_input_factor(sum_p2: float | np.ndarray, d: int, aniso: float = 1.0
+                        ) -> float | np.ndarray:
     """How much more gradient reaches the queries because keys and values are projections of
-    the same ``d``-wide input (self-attention, and cross-attention's memory).
+    the same ``d``-wide input (self-attention, and cross-attention's memory), whose token
+    deviations have anisotropy ``aniso`` (``S`` of :func:`stream_anisotropy`, 1: isotropic).
 
     ``gQ_i = m Σ_j gZ_ij K_j`` with ``gZ_ij = P_ij gY_i·(V_j − Σ_l P_il V_l)``, so
     ``E|gQ_i|² ∝ Σ_jl P_ij P_il (ṽ_j·ṽ_l)(k̃_j·k̃_l)``. With independent K and V only the
     diagonal ``j = l`` survives (the per-op rule). With ``K = W_k x``, ``V = W_v x`` each pair
-    ``j ≠ l`` adds ``E(x̃_j·x̃_l)² ≈ |x̃|⁴/d`` (isotropic token deviations), and
+    ``j ≠ l`` adds ``E(x̃_j·x̃_l)² ≈ S|x̃|⁴/d`` (``S = d·tr Σ²/(tr Σ)²`` of the deviations), and
     ``Σ_{j≠l} P_ij P_il = 1 − Σ_j P_ij²``: the variance is multiplied by
-    ``1 + (1 − EΣp²)/(d · EΣp²)``. Checked against a torch measurement of one attention op
+    ``1 + S(1 − EΣp²)/(d · EΣp²)``. Checked against a torch measurement of one attention op
     (``tests/core/test_predict.py``).
     """
     s = np.maximum(sum_p2, 1e-12)
-    return 1.0 + np.maximum(1.0 - s, 0.0) / (d * s)
+    return 1.0 + aniso * np.maximum(1.0 - s, 0.0) / (d * s)
 
 
 @lru_cache(maxsize=32)
@@ -188,6 +196,14 @@ class _Predictor:
         # Share of a token's own embedding in the (normalised) stream, for tied logits: every
         # residual add multiplies the skip by its weight, every norm divides by its input RMS.
         self.share = 1.0
+        # The excess anisotropy e of the stream's token deviations in feature space (the
+        # realised ``d·tr Σ²/(tr Σ)² − 1`` of their per-sequence covariance; 0: isotropic),
+        # what a sub-block's branch reads (``_e_in``) and adds (``_e_branch``), and the
+        # encoder output's for cross-attention (see ``_mix_aniso``).
+        self.aniso = self._e_in = self._e_branch = self._e_memory = 0.0
+        # the share of the branch's deviation variance that is linear in the token's own
+        # input deviation (``_mix_aniso``)
+        self._linear_share = 0.0
         # The residual stream's component along the all-ones feature direction (sinusoidal
         # positions' row means), as pair covariances (distinct tokens, other sequences):
         # every LayerNorm removes it, the skip keeps it.
@@ -195,6 +211,9 @@ class _Predictor:
         #: (norm name, the token's own share of the stream's variance there) per LayerNorm
         #: that reads the residual stream, in execution order (:mod:`.collapse`)
         self.own_shares: list[tuple[str, float]] = []
+        #: (norm name, 1 + the stream's excess anisotropy there) per LayerNorm, in execution
+        #: order (:func:`stream_anisotropy`)
+        self.anisotropies: list[tuple[str, float]] = []
         #: (name, kind) → Cov of every activation and activation gradient, when asked for
         #: (:func:`predicted_covariances`); None in a normal prediction.
         self.keep: dict[tuple[str, str], Cov] | None = None
@@ -285,6 +304,7 @@ class _Predictor:
             x = x.minus_shared(*self.flat)
         total = x.total
         self.own_shares.append((name, float(self.grid.w @ x.u) / total if total > 0 else 1.0))
+        self.anisotropies.append((name, 1.0 + self.aniso))
         r = R.layer_norm_rule(x.rms, 1.0, d=self.c, b_rows=self.rows, eps=LN_EPS)
         y = x.normalised(r.output)
         self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g} (row mean removed)",
@@ -364,8 +384,8 @@ class _Predictor:
         # Only the keys' spread about the row's mean moves probabilities (shared parts of k
         # shift a whole row, which softmax ignores); per query bin.
         rowvar_k = covariance.row_variance(amap, k)
-        q_var = q.var
-        sum_p2, grad_factor = self._row_stats(m * m * dh * q_var * rowvar_k, amap.keys,
+        logit_var = m * m * dh * q.var * rowvar_k
+        sum_p2, grad_factor = self._row_stats(logit_var, amap.keys,
                                               self._logit_bias_vars(positional, t, is_causal))
         w = self.grid.w
         mean_p2 = float(w @ sum_p2)
@@ -394,7 +414,14 @@ class _Predictor:
                 0.0, n, is_causal).sum_p2
         # E Σp² beyond the expected weights' own Σ p̄²: the spread of the probabilities
         excess = np.maximum(sum_p2 - amap.r0, 0.0)
-        ctx_cov = covariance.attend(amap, v, excess, common).scaled(out_scale * self.drop)
+        own_input = xkv is xq  # self-attention: keys and values of the queries' own stream
+        e_q = self._e_in
+        e_kv = e_q if own_input else self._e_memory
+        pairs = covariance.key_value_pairs(amap, self.c, logit_var, excess, 1.0 + e_kv)
+        attended = covariance.attend(amap, v, excess, common, pairs)
+        self._e_branch = self._attention_aniso(amap, v, excess, pairs, attended, e_q, e_kv,
+                                               own_input)
+        ctx_cov = attended.scaled(out_scale * self.drop)
         scales = {"forward": out_scale, "grad_input": grad_qkv if self.p == "umup" else
                   grad_left} if self.unit else None
         self.act(prefix + ".context", ctx_cov,
@@ -403,10 +430,45 @@ class _Predictor:
         out, lo = self.linear_fwd(f"{prefix}.o", ctx_cov, c, c)
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
                      "v": v, "amap": amap, "sum_p2": sum_p2, "gf": grad_factor,
-                     "excess": excess, "common": common,
+                     "excess": excess, "common": common, "aniso_kv": 1.0 + e_kv,
                      "m": logit_grad, "m_fwd": m, "x_kv": xkv, "grad_qkv": grad_qkv,
                      "grad_left": grad_left,
                      "grad_right": grad_right, "grad_sm_in": grad_sm_in, "sm_out": sm_out}
+
+    def _attention_aniso(self, amap, v: Cov, excess: np.ndarray, pairs: np.ndarray,
+                         out: Cov, e_q: float, e_kv: float, own_input: bool) -> float:
+        """Excess anisotropy of an attention branch's output deviations (after ``W_o``).
+
+        A random linear map ``d_in → d_out`` of deviations with ``S = 1 + e`` gives
+        ``S' = (d_out/d_in) S + 1`` (``E tr(WΣWᵀ)²`` over Gaussian ``W``); a fixed matrix
+        of excess ``e_M`` free of them adds ``e_M`` (free multiplicative convolution).
+
+        * The weights' spread (first order ``δp_ij ∝ q_i·k̃_j``) gives query ``i`` the
+          output ``W_o W_v Σ̂ W_kᵀ W_q x̃_i``, ``Σ̂`` the keys' weighted covariance (``Σ̂ =
+          Σ^{1/2} Ŵ Σ^{1/2}``, ``Ŵ`` a Wishart of ``1/r0`` samples): through the chain,
+          ``e = 2 + (d_h/d)(3 + d r0) + 2 e_kv + e_q``.
+        * The expected weights' average of the values: ``W_o W_v`` of averaged tokens,
+          ``e = e_kv + 2``.
+
+        Mixed by their token-deviation variances (as in ``_mix_aniso``); sets the spread's
+        share as the branch's part linear in the query's own deviation (self-attention).
+        With the residual adds, checked against measured encoders under all three
+        parametrizations (``tests/core/test_anisotropy.py``: within 20%).
+        """
+        w = self.grid.w
+        spread = excess * covariance.row_variance(amap, v) * pairs
+        t_spread = float(w @ spread)
+        t_all = max(out.total - out.same, 0.0)
+        t_mean = max(t_all - t_spread, 0.0)
+        total = t_spread + t_mean
+        if total <= 0:
+            self._linear_share = 0.0
+            return e_kv + 2.0
+        # the spread is linear in the query's own deviation (through q_i), to first order
+        self._linear_share = t_spread / total if own_input else 0.0
+        r0 = float(w @ (spread * amap.r0)) / t_spread if t_spread > 0 else float(w @ amap.r0)
+        e_spread = 2.0 + (self.dh / self.c) * (3.0 + self.c * r0) + 2.0 * e_kv + e_q
+        return (e_spread * t_spread**2 + (e_kv + 2.0) * t_mean**2) / (total * total)
 
     def attention_bwd(self, a: dict, g: Cov) -> tuple[Cov, Cov, Cov]:
         """Backward from the output projection's gradient; returns the gradients reaching
@@ -434,15 +496,19 @@ class _Predictor:
         gain = math.sqrt(a["m"] ** 2 * dh) * gl * a["grad_sm_in"] * s
         sum_p2 = np.maximum(a["sum_p2"], 1e-12)
         g_q = covariance.query_gradient(amap, g_ctx, v, a["k"], sum_p2, a["gf"],
-                                        shared_input_factor(sum_p2, self.c)).scaled(gain)
+                                        shared_input_factor(sum_p2, self.c, a["aniso_kv"])
+                                        ).scaled(gain)
         g_k = covariance.key_gradient(amap, g_ctx, v, a["q"], sum_p2, a["gf"], a["excess"],
                                       zero_sum=self.cfg.positional != "rope").scaled(gain)
         gq = self.linear_bwd(a["lq"], g_q)
         # K and V are projections of one input, so the gradient reaching a key (through its
         # value) and reaching a value (through its key's logits) both depend on that input:
         # the weight gradients have a mean part besides the products pair_sum counts
+        # (its Σ_j x̃_j x_jᵀ has |·|² = tr Σ², S times the isotropic value: the input's
+        # anisotropy multiplies it; measured on the unit encoder of test_anisotropy.py, the key
+        # weight gradients of layers 1–4 rose by 0.45 log2 towards measurement with it)
         coherent = covariance.shared_projection_term(amap, a["x_kv"], g_ctx, a["q"],
-                                                     a["sum_p2"])
+                                                     a["sum_p2"]) * a["aniso_kv"]
         x_tot = max(a["x_kv"].total, 1e-300)
         kappa_v, kappa_k = v.total / (x_tot * self.c), a["k"].total / (x_tot * self.c)
         extra_k = self.b * gain * gain * kappa_v * coherent
@@ -480,6 +546,13 @@ class _Predictor:
             ctx["factors"] = factors
         out, ld = self.linear_fwd(f"{prefix}.down", h, f, c, role="ffn")
         ctx["ld"] = ld
+        # two random maps, d → d_ff → d (``_attention_aniso``), of the input's deviations,
+        # of which the activation's first Hermite order is linear
+        self._e_branch = self._e_in + 1.0 + c / f
+        coef = hermite_coefficients("silu" if kind == "swiglu" else kind,
+                                    R._key(max(up.rms, 1e-12)))[0]
+        energy = float(coef[1:] @ coef[1:])
+        self._linear_share = float(coef[1] ** 2) / energy if energy > 0 else 0.0
         return out, ctx
 
     def ffn_bwd(self, a: dict, g: Cov) -> Cov:
@@ -506,20 +579,50 @@ class _Predictor:
         pre = self.cfg.norm == "pre"
         w_s = R.residual_weights(tau)[1] if self.unit else 1.0
         self.share *= w_s
+        self._e_in = self.aniso
         if pre:
             # the norm reads the stream as it is; the skip weight applies to the new stream
             h, n = self.norm_fwd(norm_name, x)
             self._scale_flat(w_s)
             inner, ctx = branch_fwd(h)
             out = self.residual_add(inner.scaled(self.drop), x, tau)
+            self._mix_aniso(inner, x, tau)
         else:
             inner, ctx = branch_fwd(x)
             y = self.residual_add(inner.scaled(self.drop), x, tau)
+            self._mix_aniso(inner, x, tau)
             self._scale_flat(w_s)
             out, n = self.norm_fwd(norm_name, y)
             self.flat = None  # the stream is now a LayerNorm output
             self.share /= max(n["x_rms"], 1e-30)
         return out, {"norm": n, "branch": ctx, "tau": tau, "pre": pre}
+
+    def _mix_aniso(self, branch: Cov, skip: Cov, tau: float) -> None:
+        """The stream's excess anisotropy after a residual add of skip ``s`` and branch
+        ``b`` with token-deviation variances ``T`` (after the add's weights)::
+
+            e = (e_s T_s² + e_b T_b² + 2 λ T_s T_b (1 + e_s)) / (T_s + T_b)²
+
+        Independent parts with unrelated feature directions add ``e T²`` (the cross terms of
+        ``tr Σ²`` are the isotropic ones). The branch's share ``λ`` that is a random linear
+        map ``M`` of the token's own deviation (attention's spread through ``q_i``, the
+        activation's first Hermite order) makes the stream ``(I + βM) x̃``, ``β² = λT_b/T_s``,
+        whose ``β(M + Mᵀ)`` adds ``2β²(1 + e_s)`` more (free multiplicative convolution).
+        Without it the unit-scaled encoder of ``tests/core/test_anisotropy.py`` came out at
+        ``S`` ≤ 1.9 against 2.8–4.7 measured. ``S`` is at most ``d`` (one direction)."""
+        w_r, w_s = R.residual_weights(tau) if self.unit else (1.0, 1.0)
+        t_s = w_s * w_s * max(skip.total - skip.same, 0.0)
+        t_b = w_r * w_r * self.drop * self.drop * max(branch.total - branch.same, 0.0)
+        total = t_s + t_b
+        if total > 0:
+            e_s = self.aniso
+            # the part of the branch that is a random linear map M of the token's own
+            # deviation (share λ of it) makes the skip (I + βM)x̃, whose cross terms add
+            # 2β²/(1 + β²)² to the excess of x̃ (free multiplicative), β² = λ t_b / t_s
+            cross = 2.0 * self._linear_share * t_s * t_b * (1.0 + e_s)
+            # (d·tr Σ²/(tr Σ)² is at most d: one direction)
+            self.aniso = min((e_s * t_s * t_s + self._e_branch * t_b * t_b + cross)
+                             / (total * total), self.c - 1.0)
 
     def _scale_flat(self, w_s: float) -> None:
         """The stream's flat part after a residual add that weighs the skip path by ``w_s``."""
@@ -629,6 +732,7 @@ class _Predictor:
             self.act(f"{prefix}pos.rel_bias", 1.0, "T5 bias table N(0, 1)")
             self.weight(f"{prefix}pos.rel_bias.weight", 1.0, "nn.Embedding N(0, 1)")
         self.share = factors[0]
+        self.aniso = 0.0  # independent, isotropic token and position vectors
         return embed, {"prefix": prefix, "tok": tok_name, "factors": factors}
 
     def embed_bwd(self, e: dict, g: Cov) -> Cov:
@@ -675,6 +779,7 @@ class _Predictor:
             x_enc, e_enc = self.embed_fwd("encoder.", "tok_emb")
             x_enc, enc_layers = self.stack("encoder.", cfg.encoder_layers, x_enc, False, None)
             memory, n_enc = self.norm_fwd("encoder.norm", x_enc)
+            self._e_memory = self.aniso
             x, e_dec = self.embed_fwd("decoder.", "tok_emb@2")
             x, dec_layers = self.stack("decoder.", cfg.decoder_layers, x, True, memory)
             final, n_final = self.norm_fwd("decoder.norm", x)
@@ -888,6 +993,18 @@ def stream_collapse(cfg: ModelConfig) -> Collapse | None:
     if shares is None:
         shares = _pass(cfg).own_shares
     return find_collapse(shares, cfg.dtype, cfg.seq_len)
+
+
+def stream_anisotropy(cfg: ModelConfig) -> list[tuple[str, float]]:
+    """``(norm name, S)`` at every LayerNorm that reads a residual stream, in execution
+    order: the predicted feature-space anisotropy ``S = d·tr Σ²/(tr Σ)²`` of the tokens'
+    deviations from their sequence's mean (``Σ`` their covariance within a sequence, for the
+    model's drawn weights; 1 when isotropic, at most ``d``). Keys and values are projections of
+    the attention's input, so it multiplies what the pairs of keys add to the attention's
+    output and to the query and key gradients. Not cached."""
+    p = _Predictor(pass_key(cfg))
+    p.run()
+    return p.anisotropies
 
 
 def predicted_covariances(cfg: ModelConfig) -> dict[tuple[str, str], Cov]:
