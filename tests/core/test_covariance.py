@@ -454,3 +454,32 @@ def test_attend_with_keys_and_values_of_one_input(t, d, causal):
     err_paired = abs(math.log2(own(paired.var, paired.C) / measured))
     err_alone = abs(math.log2(own(alone.var, alone.C) / measured))
     assert err_paired <= math.log2(1.1) and err_alone > 2 * err_paired, (err_paired, err_alone)
+
+
+def test_alibi_map_matches_sampled_attention():
+    """An ALiBi head (slope 0.5, causal): its expected weights decay with distance
+    (``p̄ ∝ e^{−0.5(i−j)}``); ``attend`` on that map against softmax weights of random logits
+    (σ = 1) plus the bias, on structured values. The uniform map's variances are 2–4× off for
+    the later queries, which see 1–2 effective keys of up to 12."""
+    t, d, n_seq, slope = 12, 8, 6000, 0.5
+    gen = torch.Generator().manual_seed(5)
+    v_cov = _structured(t)
+    v = _sample(v_cov, n_seq, d, gen)
+    i = torch.arange(t, dtype=torch.float64)
+    bias = -slope * (i[:, None] - i[None, :]).abs()
+    z = torch.randn(n_seq, t, t, generator=gen, dtype=torch.float64) + bias
+    p = z.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    amap = cv.attention_map(t, "causal", 1, True, slope)
+    expected = torch.softmax(bias.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1),
+                                              float("-inf")), -1).numpy()
+    np.testing.assert_allclose(amap.W, expected, atol=1e-12)  # one position per bin
+    np.testing.assert_allclose(amap.counts, 1.0 / (expected**2).sum(1), rtol=1e-12)
+    excess = np.maximum((p * p).sum(-1).mean(0).numpy() - amap.r0, 0.0)
+    out = cv.attend(amap, v_cov, excess, 1.0)
+    var, cov, _ = _measured(p @ v)
+    np.testing.assert_allclose(out.var, var, rtol=0.08)
+    off = ~np.eye(t, dtype=bool)
+    np.testing.assert_allclose(out.C[off], cov[off], rtol=0.08, atol=0.01)
+    uniform = cv.attend(cv.attention_map(t, "causal", 1, True), v_cov, excess, 1.0)
+    err = np.abs(uniform.C[off] - cov[off]) / (np.abs(cov[off]) + 0.01)
+    assert err.max() > 0.5  # two tokens' covariance: the uniform map averages too far back

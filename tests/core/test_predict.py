@@ -210,11 +210,11 @@ HELD_OUT_WIDE = {
                                   vocab_size=4096, positional="alibi", tie_embeddings=True,
                                   seed=89),
 }
-#: Below the goal at their first run: the 12-layer ALiBi decoder (77.7 / 69.7 / 83.1). Its
-#: per-head slopes make each head's expected weights decay with distance, where the
-#: predictor's attention map is uniform over the allowed keys (the slopes only widen the
-#: logits' spread).
-KNOWN_WIDE_GAPS = {(param, "wide-decoder-alibi-12") for param in ("standard", "unit", "umup")}
+#: At their first run the 12-layer ALiBi decoder missed under all three (77.7 / 69.7 / 83.1):
+#: its heads' slopes make each one's expected weights decay with distance, where the
+#: predictor's map was uniform. With a map per group of slopes (developed on
+#: ``test_alibi_heads_attend_on_their_own_maps``'s config): 97.3 / 98.0 / 99.7.
+KNOWN_WIDE_GAPS: set[tuple[str, str]] = set()
 
 
 @pytest.mark.parametrize("param", ["standard", "unit", "umup"])
@@ -223,6 +223,23 @@ def test_held_out_wide_configs(param, name, request):
     config = dict(HELD_OUT_WIDE[name])
     _check_held_out(request, param, config, config.pop("tie_embeddings"),
                     (param, name) in KNOWN_WIDE_GAPS)
+
+
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+def test_alibi_heads_attend_on_their_own_maps(param):
+    """ALiBi, 8 heads (slopes 1/2 … 1/256) over 128 tokens: each head group's expected
+    weights decay at its own rate. With one uniform map (the slopes counted as logit spread)
+    this config was at 86 / 79 / 87%: attention probabilities +0.7 log2 (a Gaussian spread
+    of the ramp's variance is far sharper than the ramp), values' gradients +0.6."""
+    cfg = ModelConfig(architecture="decoder", d_model=256, n_heads=8, d_ff=1024, n_layers=6,
+                      seq_len=128, max_len=128, batch_size=2, vocab_size=3000,
+                      positional="alibi", tie_embeddings=True, seed=300, parametrization=param)
+    errors = log2_errors(cfg)
+    probs = [err for (name, kind), (err, *_) in errors.items() if name.endswith("attn.probs")
+             and kind == "activation"]
+    assert max(map(abs, probs)) <= 0.1, probs
+    share, worst = agreement(cfg)
+    assert share >= 0.95, worst
 
 
 def test_tied_logits_lean_the_stream_gradient_against_its_shared_parts():

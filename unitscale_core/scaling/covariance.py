@@ -366,13 +366,20 @@ def _mask(t: int, pattern: str, window: int, causal: bool) -> np.ndarray:
     return ok
 
 
-@lru_cache(maxsize=32)
-def attention_map(t: int, pattern: str, window: int, causal: bool) -> AttentionMap:
+@lru_cache(maxsize=64)
+def attention_map(t: int, pattern: str, window: int, causal: bool,
+                  slope: float = 0.0) -> AttentionMap:
     """:class:`AttentionMap` for ``t`` positions on :func:`grid` ``(t)``.
 
+    ``slope`` > 0: an ALiBi head's fixed logit bias ``−slope·|i − j|`` (Press et al. 2022),
+    so the expected weights are ``p̄_ij ∝ e^{−slope·|i−j|}`` over the allowed keys instead
+    of uniform (the random logits at initialisation are exchangeable, the bias is not), and
+    ``counts`` is each query's effective number of keys ``1/Σ_j p̄_ij²``.
+
     Sequences longer than :data:`MAX_MAP_POSITIONS` are mapped on that many positions, each
-    standing for ``t / MAX_MAP_POSITIONS`` tokens (windows scaled alike): the binned averages
-    change slowly with ``t`` there, and the exact map would need ``t²`` memory.
+    standing for ``t / MAX_MAP_POSITIONS`` tokens (windows and distances scaled alike): the
+    binned averages change slowly with ``t`` there, and the exact map would need ``t²``
+    memory.
     """
     g = grid(t)
     scale = 1.0
@@ -382,7 +389,16 @@ def attention_map(t: int, pattern: str, window: int, causal: bool) -> AttentionM
         tm, win = MAX_MAP_POSITIONS, max(1, round(window / scale))
     ok = _mask(tm, pattern, win, causal)
     rows = ok.sum(1).astype(np.float64)
-    P = ok / rows[:, None]
+    if slope > 0:
+        i = np.arange(tm, dtype=np.float64)
+        # relative to each row's nearest allowed key, so no row underflows to all zeros
+        dist = np.abs(i[:, None] - i[None, :]) * scale
+        dist = np.where(ok, dist, np.inf)
+        P = np.exp(-slope * (dist - dist.min(1, keepdims=True)))
+        P /= P.sum(1, keepdims=True)
+        rows = 1.0 / (P * P).sum(1)  # effective keys (map positions; counts scales them)
+    else:
+        P = ok / rows[:, None]
     # the bins of the map's positions (positions scaled onto the real sequence)
     pos = np.minimum(np.floor(np.arange(tm) * scale).astype(np.int64), t - 1)
     b_of = np.searchsorted(g.edges, pos, side="right") - 1
@@ -465,6 +481,19 @@ def attend(amap: AttentionMap, v: Cov, excess: np.ndarray, common: float,
             common = 1.0 + (common - 1.0) * (root[:, None] * root)
     return _averaged(v, W @ v.S @ amap.WT, _pair_overlaps(amap.Q_half, amap, v.u),
                      common, amap.R0 @ v.u, spread)
+
+
+def mixture(parts: list[tuple[Cov, float]]) -> Cov:
+    """Heads of different attention patterns side by side: each ``(Cov, share)`` holds that
+    share of the features, so the variances and covariances average with those weights.
+    One part of share 1 is returned as it is."""
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return parts[0][0]
+    first, share = parts[0]
+    out = first.scaled(math.sqrt(share))
+    for cov, share in parts[1:]:
+        out = out.plus(cov.scaled(math.sqrt(share)))
+    return out
 
 
 def key_value_pairs(amap: AttentionMap, d: int, sigma2: np.ndarray, excess: np.ndarray,

@@ -55,9 +55,9 @@ from .formats import FORMATS, gaussian_format_table, headroom_status_array
 from .hermite import hermite_coefficients
 
 LN_EPS = 1e-5
-#: With many ALiBi heads, the softmax statistics are averaged over at most this many slopes
-#: (evenly spaced in head index) to keep a 96-layer prediction within a frame.
-MAX_ALIBI_GROUPS = 8
+#: ALiBi heads are predicted in at most this many groups of consecutive slopes, each on its
+#: own attention map (the attention ops' cost times the number of groups).
+MAX_ALIBI_MAPS = 4
 #: The common key preference of a sequence's queries is evaluated on rows of at most this
 #: many keys (see ``attention_fwd``).
 COMMON_MAX_KEYS = 4096
@@ -149,19 +149,6 @@ def _sinusoidal_cov(d_model: int, t: int) -> tuple[Cov, tuple[np.ndarray, np.nda
     FC, FM, _ = binned(np.outer(mu, mu))
     u = np.maximum(var - np.diagonal(C), 0.0)
     return Cov(g, u, C, M), (FC, FM)
-
-
-def _alibi_row_var(t: int, causal: bool) -> float:
-    """Mean within-row variance of ``−|i − j|`` over a row's keys (slope 1)."""
-    if causal:  # row i sees j = 0…i: an arithmetic sequence of n = i+1 terms
-        n = np.arange(1, t + 1, dtype=np.float64)
-        return float(np.mean((n * n - 1) / 12))
-    i = np.arange(t, dtype=np.float64)
-    # Σ_j (i−j)² and Σ_j |i−j| in closed form for j = 0…t−1
-    a, b = i, t - 1 - i
-    sq = (a * (a + 1) * (2 * a + 1) + b * (b + 1) * (2 * b + 1)) / 6
-    ab = (a * (a + 1) + b * (b + 1)) / 2
-    return float(np.mean(sq / t - (ab / t) ** 2))
 
 
 class PredictionCancelled(Exception):
@@ -343,17 +330,13 @@ class _Predictor:
         return g_branch.scaled(w_r).plus(g_skip.scaled(w_s))
 
     # -- attention -----------------------------------------------------------------------------
-    def _logit_bias_vars(self, kind: str, t: int, causal: bool) -> list[float]:
-        """Per head group: the within-row variance a positional logit bias adds."""
+    @staticmethod
+    def _logit_bias_vars(kind: str) -> list[float]:
+        """The within-row variance a positional logit bias adds to the random logits (ALiBi's
+        fixed ramps are not spread but each head group's own map: ``_head_groups``)."""
         if kind == "relative":
             return [1.0]  # T5 table entries N(0, 1); a row spans many buckets
-        if kind != "alibi":
-            return [0.0]
-        slopes = alibi_slopes(self.cfg.n_heads)
-        if len(slopes) > MAX_ALIBI_GROUPS:
-            slopes = slopes[np.linspace(0, len(slopes) - 1, MAX_ALIBI_GROUPS).round().astype(int)]
-        base = _alibi_row_var(t, causal)
-        return [float(m * m * base) for m in slopes]
+        return [0.0]
 
     def _row_stats(self, sigma2: np.ndarray, keys: np.ndarray, bias_vars: list[float]
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -370,6 +353,24 @@ class _Predictor:
             sum_p2, gf = sum_p2.reshape(-1, g).mean(1), gf.reshape(-1, g).mean(1)
         return sum_p2, gf
 
+    def _head_groups(self, t: int, pattern: str, causal: bool, positional: str
+                     ) -> list[tuple[covariance.AttentionMap, list[float], float]]:
+        """``(map, logit bias variances, share of the heads)`` per group of heads with one
+        expected-weight pattern: one group (uniform weights over the allowed keys, a bias
+        counted as extra logit spread) except for ALiBi, whose heads' fixed slopes make
+        each one's expected weights decay with distance at its own rate: up to
+        :data:`MAX_ALIBI_MAPS` groups of consecutive slopes, each on the map of their
+        geometric mean."""
+        window = self.cfg.window
+        if positional != "alibi":
+            return [(covariance.attention_map(t, pattern, window, causal),
+                     self._logit_bias_vars(positional), 1.0)]
+        slopes = alibi_slopes(self.cfg.n_heads)
+        chunks = np.array_split(np.sort(slopes), min(len(slopes), MAX_ALIBI_MAPS))
+        return [(covariance.attention_map(t, pattern, window, causal,
+                                          float(np.exp(np.log(chunk).mean()))),
+                 [0.0], len(chunk) / len(slopes)) for chunk in chunks]
+
     def attention_fwd(self, prefix: str, xq: Cov, xkv: Cov, causal: bool, pattern: str,
                       positional: str) -> tuple[Cov, dict]:
         c, dh, t = self.c, self.dh, self.t
@@ -380,17 +381,6 @@ class _Predictor:
         self.act(prefix + ".scores", R.attention_logits_rms(q.rms, k.rms, dh, m),
                  ("m·√d_head·σ_q·σ_k, m = {:.3g}, d_head = {}", (m, dh)))
         is_causal = causal or pattern == "causal"
-        amap = covariance.attention_map(t, pattern, self.cfg.window, causal)
-        # Only the keys' spread about the row's mean moves probabilities (shared parts of k
-        # shift a whole row, which softmax ignores); per query bin.
-        rowvar_k = covariance.row_variance(amap, k)
-        logit_var = m * m * dh * q.var * rowvar_k
-        sum_p2, grad_factor = self._row_stats(logit_var, amap.keys,
-                                              self._logit_bias_vars(positional, t, is_causal))
-        w = self.grid.w
-        mean_p2 = float(w @ sum_p2)
-        self.act(prefix + ".probs", math.sqrt(mean_p2 / t),
-                 ("√(E Σp²/S), E Σp² = {:.3g}, S = {}", (mean_p2, t)))
         if self.p == "unit":
             (out_scale, grad_qkv, grad_left, grad_right, sm_out, grad_sm_in,
              logit_grad) = _unit_attention_factors(t, t, dh)
@@ -404,24 +394,43 @@ class _Predictor:
         # common to all of them: their probabilities overlap more than uniform ones would.
         q_same, k_u = q.same, max(k.total - k.same, 0.0)
         sigma_a = m * math.sqrt(dh * max(q_same, 0.0) * k_u)
-        common = 1.0
-        if sigma_a > 1e-3:
-            # rows longer than COMMON_MAX_KEYS are taken at that length: the quadrature for a
-            # sharp preference over 10⁵ keys takes seconds, and this factor is a first-order
-            # correction to the overlap of two queries' weights
-            n = min(t, COMMON_MAX_KEYS)
-            common = R.softmax_moments(sigma_a, n, is_causal).sum_p2 / R.softmax_moments(
-                0.0, n, is_causal).sum_p2
-        # E Σp² beyond the expected weights' own Σ p̄²: the spread of the probabilities
-        excess = np.maximum(sum_p2 - amap.r0, 0.0)
         own_input = xkv is xq  # self-attention: keys and values of the queries' own stream
         e_q = self._e_in
         e_kv = e_q if own_input else self._e_memory
-        pairs = covariance.key_value_pairs(amap, self.c, logit_var, excess, 1.0 + e_kv)
-        attended = covariance.attend(amap, v, excess, common, pairs)
-        self._e_branch = self._attention_aniso(amap, v, excess, pairs, attended, e_q, e_kv,
-                                               own_input)
-        ctx_cov = attended.scaled(out_scale * self.drop)
+        w = self.grid.w
+        groups, parts, mean_p2, e_branch, linear = [], [], 0.0, 0.0, 0.0
+        for amap, bias_vars, share in self._head_groups(t, pattern, is_causal, positional):
+            # Only the keys' spread about the row's mean moves probabilities (shared parts
+            # of k shift a whole row, which softmax ignores); per query bin.
+            rowvar_k = covariance.row_variance(amap, k)
+            logit_var = m * m * dh * q.var * rowvar_k
+            sum_p2, grad_factor = self._row_stats(logit_var, amap.keys, bias_vars)
+            mean_p2 += share * float(w @ sum_p2)
+            common = 1.0
+            if sigma_a > 1e-3:
+                # rows longer than COMMON_MAX_KEYS are taken at that length: the quadrature
+                # for a sharp preference over 10⁵ keys takes seconds, and this factor is a
+                # first-order correction to the overlap of two queries' weights; an ALiBi
+                # head's rows count as its mean effective keys
+                rows, rows_causal = (t, is_causal) if positional != "alibi" else (
+                    max(round(float(w @ amap.counts)), 1), False)
+                n = min(rows, COMMON_MAX_KEYS)
+                common = R.softmax_moments(sigma_a, n, rows_causal).sum_p2 / \
+                    R.softmax_moments(0.0, n, rows_causal).sum_p2
+            # E Σp² beyond the expected weights' own Σ p̄²: the spread of the probabilities
+            excess = np.maximum(sum_p2 - amap.r0, 0.0)
+            pairs = covariance.key_value_pairs(amap, self.c, logit_var, excess, 1.0 + e_kv)
+            attended = covariance.attend(amap, v, excess, common, pairs)
+            e_branch += share * self._attention_aniso(amap, v, excess, pairs, attended, e_q,
+                                                      e_kv, own_input)
+            linear += share * self._linear_share
+            parts.append((attended, share))
+            groups.append({"amap": amap, "sum_p2": sum_p2, "gf": grad_factor,
+                           "excess": excess, "common": common, "share": share})
+        self._e_branch, self._linear_share = e_branch, linear
+        self.act(prefix + ".probs", math.sqrt(mean_p2 / t),
+                 ("√(E Σp²/S), E Σp² = {:.3g}, S = {}", (mean_p2, t)))
+        ctx_cov = covariance.mixture(parts).scaled(out_scale * self.drop)
         scales = {"forward": out_scale, "grad_input": grad_qkv if self.p == "umup" else
                   grad_left} if self.unit else None
         self.act(prefix + ".context", ctx_cov,
@@ -429,8 +438,7 @@ class _Predictor:
                   "α = {:.3g}", (mean_p2, out_scale)), scales)
         out, lo = self.linear_fwd(f"{prefix}.o", ctx_cov, c, c)
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
-                     "v": v, "amap": amap, "sum_p2": sum_p2, "gf": grad_factor,
-                     "excess": excess, "common": common, "aniso_kv": 1.0 + e_kv,
+                     "v": v, "groups": groups, "aniso_kv": 1.0 + e_kv,
                      "m": logit_grad, "m_fwd": m, "x_kv": xkv, "grad_qkv": grad_qkv,
                      "grad_left": grad_left,
                      "grad_right": grad_right, "grad_sm_in": grad_sm_in, "sm_out": sm_out}
@@ -472,43 +480,55 @@ class _Predictor:
 
     def attention_bwd(self, a: dict, g: Cov) -> tuple[Cov, Cov, Cov]:
         """Backward from the output projection's gradient; returns the gradients reaching
-        the query input and the key and value inputs."""
-        prefix, dh, v, amap, t = a["prefix"], self.dh, a["v"], a["amap"], self.t
+        the query input and the key and value inputs (each head group's, mixed by their
+        shares of the heads)."""
+        prefix, dh, v, t = a["prefix"], self.dh, a["v"], self.t
         g_ctx = self.linear_bwd(a["lo"], g)
         self.grad(f"{prefix}.context", g_ctx)
         gl = a["grad_left"] * self.drop
         self.grad(f"{prefix}.probs", gl * math.sqrt(dh * g_ctx.total * v.total),
                   "g_P = α·gY·Vᵀ: √(d_head·σ_gy²·σ_v²)")
-        # the softmax Jacobian removes what is constant along a row: only the values' spread
-        # about the row mean moves g_Z; per query bin, Σ over keys of g_Z²
-        rowvar_v = covariance.row_variance(amap, v)
-        gz2 = (gl * a["grad_sm_in"]) ** 2 * dh * g_ctx.var * rowvar_v * a["gf"]
-        w = self.grid.w
-        self.grad(f"{prefix}.scores", math.sqrt(max(float(w @ gz2), 0.0) / t),
-                  "softmax Jacobian: g_P·√((EΣp² − 2EΣp³ + E(Σp²)²)/S), per query position")
         s = a["grad_qkv"]  # the q, k and v input-gradient factor, applied with the others
         gain_v = a["grad_right"] * a["sm_out"] * self.drop * s
-        g_v = covariance.attend_transposed(amap, g_ctx, a["excess"], a["common"]).scaled(gain_v)
         # gQ = m·gZ·K and gK = m·gZᵀ·Q, with their covariance between tokens (the centred
         # keys and values of a correlated stream add coherently over keys; the queries
         # attending to a key add coherently); K and V come from the same input, which adds the
         # pairs of keys (shared_input_factor)
         gain = math.sqrt(a["m"] ** 2 * dh) * gl * a["grad_sm_in"] * s
-        sum_p2 = np.maximum(a["sum_p2"], 1e-12)
-        g_q = covariance.query_gradient(amap, g_ctx, v, a["k"], sum_p2, a["gf"],
-                                        shared_input_factor(sum_p2, self.c, a["aniso_kv"])
-                                        ).scaled(gain)
-        g_k = covariance.key_gradient(amap, g_ctx, v, a["q"], sum_p2, a["gf"], a["excess"],
-                                      zero_sum=self.cfg.positional != "rope").scaled(gain)
+        w = self.grid.w
+        gz2_mean, coherent = 0.0, 0.0
+        g_vs, g_qs, g_ks = [], [], []
+        for grp in a["groups"]:
+            amap, share = grp["amap"], grp["share"]
+            # the softmax Jacobian removes what is constant along a row: only the values'
+            # spread about the row mean moves g_Z; per query bin, Σ over keys of g_Z²
+            rowvar_v = covariance.row_variance(amap, v)
+            gz2 = (gl * a["grad_sm_in"]) ** 2 * dh * g_ctx.var * rowvar_v * grp["gf"]
+            gz2_mean += share * float(w @ gz2)
+            g_vs.append((covariance.attend_transposed(amap, g_ctx, grp["excess"],
+                                                      grp["common"]), share))
+            sum_p2 = np.maximum(grp["sum_p2"], 1e-12)
+            g_qs.append((covariance.query_gradient(
+                amap, g_ctx, v, a["k"], sum_p2, grp["gf"],
+                shared_input_factor(sum_p2, self.c, a["aniso_kv"])), share))
+            g_ks.append((covariance.key_gradient(
+                amap, g_ctx, v, a["q"], sum_p2, grp["gf"], grp["excess"],
+                zero_sum=self.cfg.positional != "rope"), share))
+            # K and V are projections of one input, so the gradient reaching a key (through
+            # its value) and reaching a value (through its key's logits) both depend on that
+            # input: the weight gradients have a mean part besides the products pair_sum
+            # counts (its Σ_j x̃_j x_jᵀ has |·|² = tr Σ², S times the isotropic value: the
+            # input's anisotropy multiplies it; measured on the unit encoder of
+            # test_anisotropy.py, the key weight gradients of layers 1–4 rose by 0.45 log2
+            # towards measurement with it)
+            coherent += share * covariance.shared_projection_term(
+                amap, a["x_kv"], g_ctx, a["q"], grp["sum_p2"]) * a["aniso_kv"]
+        self.grad(f"{prefix}.scores", math.sqrt(max(gz2_mean, 0.0) / t),
+                  "softmax Jacobian: g_P·√((EΣp² − 2EΣp³ + E(Σp²)²)/S), per query position")
+        g_v = covariance.mixture(g_vs).scaled(gain_v)
+        g_q = covariance.mixture(g_qs).scaled(gain)
+        g_k = covariance.mixture(g_ks).scaled(gain)
         gq = self.linear_bwd(a["lq"], g_q)
-        # K and V are projections of one input, so the gradient reaching a key (through its
-        # value) and reaching a value (through its key's logits) both depend on that input:
-        # the weight gradients have a mean part besides the products pair_sum counts
-        # (its Σ_j x̃_j x_jᵀ has |·|² = tr Σ², S times the isotropic value: the input's
-        # anisotropy multiplies it; measured on the unit encoder of test_anisotropy.py, the key
-        # weight gradients of layers 1–4 rose by 0.45 log2 towards measurement with it)
-        coherent = covariance.shared_projection_term(amap, a["x_kv"], g_ctx, a["q"],
-                                                     a["sum_p2"]) * a["aniso_kv"]
         x_tot = max(a["x_kv"].total, 1e-300)
         kappa_v, kappa_k = v.total / (x_tot * self.c), a["k"].total / (x_tot * self.c)
         extra_k = self.b * gain * gain * kappa_v * coherent
