@@ -191,6 +191,9 @@ class _Predictor:
         # the share of the branch's deviation variance that is linear in the token's own
         # input deviation (``_mix_aniso``)
         self._linear_share = 0.0
+        #: pre-norm sub-blocks' norm name → the variance their branch adds to the stream
+        #: (``_branch_scale_coherence``)
+        self.branch_vars: dict[str, float] = {}
         # The residual stream's component along the all-ones feature direction (sinusoidal
         # positions' row means), as pair covariances (distinct tokens, other sequences):
         # every LayerNorm removes it, the skip keeps it.
@@ -607,6 +610,8 @@ class _Predictor:
             inner, ctx = branch_fwd(h)
             out = self.residual_add(inner.scaled(self.drop), x, tau)
             self._mix_aniso(inner, x, tau)
+            w_r = R.residual_weights(tau)[0] if self.unit else 1.0
+            self.branch_vars[norm_name] = (w_r * self.drop) ** 2 * inner.total
         else:
             inner, ctx = branch_fwd(x)
             y = self.residual_add(inner.scaled(self.drop), x, tau)
@@ -850,6 +855,7 @@ class _Predictor:
         else:
             g = self.stack_bwd(layers, g, [])
             self.tok_wgrad(self.embed_bwd(e, g))
+        self._branch_scale_coherence(n_final, ce, self_logit)
 
     def _loss_grad_scale(self) -> float:
         """The loss gradient's scale per logit: ``1/N`` (mean reduction), or unit scaling's
@@ -918,6 +924,38 @@ class _Predictor:
         old.rms = math.sqrt(old.rms**2 + coherent)
         old.formula = ("{}; + (α·N·κ)², κ = {:.3g}: the loss gradient leans to x̂",
                        (old._formula, kappa))
+
+    def _branch_scale_coherence(self, n_final: dict, ce, self_logit: float) -> None:
+        """Standard, tied, pre-norm: each sub-block's norm gain gradient has a mean.
+
+        ``Σ_rows Σ_f g_f y_f`` (``y`` the norm's output, ``g`` its gradient) is ``dL/dλ`` for
+        the norm's output scaled by ``λ``: the branch's output grows, the final stream's
+        variance ``σ_F²`` by ``2V`` (``V`` the branch's share of it, its output taken as
+        linear in ``λ``), and the tied self-logit ``z = α d c ∝ 1/σ_F`` falls by ``z V/σ_F²``,
+        which lowers the loss by ``p_self`` per unit (self-attention's output is linear in
+        ``λ`` through its values: at initialisation the weights are near uniform). Spread over
+        the ``d`` gains::
+
+            μ = −p_self · z · V / (σ_F² d)
+
+        added in quadrature to the gain gradient's RMS (the same for every feature). Left
+        out under unit scaling and u-μP, whose backward scale factors make ``g`` other than
+        ``∂L/∂y``, and for post-norm, whose norm scales the whole stream."""
+        if self.unit or self_logit <= 0 or self.cfg.norm != "pre":
+            return
+        sigma2 = max(n_final["x_rms"] ** 2, 1e-300)
+        p_self = self._p_self(ce, self_logit)
+        prefix = "decoder." if self.cfg.architecture == "encoder-decoder" else ""
+        for norm, var in self.branch_vars.items():
+            if not norm.startswith(prefix) or norm.endswith("cross_norm"):
+                # the encoder's norms reach the tied head only through memory; a cross-norm
+                # scales the queries alone, which sharpens the weights but not the output
+                continue
+            mean = -p_self * self_logit * var / (sigma2 * self.c)
+            old = self.wgrads[f"{norm}.weight"]
+            old.rms = math.sqrt(old.rms**2 + mean * mean)
+            old.formula = ("{}; + μ², μ = {:.3g}: the tied self-logit falls as the branch grows",
+                           (old._formula, mean))
 
     # -- rows ----------------------------------------------------------------------------------
     def to_rows(self) -> list[TensorRow]:
