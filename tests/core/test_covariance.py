@@ -483,3 +483,27 @@ def test_alibi_map_matches_sampled_attention():
     uniform = cv.attend(cv.attention_map(t, "causal", 1, True), v_cov, excess, 1.0)
     err = np.abs(uniform.C[off] - cov[off]) / (np.abs(cov[off]) + 0.01)
     assert err.max() > 0.5  # two tokens' covariance: the uniform map averages too far back
+
+
+def test_rotated_matches_sampled_rope():
+    """Structured tokens (shared across positions and sequences) rotated by the model's own
+    ``apply_rope``: per-position variances kept, covariances of two positions (one sequence,
+    and two sequences of a batch) multiplied by the mean cosine of the angle between them."""
+    from unitscale_core import positional
+    from unitscale_core.model.layers import apply_rope
+
+    t, d, n_seq = 12, 16, 4000
+    gen = torch.Generator().manual_seed(7)
+    x_cov = _structured(t)
+    x = _sample(x_cov, n_seq, d, gen)
+    theta = torch.from_numpy(positional.rope_angles(t, d))
+    y = apply_rope(x[:, None], theta.cos(), theta.sin())[:, 0]  # one head of d features
+    out = cv.rotated(x_cov, d)
+    var, cov, cross = _measured(y)
+    np.testing.assert_allclose(out.var, var, rtol=0.06)
+    np.testing.assert_allclose(out.var, x_cov.var, rtol=1e-12)
+    off = ~np.eye(t, dtype=bool)
+    np.testing.assert_allclose(out.C[off], cov[off], rtol=0.08, atol=0.02)
+    np.testing.assert_allclose(out.M, cross, rtol=0.1, atol=0.02)
+    # far apart, the rotation leaves little of what the tokens shared
+    assert abs(out.C[0, t - 1]) < 0.7 * x_cov.C[0, t - 1]

@@ -17,8 +17,10 @@ scalar per part (the earlier model) averaged these away and missed by 2–8 log2
 Long sequences are grouped into at most :data:`MAX_BINS` bins (single positions first, then
 geometrically wider): tokens of one bin are exchangeable, ``C[a, a]`` is the covariance of two
 distinct tokens of bin ``a``. Expected attention weights are uniform over each query's
-allowed keys (logits at initialisation are exchangeable); their spread adds to the
-token-specific part through ``E[p²] − p̄²``.
+allowed keys (logits at initialisation are exchangeable), except under ALiBi's fixed ramps
+(``attention_map``'s ``slope``); their spread adds to the token-specific part through
+``E[p²] − p̄²``. RoPE rotates queries and keys by position, which decorrelates what they
+share across positions (:func:`rotated`).
 """
 
 from __future__ import annotations
@@ -481,6 +483,59 @@ def attend(amap: AttentionMap, v: Cov, excess: np.ndarray, common: float,
             common = 1.0 + (common - 1.0) * (root[:, None] * root)
     return _averaged(v, W @ v.S @ amap.WT, _pair_overlaps(amap.Q_half, amap, v.u),
                      common, amap.R0 @ v.u, spread)
+
+
+@lru_cache(maxsize=32)
+def rope_correlations(t: int, head_dim: int, base: float = 10000.0
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """``(distinct, every)`` (K × K) on :func:`grid` ``(t)``: the mean of ``ρ(i − j)`` over
+    the pairs of distinct tokens of bins ``a``, ``b`` (one sequence) and over every pair
+    (two sequences: one position may meet itself), where ``ρ(Δ) = (2/D) Σ_f cos(θ_f Δ)``,
+    ``θ_f = base^(−2f/D)``, is what rotating both tokens by their positions (RoPE, Su et al.
+    2021) leaves of their covariance, averaged over a head's ``D`` features. Bins wider than
+    16 positions are sampled at 16."""
+    g = grid(t)
+    theta = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    rho = np.cos(np.arange(t, dtype=np.float64)[:, None] * theta).mean(1)  # ρ(|Δ|), Δ < t
+    edges = g.edges
+    samples = [np.unique(np.linspace(lo, hi - 1, min(hi - lo, 16)).round()).astype(np.int64)
+               for lo, hi in zip(edges[:-1], edges[1:])]
+    pos = np.concatenate(samples)
+    onehot = np.zeros((len(pos), len(samples)))
+    onehot[np.arange(len(pos)), np.repeat(np.arange(len(samples)),
+                                          [len(x) for x in samples])] = 1.0
+    cnt = onehot.sum(0)
+    total = onehot.T @ rho[np.abs(pos[:, None] - pos[None, :])] @ onehot
+    every = total / np.outer(cnt, cnt)
+    pairs = np.outer(cnt, cnt) - np.diag(cnt)
+    distinct = (total - np.diag(cnt)) / np.maximum(pairs, 1.0)  # less i = j (ρ(0) = 1)
+    single = cnt <= 1
+    distinct[single, single] = 1.0  # one position: its "pair" is the token itself
+    for arr in (distinct, every):
+        arr.setflags(write=False)
+    return distinct, every
+
+
+def rotated(x: Cov, head_dim: int) -> Cov:
+    """``x`` with every token rotated by its position (RoPE): each token's variance is kept,
+    two tokens' covariances are multiplied by :func:`rope_correlations`, and what a token no
+    longer shares with the others of its bin becomes its own. Its own transpose, so it also
+    takes a gradient with respect to rotated queries or keys back through the rotation.
+    Memoised on ``x``."""
+    memo = x.memo
+    hit = memo.get(("rotated", head_dim))
+    if hit is not None:
+        return hit
+    S = x.S
+    if not len(S):
+        out = x
+    else:
+        distinct, every = rope_correlations(x.g.t, head_dim)
+        R = np.stack((distinct, every))[:len(S)]
+        C = S[0]
+        out = Cov.of(x.g, x.u + np.diagonal(C) * (1.0 - np.diagonal(distinct)), S * R)
+    memo[("rotated", head_dim)] = out
+    return out
 
 
 def mixture(parts: list[tuple[Cov, float]]) -> Cov:

@@ -8,7 +8,9 @@ two line up row for row. Nothing is built and nothing touches torch.
 Each tensor is tracked as a position-resolved covariance (:class:`~.covariance.Cov`): per
 position the variance that belongs to the token alone, and for every pair of positions the
 covariance of two tokens of one sequence and of two sequences. Attention averages values with
-expected weights uniform over each query's allowed keys, so a causal stack keeps the early
+expected weights uniform over each query's allowed keys (each ALiBi head group's decaying
+with distance on its own map; RoPE's rotation decorrelating what queries and keys share
+across positions), so a causal stack keeps the early
 tokens' own parts while later ones share almost everything, and its backward piles gradient
 onto the first keys; biases and the mean of GELU/ReLU create parts shared by the whole batch;
 sinusoidal encodings make near positions alike. Elementwise nonlinearities map every pair
@@ -380,6 +382,10 @@ class _Predictor:
         q, lq = self.linear_fwd(f"{prefix}.q", xq, c, c)
         k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, c)
         v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, c)
+        if positional == "rope":
+            # rotated by position, what queries and keys share across positions decorrelates:
+            # a shared part then moves the weights along a row like a token's own part
+            q, k = covariance.rotated(q, dh), covariance.rotated(k, dh)
         m = 1.0 / dh if self.p == "umup" else 1.0 / math.sqrt(dh)
         self.act(prefix + ".scores", R.attention_logits_rms(q.rms, k.rms, dh, m),
                  ("m·√d_head·σ_q·σ_k, m = {:.3g}, d_head = {}", (m, dh)))
@@ -442,6 +448,7 @@ class _Predictor:
         out, lo = self.linear_fwd(f"{prefix}.o", ctx_cov, c, c)
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
                      "v": v, "groups": groups, "aniso_kv": 1.0 + e_kv,
+                     "rope": positional == "rope",
                      "m": logit_grad, "m_fwd": m, "x_kv": xkv, "grad_qkv": grad_qkv,
                      "grad_left": grad_left,
                      "grad_right": grad_right, "grad_sm_in": grad_sm_in, "sm_out": sm_out}
@@ -531,6 +538,8 @@ class _Predictor:
         g_v = covariance.mixture(g_vs).scaled(gain_v)
         g_q = covariance.mixture(g_qs).scaled(gain)
         g_k = covariance.mixture(g_ks).scaled(gain)
+        if a["rope"]:  # back through the rotation (its own transpose)
+            g_q, g_k = covariance.rotated(g_q, dh), covariance.rotated(g_k, dh)
         gq = self.linear_bwd(a["lq"], g_q)
         x_tot = max(a["x_kv"].total, 1e-300)
         kappa_v, kappa_k = v.total / (x_tot * self.c), a["k"].total / (x_tot * self.c)
