@@ -507,3 +507,32 @@ def test_rotated_matches_sampled_rope():
     np.testing.assert_allclose(out.M, cross, rtol=0.1, atol=0.02)
     # far apart, the rotation leaves little of what the tokens shared
     assert abs(out.C[0, t - 1]) < 0.7 * x_cov.C[0, t - 1]
+
+
+def test_query_gradient_shares_what_positions_share_across_the_batch():
+    """Values and keys with a part shared by every sequence that varies with position (as
+    learned positions give) and a context gradient with a part shared across the batch: the
+    query gradients of two sequences are correlated (``M``), which sums into the query bias
+    gradient. Sampled; the model without it had ``M = 0``."""
+    t, d, n_seq, sigma = 12, 8, 6000, 0.7
+    gen = torch.Generator().manual_seed(13)
+    pos = np.arange(t)
+    # position patterns shared by every sequence (PSD: sums of outer products)
+    M = 0.25 * np.outer(np.sin(pos), np.sin(pos)) + 0.5 * np.outer(np.cos(0.4 * pos),
+                                                                    np.cos(0.4 * pos))
+
+    def shared(scale: float) -> Cov:
+        return Cov(cv.grid(t), np.full(t, 0.6), scale * M + 0.1, scale * M)
+
+    g_cov, v_cov, k_cov = shared(1.0), shared(1.0), shared(0.8)
+    g, v, k = (_sample(c, n_seq, d, gen) for c in (g_cov, v_cov, k_cov))
+    p, amap, _excess = _causal_softmax(t, n_seq, sigma, gen)
+    sum_p2, jacobian = R.softmax_row_stats(np.full(t, sigma), amap.keys, None)
+    _var, _cov, cross = _measured(_score_gradient(g, v, p) @ k)
+    out = cv.query_gradient(amap, g_cov, v_cov, k_cov, sum_p2, jacobian, np.ones(t)).scaled(
+        math.sqrt(d))
+    assert len(out.S) == 2
+    later = np.ix_(range(4, t), range(4, t))  # queries with a few keys to centre on
+    np.testing.assert_allclose(out.M[later], cross[later], rtol=0.3, atol=0.1 * np.abs(
+        cross[later]).max())
+    assert np.abs(cross[later]).max() > 0.05 * _var[4:].max()  # a part worth predicting

@@ -95,8 +95,9 @@ class Cov:
     ``C`` and ``M`` are kept stacked, ``S = [C, M]``, so that an operation on both is one
     numpy call (a 96-layer prediction makes thousands, each costing more in call overhead than
     in arithmetic at K = 48). Trailing ones that are exactly zero are left out: ``S = [C]``
-    for every gradient (nothing in the backward is shared across sequences), ``S = []`` for
-    independent tokens; ``C`` and ``M`` read as zeros then. An operation's result is what
+    for most gradients (little of the backward is shared across sequences: the loss gradient
+    is not; what the forward shares across the batch reaches the attention gradients),
+    ``S = []`` for independent tokens; ``C`` and ``M`` read as zeros then. An operation's result is what
     its arithmetic on the zeros would give (0·x = 0, x + 0 = x), without doing it.
 
     Immutable by convention: every operation returns a new one (arrays may be shared
@@ -687,7 +688,8 @@ def _centring(amap: AttentionMap, x: Cov) -> tuple[np.ndarray, ...]:
 
 
 def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarray,
-                   jacobian: np.ndarray, shared_input: np.ndarray) -> Cov:
+                   jacobian: np.ndarray, shared_input: np.ndarray, chance: float = 0.0
+                   ) -> Cov:
     """``Σ_j p_ij (g_i·ṽ_ij) k̃_ij`` per unit ``m²·d_head``: the query gradient, where
     ``ṽ_ij = v_j − Σ_l p_il v_l`` and ``k̃_ij`` likewise are centred on query ``i``'s own
     weights (the softmax Jacobian), with ``g`` (the context gradient), ``v`` and ``k``
@@ -719,7 +721,10 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     ``excess·a`` times the keys' unshared spread of the shared products (as in :func:`attend`;
     damped by ``a`` because the first-order term overshoots once the weights concentrate);
     ``shared_input`` multiplies the own parts
-    (:func:`~unitscale_core.scaling.predict.shared_input_factor`). Exact for uniform
+    (:func:`~unitscale_core.scaling.predict.shared_input_factor`). When the context gradient,
+    values and keys all have parts shared across the batch (``M``: learned or sinusoidal
+    positions), so does the query gradient (:func:`_coherent_across`, plus ``chance`` times
+    the keys' and values' spreads when they are projections of one input). Exact for uniform
     weights at one position per bin (brute force), checked against sampled attention
     (``tests/core/test_covariance.py``).
     """
@@ -767,7 +772,33 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     var = g.var * np.maximum(own_s + a * a * (cross_s + coherent_d) + spread, 0.0)
     single = g.g.single
     pair[single, single] = 0.0  # a one-position bin has no distinct pair
-    return Cov.of(g.g, np.maximum(var - pair.diagonal(), 0.0), pair[None])
+    u = np.maximum(var - pair.diagonal(), 0.0)
+    if len(g.S) > 1 and len(v.S) > 1 and len(k.S) > 1:
+        across = _coherent_across(amap, v.M, k.M)
+        if chance:
+            # what keys and values of one input share by chance, E(x̃_j·x̃_l)² = S|x̃|⁴/d
+            # beyond the shared parts (``chance`` = S/d, as in shared_input_factor), each
+            # centred on its own query's weights
+            spread_v, spread_k = row_variance(amap, v), row_variance(amap, k)
+            across = across + chance * 0.5 * (np.outer(spread_v, spread_k)
+                                              + np.outer(spread_k, spread_v))
+        return Cov.of(g.g, u, np.stack((pair, g.M * across)))
+    return Cov.of(g.g, u, pair[None])
+
+
+def _coherent_across(amap: AttentionMap, Mv: np.ndarray, Mk: np.ndarray) -> np.ndarray:
+    """``Σ_jl p̄_ij p̄_kl M̃_v(j, l) M̃_k(j, l)`` for queries ``i``, ``k`` of two sequences:
+    the query gradients' part shared across the batch, from what the values and keys share
+    across it (learned or sinusoidal positions, biases), each centred on its own query's
+    weights (``M̃(j, l) = M_jl − (M p̄_k)_j − (p̄_i M)_l + p̄_i M p̄_k``). The two queries'
+    weights are independent, so their products are the expected ones: the ``C·C`` term of
+    :func:`query_gradient` with ``M`` for ``C`` and no random-weight factor."""
+    W = amap.W
+    Mv = Mv - _mean(Mv)
+    Mk = Mk - _mean(Mk)
+    RV, RK = Mv @ amap.WT, Mk @ amap.WT
+    Z = W @ (RV * RK)
+    return W @ (Mv * Mk) @ amap.WT - Z - Z.T + (W @ RV) * (W @ RK)
 
 
 def _query_products(g: Cov, q: Cov) -> tuple[np.ndarray, np.ndarray]:

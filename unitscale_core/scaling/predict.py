@@ -520,7 +520,8 @@ class _Predictor:
             sum_p2 = np.maximum(grp["sum_p2"], 1e-12)
             g_qs.append((covariance.query_gradient(
                 amap, g_ctx, v, a["k"], sum_p2, grp["gf"],
-                shared_input_factor(sum_p2, self.c, a["aniso_kv"])), share))
+                shared_input_factor(sum_p2, self.c, a["aniso_kv"]), a["aniso_kv"] / self.c),
+                share))
             g_ks.append((covariance.key_gradient(
                 amap, g_ctx, v, a["q"], sum_p2, grp["gf"], grp["excess"],
                 zero_sum=self.cfg.positional != "rope"), share))
