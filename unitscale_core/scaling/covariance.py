@@ -97,8 +97,9 @@ class Cov:
     in arithmetic at K = 48). Trailing ones that are exactly zero are left out: ``S = [C]``
     for most gradients (little of the backward is shared across sequences: the loss gradient
     is not; what the forward shares across the batch reaches the attention gradients),
-    ``S = []`` for independent tokens; ``C`` and ``M`` read as zeros then. An operation's result is what
-    its arithmetic on the zeros would give (0·x = 0, x + 0 = x), without doing it.
+    ``S = []`` for independent tokens; ``C`` and ``M`` read as zeros then. An operation's
+    result is what its arithmetic on the zeros would give (0·x = 0, x + 0 = x), without
+    doing it.
 
     Immutable by convention: every operation returns a new one (arrays may be shared
     between objects, and none is written after it is made). That lets summaries (``var``,
