@@ -483,6 +483,15 @@ def test_alibi_map_matches_sampled_attention():
     uniform = cv.attend(cv.attention_map(t, "causal", 1, True), v_cov, excess, 1.0)
     err = np.abs(uniform.C[off] - cov[off]) / (np.abs(cov[off]) + 0.01)
     assert err.max() > 0.5  # two tokens' covariance: the uniform map averages too far back
+    # the softmax Jacobian's E[Σp² − 2Σp³ + (Σp²)²]: uniform rows of the effective length
+    # (the row statistics) times the biased weights' own factor over the uniform one
+    s2, s3 = (p * p).sum(-1), (p**3).sum(-1)
+    sampled = (s2 - 2 * s3 + s2 * s2).mean(0).numpy()[2:]
+    _sum_p2, rows = R.softmax_row_stats(np.ones(t), amap.keys, d)
+    r0, r3 = amap.r0[2:], amap.r3[2:]  # (query 0 has one key: no Jacobian)
+    biased = rows[2:] * (r0 - 2 * r3 + r0 * r0) / (r0 - r0 * r0)
+    np.testing.assert_allclose(biased, sampled, rtol=0.1)
+    assert np.abs(np.log(rows[2:] / sampled)).max() > np.abs(np.log(biased / sampled)).max()
 
 
 def test_rotated_matches_sampled_rope():

@@ -332,7 +332,7 @@ class AttentionMap(NamedTuple):
     ``pair_inverse[a]``: ``1/(1 − Σ_j p̄_ij²)``, 0 for a query with one key (no pairs);
     ``Q_by_second[b, a, c] = Q[a, b, c]`` (contiguous, for batched products over ``c``);
     ``WT``, ``VT``: ``Wᵀ`` and ``Vᵀ`` laid out row by row (a product with a transposed view
-    costs a quarter more, and every layer makes several).
+    costs a quarter more, and every layer makes several); ``r3[a]``: ``Σ_j p̄_ij³``.
     """
 
     W: np.ndarray
@@ -351,6 +351,7 @@ class AttentionMap(NamedTuple):
     Q_by_second: np.ndarray
     WT: np.ndarray
     VT: np.ndarray
+    r3: np.ndarray
 
 
 def _mask(t: int, pattern: str, window: int, causal: bool) -> np.ndarray:
@@ -395,10 +396,9 @@ def attention_map(t: int, pattern: str, window: int, causal: bool,
     rows = ok.sum(1).astype(np.float64)
     if slope > 0:
         i = np.arange(tm, dtype=np.float64)
-        # relative to each row's nearest allowed key, so no row underflows to all zeros
-        dist = np.abs(i[:, None] - i[None, :]) * scale
-        dist = np.where(ok, dist, np.inf)
-        P = np.exp(-slope * (dist - dist.min(1, keepdims=True)))
+        logit = np.where(ok, -slope * np.abs(i[:, None] - i[None, :]) * scale, -np.inf)
+        # relative to each row's largest allowed logit, so no row underflows to all zeros
+        P = np.exp(logit - logit.max(1, keepdims=True))
         P /= P.sum(1, keepdims=True)
         rows = 1.0 / (P * P).sum(1)  # effective keys (map positions; counts scales them)
     else:
@@ -442,11 +442,12 @@ def attention_map(t: int, pattern: str, window: int, causal: bool,
     if scale > 1:  # each map position stands for `scale` tokens with weights 1/scale
         Q, Qt, R0, RT0 = Q / scale, Qt / scale, R0 / scale, RT0 / scale
     counts = np.maximum(counts, 1.0)
+    r3 = (onehot.T @ (P * P * P).sum(1)) / nb_safe / scale**2
     out = AttentionMap(W, V, Q, Qt, R0, RT0, counts, R0.sum(1),
                        np.maximum(np.rint(counts).astype(np.int64), 1),
                        Q[g.upper], Qt[g.upper], g.half_index, _pair_inverse(R0.sum(1)),
                        np.ascontiguousarray(Q.transpose(1, 0, 2)),
-                       np.ascontiguousarray(W.T), np.ascontiguousarray(V.T))
+                       np.ascontiguousarray(W.T), np.ascontiguousarray(V.T), r3)
     for arr in out:
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)
