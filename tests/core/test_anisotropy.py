@@ -71,6 +71,17 @@ def test_stream_anisotropy_against_measurement(param):
             (name, predicted[name], measured)
 
 
+def test_norm_formulas_name_the_anisotropy():
+    """Each LayerNorm row's formula (the chart's and table's tooltip) gives the predicted
+    own share and ``S`` there."""
+    from unitscale_core.scaling.predict import predict
+
+    cfg = ModelConfig(parametrization="unit", **ENCODER)
+    rows = {(r.name, r.kind): r for r in predict(cfg)}
+    for name, s in stream_anisotropy(cfg):
+        assert f"anisotropy S = {s:.3g}" in rows[(name, "activation")].formula
+
+
 def test_attention_output_deviation_against_measurement():
     """Unit-scaled: the attention output's token-specific variance within 0.7 log2 of the
     measured one in the first three layers, and the stream's token-specific share at each

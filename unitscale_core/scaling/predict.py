@@ -299,8 +299,9 @@ class _Predictor:
         self.anisotropies.append((name, 1.0 + self.aniso))
         r = R.layer_norm_rule(x.rms, 1.0, d=self.c, b_rows=self.rows, eps=LN_EPS)
         y = x.normalised(r.output)
-        self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g} (row mean removed)",
-                           (x.rms,)))
+        self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g} (row mean removed); the "
+                           "tokens' own share {:.3g}, their deviations' anisotropy S = {:.3g}",
+                           (x.rms, self.own_shares[-1][1], 1.0 + self.aniso)))
         self.weight(name + ".weight", 1.0, "LayerNorm gain: ones")
         if self.cfg.bias:
             self.weight(name + ".bias", 0.0, "LayerNorm bias: zeros")
