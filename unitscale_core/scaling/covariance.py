@@ -497,26 +497,47 @@ def rope_correlations(t: int, head_dim: int, base: float = 10000.0
     ``θ_f = base^(−2f/D)``, is what rotating both tokens by their positions (RoPE, Su et al.
     2021) leaves of their covariance, averaged over a head's ``D`` features. Bins wider than
     16 positions are sampled at 16."""
-    g = grid(t)
     theta = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     rho = np.cos(np.arange(t, dtype=np.float64)[:, None] * theta).mean(1)  # ρ(|Δ|), Δ < t
-    edges = g.edges
+    pos, onehot, cnt = sampled_positions(t)
+    distinct, every, _var = binned_pairs(rho[np.abs(pos[:, None] - pos[None, :])], onehot, cnt)
+    for arr in (distinct, every):
+        arr.setflags(write=False)
+    return distinct, every
+
+
+@lru_cache(maxsize=64)
+def sampled_positions(t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions standing for :func:`grid` ``(t)``'s bins — every position of a bin up to
+    16 wide, 16 evenly spread in a wider one — their one-hot bin matrix and each bin's count:
+    ``(pos, onehot, count)``, for pair quantities of fixed position patterns (sinusoidal
+    encodings, RoPE) without a ``t × t`` matrix."""
+    edges = grid(t).edges
     samples = [np.unique(np.linspace(lo, hi - 1, min(hi - lo, 16)).round()).astype(np.int64)
                for lo, hi in zip(edges[:-1], edges[1:])]
     pos = np.concatenate(samples)
     onehot = np.zeros((len(pos), len(samples)))
     onehot[np.arange(len(pos)), np.repeat(np.arange(len(samples)),
                                           [len(x) for x in samples])] = 1.0
-    cnt = onehot.sum(0)
-    total = onehot.T @ rho[np.abs(pos[:, None] - pos[None, :])] @ onehot
-    every = total / np.outer(cnt, cnt)
-    pairs = np.outer(cnt, cnt) - np.diag(cnt)
-    distinct = (total - np.diag(cnt)) / np.maximum(pairs, 1.0)  # less i = j (ρ(0) = 1)
-    single = cnt <= 1
-    distinct[single, single] = 1.0  # one position: its "pair" is the token itself
-    for arr in (distinct, every):
+    for arr in (pos, onehot):
         arr.setflags(write=False)
-    return distinct, every
+    return pos, onehot, onehot.sum(0)
+
+
+def binned_pairs(gram: np.ndarray, onehot: np.ndarray, count: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A position-level pair matrix ``gram`` over :func:`sampled_positions`, binned:
+    ``(distinct, every, diagonal)`` — its mean over pairs of distinct positions of bins
+    ``a``, ``b`` (for a one-position bin, the position with itself), over every pair, and
+    each bin's mean diagonal."""
+    total = onehot.T @ gram @ onehot
+    diag = onehot.T @ np.diagonal(gram) / count
+    every = total / np.outer(count, count)
+    pairs = np.outer(count, count) - np.diag(count)
+    distinct = (total - np.diag(diag * count)) / np.maximum(pairs, 1.0)
+    single = count <= 1
+    distinct[single, single] = diag[single]  # one position: the token itself
+    return distinct, every, diag
 
 
 def rotated(x: Cov, head_dim: int) -> Cov:
@@ -733,8 +754,7 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     W, Q, R0, n, r0 = amap.W, amap.Q, amap.R0, amap.counts, amap.r0
     uv, Cv, RV, XV = _centring(amap, v)  # RV[c, b]: (C p_b) at key bin c; XV = W C Wᵀ
     uk, Ck, RK, XK = _centring(amap, k)
-    ZC = W @ (RV * RK)
-    coherent = W @ (Cv * Ck) @ amap.WT - ZC - ZC.T + XV * XK
+    coherent = _centred_products(amap, Cv, RV, XV, Ck, RK, XK)
     XVd, XKd, coherent_d = XV.diagonal(), XK.diagonal(), coherent.diagonal()
     uvk = uv * uk
     h = uv * Ck.diagonal() + Cv.diagonal() * uk
@@ -799,8 +819,18 @@ def _coherent_across(amap: AttentionMap, Mv: np.ndarray, Mk: np.ndarray) -> np.n
     Mv = Mv - _mean(Mv)
     Mk = Mk - _mean(Mk)
     RV, RK = Mv @ amap.WT, Mk @ amap.WT
-    Z = W @ (RV * RK)
-    return W @ (Mv * Mk) @ amap.WT - Z - Z.T + (W @ RV) * (W @ RK)
+    return _centred_products(amap, Mv, RV, W @ RV, Mk, RK, W @ RK)
+
+
+def _centred_products(amap: AttentionMap, A: np.ndarray, RA: np.ndarray, XA: np.ndarray,
+                      B: np.ndarray, RB: np.ndarray, XB: np.ndarray) -> np.ndarray:
+    """``Σ_jl p̄_ij p̄_kl Ã(j, l) B̃(j, l)`` for two pair matrices each centred on the two
+    queries' weights, from ``A``, ``R_A = A Wᵀ`` and ``X_A = W A Wᵀ`` (likewise ``B``)::
+
+        W (A ∘ B) Wᵀ − Z − Zᵀ + X_A ∘ X_B,   Z = W (R_A ∘ R_B)"""
+    W = amap.W
+    Z = W @ (RA * RB)
+    return W @ (A * B) @ amap.WT - Z - Z.T + XA * XB
 
 
 def _query_products(g: Cov, q: Cov) -> tuple[np.ndarray, np.ndarray]:

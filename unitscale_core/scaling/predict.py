@@ -126,29 +126,11 @@ def _sinusoidal_cov(d_model: int, t: int) -> tuple[Cov, tuple[np.ndarray, np.nda
     of the row means ``μ_i μ_j`` that a LayerNorm removes (distinct tokens, other
     sequences). Bins wider than 16 positions are sampled at 16."""
     g = covariance.grid(t)
-    edges = g.edges
-    samples = [np.unique(np.linspace(lo, hi - 1, min(hi - lo, 16)).round())
-               for lo, hi in zip(edges[:-1], edges[1:])]
-    pos = np.concatenate(samples)
-    onehot = np.zeros((len(pos), len(samples)))
-    onehot[np.arange(len(pos)), np.repeat(np.arange(len(samples)),
-                                          [len(x) for x in samples])] = 1.0
-    cnt = onehot.sum(0)
+    pos, onehot, cnt = covariance.sampled_positions(t)
     pe = sinusoidal_at(pos, d_model).astype(np.float64)
     mu = pe.mean(1)
-
-    def binned(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        total = onehot.T @ gram @ onehot
-        diag = onehot.T @ np.diagonal(gram)
-        every = total / np.outer(cnt, cnt)
-        pairs = np.outer(cnt, cnt) - np.diag(cnt)
-        distinct = (total - np.diag(diag)) / np.maximum(pairs, 1.0)
-        single = cnt <= 1
-        distinct[single, single] = (diag / cnt)[single]  # one position: the token itself
-        return distinct, every, diag / cnt
-
-    C, M, var = binned(pe @ pe.T / d_model)
-    FC, FM, _ = binned(np.outer(mu, mu))
+    C, M, var = covariance.binned_pairs(pe @ pe.T / d_model, onehot, cnt)
+    FC, FM, _ = covariance.binned_pairs(np.outer(mu, mu), onehot, cnt)
     u = np.maximum(var - np.diagonal(C), 0.0)
     return Cov(g, u, C, M), (FC, FM)
 
