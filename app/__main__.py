@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.setApplicationName("Unit Scaling Explorer")
     app.setStyle("Fusion")
     remember = args.screenshot is None and not args.exit_on_first_paint
-    window = MainWindow(config, restore_settings=remember,
+    window = MainWindow(config, restore_settings=remember, warm_up=not args.exit_on_first_paint,
                         path=args.config if args.config and not problem else None)
     if problem:
         window.notify(problem)

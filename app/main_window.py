@@ -41,6 +41,7 @@ from .worker import Worker
 SETTINGS_ORG = "UnitScalingExplorer"
 #: torch's import holds the GIL for about a second; start it after the first paint.
 DEVICE_LOOKUP_DELAY_MS = 400
+WARM_UP_CHANNEL = "warmup"
 SETTINGS_APP = "unitscale-explorer"
 #: Files listed under File → Open Recent.
 MAX_RECENT = 8
@@ -61,12 +62,14 @@ class MainWindow(QMainWindow):
 
     def __init__(self, config: ModelConfig | None = None, *, restore_settings: bool = False,
                  settings: QSettings | None = None, confirm_unsaved: bool | None = None,
-                 path: str | Path | None = None):
+                 path: str | Path | None = None, warm_up: bool = False):
         """``restore_settings``: the program's session — reopen the last config, file,
         layout and panel choices from ``settings`` (default: the user's QSettings) and save
         them on close. ``confirm_unsaved`` (default: ``restore_settings``): ask before
         unsaved changes are dropped (quit, New, Open). ``path``: the file ``config`` was
-        read from (it becomes this session's file)."""
+        read from (it becomes this session's file). ``warm_up``: once the device is known, the
+        worker pays torch's one-time costs (:mod:`unitscale_core.warmup`) so the first
+        Measure does not stall the window; the program passes it, tests need not."""
         super().__init__()
         self.setObjectName("mainWindow")
         self._settings_store = settings
@@ -141,6 +144,8 @@ class MainWindow(QMainWindow):
         self.device_label = QLabel("device: looking…", objectName="deviceLabel")
         self.statusBar().addPermanentWidget(self.device_label)
         self.device_described.connect(self.device_label.setText)
+        self._warm_up = warm_up
+        self.device_described.connect(self._start_warm_up)
         # not a daemon: a daemon thread still importing torch when the interpreter exits is
         # stopped inside C++ (std::terminate, the process aborts); a window closed within the
         # first seconds now lets the process end once the import is done
@@ -437,7 +442,18 @@ class MainWindow(QMainWindow):
         self.restoreState(self._default_state)
 
     # -- worker feedback ---------------------------------------------------------------------------
+    def _start_warm_up(self, _device: str) -> None:
+        if not self._warm_up:
+            return
+        from unitscale_core.warmup import warm_up
+
+        self._warm_up = False  # once per session
+        cfg, worker = self._config, self.worker
+        worker.submit(WARM_UP_CHANNEL, warm_up, cfg, check_cancelled=worker.check_cancelled)
+
     def _on_job_started(self, channel: str, _request_id: int) -> None:
+        if channel == WARM_UP_CHANNEL:
+            return  # the user did not ask for it: no busy indicator
         self.busy.show()
         self.cancel_button.show()
         self.statusBar().showMessage(f"running {channel}…")
@@ -450,6 +466,9 @@ class MainWindow(QMainWindow):
 
     def _on_job_failed(self, channel: str, request_id: int, message: str) -> None:
         self._on_job_done()
+        if channel == WARM_UP_CHANNEL:  # the user's own Measure will say what is wrong
+            log.debug("warm-up failed: %s", message)
+            return
         self.statusBar().showMessage(f"{channel} failed: {message}", 10_000)
 
     # -- device --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import threading
 
 from PySide6.QtCore import QObject, Signal
 
+from app.thread_priority import lower_this_thread
 from unitscale_core.config import ModelConfig
 from unitscale_core.scaling.predict import PredictionCancelled, predict
 
@@ -43,6 +44,7 @@ class PredictionThread(QObject):
         self._latest: set[Key] = set()  # the newest request's keys: others are stale
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.native_id: int | None = None  # the OS thread id, once running
 
     # -- GUI thread ----------------------------------------------------------------------------
     def request(self, keys: list[Key]) -> None:
@@ -89,6 +91,8 @@ class PredictionThread(QObject):
 
     # -- the thread ----------------------------------------------------------------------------
     def run(self) -> None:
+        self.native_id = threading.get_native_id()
+        lower_this_thread()  # typing in the model panel stays smooth (app/thread_priority.py)
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:

@@ -21,6 +21,8 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal
 
+from app.thread_priority import lower_this_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -56,6 +58,7 @@ class Worker(QThread):
         self._cancel_current = False
         self._stopping = False
         self.latest: dict[str, int] = {}  # newest request id per channel (GUI side)
+        self.native_id: int | None = None  # the OS thread id, once running
 
     # -- GUI thread ----------------------------------------------------------------------------
     def submit(self, channel: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
@@ -72,7 +75,7 @@ class Worker(QThread):
                 self._cancel_current = True
             self._lock.notify()
         if not self.isRunning():
-            self.start()
+            self.start(QThread.Priority.LowPriority)  # Windows, macOS; Linux: run()
         return rid
 
     def is_latest(self, channel: str, request_id: int) -> bool:
@@ -118,6 +121,8 @@ class Worker(QThread):
             self.progress.emit(current.channel, current.id, float(fraction), text)
 
     def run(self) -> None:  # noqa: D401 - QThread's entry point
+        self.native_id = threading.get_native_id()
+        lower_this_thread()  # the GUI thread paints first (app/thread_priority.py)
         while True:
             with self._lock:
                 while not self._pending and not self._stopping:

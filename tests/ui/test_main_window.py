@@ -149,3 +149,25 @@ def test_hidden_attention_tab_stays_idle_until_shown(qtbot, window):
     with qtbot.waitSignal(window.attention_panel.computed, timeout=60_000):
         window.docks["Attention"].raise_()
     assert "tokens" in window.attention_panel.status.text()
+
+
+def test_warm_up_runs_once_silently_and_leaves_the_model_built(qtbot):
+    """The program's window warms torch up in the worker once the device is known: no busy
+    indicator, and the shown (small) config's model is then in the measurement's cache."""
+    from unitscale_core import measure
+
+    cfg = ModelConfig(d_model=64, n_heads=2, d_ff=128, n_layers=2, vocab_size=256,
+                      seq_len=16, batch_size=2, seed=12345)
+    win = MainWindow(cfg, warm_up=True)
+    qtbot.addWidget(win)
+    started: list[tuple[str, bool]] = []
+    win.worker.started_job.connect(lambda ch, rid: started.append((ch, win.busy.isVisible())))
+    win.show()
+    try:
+        qtbot.waitUntil(lambda: any(ch == "warmup" for ch, _ in started)
+                        and not win.worker.busy(), timeout=60_000)
+        assert [shown for ch, shown in started if ch == "warmup"] == [False]
+        key = cfg.replace(seq_len=1, batch_size=1, device="auto")
+        assert any(k[0] == key for k in measure._models)  # noqa: SLF001
+    finally:
+        win.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
 import pytest
 
+from app.thread_priority import BACKGROUND_NICE, thread_nice
 from app.worker import Worker
 
 
@@ -92,3 +94,26 @@ def test_stop_while_busy_returns_quickly(qtbot):
     assert w.stop(2000)
     assert time.perf_counter() - t0 < 2.0
     assert not w.isRunning()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_worker_thread_runs_below_the_gui_thread(qtbot, worker):
+    """The worker's thread (and the threads it starts: torch's OpenMP team) gives way to the
+    GUI thread for the CPU, so a repaint during a measurement is not stretched (thread
+    priorities, app/thread_priority.py)."""
+    seen: list[tuple[int | None, int | None]] = []
+
+    def job():
+        here = threading.get_native_id()
+        child: list[int | None] = []
+        t = threading.Thread(target=lambda: child.append(thread_nice(threading.get_native_id())))
+        t.start(), t.join()
+        return thread_nice(here), child[0]
+
+    worker.finished_job.connect(lambda ch, rid, res: seen.append(res))
+    worker.submit("nice", job)
+    qtbot.waitUntil(lambda: bool(seen), timeout=5000)
+    gui = thread_nice(threading.get_native_id())
+    assert worker.native_id is not None
+    assert seen[0][0] == min(19, gui + BACKGROUND_NICE) > gui
+    assert seen[0][1] == seen[0][0]  # inherited by the threads it starts
