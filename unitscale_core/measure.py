@@ -19,6 +19,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -207,6 +208,15 @@ def measure(cfg: ModelConfig, device: str | torch.device | None = None,
     return rows
 
 
+class SeedSpread(NamedTuple):
+    """How one tensor's RMS varied over the seeds of :func:`measure_seeds`: the smallest and
+    largest draw, and the standard deviation of ``log2 rms`` (0 for one seed)."""
+
+    low: float
+    high: float
+    log2_std: float
+
+
 def measure_seeds(cfg: ModelConfig, seeds: int, device: str | torch.device | None = None,
                   check_cancelled: Callable[[], None] | None = None,
                   progress: Callable[[float], None] | None = None) -> list[TensorRow]:
@@ -225,6 +235,17 @@ def measure_seeds(cfg: ModelConfig, seeds: int, device: str | torch.device | Non
     draw is large (8 seeds of the 12-layer unit decoder: 93% against 99%; see
     ``benchmarks/agreement_seeds.py``, which reports both).
     """
+    return measure_seeds_with_spread(cfg, seeds, device, check_cancelled, progress)[0]
+
+
+def measure_seeds_with_spread(cfg: ModelConfig, seeds: int,
+                              device: str | torch.device | None = None,
+                              check_cancelled: Callable[[], None] | None = None,
+                              progress: Callable[[float], None] | None = None
+                              ) -> tuple[list[TensorRow], dict[tuple[str, str], SeedSpread]]:
+    """:func:`measure_seeds`' rows and, per ``(name, kind)``, how the draws spread
+    (:class:`SeedSpread`): whether a tensor's disagreement with the prediction is the luck of
+    the draw or a bias."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, not {seeds}")
     runs = []
@@ -234,14 +255,29 @@ def measure_seeds(cfg: ModelConfig, seeds: int, device: str | torch.device | Non
         runs.append(measure(cfg.replace(seed=cfg.seed + i), device, check_cancelled))
         if progress is not None:
             progress((i + 1) / seeds)
-    if seeds == 1:
-        return runs[0]
+    return combine_seeds(runs)
+
+
+def combine_seeds(runs: list[list[TensorRow]]
+                  ) -> tuple[list[TensorRow], dict[tuple[str, str], SeedSpread]]:
+    """Combine measurements of several seeds (:func:`measure_seeds`); one run is returned
+    as it is, with zero spread."""
+    if len(runs) == 1:
+        return runs[0], {(r.name, r.kind): SeedSpread(r.rms, r.rms, 0.0) for r in runs[0]}
     by_key = [{(r.name, r.kind): r for r in rows} for rows in runs]
-    out = []
+    out, spread = [], {}
     for row in runs[0]:
         key = (row.name, row.kind)
         draws = [rows[key] for rows in by_key if key in rows]
-        rms = math.sqrt(sum(r.rms * r.rms for r in draws) / len(draws))
+        values = [r.rms for r in draws]
+        rms = math.sqrt(sum(v * v for v in values) / len(values))
+        logs = [math.log2(v) for v in values if v > 0 and math.isfinite(v)]
+        if len(logs) == len(values):
+            mean = sum(logs) / len(logs)
+            std = math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs))
+        else:  # a zero or non-finite draw: no log spread, unless every draw is the same
+            std = 0.0 if min(values) == max(values) else math.nan
+        spread[key] = SeedSpread(min(values), max(values), std)
         formats = {}
         for name in row.formats:
             fmt = FORMATS[name]
@@ -251,4 +287,4 @@ def measure_seeds(cfg: ModelConfig, seeds: int, device: str | torch.device | Non
                 "overflow": sum(r.formats[name]["overflow"] for r in draws) / len(draws),
                 "headroom_max_log2": hmax, "headroom_min_log2": hmin}
         out.append(TensorRow(row.name, row.kind, rms, {}, formats, row.shape))
-    return out
+    return out, spread

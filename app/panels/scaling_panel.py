@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QEvent, QItemSelectionModel, Qt, QTimer, Signal
 from PySide6.QtWidgets import (
@@ -44,6 +44,9 @@ from unitscale_core.scaling.predict import (
 from unitscale_core.sizing import count_parameters
 from unitscale_core.tensors import REPORTED_FORMATS, TensorRow
 
+if TYPE_CHECKING:
+    from unitscale_core.measure import SeedSpread
+
 from ..export import (
     Figure,
     Item,
@@ -65,6 +68,8 @@ from .seed_formula_tab import SeedFormulaTab
 CHANNEL = "measure"
 #: Auto-measure only configs this small (parameters), so typing stays smooth on a CPU.
 AUTO_MEASURE_MAX_PARAMS = 20_000_000
+#: |log2(predicted/measured)| within which a tensor agrees (25%)
+TOLERANCE_LOG2 = 0.32
 FOLLOW = "follow the model"
 #: With more tensors than this (~24 layers), a new prediction draws the chart and the summary
 #: line in its own frame and leaves the table (a 96-layer model's reset and repaint take
@@ -91,6 +96,23 @@ def slow_to_predict(cfg: ModelConfig) -> bool:
     return prediction_layers(cfg) > ASYNC_LAYERS
 
 
+def scattered_disagreements(predicted: list[TensorRow], measured: list[TensorRow],
+                            spread: dict[tuple[str, str], SeedSpread]) -> int:
+    """How many tensors outside the tolerance (:func:`agreement`) vary between seeds by more
+    than it (log2 std of their draws > 0.32): disagreements the luck of the draw can explain,
+    where more seeds would tell."""
+    meas = {(r.name, r.kind): r.rms for r in measured}
+    out = 0
+    for r in predicted:
+        key = (r.name, r.kind)
+        m, s = meas.get(key), spread.get(key)
+        if m is None or s is None or not math.isfinite(m) or r.rms <= 0 or m <= 0:
+            continue
+        if abs(math.log2(r.rms / m)) > TOLERANCE_LOG2 and s.log2_std > TOLERANCE_LOG2:
+            out += 1
+    return out
+
+
 def agreement(predicted: list[TensorRow], measured: list[TensorRow]) -> tuple[int, int]:
     """(rows within 25%, rows compared): |log2(pred/meas)| ≤ 0.32; a predicted exact zero
     agrees with a measured value below 1e-6 (the key bias's gradient)."""
@@ -103,7 +125,7 @@ def agreement(predicted: list[TensorRow], measured: list[TensorRow]) -> tuple[in
         total += 1
         if r.rms == 0:
             ok += m < 1e-6
-        elif m > 0 and abs(math.log2(r.rms / m)) <= 0.32:
+        elif m > 0 and abs(math.log2(r.rms / m)) <= TOLERANCE_LOG2:
             ok += 1
     return ok, total
 
@@ -121,6 +143,8 @@ class ScalingPanel(QWidget):
         self.config = config
         self.predicted: list[TensorRow] = []
         self.measured: list[TensorRow] = []
+        #: per (name, kind), how a measurement over several seeds varied (else empty)
+        self.spread: dict[tuple[str, str], SeedSpread] = {}
         self._measure_id = 0
         self._measured_for: ModelConfig | None = None
         self._measured_seeds = 1  # initialisations the measurement shown is combined over
@@ -296,6 +320,7 @@ class ScalingPanel(QWidget):
         self._deferring = len(rows) > DEFER_ROWS
         if self._measured_for != key[0]:
             self.measured = []
+            self.spread = {}
         self._redraw()
         self._show_busy()
         self.computed.emit()
@@ -335,7 +360,7 @@ class ScalingPanel(QWidget):
         return stream_collapse(self._predicted_for[0]) if self._predicted_for else None
 
     def _redraw(self) -> None:
-        self.chart.set_rows(self.predicted, self.measured)
+        self.chart.set_rows(self.predicted, self.measured, self.spread)
         self.chart.set_collapse(self._shown_collapse())
         self._table_pending = True
         if self._deferring:
@@ -374,7 +399,7 @@ class ScalingPanel(QWidget):
             self.model.set_rows(
                 self.predicted, self.measured, self.format.currentData(),
                 noise_rows(((r.name, r.kind) for r in self.predicted), collapse),
-                collapse.describe() if collapse is not None else "")
+                collapse.describe() if collapse is not None else "", self.spread)
 
     def table_current(self) -> bool:
         """True when the table shows the rows the chart shows."""
@@ -415,6 +440,10 @@ class ScalingPanel(QWidget):
                 if self._measured_seeds > 1 else ""
             text += (f"<br>measured{over}: {ok}/{total} tensors "
                      f"({100 * ok / max(total, 1):.0f}%) within 25% of the prediction")
+            if self.spread and ok < total:
+                lucky = scattered_disagreements(self.predicted, self.measured, self.spread)
+                text += (f"; of the {total - ok} outside, {lucky} scatter more than that "
+                         f"between seeds (log₂ std > {TOLERANCE_LOG2})")
         return text
 
     def summary_complete(self) -> bool:
@@ -492,12 +521,12 @@ class ScalingPanel(QWidget):
     def measure(self) -> int:
         """Ask the worker for a measurement of the shown config (over the chosen number of
         seeds); returns the request id."""
-        from unitscale_core.measure import measure_seeds
+        from unitscale_core.measure import measure_seeds_with_spread
 
         cfg = self.shown_config()
         worker = self.worker
         seeds = self.seeds.value()
-        self._measure_id = worker.submit(CHANNEL, lambda: (cfg, seeds, measure_seeds(
+        self._measure_id = worker.submit(CHANNEL, lambda: (cfg, seeds, *measure_seeds_with_spread(
             cfg, seeds, check_cancelled=worker.check_cancelled, progress=lambda f: worker.report(
                 f, f"measured {round(f * seeds)} of {seeds} seeds") if seeds > 1 else None)))
         self.measure_button.setEnabled(False)
@@ -511,16 +540,19 @@ class ScalingPanel(QWidget):
     def _on_result(self, channel: str, request_id: int, result) -> None:
         if channel != CHANNEL or request_id != self._measure_id:
             return  # stale: a newer request is pending or done
-        cfg, seeds, rows = result
+        cfg, seeds, rows, spread = result
         self.measure_button.setEnabled(True)
-        self.show_measured(cfg, rows, seeds)
+        self.show_measured(cfg, rows, seeds, spread)
 
-    def show_measured(self, cfg: ModelConfig, rows: list[TensorRow], seeds: int = 1) -> bool:
+    def show_measured(self, cfg: ModelConfig, rows: list[TensorRow], seeds: int = 1,
+                      spread: dict[tuple[str, str], SeedSpread] | None = None) -> bool:
         """Overlay a measurement of ``cfg`` (over ``seeds`` initialisations, combined by
-        ``measure_seeds``); ignored (False) when ``cfg`` is not shown now."""
+        ``measure_seeds``, with each tensor's ``spread`` over them); ignored (False) when
+        ``cfg`` is not shown now."""
         if cfg != self.shown_config():
             return False
         self.measured, self._measured_for, self._measured_seeds = rows, cfg, seeds
+        self.spread = spread if seeds > 1 and spread else {}
         if self.prediction_current():  # else drawn with the prediction when it arrives
             self._redraw()
         self.measured_ready.emit()

@@ -15,7 +15,8 @@ atlas key per point and builds them in Python on every ``setData`` (about 10 ms 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyqtgraph as pg
@@ -28,6 +29,9 @@ from PySide6.QtWidgets import QGraphicsView, QVBoxLayout, QWidget
 from unitscale_core.scaling.collapse import Collapse
 from unitscale_core.scaling.formats import FORMATS
 from unitscale_core.tensors import TensorRow
+
+if TYPE_CHECKING:
+    from unitscale_core.measure import SeedSpread
 
 try:  # drawPixmapFragments from a numpy array, as pyqtgraph's ScatterPlotItem draws
     from pyqtgraph.Qt.internals import PrimitiveArray
@@ -339,15 +343,28 @@ class ScaleChart(QWidget):
             self.plot.addItem(item)
             legend.addItem(item, label)  # not a pyqtgraph data item, so added by hand
             self._series[key] = item
+        # a measurement over several seeds: each tensor's range of draws, a line through
+        # its hollow marker (connected in pairs: one segment per tensor)
+        self._ranges: dict[str, pg.PlotCurveItem] = {}
+        for key, colour in (("meas_fwd", FORWARD_COLOUR), ("meas_bwd", BACKWARD_COLOUR)):
+            item = pg.PlotCurveItem(connect="pairs", pen=pg.mkPen(colour, width=1.2))
+            item.setZValue(-1)  # under the markers
+            self.plot.addItem(item)
+            self._ranges[key] = item
         self.values: dict[str, dict[str, float]] = {}
+        #: "meas_fwd"/"meas_bwd" → name → (lowest, highest) draw over the seeds
+        self.ranges: dict[str, dict[str, tuple[float, float]]] = {}
         self.collapse_line: pg.InfiniteLine | None = None
 
     # -- data ----------------------------------------------------------------------------------
     def set_rows(self, predicted: Sequence[TensorRow],
-                 measured: Sequence[TensorRow] | None = None) -> None:
-        """Show predictions (and measurements, matched by name and kind). The rows in view
-        stay in view when the tensors are the same ones (another dtype, format or
-        parametrization of the same model); a new model scrolls back to the first rows."""
+                 measured: Sequence[TensorRow] | None = None,
+                 spread: Mapping[tuple[str, str], SeedSpread] | None = None) -> None:
+        """Show predictions (and measurements, matched by name and kind; ``spread``: of a
+        measurement over several seeds, each tensor's lowest and highest draw, drawn as a
+        line through its measured marker). The rows in view stay in view when the tensors
+        are the same ones (another dtype, format or parametrization of the same model); a new
+        model scrolls back to the first rows."""
         forward = {r.name: r for r in predicted if r.kind in FORWARD_KINDS}
         same_rows = list(forward) == self.names
         self.names = list(forward)
@@ -369,12 +386,32 @@ class ScaleChart(QWidget):
             # point's row is its y rounded, which hover and click map back to the name
             offset = -0.18 if key.endswith("fwd") else 0.18
             item.setData(xs[ok], ys[ok] + offset)
+        self._set_ranges(measured or [], spread or {}, index)
         self.plot.enableAutoRange(x=True)
         if same_rows:
             return
         self.plot.getAxis("left").set_names(self.names)
         self.plot.setLimits(yMin=-1, yMax=max(len(self.names), 1) + 1)
         self.plot.setYRange(-0.5, min(len(self.names), 60) - 0.5, padding=0)
+
+    def _set_ranges(self, measured: Sequence[TensorRow],
+                    spread: Mapping[tuple[str, str], SeedSpread], index: dict[str, int]) -> None:
+        ranges = self.ranges = {"meas_fwd": {}, "meas_bwd": {}}
+        for row in measured:
+            s = spread.get((row.name, row.kind))
+            if s is not None and row.name in index and s.low > 0 and s.high > s.low:
+                key = "meas_fwd" if row.kind in FORWARD_KINDS else "meas_bwd"
+                ranges[key][row.name] = (s.low, s.high)
+        for key, item in self._ranges.items():
+            data = ranges[key]
+            if not data:
+                item.setData([], [])
+                continue
+            offset = -0.18 if key.endswith("fwd") else 0.18
+            ys = np.repeat([index[name] + offset for name in data], 2)
+            xs = np.log2(np.array(list(data.values()), dtype=np.float64)).ravel()
+            ok = np.isfinite(xs).reshape(-1, 2).all(1).repeat(2)
+            item.setData(xs[ok], ys[ok])
 
     def set_collapse(self, collapse: Collapse | None) -> None:
         """A dashed line just above the collapsing norm's row, labelled: from there down the
@@ -426,6 +463,10 @@ class ScaleChart(QWidget):
             if name in self.values.get(key, {}):
                 value = self.values[key][name]
                 parts.append(f"{label}: {value:.4g} (log₂ {_log2(value):.2f})")
+                low_high = self.ranges.get(key, {}).get(name)
+                if low_high is not None:
+                    parts.append(f"  draws over the seeds: {low_high[0]:.4g} … {low_high[1]:.4g}"
+                                 f" (log₂ {_log2(low_high[0]):.2f} … {_log2(low_high[1]):.2f})")
         formula = self.formula(name)
         if formula:
             parts.append(formula)

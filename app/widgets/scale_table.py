@@ -9,7 +9,8 @@ row (only the rows on screen are ever drawn), then kept until the next reset.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
 from PySide6.QtGui import QBrush, QColor
@@ -19,10 +20,13 @@ from unitscale_core.tensors import TensorRow
 
 from ..export import EXPORT_ROLE
 
+if TYPE_CHECKING:
+    from unitscale_core.measure import SeedSpread
+
 STATUS_COLOURS = {"fine": "#c8e6c9", "at_risk": "#ffe0b2", "lost": "#ffcdd2"}
 COLUMNS = ("tensor", "kind", "predicted RMS", "log₂", "× forward", "× grad-in", "× grad-w",
            "underflow", "overflow", "↑ headroom", "↓ headroom", "status", "measured RMS",
-           "log₂ error")
+           "log₂ error", "± seeds")
 TOOLTIPS = {
     "predicted RMS": "Analytic prediction at initialisation; hover a cell for its formula",
     "× forward": "Factor the parametrization multiplies this op's output by",
@@ -35,9 +39,14 @@ TOOLTIPS = {
     "status": "fine; at risk (underflow > 0.1%, overflow > 1e-6 or subnormal > 10%); "
               "lost (more than half underflows or overflows)",
     "log₂ error": "log₂(predicted / measured); |error| ≤ 0.32 is within 25%",
+    "± seeds": "Measured over several seeds: the standard deviation of log₂ RMS between the "
+               "draws (hover for the lowest and highest). Above 0.32 one initialisation "
+               "often misses by more than the tolerance: more seeds tell luck from bias",
 }
 _PERCENT = frozenset({"underflow", "overflow"})
-_TWO_DECIMALS = frozenset({"log₂", "↑ headroom", "↓ headroom", "log₂ error"})
+_TWO_DECIMALS = frozenset({"log₂", "↑ headroom", "↓ headroom", "log₂ error", "± seeds"})
+_STATUS_COLUMN, _ERROR_COLUMN = COLUMNS.index("status"), COLUMNS.index("log₂ error")
+_SPREAD_COLUMNS = frozenset(COLUMNS.index(c) for c in ("measured RMS", "log₂ error", "± seeds"))
 _SCALE_KEYS = {"× forward": "forward", "× grad-in": "grad_input", "× grad-w": "grad_weight"}
 _FORMAT_KEYS = {"underflow": "underflow", "overflow": "overflow",
                 "↑ headroom": "headroom_max_log2", "↓ headroom": "headroom_min_log2"}
@@ -95,7 +104,8 @@ class _Cells:
 
     __slots__ = ("values", "texts", "backgrounds")
 
-    def __init__(self, row: TensorRow, fmt: str, measured: float | None):
+    def __init__(self, row: TensorRow, fmt: str, measured: float | None,
+                 spread: SeedSpread | None = None):
         f = row.formats.get(fmt)
         values = [row.name, row.kind, row.rms, _log2(row.rms)]
         values += [row.scales.get(key) for key in _SCALE_KEYS.values()]
@@ -105,7 +115,7 @@ class _Cells:
         if measured is not None and measured > 0 and row.rms > 0 and \
                 math.isfinite(measured) and math.isfinite(row.rms):
             error = math.log2(row.rms / measured)
-        values += [status, measured, error]
+        values += [status, measured, error, spread.log2_std if spread is not None else None]
         texts = []
         for column, value in zip(COLUMNS, values):
             if isinstance(value, str):
@@ -120,9 +130,9 @@ class _Cells:
                 texts.append(_fmt(value))
         backgrounds = [None] * len(COLUMNS)
         if status in STATUS_COLOURS:
-            backgrounds[-3] = _BRUSHES[STATUS_COLOURS[status]]
+            backgrounds[_STATUS_COLUMN] = _BRUSHES[STATUS_COLOURS[status]]
         if error is not None:
-            backgrounds[-1] = _AGREE if abs(error) <= 0.32 else _DISAGREE
+            backgrounds[_ERROR_COLUMN] = _AGREE if abs(error) <= 0.32 else _DISAGREE
         self.values, self.texts, self.backgrounds = values, texts, backgrounds
 
 
@@ -147,14 +157,19 @@ class ScaleTableModel(QAbstractTableModel):
         #: (name, kind) of rows whose values are rounding noise, and why (one line)
         self.noise: frozenset[tuple[str, str]] = frozenset()
         self.noise_reason = ""
+        #: (name, kind) → how a measurement over several seeds varied (else empty)
+        self.spread: Mapping[tuple[str, str], SeedSpread] = {}
 
     def set_rows(self, rows: Sequence[TensorRow], measured: Sequence[TensorRow] | None = None,
                  fmt: str | None = None, noise: frozenset[tuple[str, str]] = frozenset(),
-                 noise_reason: str = "") -> None:
+                 noise_reason: str = "",
+                 spread: Mapping[tuple[str, str], SeedSpread] | None = None) -> None:
         """Show ``rows`` (joined with ``measured``) in ``fmt``; ``noise``: rows marked ⚠ as
-        rounding noise, ``noise_reason`` their tooltip's line."""
+        rounding noise, ``noise_reason`` their tooltip's line; ``spread``: each measured
+        tensor's variation over the seeds of a measurement over several."""
         self.beginResetModel()
         self.noise, self.noise_reason = noise, noise_reason
+        self.spread = spread or {}
         self.all_rows = list(rows)
         self.measured = {(r.name, r.kind): r.rms for r in measured} if measured else {}
         if fmt is not None:
@@ -213,6 +228,9 @@ class ScaleTableModel(QAbstractTableModel):
             return [f.get(key) if (f := r.formats.get(fmt)) else None for r in rows]
         if column == "status":
             return [_status(r.formats.get(fmt), r.rms, fmt) for r in rows]
+        if column == "± seeds":
+            spread = self.spread
+            return [s.log2_std if (s := spread.get((r.name, r.kind))) else None for r in rows]
         c = COLUMNS.index(column)
         return [_Cells(r, fmt, measured.get((r.name, r.kind))).values[c] for r in rows]
 
@@ -263,8 +281,9 @@ class ScaleTableModel(QAbstractTableModel):
         cells = self._cells.get(r)
         if cells is None:
             row = self.rows[r]
-            cells = self._cells[r] = _Cells(row, self.format,
-                                            self.measured.get((row.name, row.kind)))
+            key = (row.name, row.kind)
+            cells = self._cells[r] = _Cells(row, self.format, self.measured.get(key),
+                                            self.spread.get(key))
         return cells
 
     def value(self, r: int, column: str):
@@ -296,5 +315,9 @@ class ScaleTableModel(QAbstractTableModel):
             tip = f"{row.name} ({row.kind})\n{row.formula}" if row.formula else row.name
             if (row.name, row.kind) in self.noise:
                 tip += f"\n⚠ rounding noise: {self.noise_reason}"
+            spread = self.spread.get((row.name, row.kind))
+            if spread is not None and c in _SPREAD_COLUMNS:
+                tip += (f"\nover the seeds: {_fmt(spread.low)} … {_fmt(spread.high)}, "
+                        f"log₂ std {spread.log2_std:.2f}")
             return tip
         return None

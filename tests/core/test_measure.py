@@ -202,3 +202,29 @@ def test_measure_seeds_is_the_pooled_rms_of_single_measurements():
     assert [r.rms for r in measure_seeds(cfg, 1)] == [r.rms for r in measure(cfg)]
     with pytest.raises(ValueError, match="seeds"):
         measure_seeds(cfg, 0)
+
+
+def test_measure_seeds_reports_how_each_tensor_varied():
+    """With the combined rows, each tensor's lowest and highest draw and the standard
+    deviation of its log2 RMS over the seeds (a zero tensor in every draw: none)."""
+    from unitscale_core.measure import measure_seeds_with_spread
+
+    cfg = ModelConfig(d_model=32, n_heads=2, d_ff=64, n_layers=1, vocab_size=64, max_len=8,
+                      seq_len=8, batch_size=2, seed=4)
+    single = [{(r.name, r.kind): r.rms for r in measure(cfg.replace(seed=s))} for s in (4, 5, 6)]
+    rows, spread = measure_seeds_with_spread(cfg, 3)
+    assert set(spread) == {(r.name, r.kind) for r in rows}
+    varied = 0
+    for key, s in spread.items():
+        values = [m[key] for m in single]
+        assert (s.low, s.high) == (min(values), max(values))
+        if min(values) > 0:
+            logs = [math.log2(v) for v in values]
+            mean = sum(logs) / 3
+            assert s.log2_std == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in logs) / 3))
+            varied += s.log2_std > 0.01
+        elif max(values) == 0:
+            assert s.log2_std == 0.0
+    assert varied > len(spread) / 2  # other seeds, other draws
+    _, one = measure_seeds_with_spread(cfg, 1)
+    assert all(s.log2_std == 0.0 and s.low == s.high for s in one.values())

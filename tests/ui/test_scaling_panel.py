@@ -6,14 +6,18 @@ import html
 import math
 import time
 
+import numpy as np
 import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QLabel, QSpinBox, QWidget
 
 from app.export import EXPORT_ROLE
 from app.main_window import MainWindow
+from app.panels.scaling_panel import agreement, scattered_disagreements
 from app.widgets.scale_table import COLUMNS, STATUS_COLOURS, row_status
+from unitscale_core.measure import measure
 from unitscale_core.scaling.predict import predict
+from unitscale_core.tensors import TensorRow
 
 SMALL = dict(d_model=64, n_heads=4, d_ff=128, n_layers=2, vocab_size=256, max_len=64,
              seq_len=32, batch_size=4)
@@ -494,6 +498,40 @@ def test_measure_over_seeds_overlays_their_pooled_rms(qtbot, window):
     assert got == pytest.approx(want, rel=1e-6)
     assert "measured (RMS over 3 seeds):" in panel.summary.text()
     assert "measured 3 of 3 seeds" in texts
+    # how each tensor varied: a line through its marker, a column, the summary
+    singles = [{(r.name, r.kind): r.rms for r in measure(panel.shown_config().replace(seed=s))}
+               for s in range(panel.shown_config().seed, panel.shown_config().seed + 3)]
+    name = "layers.0.attn.q"
+    low, high = panel.chart.ranges["meas_fwd"][name]
+    draws = [m[(name, "activation")] for m in singles]
+    assert (low, high) == pytest.approx((min(draws), max(draws)), rel=1e-9)
+    assert len(panel.chart._ranges["meas_fwd"].xData) == 2 * len(panel.chart.ranges["meas_fwd"])
+    assert "draws over the seeds" in panel.chart.describe(name)
+    panel.fill_table()
+    col = COLUMNS.index("± seeds")
+    row = panel.model.row_of(name)
+    assert panel.model.value(row, "± seeds") == pytest.approx(
+        float(np.std(np.log2(draws))), rel=1e-6)
+    tip = panel.model.data(panel.model.index(row, col), Qt.ItemDataRole.ToolTipRole)
+    assert "over the seeds:" in tip
+    ok, total = agreement(panel.predicted, panel.measured)
+    lucky = scattered_disagreements(panel.predicted, panel.measured, panel.spread)
+    if ok < total:
+        assert f"of the {total - ok} outside, {lucky} scatter" in panel.summary.text()
+
+
+def test_scattered_disagreements_count_only_rows_outside_that_vary():
+    from unitscale_core.measure import SeedSpread
+
+    pred = [TensorRow("a", "activation", 1.0), TensorRow("b", "activation", 1.0),
+            TensorRow("c", "activation", 1.0)]
+    meas = [TensorRow("a", "activation", 2.0), TensorRow("b", "activation", 2.0),
+            TensorRow("c", "activation", 1.1)]
+    spread = {("a", "activation"): SeedSpread(1.0, 4.0, 0.8),
+              ("b", "activation"): SeedSpread(1.9, 2.1, 0.05),
+              ("c", "activation"): SeedSpread(0.5, 2.0, 0.9)}
+    assert agreement(pred, meas) == (1, 3)
+    assert scattered_disagreements(pred, meas, spread) == 1  # a: outside and scattered
 
 
 def test_stale_measurement_is_dropped(qtbot, window):
