@@ -20,9 +20,10 @@ import threading
 
 from PySide6.QtCore import QObject, Signal
 
-from app.thread_priority import lower_this_thread
 from unitscale_core.config import ModelConfig
 from unitscale_core.scaling.predict import PredictionCancelled, predict
+
+from .thread_priority import lower_this_thread
 
 log = logging.getLogger(__name__)
 

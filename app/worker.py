@@ -21,7 +21,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal
 
-from app.thread_priority import lower_this_thread
+from .thread_priority import lower_this_thread
 
 log = logging.getLogger(__name__)
 

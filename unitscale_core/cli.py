@@ -155,7 +155,7 @@ def cmd_attention(args: argparse.Namespace) -> str:
 
 
 def cmd_measure(args: argparse.Namespace) -> str:
-    """One forward+backward pass (or ``--seeds`` of them, combined as √(mean of rms²)); RMS
+    """One forward+backward pass (or ``--seeds`` of them, combined by geometric mean); RMS
     of every tensor (same JSON shape as ``predict``; warnings: tensors that are not
     finite)."""
     from .measure import measure_seeds
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, help="override the device")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="measure N initialisations (seed, seed+1, …) and report each "
-                        "tensor's RMS over all of them, sqrt(mean of rms^2) (default 1)")
+                        "tensor's geometric-mean RMS (default 1)")
 
     p = sub.add_parser("attention", help="write every layer's attention for a text to .npz")
     p.add_argument("--model", metavar="minilm|FOLDER",

@@ -44,9 +44,6 @@ from unitscale_core.scaling.predict import (
 from unitscale_core.sizing import count_parameters
 from unitscale_core.tensors import REPORTED_FORMATS, TensorRow
 
-if TYPE_CHECKING:
-    from unitscale_core.measure import SeedSpread
-
 from ..export import (
     Figure,
     Item,
@@ -64,6 +61,9 @@ from ..widgets.scale_chart import ScaleChart
 from ..widgets.scale_table import ScaleTableModel
 from ..worker import Worker
 from .seed_formula_tab import SeedFormulaTab
+
+if TYPE_CHECKING:
+    from unitscale_core.measure import SeedSpread
 
 CHANNEL = "measure"
 #: Auto-measure only configs this small (parameters), so typing stays smooth on a CPU.
@@ -201,9 +201,9 @@ class ScalingPanel(QWidget):
             lambda n: self.seeds.setSuffix(" seed" if n == 1 else " seeds"))
         self.seeds.setToolTip(
             "Measure over this many initialisations (the config's seed, seed + 1, …) and "
-            "overlay each tensor's RMS over all of them, √(mean of rms²): the ensemble RMS the "
-            "prediction is about. One draw of a deep or strongly correlated stack scatters "
-            "±1–2 log₂ around it")
+            "overlay each tensor's geometric-mean RMS, exp(mean log rms): the typical draw, "
+            "with a line through it from the lowest to the highest. One draw of a deep or "
+            "strongly correlated stack scatters ±1–2 log₂")
         self.auto = QCheckBox("auto-measure small configs", objectName="autoMeasure")
         self.auto.setToolTip(f"Measure on every change while the model has at most "
                              f"{AUTO_MEASURE_MAX_PARAMS:,} parameters")
@@ -436,7 +436,7 @@ class ScalingPanel(QWidget):
             text += "<br>" + "<br>".join(warnings)
         if self.measured:
             ok, total = agreement(self.predicted, self.measured)
-            over = f" (RMS over {self._measured_seeds} seeds)" \
+            over = f" (geometric mean of {self._measured_seeds} seeds)" \
                 if self._measured_seeds > 1 else ""
             text += (f"<br>measured{over}: {ok}/{total} tensors "
                      f"({100 * ok / max(total, 1):.0f}%) within 25% of the prediction")

@@ -482,7 +482,7 @@ def test_measure_overlays_measurement(qtbot, window):
     assert panel.chart.values["meas_fwd"]
 
 
-def test_measure_over_seeds_overlays_their_pooled_rms(qtbot, window):
+def test_measure_over_seeds_overlays_their_geometric_mean(qtbot, window):
     """× 3 seeds: the overlay is measure_seeds' combination (seeds s, s+1, s+2), the summary
     says so, and progress comes per seed."""
     from unitscale_core.measure import measure_seeds
@@ -496,7 +496,7 @@ def test_measure_over_seeds_overlays_their_pooled_rms(qtbot, window):
     want = {(r.name, r.kind): r.rms for r in measure_seeds(panel.shown_config(), 3)}
     got = {(r.name, r.kind): r.rms for r in panel.measured}
     assert got == pytest.approx(want, rel=1e-6)
-    assert "measured (RMS over 3 seeds):" in panel.summary.text()
+    assert "measured (geometric mean of 3 seeds):" in panel.summary.text()
     assert "measured 3 of 3 seeds" in texts
     # how each tensor varied: a line through its marker, a column, the summary
     singles = [{(r.name, r.kind): r.rms for r in measure(panel.shown_config().replace(seed=s))}
