@@ -115,7 +115,9 @@ class _Cells:
         if measured is not None and measured > 0 and row.rms > 0 and \
                 math.isfinite(measured) and math.isfinite(row.rms):
             error = math.log2(row.rms / measured)
-        values += [status, measured, error, spread.log2_std if spread is not None else None]
+        scatter = spread.log2_std if spread is not None else None
+        values += [status, measured, error,
+                   scatter if scatter is not None and math.isfinite(scatter) else None]
         texts = []
         for column, value in zip(COLUMNS, values):
             if isinstance(value, str):
@@ -230,7 +232,8 @@ class ScaleTableModel(QAbstractTableModel):
             return [_status(r.formats.get(fmt), r.rms, fmt) for r in rows]
         if column == "± seeds":
             spread = self.spread
-            return [s.log2_std if (s := spread.get((r.name, r.kind))) else None for r in rows]
+            return [s.log2_std if (s := spread.get((r.name, r.kind))) and math.isfinite(s.log2_std)
+                    else None for r in rows]
         c = COLUMNS.index(column)
         return [_Cells(r, fmt, measured.get((r.name, r.kind))).values[c] for r in rows]
 
@@ -317,7 +320,8 @@ class ScaleTableModel(QAbstractTableModel):
                 tip += f"\n⚠ rounding noise: {self.noise_reason}"
             spread = self.spread.get((row.name, row.kind))
             if spread is not None and c in _SPREAD_COLUMNS:
-                tip += (f"\nover the seeds: {_fmt(spread.low)} … {_fmt(spread.high)}, "
-                        f"log₂ std {spread.log2_std:.2f}")
+                scatter = (f"log₂ std {spread.log2_std:.2f}" if math.isfinite(spread.log2_std)
+                           else "zero in some draws")
+                tip += f"\nover the seeds: {_fmt(spread.low)} … {_fmt(spread.high)}, {scatter}"
             return tip
         return None
