@@ -131,3 +131,27 @@ def test_unit_scaled_models_run(param, arch):
     loss = model.loss(logits, idx)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_attention_probs_can_be_written_into_a_callers_array():
+    """``probs_out``: without gradients the softmax writes the maps into the given array (the
+    output unchanged); when gradients are needed it is left alone."""
+    cfg = ModelConfig(architecture="encoder", d_model=32, n_heads=2, d_ff=64, n_layers=2,
+                      vocab_size=64, max_len=16, seq_len=8, batch_size=1, attention="full")
+    model = build_model(cfg, device=torch.device("cpu")).eval()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(ids)
+    modules = [m for _, m in model.attention_modules()]
+    out = torch.full((len(modules), 1, 2, 8, 8), -1.0)
+    for layer, m in enumerate(modules):
+        m.capture, m.probs_out = True, out[layer]
+    with torch.no_grad():
+        written = model(ids)
+    assert torch.equal(plain, written)
+    assert all(m.probs.data_ptr() == out[layer].data_ptr() for layer, m in enumerate(modules))
+    assert torch.allclose(out.sum(-1), torch.ones(len(modules), 1, 2, 8))
+    out.fill_(-1.0)
+    model(ids).sum().backward()  # with gradients: the maps are the layers' own
+    assert (out == -1.0).all()
+    assert all(m.probs.data_ptr() != out[layer].data_ptr() for layer, m in enumerate(modules))

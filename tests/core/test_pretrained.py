@@ -176,7 +176,8 @@ def test_minilm_attentions_match_transformers(minilm_pair, text):
         hidden = P.hidden_states(pt.model, enc.ids)
     assert (hidden - out.last_hidden_state).abs().max().item() < TOL
     # capture is switched off again
-    assert all(not m.capture and m.probs is None for _, m in pt.model.attention_modules())
+    assert all(not m.capture and m.probs is None and m.probs_out is None
+               for _, m in pt.model.attention_modules())
 
 
 def test_minilm_truncates_to_its_positions_and_keeps_specials():

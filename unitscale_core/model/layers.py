@@ -117,6 +117,9 @@ class Attention(nn.Module):
         #: device so a long sequence never keeps a full [H, T, S] map per layer)
         self.capture_fn: Callable[[Tensor], object] | None = None
         self.probs: Tensor | None = None
+        #: a caller's array of the probabilities' shape that the softmax writes into when no
+        #: gradient is needed (the maps of every layer land in one array without a copy)
+        self.probs_out: Tensor | None = None
 
     def _heads(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
@@ -140,7 +143,12 @@ class Attention(nn.Module):
         scores = ops.softmax_in(scores, ctx.causal)
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        out = self.probs_out
+        if out is not None and out.shape == scores.shape and out.dtype == scores.dtype \
+                and not scores.requires_grad:
+            probs = torch.softmax(scores, dim=-1, out=out)
+        else:
+            probs = torch.softmax(scores, dim=-1)
         if key_padding_mask is not None:  # a query whose keys are all padding attends to nothing
             probs = torch.nan_to_num(probs, nan=0.0)
         probs = self.probs_tap(probs)
