@@ -45,7 +45,6 @@ class PredictionThread(QObject):
         self._latest: set[Key] = set()  # the newest request's keys: others are stale
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.native_id: int | None = None  # the OS thread id, once running
 
     # -- GUI thread ----------------------------------------------------------------------------
     def request(self, keys: list[Key]) -> None:
@@ -92,7 +91,6 @@ class PredictionThread(QObject):
 
     # -- the thread ----------------------------------------------------------------------------
     def run(self) -> None:
-        self.native_id = threading.get_native_id()
         lower_this_thread()  # typing in the model panel stays smooth (app/thread_priority.py)
         while True:
             with self._cond:

@@ -1,11 +1,12 @@
-"""Pay torch's one-time costs before the user's first Measure.
+"""Pay torch's first-model costs before the user's first Measure.
 
-The first measurement of a session ran 0.1–0.3 s longer than the next ones and held the GIL
-in pure-Python torch code much of that time (lazy imports, the first model built through
-the meta device, the first dispatch of each op; on a GPU the CUDA context, seconds): the
-window's first repaint during it stalled 60–120 ms (``benchmarks/ui_stall.py``, first
-round). The window runs :func:`warm_up` in the worker once the device is known, while the
-user is still reading it.
+The device lookup already runs torch's lazy imports off the GUI thread
+(``app/device_info.warm_up_torch``). The first measurement of a session still ran 0.1–0.3 s
+longer than the next ones, much of it holding the GIL in pure-Python torch code (the first
+model built through the meta device, the first dispatch of each op; on a GPU the CUDA
+context, seconds): the window's first repaint during it stalled 60–120 ms
+(``benchmarks/ui_stall.py``, first round). The window runs :func:`warm_up` in the worker once
+the device is known, while the user is still reading it.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,17 +97,25 @@ def slow_to_predict(cfg: ModelConfig) -> bool:
     return prediction_layers(cfg) > ASYNC_LAYERS
 
 
+def _matched(predicted: list[TensorRow], measured: list[TensorRow]
+             ) -> Iterator[tuple[TensorRow, float]]:
+    """Each predicted row with its finite measured RMS (rows not measured are left out)."""
+    meas = {(r.name, r.kind): r.rms for r in measured}
+    for r in predicted:
+        m = meas.get((r.name, r.kind))
+        if m is not None and math.isfinite(m):
+            yield r, m
+
+
 def scattered_disagreements(predicted: list[TensorRow], measured: list[TensorRow],
                             spread: dict[tuple[str, str], SeedSpread]) -> int:
     """How many tensors outside the tolerance (:func:`agreement`) vary between seeds by more
     than it (log2 std of their draws > 0.32): disagreements the luck of the draw can explain,
     where more seeds would tell."""
-    meas = {(r.name, r.kind): r.rms for r in measured}
     out = 0
-    for r in predicted:
-        key = (r.name, r.kind)
-        m, s = meas.get(key), spread.get(key)
-        if m is None or s is None or not math.isfinite(m) or r.rms <= 0 or m <= 0:
+    for r, m in _matched(predicted, measured):
+        s = spread.get((r.name, r.kind))
+        if s is None or r.rms <= 0 or m <= 0:
             continue
         if abs(math.log2(r.rms / m)) > TOLERANCE_LOG2 and s.log2_std > TOLERANCE_LOG2:
             out += 1
@@ -116,12 +125,8 @@ def scattered_disagreements(predicted: list[TensorRow], measured: list[TensorRow
 def agreement(predicted: list[TensorRow], measured: list[TensorRow]) -> tuple[int, int]:
     """(rows within 25%, rows compared): |log2(pred/meas)| ≤ 0.32; a predicted exact zero
     agrees with a measured value below 1e-6 (the key bias's gradient)."""
-    meas = {(r.name, r.kind): r.rms for r in measured}
     ok = total = 0
-    for r in predicted:
-        m = meas.get((r.name, r.kind))
-        if m is None or not math.isfinite(m):
-            continue
+    for r, m in _matched(predicted, measured):
         total += 1
         if r.rms == 0:
             ok += m < 1e-6

@@ -405,7 +405,8 @@ class ScaleChart(QWidget):
         for key, item in self._ranges.items():
             data = ranges[key]
             if not data:
-                item.setData([], [])
+                if item.xData is not None and len(item.xData):  # (a redraw without seeds:
+                    item.setData([], [])  # nothing to clear most times)
                 continue
             offset = -0.18 if key.endswith("fwd") else 0.18
             ys = np.repeat([index[name] + offset for name in data], 2)

@@ -92,6 +92,14 @@ def _log2(x: float) -> float | None:
     return math.log2(x) if x > 0 and math.isfinite(x) else None
 
 
+def _scatter(spread: SeedSpread | None) -> float | None:
+    """The "± seeds" cell: the draws' log2 standard deviation (empty when there was one
+    draw, or a draw was zero)."""
+    if spread is None or not math.isfinite(spread.log2_std):
+        return None
+    return spread.log2_std
+
+
 def _sort_key(value) -> float | str:
     """Strings sort as text; numbers as numbers, with empty (and NaN) cells first."""
     if isinstance(value, str):
@@ -115,9 +123,7 @@ class _Cells:
         if measured is not None and measured > 0 and row.rms > 0 and \
                 math.isfinite(measured) and math.isfinite(row.rms):
             error = math.log2(row.rms / measured)
-        scatter = spread.log2_std if spread is not None else None
-        values += [status, measured, error,
-                   scatter if scatter is not None and math.isfinite(scatter) else None]
+        values += [status, measured, error, _scatter(spread)]
         texts = []
         for column, value in zip(COLUMNS, values):
             if isinstance(value, str):
@@ -232,8 +238,7 @@ class ScaleTableModel(QAbstractTableModel):
             return [_status(r.formats.get(fmt), r.rms, fmt) for r in rows]
         if column == "± seeds":
             spread = self.spread
-            return [s.log2_std if (s := spread.get((r.name, r.kind))) and math.isfinite(s.log2_std)
-                    else None for r in rows]
+            return [_scatter(spread.get((r.name, r.kind))) for r in rows]
         c = COLUMNS.index(column)
         return [_Cells(r, fmt, measured.get((r.name, r.kind))).values[c] for r in rows]
 

@@ -309,12 +309,17 @@ class _Predictor:
         inv_var = 1.0 / (var * max(d - 3, 1) / d + LN_EPS)
         return g.rescaled(np.sqrt(((d - 2) + (1 - r) ** 2) / d * inv_var))
 
+    def _residual_weights(self, tau: float) -> tuple[float, float]:
+        """``(w_r, w_s)``, the branch's and skip's weights of a residual add: unit scaling's
+        τ rule (:func:`.rules.residual_weights`), plain ``(1, 1)`` in a standard model."""
+        return R.residual_weights(tau) if self.unit else (1.0, 1.0)
+
     def residual_add(self, branch: Cov, skip: Cov, tau: float) -> Cov:
-        w_r, w_s = R.residual_weights(tau) if self.unit else (1.0, 1.0)
+        w_r, w_s = self._residual_weights(tau)
         return branch.scaled(w_r).plus(skip.scaled(w_s))
 
     def residual_split_bwd(self, g_branch: Cov, g_skip: Cov, tau: float) -> Cov:
-        w_r, w_s = R.residual_weights(tau) if self.unit else (1.0, 1.0)
+        w_r, w_s = self._residual_weights(tau)
         return g_branch.scaled(w_r).plus(g_skip.scaled(w_s))
 
     # -- attention -----------------------------------------------------------------------------
@@ -606,7 +611,7 @@ class _Predictor:
         """One residual sub-block; returns (new stream, context for backward)."""
         self._check()
         pre = self.cfg.norm == "pre"
-        w_s = R.residual_weights(tau)[1] if self.unit else 1.0
+        w_r, w_s = self._residual_weights(tau)
         self.share *= w_s
         self._e_in = self.aniso
         if pre:
@@ -616,7 +621,6 @@ class _Predictor:
             inner, ctx = branch_fwd(h)
             out = self.residual_add(inner.scaled(self.drop), x, tau)
             self._mix_aniso(inner, x, tau)
-            w_r = R.residual_weights(tau)[0] if self.unit else 1.0
             self.branch_vars[norm_name] = (w_r * self.drop) ** 2 * inner.total
         else:
             inner, ctx = branch_fwd(x)
@@ -641,7 +645,7 @@ class _Predictor:
         whose ``β(M + Mᵀ)`` adds ``2β²(1 + e_s)`` more (free multiplicative convolution).
         Without it the unit-scaled encoder of ``tests/core/test_anisotropy.py`` came out at
         ``S`` ≤ 1.9 against 2.8–4.7 measured. ``S`` is at most ``d`` (one direction)."""
-        w_r, w_s = R.residual_weights(tau) if self.unit else (1.0, 1.0)
+        w_r, w_s = self._residual_weights(tau)
         t_s = w_s * w_s * max(skip.total - skip.same, 0.0)
         t_b = w_r * w_r * self.drop * self.drop * max(branch.total - branch.same, 0.0)
         total = t_s + t_b
@@ -649,7 +653,8 @@ class _Predictor:
             e_s = self.aniso
             # the part of the branch that is a random linear map M of the token's own
             # deviation (share λ of it) makes the skip (I + βM)x̃, whose cross terms add
-            # 2β²/(1 + β²)² to the excess of x̃ (free multiplicative), β² = λ t_b / t_s
+            # 2β²(1 + e_s) to the excess of x̃ (free multiplicative), β² = λ t_b / t_s; over
+            # the mixed stream's (t_s + t_b)², as the other terms
             cross = 2.0 * self._linear_share * t_s * t_b * (1.0 + e_s)
             # (d·tr Σ²/(tr Σ)² is at most d: one direction)
             self.aniso = min((e_s * t_s * t_s + self._e_branch * t_b * t_b + cross)
