@@ -323,9 +323,10 @@ class ScaleChart(QWidget):
         for axis in ("left", "bottom"):
             self.plot.getAxis(axis).setTextPen("k")
             self.plot.getAxis(axis).setPen("k")
-        legend = self.plot.addLegend(offset=(10, -10), labelTextColor="k", colCount=2,
-                                     sampleType=MarkerSample)
-        legend.setBrush(pg.mkBrush(255, 255, 255, 220))
+        # below the axis, in the plot's own layout: inside the view it hid the last rows
+        legend = pg.LegendItem(labelTextColor="k", colCount=2, sampleType=MarkerSample)
+        self.plot.layout.addItem(legend, 4, 1)
+        self.legend = legend
         self.bands: list[pg.LinearRegionItem] = []
         self.names: list[str] = []
         self._formula_rows: dict[str, TensorRow] = {}  # formulas render on hover only
