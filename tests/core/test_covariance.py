@@ -545,3 +545,29 @@ def test_query_gradient_shares_what_positions_share_across_the_batch():
     np.testing.assert_allclose(out.M[later], cross[later], rtol=0.3, atol=0.1 * np.abs(
         cross[later]).max())
     assert np.abs(cross[later]).max() > 0.05 * _var[4:].max()  # a part worth predicting
+
+
+@pytest.mark.parametrize("param", ["standard", "unit"])
+def test_dropout_leaves_what_tokens_share_at_s_squared(param):
+    """A mask per element and token: each token's variance gains ``1/(1−p)`` (× ``s²``, the
+    unit-scaled factor ``1 − p``), the covariance of two tokens only ``s²`` — sampled through
+    the model's own dropout (``torch`` / ``unit_scaling``), p = 0.3. One scalar gain for
+    both (the predictor before) puts the covariance ``1/(1−p)`` = 43% high."""
+    from unitscale_core import ModelConfig
+    from unitscale_core.model.ops import make_ops
+    from unitscale_core.scaling.predict import _Predictor
+
+    p, t, d, shared, own = 0.3, 16, 200_000, 0.7, 0.5
+    cfg = ModelConfig(dropout=p, parametrization=param, seq_len=t, max_len=t)
+    g = cv.grid(t)
+    x = Cov.of(g, np.full(len(g.n), own), np.full((1, len(g.n), len(g.n)), shared))
+    y = _Predictor(cfg)._dropout(x)
+    torch.manual_seed(0)
+    z = torch.randn(1, d, dtype=torch.float64) * math.sqrt(shared)
+    xs = z + torch.randn(t, d, dtype=torch.float64) * math.sqrt(own)
+    ys = make_ops(param).dropout(xs, p, True)
+    var = float(ys.pow(2).mean())
+    gram = (ys @ ys.T) / d
+    cov = float((gram.sum() - gram.diagonal().sum()) / (t * (t - 1)))
+    assert var == pytest.approx(float(y.var.mean()), rel=0.02)
+    assert cov == pytest.approx(y.same, rel=0.03)
