@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -215,6 +215,17 @@ class SeedSpread(NamedTuple):
     low: float
     high: float
     log2_std: float
+
+
+def one_seed_ceiling(spreads: Iterable[SeedSpread], tolerance: float = 0.32) -> float:
+    """The share of tensors that even an exact prediction of each one's typical draw would
+    have within ``tolerance`` (log2) of a single draw: the mean over tensors of
+    ``2Φ(tol/s) − 1 = erf(tol/(s√2))``, ``s`` the draws' log2 std (1 where it is 0), taking
+    log RMS as Gaussian between seeds. Where it is below a goal, one seed cannot meet the
+    goal (``benchmarks/agreement_seeds.py`` reports the same from the draws themselves)."""
+    shares = [1.0 if s.log2_std <= 0 else math.erf(tolerance / (s.log2_std * math.sqrt(2.0)))
+              for s in spreads]
+    return sum(shares) / len(shares) if shares else 1.0
 
 
 def measure_seeds(cfg: ModelConfig, seeds: int, device: str | torch.device | None = None,

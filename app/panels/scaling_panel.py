@@ -449,6 +449,12 @@ class ScalingPanel(QWidget):
                 lucky = scattered_disagreements(self.predicted, self.measured, self.spread)
                 text += (f"; of the {total - ok} outside, {lucky} scatter more than that "
                          f"between seeds (log₂ std > {TOLERANCE_LOG2})")
+            if self.spread:
+                # (measure imports torch; with a measurement shown it is loaded already)
+                from unitscale_core.measure import one_seed_ceiling
+                ceiling = one_seed_ceiling(self.spread.values(), TOLERANCE_LOG2)
+                text += (f"; at one seed even an exact prediction of the typical draw would "
+                         f"be within 25% for ~{100 * ceiling:.0f}%")
         return text
 
     def summary_complete(self) -> bool:

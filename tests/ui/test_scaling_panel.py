@@ -15,7 +15,7 @@ from app.export import EXPORT_ROLE
 from app.main_window import MainWindow
 from app.panels.scaling_panel import agreement, scattered_disagreements
 from app.widgets.scale_table import COLUMNS, STATUS_COLOURS, row_status
-from unitscale_core.measure import measure
+from unitscale_core.measure import measure, one_seed_ceiling
 from unitscale_core.scaling.predict import predict
 from unitscale_core.tensors import TensorRow
 
@@ -518,6 +518,21 @@ def test_measure_over_seeds_overlays_their_geometric_mean(qtbot, window):
     lucky = scattered_disagreements(panel.predicted, panel.measured, panel.spread)
     if ok < total:
         assert f"of the {total - ok} outside, {lucky} scatter" in panel.summary.text()
+    ceiling = one_seed_ceiling(panel.spread.values())
+    assert f"would be within 25% for ~{100 * ceiling:.0f}%" in panel.summary.text()
+
+
+def test_one_seed_ceiling_is_the_gaussian_share_within_tolerance():
+    """2Φ(0.32/s) − 1 per tensor (1 where the draws agree), averaged: at s = 0.32 a draw is
+    within one standard deviation of the typical value, 68.3% of the time."""
+    from unitscale_core.measure import SeedSpread
+
+    assert one_seed_ceiling([SeedSpread(1, 1, 0.0)]) == 1.0
+    assert one_seed_ceiling([SeedSpread(1, 2, 0.32)]) == pytest.approx(0.682689, abs=1e-6)
+    assert one_seed_ceiling([SeedSpread(1, 2, 0.32), SeedSpread(1, 1, 0.0)]) == pytest.approx(
+        (0.682689 + 1.0) / 2, abs=1e-6)
+    assert one_seed_ceiling([SeedSpread(1, 9, 0.8)]) == pytest.approx(0.310843, abs=1e-6)
+    assert one_seed_ceiling([]) == 1.0
 
 
 def test_scattered_disagreements_count_only_rows_outside_that_vary():
