@@ -207,6 +207,8 @@ class _Predictor:
         #: stands (``_aligned_cross``); None until the tied self-logit sets it
         self.align: np.ndarray | None = None
         self._track_align = cfg.tie_embeddings and not self.unit
+        #: the tied self-logit's spread between tokens (``_p_self``), set with the logit
+        self._self_logit_sd = 0.0
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def act(self, name: str, x: Cov | float, formula: str = "", scales: dict | None = None):
@@ -1021,9 +1023,8 @@ class _Predictor:
         spread, ±7 here, matters at narrow widths (it grows as √d, the mean as d)."""
         if self_logit <= 0:
             return 0.0
-        sd = getattr(self, "_self_logit_sd", 0.0)
         nodes, weights = _GAUSS_HERMITE
-        z = self_logit + sd * nodes - ce.loss
+        z = self_logit + self._self_logit_sd * nodes - ce.loss
         return float(weights @ (1.0 / (1.0 + np.exp(np.minimum(-z, 700.0)))))
 
     def _self_logit_lean(self, g: Cov, g_normed: Cov, final: Cov, head: dict, ce,
