@@ -28,7 +28,7 @@ from .config import ModelConfig
 from .model import build_model
 from .model.layers import Embedding, EncoderLayer, LayerNorm, Linear, Tap
 from .scaling.formats import FORMATS
-from .tensors import REPORTED_FORMATS, TensorRow, headroom_log2
+from .tensors import AGREEMENT_LOG2, REPORTED_FORMATS, TensorRow, headroom_log2
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class SeedSpread(NamedTuple):
     log2_std: float
 
 
-def one_seed_ceiling(spreads: Iterable[SeedSpread], tolerance: float = 0.32) -> float:
+def one_seed_ceiling(spreads: Iterable[SeedSpread], tolerance: float = AGREEMENT_LOG2) -> float:
     """The share of tensors that even an exact prediction of each one's typical draw would
     have within ``tolerance`` (log2) of a single draw: the mean over tensors of
     ``2Φ(tol/s) − 1 = erf(tol/(s√2))``, ``s`` the draws' log2 std (1 where it is 0), taking

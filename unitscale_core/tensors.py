@@ -12,6 +12,8 @@ from types import MappingProxyType
 from typing import Any
 
 KINDS = ("activation", "weight", "grad_activation", "grad_weight")
+#: A prediction agrees with a measurement when |log2(predicted/measured)| is at most this (25%).
+AGREEMENT_LOG2 = 0.32
 #: The formats every row reports headroom in (fp32 has room for anything a model produces).
 REPORTED_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
 

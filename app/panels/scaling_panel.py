@@ -43,7 +43,7 @@ from unitscale_core.scaling.predict import (
     stream_collapse,
 )
 from unitscale_core.sizing import count_parameters
-from unitscale_core.tensors import REPORTED_FORMATS, TensorRow
+from unitscale_core.tensors import AGREEMENT_LOG2, REPORTED_FORMATS, TensorRow
 
 from ..export import (
     Figure,
@@ -69,8 +69,8 @@ if TYPE_CHECKING:
 CHANNEL = "measure"
 #: Auto-measure only configs this small (parameters), so typing stays smooth on a CPU.
 AUTO_MEASURE_MAX_PARAMS = 20_000_000
-#: |log2(predicted/measured)| within which a tensor agrees (25%)
-TOLERANCE_LOG2 = 0.32
+#: |log2(predicted/measured)| within which a tensor agrees (25%), as the table colours it
+TOLERANCE_LOG2 = AGREEMENT_LOG2
 FOLLOW = "follow the model"
 #: With more tensors than this (~24 layers), a new prediction draws the chart and the summary
 #: line in its own frame and leaves the table (a 96-layer model's reset and repaint take

@@ -16,7 +16,7 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelInd
 from PySide6.QtGui import QBrush, QColor
 
 from unitscale_core.scaling.formats import FormatStats, get_format, headroom_status
-from unitscale_core.tensors import TensorRow
+from unitscale_core.tensors import AGREEMENT_LOG2, TensorRow
 
 from ..export import EXPORT_ROLE
 
@@ -140,7 +140,7 @@ class _Cells:
         if status in STATUS_COLOURS:
             backgrounds[_STATUS_COLUMN] = _BRUSHES[STATUS_COLOURS[status]]
         if error is not None:
-            backgrounds[_ERROR_COLUMN] = _AGREE if abs(error) <= 0.32 else _DISAGREE
+            backgrounds[_ERROR_COLUMN] = _AGREE if abs(error) <= AGREEMENT_LOG2 else _DISAGREE
         self.values, self.texts, self.backgrounds = values, texts, backgrounds
 
 

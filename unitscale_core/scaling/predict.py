@@ -550,7 +550,7 @@ class _Predictor:
         # decoder's score, query and key gradients 1–1.5 log2 high (the gradient is nearly
         # orthogonal to what the tokens share, as in the README's rounding-noise finding),
         # so it is left out: without it that decoder is at 86.9% per seed (80.8% before)
-        s_drop = math.sqrt(self.drop_shared) if self.cfg.dropout > 0 else 1.0
+        s_drop = math.sqrt(self.drop_shared)  # 1 without dropout
         gl = a["grad_left"] * s_drop
         s = a["grad_qkv"]  # the q, k and v input-gradient factor, applied with the others
         gain_v = a["grad_right"] * a["sm_out"] * s_drop * s
