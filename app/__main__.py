@@ -51,6 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             # the program opens anyway, on the defaults, and says why; the file is not touched
             config, problem = ModelConfig(), f"Could not open {args.config}: {exc}"
 
+    from .platform_check import PlatformError, check
+
+    try:  # before Qt: a platform plugin that cannot start makes Qt abort the process
+        check()
+    except PlatformError as exc:
+        print(f"unitscale-explorer: error: {exc}", file=sys.stderr)
+        return 2
+
     from PySide6.QtWidgets import QApplication
 
     from .main_window import MainWindow
