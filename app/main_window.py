@@ -133,13 +133,14 @@ class MainWindow(QMainWindow):
         self.cancel_button = QPushButton("Cancel", objectName="cancelButton")
         self.cancel_button.setToolTip("Cancel the running job (Esc)")
         self.cancel_button.setShortcut(QKeySequence(Qt.Key.Key_Escape))
-        self.cancel_button.clicked.connect(lambda: self.worker.cancel())
+        self.cancel_button.clicked.connect(self.cancel_jobs)
         for w in (self.busy, self.cancel_button):
             w.hide()
             self.statusBar().addPermanentWidget(w)
-        self.worker.started_job.connect(self._on_job_started)
-        self.worker.finished_job.connect(self._on_job_done)
-        self.worker.cancelled_job.connect(self._on_job_done)
+        self._running_text = ""  # the "running …" message this window shows, if any
+        # the indicator follows the worker's own activity (any route: finished, failed,
+        # cancelled, stopped, replaced or dropped before it started), never a count of signals
+        self.worker.activity_changed.connect(self._on_activity)
         self.worker.failed_job.connect(self._on_job_failed)
         self.device_label = QLabel("device: looking…", objectName="deviceLabel")
         self.statusBar().addPermanentWidget(self.device_label)
@@ -451,21 +452,37 @@ class MainWindow(QMainWindow):
         cfg, worker = self._config, self.worker
         worker.submit(WARM_UP_CHANNEL, warm_up, cfg, check_cancelled=worker.check_cancelled)
 
-    def _on_job_started(self, channel: str, _request_id: int) -> None:
-        if channel == WARM_UP_CHANNEL:
-            return  # the user did not ask for it: no busy indicator
-        self.busy.show()
-        self.cancel_button.show()
-        self.statusBar().showMessage(f"running {channel}…")
+    def user_jobs(self) -> tuple[str, ...]:
+        """The channels the busy indicator names: the worker's running and pending ones, less
+        the warm-up (the user did not ask for it)."""
+        return tuple(c for c in self.worker.activity() if c != WARM_UP_CHANNEL)
 
-    def _on_job_done(self, *_args) -> None:
-        if not self.worker.busy():
-            self.busy.hide()
-            self.cancel_button.hide()
-            self.statusBar().clearMessage()
+    def _on_activity(self, _activity=None) -> None:
+        """Show the busy bar and Cancel while a user's job runs or waits; hide them at once
+        when none is left. Reads the worker's state now: a queued signal's payload may be
+        older than a direct one's."""
+        jobs = self.user_jobs()
+        self.busy.setVisible(bool(jobs))
+        self.cancel_button.setVisible(bool(jobs))
+        bar = self.statusBar()
+        if jobs:
+            more = f" (+{len(jobs) - 1} queued)" if len(jobs) > 1 else ""
+            text = f"running {jobs[0]}…{more}"
+            self.cancel_button.setToolTip(f"Cancel {', '.join(jobs)} (Esc)")
+            if text != self._running_text or bar.currentMessage() != text:
+                bar.showMessage(text)
+            self._running_text = text
+        else:
+            if self._running_text and bar.currentMessage() == self._running_text:
+                bar.clearMessage()  # a newer message (e.g. a failure) stays
+            self._running_text = ""
+
+    def cancel_jobs(self) -> None:
+        """Cancel: end the running job and drop the pending ones that the indicator names."""
+        for channel in self.user_jobs():
+            self.worker.cancel(channel)
 
     def _on_job_failed(self, channel: str, request_id: int, message: str) -> None:
-        self._on_job_done()
         if channel == WARM_UP_CHANNEL:  # the user's own Measure will say what is wrong
             log.debug("warm-up failed: %s", message)
             return

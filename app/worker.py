@@ -5,7 +5,14 @@ the newest pending request is kept (latest wins); a request replaced before it s
 runs. Results carry the request id; a panel drops any result whose id is not the newest it
 asked for. Results cross to the GUI as plain numpy arrays and dataclasses via queued signals.
 A job may call ``check_cancelled()`` between steps; cancellation and failures come back as
-messages, and the worker keeps serving.
+messages, and the worker keeps serving — whatever the job raises, ``SystemExit`` and
+``KeyboardInterrupt`` included (the thread ends only through :meth:`Worker.stop`).
+
+``activity_changed`` fires whenever the set of running or pending channels changes, by any
+route: a job starts or ends (finished, failed, cancelled), a request is queued, replaced
+before it started, or dropped by :meth:`Worker.cancel`. It is a prompt to look, not a value
+to trust: emitted from both threads, a queued emission can arrive after a newer direct one,
+so a receiver reads :meth:`Worker.activity` (under the lock) instead of the payload.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from PySide6.QtCore import QObject, QThread, Signal
 from .thread_priority import lower_this_thread
 
 log = logging.getLogger(__name__)
+
+#: Longest failure message passed on (a status-bar line, not the job's whole output).
+MAX_MESSAGE = 300
 
 
 class Cancelled(Exception):
@@ -46,7 +56,12 @@ class Worker(QThread):
     finished_job = Signal(str, int, object)  # channel, request id, result
     failed_job = Signal(str, int, str)  # channel, request id, one-line message
     cancelled_job = Signal(str, int)
+    #: a request that never ran: replaced by a newer one on its channel, or dropped by cancel()
+    dropped_job = Signal(str, int)  # channel, request id
     progress = Signal(str, int, float, str)  # channel, request id, fraction, text
+    #: the running and pending channels changed (see the module docstring); payload: activity()
+    activity_changed = Signal(object)
+    busy_changed = Signal(bool)  # busy() turned True or False
 
     def __init__(self, parent: QObject | None = None):
         super().__init__(parent)
@@ -57,6 +72,7 @@ class Worker(QThread):
         self._current: Request | None = None
         self._cancel_current = False
         self._stopping = False
+        self._activity: tuple[str, ...] = ()  # last announced activity()
         self.latest: dict[str, int] = {}  # newest request id per channel (GUI side)
         self.native_id: int | None = None  # the OS thread id, once running
 
@@ -68,14 +84,17 @@ class Worker(QThread):
         """
         with self._lock:
             rid = next(self._ids)
+            replaced = self._pending.pop(channel, None)
             self._pending[channel] = Request(rid, channel, fn, args, kwargs)
-            self._pending.move_to_end(channel)
             self.latest[channel] = rid
             if self._current is not None and self._current.channel == channel:
                 self._cancel_current = True
             self._lock.notify()
+        if replaced is not None:
+            self.dropped_job.emit(replaced.channel, replaced.id)
         if not self.isRunning():
             self.start(QThread.Priority.LowPriority)  # Windows, macOS; Linux: run()
+        self._announce()
         return rid
 
     def is_latest(self, channel: str, request_id: int) -> bool:
@@ -85,15 +104,37 @@ class Worker(QThread):
     def cancel(self, channel: str | None = None) -> None:
         """Drop pending requests (of ``channel``, or all) and ask the running job to stop."""
         with self._lock:
-            for name in list(self._pending):
-                if channel is None or name == channel:
-                    del self._pending[name]
+            dropped = [self._pending.pop(name) for name in list(self._pending)
+                       if channel is None or name == channel]
             if self._current is not None and channel in (None, self._current.channel):
                 self._cancel_current = True
+        for request in dropped:
+            self.dropped_job.emit(request.channel, request.id)
+        self._announce()
 
     def busy(self) -> bool:
         with self._lock:
             return self._current is not None or bool(self._pending)
+
+    def activity(self) -> tuple[str, ...]:
+        """The channels with work: the running one first, then the pending ones in order."""
+        with self._lock:
+            return self._activity_locked()
+
+    def _activity_locked(self) -> tuple[str, ...]:
+        running = () if self._current is None else (self._current.channel,)
+        return running + tuple(name for name in self._pending if name not in running)
+
+    def _announce(self) -> None:
+        """Emit ``activity_changed`` (and ``busy_changed``) if the activity changed since the
+        last announcement; either thread."""
+        with self._lock:
+            now, before = self._activity_locked(), self._activity
+            self._activity = now
+        if now != before:
+            self.activity_changed.emit(now)
+            if bool(now) != bool(before):
+                self.busy_changed.emit(bool(now))
 
     def pending_count(self) -> int:
         with self._lock:
@@ -106,6 +147,7 @@ class Worker(QThread):
             self._pending.clear()
             self._cancel_current = True
             self._lock.notify()
+        self._announce()
         return self.wait(timeout_ms) if self.isRunning() else True
 
     # -- worker thread -------------------------------------------------------------------------
@@ -133,18 +175,45 @@ class Worker(QThread):
                 self._current = request
                 self._cancel_current = False
             self.started_job.emit(request.channel, request.id)
+            self._announce()
             try:
-                result = request.fn(*request.args, **request.kwargs)
-            except Cancelled:
-                self.cancelled_job.emit(request.channel, request.id)
-            except MemoryError:
-                self.failed_job.emit(request.channel, request.id, "out of memory")
-            except Exception as exc:  # a failed job must not end the worker
-                log.debug("job %s failed:\n%s", request.channel, traceback.format_exc())
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                self.failed_job.emit(request.channel, request.id, message)
-            else:
-                self.finished_job.emit(request.channel, request.id, result)
+                self._serve(request)
             finally:
                 with self._lock:
                     self._current = None
+                self._announce()
+
+    def _serve(self, request: Request) -> None:
+        """Run one job and emit its outcome; never raises (a failed job must not end the
+        worker). ``BaseException`` is caught on purpose: a job's ``SystemExit`` or
+        ``KeyboardInterrupt`` (only the main thread gets real Ctrl+C) is that job's failure,
+        not the thread's; the thread itself ends only through ``stop()``'s flag."""
+        try:
+            result = request.fn(*request.args, **request.kwargs)
+        except Cancelled:
+            self.cancelled_job.emit(request.channel, request.id)
+        except MemoryError:
+            self.failed_job.emit(request.channel, request.id, "out of memory")
+        except BaseException as exc:  # noqa: BLE001 - see the docstring
+            log.debug("job %s failed:\n%s", request.channel, traceback.format_exc())
+            self.failed_job.emit(request.channel, request.id, _one_line(exc))
+        else:
+            self.finished_job.emit(request.channel, request.id, result)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of the exception's message (at most ``MAX_MESSAGE`` characters); its
+    type's name when it has none, or in front when it is not an ``Exception`` (``SystemExit:
+    3`` says more than ``3``)."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a job's exception whose __str__ itself fails
+        text = ""
+    lines = text.strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(text) > MAX_MESSAGE:
+        text = text[: MAX_MESSAGE - 1] + "…"
+    if not isinstance(exc, Exception):
+        return f"{name}: {text}" if text else name
+    return text or name

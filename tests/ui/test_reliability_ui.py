@@ -7,10 +7,12 @@ import gc
 import math
 import random
 import sys
+import threading
 import time
 
 import pytest
 import torch
+from PySide6.QtCore import Qt
 
 from app.panels import scaling_panel as SP
 from app.widgets.scale_table import COLUMNS
@@ -211,3 +213,114 @@ def test_quitting_while_torch_still_loads_exits_cleanly(tmp_path):
                           timeout=120, env=env, cwd=os.getcwd())
     assert "closed" in done.stdout
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# -- the busy indicator follows the worker (issue 19: busy state that never clears) ----------
+
+def _indicator(win) -> tuple[bool, bool]:
+    busy = win.findChild(type(win.busy), "busyIndicator")
+    cancel = win.findChild(type(win.cancel_button), "cancelButton")
+    return busy.isVisible(), cancel.isVisible()
+
+
+def _waits_for_idle_indicator(qtbot, win) -> None:
+    """Hidden within 1 s of the last job ending, and the 'running …' message gone."""
+    qtbot.waitUntil(lambda: _indicator(win) == (False, False), timeout=1000)
+    assert not win.statusBar().currentMessage().startswith("running")
+
+
+def _held_job(worker, gate):
+    def job():
+        while not gate.is_set():
+            worker.check_cancelled()
+            time.sleep(0.005)
+        return "done"
+    return job
+
+
+def test_busy_indicator_clears_by_every_route(qtbot, make_window):
+    """finished, failed, cancelled by the Cancel button (running and pending), replaced before
+    it started, dropped by a panel's cancel, and a training run's Stop: each time the last job
+    ends the busy bar and Cancel are hidden within 1 s. (Before: the window counted signals
+    and asked ``busy()`` while the worker still held the ending job, so a cancel or a
+    dequeued request left them shown for good.)"""
+    win = make_window(TINY)
+    worker = win.worker
+    _waits_for_idle_indicator(qtbot, win)
+    gate = threading.Event()
+
+    # finished
+    with qtbot.waitSignal(worker.started_job):
+        worker.submit("job", _held_job(worker, gate))
+    assert _indicator(win) == (True, True)
+    assert win.statusBar().currentMessage() == "running job…"
+    gate.set()
+    _waits_for_idle_indicator(qtbot, win)
+
+    # failed (the failure's message stays after the indicator goes)
+    def fails():
+        raise RuntimeError("broken")
+    worker.submit("job", fails)
+    _waits_for_idle_indicator(qtbot, win)
+    assert "job failed: broken" in win.statusBar().currentMessage()
+
+    # the Cancel button: the running job and a pending one it names, both ended
+    gate.clear()
+    with qtbot.waitSignal(worker.started_job):
+        worker.submit("one", _held_job(worker, gate))
+    worker.submit("two", lambda: 2)
+    qtbot.waitUntil(lambda: "two" in win.cancel_button.toolTip(), timeout=1000)
+    assert "one" in win.cancel_button.toolTip()
+    ran: list[object] = []
+    worker.finished_job.connect(lambda ch, rid, res: ran.append(res))
+    qtbot.mouseClick(win.cancel_button, Qt.MouseButton.LeftButton)
+    _waits_for_idle_indicator(qtbot, win)
+    assert not worker.busy() and ran == []  # "two" was dequeued, never run
+
+    # replaced before it started, then the replacement dropped by a channel's cancel
+    with qtbot.waitSignal(worker.started_job):
+        worker.submit("hold", _held_job(worker, gate))
+    worker.submit("calc", lambda: 1)
+    worker.submit("calc", lambda: 2)
+    worker.cancel("calc")
+    worker.cancel("hold")
+    _waits_for_idle_indicator(qtbot, win)
+    assert ran == []
+
+    # a training run stopped by its panel (the route of the issue)
+    panel = win.training_panel
+    win.set_config(ModelConfig(architecture="decoder", d_model=16, n_heads=2, d_ff=32,
+                               n_layers=1, vocab_size=260, max_len=32, seq_len=16,
+                               batch_size=4, device="cpu"))  # the training lab's bytes
+    _waits_for_idle_indicator(qtbot, win)
+    for slot in panel.slots:
+        slot.enabled.setChecked(slot.index == 1)
+    panel.steps.setValue(100_000)
+    panel.attn_every.setValue(0)
+    panel.start()
+    qtbot.waitUntil(lambda: len(panel.slots[1].records) >= 1 or "⚠" in panel.status.text(),
+                    timeout=60_000)
+    assert panel.slots[1].records, panel.status.text()
+    assert _indicator(win) == (True, True)
+    panel.stop()
+    _waits_for_idle_indicator(qtbot, win)
+    assert not worker.busy()
+
+
+def test_warm_up_shows_no_indicator_but_a_user_job_behind_it_does(qtbot, make_window):
+    from app.main_window import WARM_UP_CHANNEL
+
+    win = make_window(TINY)
+    worker = win.worker
+    gate = threading.Event()
+    with qtbot.waitSignal(worker.started_job):
+        worker.submit(WARM_UP_CHANNEL, _held_job(worker, gate))
+    qtbot.wait(20)
+    assert _indicator(win) == (False, False)
+    worker.submit("measure", lambda: 1)
+    qtbot.waitUntil(lambda: _indicator(win) == (True, True), timeout=1000)
+    qtbot.mouseClick(win.cancel_button, Qt.MouseButton.LeftButton)  # names only measure
+    assert worker.activity() == (WARM_UP_CHANNEL,)
+    _waits_for_idle_indicator(qtbot, win)
+    gate.set()
+    qtbot.waitUntil(lambda: not worker.busy(), timeout=5000)

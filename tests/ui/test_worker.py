@@ -117,3 +117,87 @@ def test_worker_thread_runs_below_the_gui_thread(qtbot, worker):
     assert worker.native_id is not None
     assert seen[0][0] == min(19, gui + BACKGROUND_NICE) > gui
     assert seen[0][1] == seen[0][0]  # inherited by the threads it starts
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("its __str__ fails too")
+
+
+@pytest.mark.parametrize("exc, message", [
+    (SystemExit(3), "SystemExit: 3"),
+    (SystemExit(), "SystemExit"),
+    (KeyboardInterrupt(), "KeyboardInterrupt"),
+    (GeneratorExit("odd"), "GeneratorExit: odd"),
+    (_Unprintable(), "_Unprintable"),
+    (ValueError("x" * 100_000), "x" * 299 + "…"),
+])
+def test_worker_survives_any_exception_a_job_raises(qtbot, worker, exc, message):
+    """A job's SystemExit or KeyboardInterrupt is that job's failure: the worker reports it in
+    one line, serves the next request, and still stops at once (a SystemExit used to end the
+    thread and leave close waiting forever)."""
+    failures: list[str] = []
+    results: list[object] = []
+    worker.failed_job.connect(lambda ch, rid, msg: failures.append(msg))
+    worker.finished_job.connect(lambda ch, rid, res: results.append(res))
+
+    def raises():
+        raise exc
+
+    worker.submit("a", raises)
+    qtbot.waitUntil(lambda: failures == [message], timeout=5000)
+    worker.submit("a", lambda: 42)
+    qtbot.waitUntil(lambda: results == [42], timeout=5000)
+    assert worker.isRunning() and not worker.busy()
+    t0 = time.perf_counter()
+    assert worker.stop(2000) and time.perf_counter() - t0 < 2.0
+
+
+def test_activity_follows_every_route(qtbot, worker):
+    """``activity_changed`` fires for each change of the running and pending channels — start,
+    finish, failure, cancel of the running job, a pending request replaced or dropped — and
+    ``activity()`` is empty once the last job ended by any route; replaced and dropped
+    requests are named by ``dropped_job``."""
+    seen: list[tuple] = []
+    busy: list[bool] = []
+    dropped: list[tuple[str, int]] = []
+    worker.activity_changed.connect(lambda act: seen.append(act))
+    worker.busy_changed.connect(busy.append)
+    worker.dropped_job.connect(lambda ch, rid: dropped.append((ch, rid)))
+    gate = threading.Event()
+
+    def held():
+        while not gate.is_set():
+            worker.check_cancelled()
+            time.sleep(0.005)
+        return "done"
+
+    with qtbot.waitSignal(worker.started_job):
+        worker.submit("run", held)
+    first = worker.submit("calc", lambda: 1)
+    second = worker.submit("calc", lambda: 2)  # replaces the first before it started
+    other = worker.submit("other", lambda: 3)
+    assert worker.activity() == ("run", "calc", "other")
+    assert dropped == [("calc", first)]
+    worker.cancel("other")  # dequeued: never runs, named, and gone from the activity
+    assert dropped == [("calc", first), ("other", other)]
+    assert worker.activity() == ("run", "calc")
+    worker.cancel("run")  # the running job ends through Cancelled
+    qtbot.waitUntil(lambda: worker.activity() == (), timeout=5000)
+    qtbot.waitUntil(lambda: seen and seen[-1] == (), timeout=5000)
+    assert ("run", "calc", "other") in seen and ("calc",) in seen
+    assert busy[0] is True and busy[-1] is False
+    assert worker.latest["calc"] == second
+    # a failure and a plain finish each end in an empty activity too
+    for fn in (lambda: 1 / 0, lambda: 5):
+        seen.clear()
+        worker.submit("x", fn)
+        qtbot.waitUntil(lambda: seen and seen[-1] == (), timeout=5000)
+        assert ("x",) in seen and worker.activity() == ()
+    # cancel() of everything while one runs and another waits
+    gate.clear()
+    with qtbot.waitSignal(worker.started_job):
+        worker.submit("run", held)
+    worker.submit("later", lambda: 0)
+    worker.cancel()
+    qtbot.waitUntil(lambda: worker.activity() == () and not worker.busy(), timeout=5000)
