@@ -66,6 +66,8 @@ DEBIAN_PACKAGES: dict[str, str] = {
     "libsystemd.so.0": "libsystemd0",
     "libwayland-client.so.0": "libwayland-client0",
     "libwayland-cursor.so.0": "libwayland-cursor0",
+    "libwayland-egl.so.1": "libwayland-egl1",
+    "libxcb-glx.so.0": "libxcb-glx0",
     "libxcb-cursor.so.0": "libxcb-cursor0",
     "libxcb-icccm.so.4": "libxcb-icccm4",
     "libxcb-image.so.0": "libxcb-image0",
