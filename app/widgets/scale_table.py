@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt
 from PySide6.QtGui import QBrush, QColor
 
+from unitscale_core.formatting import number, percent
 from unitscale_core.scaling.formats import FormatStats, get_format, headroom_status
 from unitscale_core.tensors import AGREEMENT_LOG2, TensorRow
 
@@ -23,7 +24,8 @@ from ..export import EXPORT_ROLE
 if TYPE_CHECKING:
     from unitscale_core.measure import SeedSpread
 
-STATUS_COLOURS = {"fine": "#c8e6c9", "at_risk": "#ffe0b2", "lost": "#ffcdd2"}
+STATUS_COLOURS = {"zero": "#e3e8ee", "fine": "#c8e6c9", "at_risk": "#ffe0b2",
+                  "lost": "#ffcdd2"}
 COLUMNS = ("tensor", "kind", "predicted RMS", "log₂", "× forward", "× grad-in", "× grad-w",
            "underflow", "overflow", "↑ headroom", "↓ headroom", "status", "measured RMS",
            "log₂ error", "± seeds")
@@ -37,13 +39,15 @@ TOOLTIPS = {
     "↑ headroom": "log₂(max normal / RMS): doublings before overflow",
     "↓ headroom": "log₂(RMS / min subnormal): halvings before underflow",
     "status": "fine; at risk (underflow > 0.1%, overflow > 1e-6 or subnormal > 10%); "
-              "lost (more than half underflows or overflows)",
+              "lost (more than half underflows or overflows); zero (exactly 0, which every "
+              "format represents: nothing is lost)",
     "log₂ error": "log₂(predicted / measured); |error| ≤ 0.32 is within 25%",
     "± seeds": "Measured over several seeds: the standard deviation of log₂ RMS between the "
                "draws (hover for the lowest and highest). Above 0.32 one initialisation "
                "often misses by more than the tolerance: more seeds tell luck from bias",
 }
 _PERCENT = frozenset({"underflow", "overflow"})
+_HEADROOM = frozenset({"↑ headroom", "↓ headroom"})
 _TWO_DECIMALS = frozenset({"log₂", "↑ headroom", "↓ headroom", "log₂ error", "± seeds"})
 _STATUS_COLUMN, _ERROR_COLUMN = COLUMNS.index("status"), COLUMNS.index("log₂ error")
 _SPREAD_COLUMNS = frozenset(COLUMNS.index(c) for c in ("measured RMS", "log₂ error", "± seeds"))
@@ -67,7 +71,8 @@ _ROLES = frozenset(int(r) for r in (_DISPLAY, _SORT, _BACKGROUND, _TOOLTIP, _ALI
 
 
 def row_status(row: TensorRow, fmt: str) -> str:
-    """``fine`` / ``at_risk`` / ``lost`` for a row's headroom in ``fmt`` ("" without it)."""
+    """``zero`` / ``fine`` / ``at_risk`` / ``lost`` for a row's headroom in ``fmt`` ("" without
+    it)."""
     return _status(row.formats.get(fmt), row.rms, fmt)
 
 
@@ -85,7 +90,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
         return ""
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
-    return f"{x:.{digits}g}"
+    return number(x, f".{digits}g")
 
 
 def _log2(x: float) -> float | None:
@@ -117,8 +122,11 @@ class _Cells:
         f = row.formats.get(fmt)
         values = [row.name, row.kind, row.rms, _log2(row.rms)]
         values += [row.scales.get(key) for key in _SCALE_KEYS.values()]
-        values += [f.get(key) if f else None for key in _FORMAT_KEYS.values()]
         status = _status(f, row.rms, fmt)
+        if status == "zero":  # every value stays exactly 0: none lost, no headroom to speak of
+            values += [0.0, 0.0, None, None]
+        else:
+            values += [f.get(key) if f else None for key in _FORMAT_KEYS.values()]
         error = None
         if measured is not None and measured > 0 and row.rms > 0 and \
                 math.isfinite(measured) and math.isfinite(row.rms):
@@ -129,11 +137,11 @@ class _Cells:
             if isinstance(value, str):
                 texts.append(value)
             elif value is None:
-                texts.append("")
-            elif column in _PERCENT:
-                texts.append(f"{100 * value:.3g}%")
+                texts.append("—" if status == "zero" and column in _HEADROOM else "")
+            elif column in _PERCENT:  # never a false 100% (or 0%) from rounding
+                texts.append(percent(value, significant=3))
             elif column in _TWO_DECIMALS:
-                texts.append(f"{value:.2f}")
+                texts.append(number(value, ".2f"))  # never "-0.00"
             else:
                 texts.append(_fmt(value))
         backgrounds = [None] * len(COLUMNS)
@@ -233,7 +241,9 @@ class ScaleTableModel(QAbstractTableModel):
         fmt, measured = self.format, self.measured
         if column in _FORMAT_KEYS:
             key = _FORMAT_KEYS[column]
-            return [f.get(key) if (f := r.formats.get(fmt)) else None for r in rows]
+            at_zero = 0.0 if column in _PERCENT else None  # as a zero row's cell shows it
+            return [(at_zero if r.rms == 0 else f.get(key)) if (f := r.formats.get(fmt))
+                    else None for r in rows]
         if column == "status":
             return [_status(r.formats.get(fmt), r.rms, fmt) for r in rows]
         if column == "± seeds":

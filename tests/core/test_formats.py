@@ -202,7 +202,12 @@ def test_zero_and_extreme_rms() -> None:
     s = gaussian_format_stats(0.0, "fp8_e4m3")
     assert (s.underflow, s.subnormal, s.normal, s.overflow) == (1.0, 0.0, 0.0, 0.0)
     assert s.headroom_min_log2 == -math.inf and s.headroom_max_log2 == math.inf
-    assert headroom_status(s) == "lost"
+    # exactly zero is representable: nothing is lost, whatever the Gaussian limit's fractions
+    assert headroom_status(s) == "zero"
+    assert headroom_status(gaussian_format_stats(5e-324, "fp8_e4m3")) == "lost"  # tiny ≠ zero
+    assert list(fm.headroom_status_array([1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1e-300])) \
+        == ["zero", "lost"]
+    assert list(fm.headroom_status_array([1.0], [0.0], [0.0])) == ["lost"]  # no rms: no zero
     for rms in (5e-324, 1e-300, 1e300, 1.7e308):
         for fmt in FORMATS.values():
             s = gaussian_format_stats(rms, fmt)

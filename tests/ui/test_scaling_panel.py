@@ -15,6 +15,7 @@ from app.export import EXPORT_ROLE
 from app.main_window import MainWindow
 from app.panels.scaling_panel import agreement, scattered_disagreements
 from app.widgets.scale_table import COLUMNS, STATUS_COLOURS, row_status
+from unitscale_core.formatting import percent
 from unitscale_core.measure import measure, one_seed_ceiling
 from unitscale_core.scaling.predict import predict
 from unitscale_core.tensors import TensorRow
@@ -380,9 +381,10 @@ def test_table_cells_text_colour_and_exact_value(qtbot, window):
         assert status == row_status(row, "fp8_e4m3")
         brush = model.index(r, status_col).data(Qt.ItemDataRole.BackgroundRole)
         assert (brush is not None) == (status in STATUS_COLOURS)
-        under = row.formats["fp8_e4m3"]["underflow"]
+        # an exactly zero tensor loses nothing (its Gaussian-limit fraction reads 1)
+        under = 0.0 if row.rms == 0 else row.formats["fp8_e4m3"]["underflow"]
         assert model.index(r, under_col).data(EXPORT_ROLE) == under
-        assert model.index(r, under_col).data() == f"{100 * under:.3g}%"
+        assert model.index(r, under_col).data() == percent(under, significant=3)
     assert model.index(0, 0).data(Qt.ItemDataRole.FontRole) is None
     assert model.index(0, 0).data(Qt.ItemDataRole.ToolTipRole).startswith(model.rows[0].name)
 

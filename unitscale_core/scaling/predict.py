@@ -1240,13 +1240,16 @@ def predicted_covariances(cfg: ModelConfig) -> dict[tuple[str, str], Cov]:
 
 
 def status_counts(cfg: ModelConfig, fmt: str) -> dict[str, int]:
-    """How many predicted tensors are ``fine``, ``at_risk`` and ``lost`` in ``fmt``
-    (:func:`~.formats.headroom_status` of each row, vectorised; from the pass's table, with no
-    rows made)."""
-    table = _pass(cfg).table(fmt)
-    statuses = headroom_status_array(table["underflow"], table["subnormal"], table["overflow"])
+    """How many predicted tensors are ``zero`` (exactly: representable, so never lost),
+    ``fine``, ``at_risk`` and ``lost`` in ``fmt`` (:func:`~.formats.headroom_status` of each
+    row, vectorised; from the pass's table, with no rows made)."""
+    p = _pass(cfg)
+    table = p.table(fmt)
+    rms = np.fromiter(map(_RMS, p.rows), dtype=np.float64, count=len(p.rows))
+    statuses = headroom_status_array(table["underflow"], table["subnormal"], table["overflow"],
+                                     rms)
     return {status: int(np.count_nonzero(statuses == status))
-            for status in ("fine", "at_risk", "lost")}
+            for status in ("zero", "fine", "at_risk", "lost")}
 
 
 def is_predicted(cfg: ModelConfig, formats: tuple[str, ...]) -> bool:
