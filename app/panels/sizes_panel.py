@@ -33,8 +33,9 @@ from ..export import (
 
 # (key path in size_report, label, kind, formula tooltip)
 ROWS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
-    (("total",), "Parameters", "count",
-     "Sum of the components below; equals sum(p.numel()) of the built torch model."),
+    (("total",), "Parameters (P)", "count",
+     "Sum of the components below; equals sum(p.numel()) of the built torch model. The memory "
+     "rows count every one of them (P), not only the non-embedding N."),
     (("components", "token_embedding"), "  token embedding", "count", "V · h"),
     (("components", "position"), "  positions", "count",
      "learned: max_len · h per stack; relative (T5): 32 buckets · heads per stack; else 0"),
@@ -55,10 +56,11 @@ ROWS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
      "3 × forward = 6·N_matmul + 6·L_attn·s·h (backward costs twice the forward)"),
     (("flops_per_token", "attention"), "  of which attention", "count",
      "2·L_attn·s·h: QKᵀ and A·V, dense, every self- and cross-attention block"),
-    (("memory_bytes", "weights"), "Memory: weights", "bytes", "p · N  (p = bytes per element)"),
-    (("memory_bytes", "gradients"), "Memory: gradients", "bytes", "p · N"),
+    (("memory_bytes", "weights"), "Memory: weights", "bytes",
+     "p · P  (P = all parameters, the first row; p = bytes per element of the dtype)"),
+    (("memory_bytes", "gradients"), "Memory: gradients", "bytes", "p · P"),
     (("memory_bytes", "optimizer"), "Memory: Adam state", "bytes",
-     "8·N (two fp32 moments) + 4·N fp32 master weights unless fp32"),
+     "8·P (two fp32 moments) + 4·P fp32 master weights unless fp32"),
     (("memory_bytes", "activations"), "Memory: activations", "bytes",
      "Korthikanti et al. 2022: per layer sbh(34 + 5as/h) at p=2, f=4h, with dropout; "
      "generalised to p, f, SwiGLU; + final norm + fp32 logits 4sbV"),

@@ -105,7 +105,7 @@ def test_sizes_table_exact_column_is_integers(qtbot, make_window, tmp_path):
     with open(tmp_path / "sizes.csv", newline="", encoding="utf-8") as handle:
         got = {r["Quantity"].strip(): r["Exact"] for r in csv.DictReader(handle)}
     report = size_report(SMALL)
-    assert got["Parameters"] == str(report["total"])
+    assert got["Parameters (P)"] == str(report["total"])
     assert got["Memory: training total"] == str(report["memory_bytes"]["total"])
 
 

@@ -52,7 +52,7 @@ def test_typing_a_valid_value_updates_config_and_sizes(qtbot, window):
     assert window.config.d_model == 512
     expected = count_parameters(window.config)["total"]
     assert exact_total(window) == f"{expected:,}"
-    assert window.sizes_panel.value("Parameters") == format_count(expected)
+    assert window.sizes_panel.value("Parameters (P)") == format_count(expected)
     assert not editor(window, "d_model_error").isVisible()
 
 
