@@ -36,6 +36,7 @@ from pathlib import Path
 
 from unitscale_core import __version__
 from unitscale_core.config import DEVICES, PARAMETRIZATIONS, ModelConfig, dumps_json, load
+from unitscale_core.formatting import number
 from unitscale_core.tensors import TensorRow
 
 #: Logical size (pixels) of the positional and attention figures; PNGs are ``--scale``× that.
@@ -158,7 +159,7 @@ def measured_table(predicted: list[TensorRow], measured: list[TensorRow]):
 
 
 def _fixed(x: float | None) -> str:
-    return "" if x is None else f"{x:.2f}"
+    return "" if x is None else number(x, ".2f")  # never "-0.00"
 
 
 def build(cfg: ModelConfig, *, source: str = "config", fmt: str | None = None,

@@ -95,3 +95,13 @@ def test_summary_share_is_not_rounded_up_to_100(qtbot, make_window):
     assert f"{n - 1}/{n} tensors (>99%) within 25%" in text and "(100%)" not in text
     counts = status_counts(cfg, panel.format.currentData())
     assert counts["zero"] > 0 and f"{counts['lost']} lost" in text
+
+
+def test_report_measured_table_has_no_negative_zero():
+    from app.report import measured_table
+
+    predicted = [TensorRow("x", "activation", 1.0)]
+    measured = [TensorRow("x", "activation", 0.99995)]  # log2 ≈ -7e-5
+    table = measured_table(predicted, measured)
+    assert table.cells[0][3] == "0.00" and table.cells[0][5] == "0.00"
+    assert table.values[0][3] < 0  # the exact value keeps its sign
