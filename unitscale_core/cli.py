@@ -15,7 +15,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
+from .atomic import FileProblem, check_destination
 from .config import DEVICES, DTYPES, PARAMETRIZATIONS, ModelConfig, load
+from .formatting import number
 from .sizing import format_bytes, format_count, size_report
 from .tasks import TASKS
 
@@ -32,29 +34,101 @@ class UserError(ValueError):
     """A mistake in the command line that the user can fix."""
 
 
-def _load_config(path: str | None) -> ModelConfig:
-    return ModelConfig() if path is None else load(path)
+class ResultsNotSaved(UserError):
+    """The work finished but its file could not be written: ``output`` (the results) is
+    printed before the one-line error, so nothing computed is lost."""
+
+    def __init__(self, message: str, output: str):
+        super().__init__(message)
+        self.output = output
+
+
+#: What a command without ``--config`` uses, as said on stderr.
+DEFAULT_CONFIG_NOTE = ("no --config given: using the built-in default config (the tiny "
+                       "preset: decoder, d_model 256, 4 layers, vocab 8192)")
+
+
+def _load_config(path: str | None, command: str = "unitscale") -> ModelConfig:
+    if path is None:
+        print(f"unitscale {command}: note: {DEFAULT_CONFIG_NOTE}", file=sys.stderr)
+        return ModelConfig()
+    return load(path)
+
+
+def _table(rows: list[tuple[str, str, str]]) -> list[str]:
+    """Rows ``(label, value, note)`` as lines: labels left-aligned in one column, values
+    right-aligned in the next, notes after them."""
+    label_w = max(len(label) for label, _, _ in rows) + 2
+    value_w = max(len(value) for _, value, _ in rows)
+    return [f"{label:<{label_w}}{value:>{value_w}}{'  ' + note if note else ''}".rstrip()
+            for label, value, note in rows]
 
 
 def cmd_params(args: argparse.Namespace) -> str:
     """Size breakdown: parameters, FLOPs per token, training memory, KV cache."""
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, "params")
     report = size_report(cfg)
     if args.json:
         return json.dumps(report, indent=2)
-    lines = [f"parameters      {report['total']:>18,}  ({format_count(report['total'])})"]
-    for name, count in report["components"].items():
-        lines.append(f"  {name:<14}{count:>18,}")
+    source = "built-in default (tiny preset)" if args.config is None else args.config
+    rows = [("parameters", f"{report['total']:,}", f"({format_count(report['total'])})")]
+    rows += [(f"  {name}", f"{count:,}", "") for name, count in report["components"].items()]
     flops = report["flops_per_token"]
-    lines.append(f"FLOPs/token     forward {format_count(flops['forward'])}, "
-                 f"training {format_count(flops['training'])}")
+    rows += [("FLOPs/token, forward", format_count(flops["forward"]), ""),
+             ("FLOPs/token, training", format_count(flops["training"]), "")]
     mem = report["memory_bytes"]
-    lines.append(f"training memory {format_bytes(mem['total'])} ({cfg.dtype}, Adam, batch "
-                 f"{cfg.batch_size} × {cfg.seq_len})")
-    for key in ("weights", "gradients", "optimizer", "activations"):
-        lines.append(f"  {key:<14}{format_bytes(mem[key]):>18}")
-    lines.append(f"KV cache        {format_bytes(mem['kv_cache'])}")
-    return "\n".join(lines)
+    rows.append(("training memory", format_bytes(mem["total"]),
+                 f"({cfg.dtype}, Adam, batch {cfg.batch_size} × {cfg.seq_len})"))
+    rows += [(f"  {key}", format_bytes(mem[key]), "")
+             for key in ("weights", "gradients", "optimizer", "activations")]
+    rows.append(("KV cache", format_bytes(mem["kv_cache"]), ""))
+    return f"config: {source}\n" + "\n".join(_table(rows))
+
+
+def _checked_out(path: str, flag: str) -> str:
+    """``path`` if a file can be written there (checked before the work), else a UserError."""
+    try:
+        check_destination(path, flag)
+    except FileProblem as exc:
+        raise UserError(str(exc)) from None
+    return path
+
+
+def _write_error(path: str, exc: OSError) -> str:
+    from .atomic import short_path
+
+    return f"cannot write {short_path(path)}: {exc.strerror or exc}"
+
+
+#: Bytes each parameter needs at least, per command: fp32 weights (attention); + gradients
+#: (measure); + Adam's two moments (train).
+BYTES_PER_PARAM = {"attention": 4, "measure": 8, "train": 16}
+
+
+def _refuse_unbuildable(cfg: ModelConfig, command: str, device: str = "cpu") -> None:
+    """Refuse a model whose weights alone (``BYTES_PER_PARAM`` × parameters) exceed every byte
+    of memory this machine has (RAM + swap, or the GPU's memory): an allocation that can
+    only fail, said in one line before it is tried. Whether it fits in what is *free* now is
+    the memory budget's question (measure), not this one."""
+    from .sizing import count_parameters
+
+    params = count_parameters(cfg)["total"]
+    need = BYTES_PER_PARAM[command] * params
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return
+    have = psutil.virtual_memory().total + psutil.swap_memory().total
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            have = max(have, torch.cuda.get_device_properties(0).total_memory)
+    if need > have:
+        raise UserError(f"the model has {params:,} parameters: {command} needs at "
+                        f"least {format_bytes(need)} for them, more than the "
+                        f"{format_bytes(have)} of memory this machine has (vocab_size "
+                        f"{cfg.vocab_size:,} × d_model {cfg.d_model:,}, {cfg.n_layers} layers)")
 
 
 def cmd_positional(args: argparse.Namespace) -> str:
@@ -66,6 +140,7 @@ def cmd_positional(args: argparse.Namespace) -> str:
 
     if args.kind != "learned" and args.model is not None:
         raise UserError(f"--model is only for --kind learned, not {args.kind}")
+    _checked_out(args.out, "--out")
     folder = None if args.model in (None, "minilm") else args.model
     if args.kind == "learned" and folder is None:
         folder = minilm_folder()
@@ -73,8 +148,11 @@ def cmd_positional(args: argparse.Namespace) -> str:
                     n_heads=args.heads, base=args.base, buckets=args.buckets,
                     max_distance=args.max_distance, bidirectional=not args.causal)
     array = export_array(spec, folder)
-    with atomic_open(args.out, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
+    try:
+        with atomic_open(args.out, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+    except OSError as exc:
+        raise UserError(_write_error(args.out, exc)) from None
     return f"wrote {args.out}: {args.kind}, shape {list(array.shape)}, {array.dtype}"
 
 
@@ -85,7 +163,8 @@ def _with_param(cfg: ModelConfig, param: str | None) -> ModelConfig:
 def _rows_text(rows) -> str:
     lines = [f"{'kind':<16} {'tensor':<36} {'rms':>11}  {'log2':>6}"]
     for r in rows:
-        log2 = f"{math.log2(r.rms):6.1f}" if r.rms > 0 and math.isfinite(r.rms) else "     -"
+        log2 = f"{number(math.log2(r.rms), '.1f'):>6}" if r.rms > 0 and math.isfinite(r.rms) \
+            else "     -"
         lines.append(f"{r.kind:<16} {r.name:<36} {r.rms:11.4g}  {log2}")
     return "\n".join(lines)
 
@@ -106,7 +185,7 @@ def cmd_predict(args: argparse.Namespace) -> str:
     the stack's tokens collapse below the resolution of its dtype."""
     from .scaling.predict import predict, stream_collapse
 
-    cfg = _with_param(_load_config(args.config), args.param)
+    cfg = _with_param(_load_config(args.config, "predict"), args.param)
     rows = predict(cfg)
     collapse = stream_collapse(cfg)
     return _rows_output(cfg, "predicted", rows, args.json,
@@ -134,8 +213,11 @@ def cmd_attention(args: argparse.Namespace) -> str:
 
     if (args.model is None) == (args.config is None):
         raise UserError("give exactly one of --model minilm|FOLDER and --config FILE")
+    _checked_out(args.out, "--out")
     if args.config is not None:
-        result = configured_attentions(load(args.config), args.text)
+        cfg = load(args.config)
+        _refuse_unbuildable(cfg, "attention", cfg.device)
+        result = configured_attentions(cfg, args.text)
     else:
         from . import pretrained
 
@@ -147,8 +229,11 @@ def cmd_attention(args: argparse.Namespace) -> str:
     if result.cross_attentions is not None:
         arrays["cross_attentions"] = result.cross_attentions.astype(np.float32)
         arrays["encoder_attentions"] = result.encoder_attentions.astype(np.float32)
-    with atomic_open(args.out, "wb") as handle:
-        np.savez(handle, **arrays)
+    try:
+        with atomic_open(args.out, "wb") as handle:
+            np.savez(handle, **arrays)
+    except OSError as exc:
+        raise UserError(_write_error(args.out, exc)) from None
     shape = list(result.attentions.shape)
     cut = f"; text cut by {result.truncated} tokens to fit" if result.truncated else ""
     return f"wrote {args.out}: attentions {shape} (layers, heads, query, key){cut}"
@@ -160,9 +245,10 @@ def cmd_measure(args: argparse.Namespace) -> str:
     finite)."""
     from .measure import measure_seeds
 
-    cfg = _with_param(_load_config(args.config), args.param)
+    cfg = _with_param(_load_config(args.config, "measure"), args.param)
     if args.device is not None:
         cfg = cfg.replace(device=args.device)
+    _refuse_unbuildable(cfg, "measure", cfg.device)
     if not 1 <= args.seeds <= 64:
         raise UserError(f"--seeds: {args.seeds} is not between 1 and 64")
     rows = measure_seeds(cfg, args.seeds)
@@ -185,13 +271,29 @@ def cmd_train(args: argparse.Namespace) -> str:
              "seed": args.seed}
     settings = TrainSettings(loss_scaling=args.loss_scaling,
                              **{k: v for k, v in given.items() if v is not None})
+    if args.checkpoint is not None:
+        _checked_out(args.checkpoint, "--checkpoint")
+    _refuse_unbuildable(cfg, "train", args.device or "cpu")
     device = resolve_device(args.device or "cpu")
     start = time.perf_counter()
     run = TrainingRun(cfg, settings, device)
     run.run(run.settings.steps)
     seconds = time.perf_counter() - start
+    write_error = None
     if args.checkpoint is not None:
-        run.save_checkpoint(args.checkpoint)
+        try:
+            run.save_checkpoint(args.checkpoint)
+        except OSError as exc:  # the results are printed all the same (ResultsNotSaved)
+            write_error = _write_error(args.checkpoint, exc)
+    output = _train_output(args, run, seconds, saved=write_error is None)
+    if write_error is not None:
+        raise ResultsNotSaved(f"{write_error}; the results above are from the finished run",
+                              output)
+    return output
+
+
+def _train_output(args: argparse.Namespace, run, seconds: float, saved: bool) -> str:
+    """``train``'s report: JSON, or a table of steps and a summary line."""
     s = run.settings
     logged = [r for r in run.records if r.kind_rms is not None]
     if args.json:
@@ -205,15 +307,17 @@ def cmd_train(args: argparse.Namespace) -> str:
     lines = [f"{'step':>5} {'loss':>9} {'scale':>8} {'skip':>4}  {'rms act':>9} "
              f"{'rms grad':>9}  {'E5M2 underflow: grad_act':>24} {'grad_w':>7}"]
     for r in run.records:
-        line = f"{r.step:>5} {r.loss:>9.4f} {r.loss_scale:>8.3g} {'yes' if r.skipped else '':>4}"
+        line = (f"{r.step:>5} {number(r.loss, '.4f'):>9} {number(r.loss_scale, '.3g'):>8} "
+                f"{'yes' if r.skipped else '':>4}")
         if r.kind_rms is not None and r.underflow is not None:
-            line += (f"  {r.kind_rms['activation']:>9.3g} {r.kind_rms['grad_activation']:>9.3g}"
+            line += (f"  {number(r.kind_rms['activation'], '.3g'):>9} "
+                     f"{number(r.kind_rms['grad_activation'], '.3g'):>9}"
                      f"  {r.underflow['grad_activation']['fp8_e5m2']:>24.2%}"
                      f" {r.underflow['grad_weight']['fp8_e5m2']:>7.2%}")
         lines.append(line)
     lines.append(f"{run.step} steps in {seconds:.1f} s: {s.parametrization}, {s.dtype}, task "
                  f"{s.task}, lr {s.lr:g}, loss scaling {'on' if s.loss_scaling else 'off'}")
-    if args.checkpoint is not None:
+    if args.checkpoint is not None and saved:
         lines.append(f"wrote {args.checkpoint}")
     return "\n".join(lines)
 
@@ -335,14 +439,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], str] = args.func
     try:
         out = func(args)
-    except ValueError as exc:  # ConfigError and every user-caused error subclass ValueError
+    except ResultsNotSaved as exc:  # the work is done: its results first, then why no file
+        _print(exc.output)
         print(f"unitscale {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except ValueError as exc:  # ConfigError and every user-caused error subclass ValueError
+        print(f"unitscale {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError as exc:  # an allocation beyond what is free now (numpy, Python)
+        detail = f": {_one_line(exc)}" if str(exc).strip() else ""
+        print(f"unitscale {args.command}: error: out of memory{detail}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RuntimeError as exc:
+        if not _is_allocation_failure(exc):
+            raise
+        print(f"unitscale {args.command}: error: out of memory: {_one_line(exc)}",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    _print(out)
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (shortened: a message is a line, not a dump)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 500 else f"{line[:500]}… ({len(line):,} characters)"
+
+
+def _is_allocation_failure(exc: RuntimeError) -> bool:
+    """torch's failed allocations: ``torch.OutOfMemoryError`` (CUDA) or the CPU allocator's
+    "can't allocate memory" RuntimeError."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "DefaultCPUAllocator" in text
+
+
+def _print(out: str) -> None:
     try:
         print(out)
     except BrokenPipeError:  # `unitscale … | head`: the reader left; not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
-    return 0
 
 
 def main_exit() -> None:

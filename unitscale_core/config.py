@@ -17,13 +17,14 @@ import difflib
 import json
 import math
 import os
+import reprlib
 import sys
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_open
+from .atomic import FileProblem, atomic_open, read_regular_file, short_path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,6 +46,19 @@ DEVICES = ("auto", "cpu", "cuda")
 #: training run that exists (a 1T-parameter model needs ~16 TB of weights and optimizer state),
 #: so every real model fits, while absurd sizes (d_model = 10**9) are refused with the estimate.
 MAX_MEMORY_BYTES = 2**50
+#: Deepest stack (``n_layers``, ``n_decoder_layers``) a config may have. The deepest published
+#: Transformer has 1,000 layers (DeepNet, Wang et al. 2022); GPT-3 has 96, PaLM 118. The
+#: predictor walks every layer (about 3-10 ms and 0.3-0.8 MB a layer), so 1,024 layers predict
+#: in seconds, while 100,000 took minutes and gigabytes.
+MAX_LAYERS = 1024
+#: Largest config file read (a config is a few hundred bytes; this refuses /dev/zero-like input).
+MAX_CONFIG_BYTES = 1 << 20
+#: Largest value of any size field (2**53: the integers a float64 holds exactly; a window or
+#: max_len beyond it overflowed torch's int64 masks). Real sizes are far below; the memory
+#: bound refuses most large ones first.
+MAX_SIZE = 2**53
+#: Characters of a bad value quoted in an error message before "… (N characters)".
+QUOTE_CHARS = 60
 
 # Editors in the GUI and help in the CLI read these; one sentence each.
 FIELD_HELP: dict[str, str] = {
@@ -79,6 +93,31 @@ FIELD_HELP: dict[str, str] = {
     "device": "Where model runs go: auto (CUDA, then MPS, then CPU), cpu or cuda.",
     "seed": "Random seed for initialisation and the measurement batch.",
 }
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = QUOTE_CHARS
+_REPR.maxlevel = 3
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """A short ``repr`` of ``value`` for error messages: at most about ``limit`` characters,
+    a longer string cut to its first ``limit`` and ``… (N characters)`` (a 100 MB value must
+    not make a 100 MB message); integers beyond ``limit`` digits as their first digits and
+    ``… (N digits)``, without converting integers too long for ``str``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            text = repr(value)
+        except ValueError:  # beyond sys.get_int_max_str_digits()
+            digits = int(value.bit_length() * math.log10(2)) + 1
+            return f"<an integer of about {digits:,} digits>"
+        return text if len(text) <= limit else f"{text[:limit // 2]}… ({len(text):,} digits)"
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value):,} characters)"
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):  # a huge integer inside, or nested too deeply
+        return f"<a {type(value).__name__}>"
 
 
 class ConfigError(ValueError):
@@ -181,47 +220,62 @@ def _validate(cfg: ModelConfig) -> dict[str, str]:
     for name, choices in CHOICES.items():
         value = getattr(cfg, name)
         if value not in choices:
-            errors[name] = f"{name}={value!r} is not one of {', '.join(choices)}"
+            errors[name] = f"{name}={quote(value)} is not one of {', '.join(choices)}"
     for name in POSITIVE_INTS:
         value = getattr(cfg, name)
         if not _is_int(value):
-            errors[name] = f"{name}={value!r} must be a whole number"
+            errors[name] = f"{name}={quote(value)} must be a whole number"
         elif value <= 0:
-            errors[name] = f"{name}={value} must be positive"
+            errors[name] = f"{name}={quote(value)} must be positive"
+        elif value > MAX_SIZE:
+            errors[name] = f"{name}={quote(value)} is above 2**53, beyond any size or index"
     if cfg.n_decoder_layers is not None:
         if not _is_int(cfg.n_decoder_layers):
             errors["n_decoder_layers"] = (
-                f"n_decoder_layers={cfg.n_decoder_layers!r} must be a whole number or empty"
+                f"n_decoder_layers={quote(cfg.n_decoder_layers)} must be a whole number or empty"
             )
         elif cfg.n_decoder_layers <= 0:
-            errors["n_decoder_layers"] = f"n_decoder_layers={cfg.n_decoder_layers} must be positive"
+            errors["n_decoder_layers"] = (f"n_decoder_layers={quote(cfg.n_decoder_layers)} "
+                                          "must be positive")
+    for name in ("n_layers", "n_decoder_layers"):
+        value = getattr(cfg, name)
+        if name not in errors and _is_int(value) and value > MAX_LAYERS:
+            errors[name] = (f"{name}={quote(value)} is above {MAX_LAYERS:,}, the deepest stack "
+                            "this program predicts or builds (the deepest published "
+                            "Transformer has 1,000 layers)")
     if not _is_int(cfg.seed):
-        errors["seed"] = f"seed={cfg.seed!r} must be a whole number"
+        errors["seed"] = f"seed={quote(cfg.seed)} must be a whole number"
     elif not 0 <= cfg.seed < 2**63:
-        errors["seed"] = f"seed={cfg.seed} must be between 0 and 2**63 - 1"
+        errors["seed"] = f"seed={quote(cfg.seed)} must be between 0 and 2**63 - 1"
     for name in BOOLS:
         if not isinstance(getattr(cfg, name), bool):
-            errors[name] = f"{name}={getattr(cfg, name)!r} must be true or false"
+            errors[name] = f"{name}={quote(getattr(cfg, name))} must be true or false"
     dropout = cfg.dropout
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        errors["dropout"] = f"dropout={dropout!r} must be a number"
-    elif not (math.isfinite(dropout) and 0.0 <= dropout < 1.0):
-        errors["dropout"] = f"dropout={dropout} must be at least 0 and below 1"
+        errors["dropout"] = f"dropout={quote(dropout)} must be a number"
+    # compared as it is: math.isfinite(a 401-digit int) would raise OverflowError
+    elif not ((_is_int(dropout) or math.isfinite(dropout)) and 0 <= dropout < 1):
+        errors["dropout"] = f"dropout={quote(dropout)} must be at least 0 and below 1"
     if errors:  # relations below need well-typed fields
         return errors
-    if cfg.d_model % cfg.n_heads:
-        errors["d_model"] = f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}"
+    d, h = quote(cfg.d_model), quote(cfg.n_heads)
+    if cfg.n_heads > cfg.d_model:
+        errors["n_heads"] = (f"n_heads={h} is above d_model={d}; each head needs at least one "
+                             "dimension")
+    elif cfg.d_model % cfg.n_heads:
+        errors["d_model"] = f"d_model={d} is not divisible by n_heads={h}"
     elif cfg.positional == "rope" and cfg.head_dim % 2:
         errors["d_model"] = (
-            f"d_model={cfg.d_model} gives odd head size {cfg.head_dim} with n_heads={cfg.n_heads}; "
+            f"d_model={d} gives odd head size {quote(cfg.head_dim)} with n_heads={h}; "
             "rope rotates pairs of dimensions and needs an even head size"
         )
     elif cfg.positional == "sinusoidal" and cfg.d_model % 2:
-        errors["d_model"] = f"d_model={cfg.d_model} must be even for sinusoidal positions"
+        errors["d_model"] = f"d_model={d} must be even for sinusoidal positions"
     if cfg.vocab_size < 2:  # one token: the loss is identically 0, no gradient to predict
         errors["vocab_size"] = f"vocab_size={cfg.vocab_size} must be at least 2"
     if cfg.seq_len > cfg.max_len:
-        errors["seq_len"] = f"seq_len={cfg.seq_len} is above max_len={cfg.max_len}"
+        errors["seq_len"] = (f"seq_len={quote(cfg.seq_len)} is above "
+                             f"max_len={quote(cfg.max_len)}")
     if not errors:
         errors.update(_memory_errors(cfg))
     return errors
@@ -244,9 +298,10 @@ def _memory_errors(cfg: ModelConfig) -> dict[str, str]:
         sizes.append("n_decoder_layers")
     culprit = max(sizes, key=lambda n: Fraction(getattr(cfg, n),
                                                 DEFAULTS[n] or DEFAULTS["n_layers"]))
+    estimate = format_bytes(total) if total < 2**1000 else "beyond any float"  # int or inf
     return {
-        culprit: f"{culprit}={getattr(cfg, culprit)} makes the training memory estimate "
-        f"{format_bytes(total)}, above the {format_bytes(MAX_MEMORY_BYTES)} any run could allocate"
+        culprit: f"{culprit}={quote(getattr(cfg, culprit))} makes the training memory estimate "
+        f"{estimate}, above the {format_bytes(MAX_MEMORY_BYTES)} any run could allocate"
     }
 
 
@@ -266,14 +321,15 @@ def from_dict(data: Any, *, versioned: bool = True) -> ModelConfig:
     version = data.pop("schema_version", SCHEMA_VERSION)
     if versioned and (not _is_int(version) or version != SCHEMA_VERSION):
         errors["schema_version"] = (
-            f"schema_version={version!r} is not supported (this program reads version "
+            f"schema_version={quote(version)} is not supported (this program reads version "
             f"{SCHEMA_VERSION})"
         )
     for key in data:
         if key not in FIELD_NAMES:
-            close = difflib.get_close_matches(str(key), FIELD_NAMES, n=1)
+            name = str(key) if isinstance(key, str) and len(key) <= QUOTE_CHARS else quote(key)
+            close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            errors[str(key)] = f"unknown key {key!r}{hint}"
+            errors[name] = f"unknown key {quote(key)}{hint}"
     if errors:
         raise ConfigError(errors)
     return ModelConfig(**data)
@@ -310,7 +366,8 @@ def _format_of(path: Path) -> str:
         return "json"
     if suffix == ".toml":
         return "toml"
-    raise ConfigError({"path": f"{path.name}: config files must end in .json or .toml"})
+    raise ConfigError({"path": f"{short_path(path.name)}: config files must end in .json or "
+                               ".toml"})
 
 
 def loads(text: str, fmt: str, source: str = "config") -> ModelConfig:
@@ -330,18 +387,19 @@ def loads(text: str, fmt: str, source: str = "config") -> ModelConfig:
 
 
 def load(path: str | os.PathLike[str]) -> ModelConfig:
-    """Read a .json or .toml config file."""
+    """Read a .json or .toml config file: a regular file of at most ``MAX_CONFIG_BYTES``
+    (a FIFO, a device or a folder is refused by name, never opened for a blocking read)."""
     path = Path(path)
     fmt = _format_of(path)
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError({"file": f"cannot read {path}: {exc.strerror or exc}"}) from None
+        raw = read_regular_file(path, MAX_CONFIG_BYTES, what=f"config {short_path(path)}")
+    except FileProblem as exc:
+        raise ConfigError({"file": str(exc)}) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError({"file": f"{path.name} is not UTF-8 text"}) from None
-    return loads(text, fmt, source=path.name)
+        raise ConfigError({"file": f"{short_path(path.name)} is not UTF-8 text"}) from None
+    return loads(text, fmt, source=short_path(path.name))
 
 
 def backup_path(path: Path) -> Path:
@@ -363,6 +421,6 @@ def save(cfg: ModelConfig, path: str | os.PathLike[str]) -> None:
 
 __all__ = [
     "ConfigError", "ModelConfig", "FIELD_NAMES", "FIELD_HELP", "DEFAULTS", "CHOICES",
-    "SCHEMA_VERSION", "backup_path", "from_dict", "load", "loads", "save", "dumps_json",
-    "dumps_toml", "to_file_dict",
+    "MAX_CONFIG_BYTES", "MAX_LAYERS", "SCHEMA_VERSION", "quote", "backup_path", "from_dict",
+    "load", "loads", "save", "dumps_json", "dumps_toml", "to_file_dict",
 ]

@@ -30,6 +30,10 @@ POSITIONAL_KINDS = ("sinusoidal", "learned", "relative", "rope", "alibi", "none"
 
 SIMILARITY_KINDS = ("dot", "cosine")
 
+#: Largest array a function here returns: 4 GiB (ALiBi's 8 heads × 16,384² float32 is 8 GiB).
+#: A view samples positions and never needs more; ``--max-len 1000000`` would ask 7.28 TiB.
+MAX_TABLE_BYTES = 4 << 30
+
 
 class PositionalError(ValueError):
     """A positional-encoding argument is invalid; the message names the parameter and why."""
@@ -63,6 +67,20 @@ def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise PositionalError(f"{name}={value!r} must be True or False")
     return bool(value)
+
+
+def _check_size(name: str, value: int, shape: tuple[int, ...], dtype: Any) -> None:
+    """Refuse, before allocating, an array of ``shape`` and ``dtype`` above MAX_TABLE_BYTES,
+    naming the argument ``name=value`` that sized it."""
+    itemsize = np.dtype(dtype).itemsize
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_TABLE_BYTES:
+        from .sizing import format_bytes
+
+        dims = " × ".join(f"{n:,}" for n in shape)
+        raise PositionalError(f"{name}={value:,} makes a {format_bytes(nbytes)} table "
+                              f"({dims} {np.dtype(dtype).name}), above the "
+                              f"{format_bytes(MAX_TABLE_BYTES)} this program builds")
 
 
 def _even(name: str, value: int, kind: str) -> int:
@@ -99,7 +117,9 @@ def sinusoidal(max_len: int, d_model: int, base: float = 10000.0) -> np.ndarray:
     ``2i+1`` uses the frequency of its sin partner ``2i``, and the last column ``d-1`` is the sin
     of the extra frequency ``ω_{(d-1)/2}``, which has no cos partner.
     """
-    max_len = _int("max_len", max_len)
+    max_len, width = _int("max_len", max_len), _int("d_model", d_model)
+    _check_size(*(("d_model", width) if width > max_len else ("max_len", max_len)),
+                (max_len, width), np.float64)
     return sinusoidal_at(np.arange(max_len), d_model, base)
 
 
@@ -108,8 +128,11 @@ def sinusoidal_at(positions: Any, d_model: int, base: float = 10000.0) -> np.nda
 
     Lets a view sample every k-th of 8192 positions without building the whole table.
     """
-    pos = _numeric("positions", positions).reshape(-1).astype(np.float64)
+    pos = _numeric("positions", positions).reshape(-1)
     d_model, base = _int("d_model", d_model), _base(base)
+    _check_size("d_model" if d_model > len(pos) else "max_len", max(d_model, len(pos)),
+                (len(pos), d_model), np.float64)
+    pos = pos.astype(np.float64)
     i2 = np.arange(0, d_model, 2, dtype=np.float64)  # 2i for each frequency
     angle = pos[:, None] * base ** (-i2 / d_model)
     max_len = len(pos)
@@ -152,6 +175,8 @@ def relative_positions(q_len: int, k_len: int) -> np.ndarray:
     ``T5Attention.compute_bias``): positive values are keys after the query.
     """
     q_len, k_len = _int("q_len", q_len), _int("k_len", k_len)
+    _check_size("q_len" if q_len >= k_len else "k_len", max(q_len, k_len), (q_len, k_len),
+                np.int64)
     return np.arange(k_len, dtype=np.int64)[None, :] - np.arange(q_len, dtype=np.int64)[:, None]
 
 
@@ -208,7 +233,9 @@ def t5_bucket_matrix(max_len: int, bidirectional: bool = True, num_buckets: int 
     """``B[i, j] = t5_relative_bucket(j - i)``, ``[max_len, max_len]`` int64 (query rows, key
     columns), the bucket table T5 indexes its learned per-head bias with (Raffel et al. 2020).
     """
-    rel = relative_positions(_int("max_len", max_len), max_len)
+    max_len = _int("max_len", max_len)
+    _check_size("max_len", max_len, (max_len, max_len), np.int64)
+    rel = relative_positions(max_len, max_len)
     return t5_relative_bucket(rel, bidirectional, num_buckets, max_distance)
 
 
@@ -221,6 +248,7 @@ def shaw_clipped(max_len: int, max_distance: int, as_index: bool = False) -> np.
     """
     k = _int("max_distance", max_distance)
     as_index = _bool("as_index", as_index)
+    _check_size("max_len", _int("max_len", max_len), (max_len, max_len), np.int64)
     clipped = np.clip(relative_positions(_int("max_len", max_len), max_len), -k, k)
     return clipped + k if as_index else clipped
 
@@ -240,15 +268,19 @@ def rope_angles(max_len: int, d_model: int, base: float = 10000.0) -> np.ndarray
     ``pos`` is rotated by ``pos · θ_i`` with ``θ_i = base^(-2(i-1)/d)`` (1-based i in the
     paper). ``d_model`` is the rotated size (a head's size) and must be even.
     """
-    return rope_angles_at(np.arange(_int("max_len", max_len)), d_model, base)
+    max_len, width = _int("max_len", max_len), _int("d_model", d_model, minimum=2)
+    _check_size(*(("d_model", width) if width > max_len else ("max_len", max_len)),
+                (max_len, width // 2), np.float64)
+    return rope_angles_at(np.arange(max_len), d_model, base)
 
 
 def rope_angles_at(positions: Any, d_model: int, base: float = 10000.0) -> np.ndarray:
     """Rows ``positions`` of :func:`rope_angles`: ``pos · base^(-2i/d)``, float64."""
-    pos = _numeric("positions", positions).reshape(-1).astype(np.float64)
+    pos = _numeric("positions", positions).reshape(-1)
     base = _base(base)
     d_model = _even("d_model", _int("d_model", d_model, minimum=2), "rope")
-    return pos[:, None] * _rope_freqs(d_model, base)
+    _check_size("d_model", d_model, (len(pos), d_model // 2), np.float64)
+    return pos.astype(np.float64)[:, None] * _rope_freqs(d_model, base)
 
 
 def rope_rotate(x: Any, positions: Any = None, base: float = 10000.0) -> np.ndarray:
@@ -288,6 +320,7 @@ def rope_distance_decay(max_distance: int, d_model: int, base: float = 10000.0) 
     """
     max_distance = _int("max_distance", max_distance)
     d_model = _even("d_model", _int("d_model", d_model, minimum=2), "rope")
+    _check_size("max_distance", max_distance, (max_distance + 1, d_model // 2), np.float64)
     delta = np.arange(max_distance + 1, dtype=np.float64)[:, None]
     return 2.0 * np.cos(delta * _rope_freqs(d_model, _base(base))).sum(axis=1) / d_model
 
@@ -302,6 +335,7 @@ def rope_relative_upper_bound(max_distance: int, d_model: int,
     """
     max_distance = _int("max_distance", max_distance)
     d_model = _even("d_model", _int("d_model", d_model, minimum=2), "rope")
+    _check_size("max_distance", max_distance, (max_distance + 1, d_model // 2), np.complex128)
     delta = np.arange(max_distance + 1, dtype=np.float64)[:, None]
     partial = np.cumsum(np.exp(1j * delta * _rope_freqs(d_model, _base(base))), axis=1)
     return np.abs(partial).mean(axis=1)
@@ -338,9 +372,15 @@ def alibi_bias(n_heads: int, max_len: int) -> np.ndarray:
     symmetric ``|i - j|`` here equals it there and extends it to bidirectional attention.
     Masking future keys is the attention pattern's job, not this bias's.
     """
+    n_heads, max_len = _int("n_heads", n_heads), _int("max_len", max_len)
+    name, value = ("n_heads", n_heads) if n_heads > max_len else ("max_len", max_len)
+    _check_size(name, value, (n_heads, max_len, max_len), np.float32)
     slopes = alibi_slopes(n_heads)
-    dist = np.abs(relative_positions(_int("max_len", max_len), max_len)).astype(np.float64)
-    return (-slopes[:, None, None] * dist[None]).astype(np.float32)
+    dist = np.abs(relative_positions(max_len, max_len)).astype(np.float64)
+    out = np.empty((n_heads, max_len, max_len), dtype=np.float32)
+    for h, slope in enumerate(slopes):  # a head at a time: no [H, L, L] float64 temporary
+        out[h] = -slope * dist
+    return out
 
 
 # --------------------------------------------------------------------------- similarity
@@ -358,6 +398,7 @@ def position_similarity(matrix: Any, kind: str = "dot") -> np.ndarray:
     p = _numeric("matrix", matrix)
     if p.ndim != 2 or p.size == 0:
         raise PositionalError(f"matrix has shape {p.shape}; it must be 2-D [n, d], non-empty")
+    _check_size("n (matrix.shape[0])", p.shape[0], (p.shape[0], p.shape[0]), np.float64)
     p = p.astype(np.float64)
     if kind == "cosine":
         norm = np.linalg.norm(p, axis=1, keepdims=True)

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ConfigError, ModelConfig
+from .atomic import FileProblem, read_regular_file
+from .config import ConfigError, ModelConfig, quote
 from .model.layers import Embedding, LayerNorm
 from .model.ops import StandardOps
 from .model.transformer import ARCHITECTURE_CLASSES, EncoderOnlyModel
@@ -74,6 +76,13 @@ ACTIVATIONS = {
 DEFAULT_SEQ_LEN = 128
 #: How many missing tensor names a message lists before "and N more".
 NAMES_SHOWN = 3
+#: Largest LayerNorm ε accepted: real checkpoints use 1e-12 … 1e-5; one near or above the
+#: variance itself would silently flatten every normalised activation.
+MAX_EPS = 1.0
+#: Largest ``config.json`` read (real ones are a few kilobytes; a label map, tens).
+MAX_CONFIG_BYTES = 1 << 20
+#: Largest ``tokenizer.json`` read (GPT-2's is 1.4 MB, large multilingual ones ~35 MB).
+MAX_TOKENIZER_BYTES = 256 << 20
 
 
 class PretrainedError(ValueError):
@@ -220,6 +229,11 @@ def _gpt2_mapping(n_layers: int) -> dict[str, Source]:
 
 #: model_type → (the tensor that anchors the name prefix, e.g. "bert." / "transformer.").
 ANCHORS = {"bert": "embeddings.word_embeddings.weight", "gpt2": "wte.weight"}
+#: model_type → (layer i's tensor names before the index, config.json's layer, width and
+#: positions keys, the position table's tensor).
+LAYER_NAMES = {"bert": ("encoder.layer.", "num_hidden_layers", "hidden_size",
+                        "max_position_embeddings", "embeddings.position_embeddings.weight"),
+               "gpt2": ("h.", "n_layer", "n_embd", "n_positions", "wpe.weight")}
 
 
 # -- config ----------------------------------------------------------------------------------
@@ -245,26 +259,46 @@ def _need(hf: dict[str, Any], key: str, default: Any = None) -> Any:
     return value
 
 
-def _number(hf: dict[str, Any], key: str, default: float, kind: type = float) -> Any:
-    """A numeric setting (``kind`` float or int, finite, not negative), or a refusal."""
+def _number(hf: dict[str, Any], key: str, default: float, kind: type = float,
+            minimum: float = 0.0, maximum: float = math.inf) -> Any:
+    """A numeric setting (``kind`` float or int, finite, in ``[minimum, maximum]``), or a
+    refusal. Integers are compared as they are: a 401-digit one is refused, not overflowed."""
     value = hf.get(key, default)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (kind is int and value != int(value)):
-        raise PretrainedError(f"{CONFIG_FILE}: {key}={value!r} is not a valid "
-                              f"{'whole ' if kind is int else ''}number")
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) or \
+            isinstance(value, float) and math.isfinite(value) and value == int(value)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            (isinstance(value, int) or math.isfinite(value))
+    if not ok or not minimum <= value <= maximum:
+        bounds = f"at least {minimum:g}" if maximum == math.inf else \
+            f"between {minimum:g} and {maximum:g}"
+        raise PretrainedError(f"{CONFIG_FILE}: {key}={quote(value)} is not a valid "
+                              f"{'whole ' if kind is int else ''}number {bounds}")
     return kind(value)
 
 
 def _activation(hf: dict[str, Any], key: str, default: str) -> tuple[str, str]:
     name = hf.get(key, default)
     if not isinstance(name, str) or name not in ACTIVATIONS:  # a list or table is unhashable
-        raise PretrainedError(f"{CONFIG_FILE}: {key}={name!r} is not supported "
+        raise PretrainedError(f"{CONFIG_FILE}: {key}={quote(name)} is not supported "
                               f"(supported: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
 
 
-def _model_config(**sizes: Any) -> ModelConfig:
-    """Our ModelConfig for a checkpoint's sizes: standard parametrization, fp32, batch 1."""
+#: model_type → our size fields → config.json's keys for them (messages name theirs).
+HF_KEYS = {
+    "bert": {"d_model": "hidden_size", "n_heads": "num_attention_heads",
+             "d_ff": "intermediate_size", "n_layers": "num_hidden_layers",
+             "vocab_size": "vocab_size", "max_len": "max_position_embeddings"},
+    "gpt2": {"d_model": "n_embd", "n_heads": "n_head", "d_ff": "n_inner", "n_layers": "n_layer",
+             "vocab_size": "vocab_size", "max_len": "n_positions"},
+}
+
+
+def _model_config(kind: str, **sizes: Any) -> ModelConfig:
+    """Our ModelConfig for a checkpoint's sizes: standard parametrization, fp32, batch 1.
+    A refusal names config.json's key (``num_hidden_layers``) before our field's reason."""
     max_len = sizes["max_len"]
     seq_len = DEFAULT_SEQ_LEN
     if isinstance(max_len, int) and max_len > 0:  # else ModelConfig names the bad max_len
@@ -274,8 +308,11 @@ def _model_config(**sizes: Any) -> ModelConfig:
                            parametrization="standard", dtype="fp32", device="cpu",
                            seq_len=seq_len, batch_size=1, **sizes)
     except ConfigError as exc:
+        keys = HF_KEYS[kind]
+        reasons = "; ".join(f"{keys[k]}: {reason}" if k in keys else reason
+                            for k, reason in exc.errors.items())
         raise PretrainedError(f"{CONFIG_FILE} describes a model this program cannot build: "
-                              f"{exc}") from None
+                              f"{reasons}") from None
     except TypeError as exc:  # e.g. a list where a number belongs, compared with ints
         raise PretrainedError(f"{CONFIG_FILE} has a malformed size: {exc}") from None
 
@@ -289,19 +326,21 @@ def _plan(hf: dict[str, Any]) -> _Plan:
     if kind == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise PretrainedError(f"{CONFIG_FILE}: position_embedding_type="
-                                  f"{hf['position_embedding_type']!r} is not supported "
+                                  f"{quote(hf['position_embedding_type'])} is not supported "
                                   "(only 'absolute')")
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
             raise PretrainedError(f"{CONFIG_FILE}: BERT as a decoder (is_decoder / "
                                   "add_cross_attention) is not supported")
         activation, approximate = _activation(hf, "hidden_act", "gelu")
         cfg = _model_config(
-            architecture="encoder", attention="full", norm="post", activation=activation,
+            "bert", architecture="encoder", attention="full", norm="post", activation=activation,
             d_model=_need(hf, "hidden_size"), n_heads=_need(hf, "num_attention_heads"),
             d_ff=_need(hf, "intermediate_size"), n_layers=_need(hf, "num_hidden_layers"),
             vocab_size=_need(hf, "vocab_size"), max_len=_need(hf, "max_position_embeddings"))
-        return _Plan("bert", cfg, approximate, _number(hf, "layer_norm_eps", 1e-12),
-                     _number(hf, "type_vocab_size", 2, int), _bert_mapping(cfg.n_layers))
+        return _Plan("bert", cfg, approximate, _number(hf, "layer_norm_eps", 1e-12,
+                                                       maximum=MAX_EPS),
+                     _number(hf, "type_vocab_size", 2, int, minimum=1),
+                     _bert_mapping(cfg.n_layers))
     if kind == "gpt2":
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
             raise PretrainedError(f"{CONFIG_FILE}: GPT-2 attention scaling other than "
@@ -318,16 +357,18 @@ def _plan(hf: dict[str, Any]) -> _Plan:
         if inner is None:
             inner = 4 * d_model if isinstance(d_model, int) else d_model
         cfg = _model_config(
-            architecture="decoder", attention="causal", norm="pre", activation=activation,
+            "gpt2", architecture="decoder", attention="causal", norm="pre", activation=activation,
             d_model=d_model, n_heads=_need(hf, "n_head"),
             d_ff=inner,
             n_layers=_need(hf, "n_layer"), vocab_size=_need(hf, "vocab_size"),
             max_len=_need(hf, "n_positions"))
-        return _Plan("gpt2", cfg, approximate, _number(hf, "layer_norm_epsilon", 1e-5), 0,
+        return _Plan("gpt2", cfg, approximate, _number(hf, "layer_norm_epsilon", 1e-5,
+                                                       maximum=MAX_EPS), 0,
                      _gpt2_mapping(cfg.n_layers))
     archs = hf.get("architectures") or []
-    named = f" ({', '.join(map(str, archs))})" if isinstance(archs, list) and archs else ""
-    raise PretrainedError(f"model_type {kind!r}{named} is not supported; this program loads "
+    named = f" ({quote(', '.join(map(quote, archs[:NAMES_SHOWN])))})" \
+        if isinstance(archs, list) and archs else ""
+    raise PretrainedError(f"model_type {quote(kind)}{named} is not supported; this program loads "
                           "'bert' (BERT, MiniLM) and 'gpt2' checkpoints")
 
 
@@ -355,17 +396,25 @@ def _check_weights_present(folder: Path) -> Path:
     raise PretrainedError(f"{folder.name}: no {WEIGHTS_FILE} (safetensors weights)")
 
 
+def _read_limited(path: Path, max_bytes: int) -> bytes:
+    """A checkpoint file's bytes: a regular file of at most ``max_bytes`` (never a FIFO or a
+    device, which could hang the loader or fill memory)."""
+    try:
+        return read_regular_file(path, max_bytes, what=path.name)
+    except FileProblem as exc:
+        raise PretrainedError(str(exc)) from None
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():
         raise PretrainedError(f"{folder.name}: no {CONFIG_FILE}")
+    raw = _read_limited(path, MAX_CONFIG_BYTES)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PretrainedError(f"{CONFIG_FILE} is not valid JSON: {first}") from None
-    except OSError as exc:
-        raise PretrainedError(f"cannot read {CONFIG_FILE}: {exc.strerror or exc}") from None
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # (ValueError also covers an integer of more than 4,300 digits)
+        raise PretrainedError(f"{CONFIG_FILE} is not valid JSON: {_first_line(exc)}") from None
     if not isinstance(data, dict):
         raise PretrainedError(f"{CONFIG_FILE} must be a JSON object, not "
                               f"{type(data).__name__}")
@@ -376,11 +425,14 @@ def _read_tokenizer(folder: Path):
     from tokenizers import Tokenizer
 
     path = folder / TOKENIZER_FILE
-    if not path.is_file():
+    if not path.exists():
         raise PretrainedError(f"{folder.name}: no {TOKENIZER_FILE} (the tokenizers "
                               "library's single-file tokenizer)")
+    raw = _read_limited(path, MAX_TOKENIZER_BYTES)
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PretrainedError(f"{TOKENIZER_FILE} is not UTF-8 text") from None
     except Exception as exc:  # the Rust library raises plain Exceptions
         raise PretrainedError(f"{TOKENIZER_FILE} cannot be read: {_first_line(exc)}") from None
     # Our own copy: we truncate and count ourselves, and attention maps want no padding.
@@ -391,7 +443,8 @@ def _read_tokenizer(folder: Path):
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else f"{line[:300]}… ({len(line):,} characters)"
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -462,6 +515,33 @@ def _check_tensors(weights: _Weights, mapping: dict[str, Source], prefix: str,
                                   "point")
 
 
+def _check_claims(plan: _Plan, weights: _Weights, prefix: str) -> None:
+    """What ``config.json`` claims (layers, vocabulary, width, positions, token types) against
+    the tensors the file's header holds, before any module is built: a config claiming
+    200,000 layers over a one-layer file is refused at once instead of building 200,000
+    layers to find their tensors missing."""
+    cfg = plan.cfg
+    layer, layers_key, width_key, positions_key, positions = LAYER_NAMES[plan.kind]
+    pattern = re.compile(re.escape(prefix + layer) + r"(\d+)\.")
+    present = {int(m.group(1)) for k in weights.keys if (m := pattern.match(k))}
+    if cfg.n_layers > len(present):
+        raise PretrainedError(f"{CONFIG_FILE} claims {layers_key}={cfg.n_layers:,} but "
+                              f"{weights.name} holds tensors for {len(present)} layer"
+                              f"{'' if len(present) == 1 else 's'}")
+    expected = {ANCHORS[plan.kind]: ((cfg.vocab_size, cfg.d_model), f"vocab_size × {width_key}"),
+                positions: ((cfg.max_len, cfg.d_model), f"{positions_key} × {width_key}")}
+    if plan.kind == "bert":
+        expected["embeddings.token_type_embeddings.weight"] = (
+            (plan.type_vocab_size, cfg.d_model), f"type_vocab_size × {width_key}")
+    for key, (shape, claim) in expected.items():
+        if prefix + key not in weights.keys:
+            continue  # named by _check_tensors with everything else that is missing
+        found, _ = weights.header(prefix + key)
+        if found != shape:
+            raise PretrainedError(f"{weights.name}: {prefix + key} has shape {list(found)}, but "
+                                  f"{CONFIG_FILE} claims {claim} = {quote(list(shape))}")
+
+
 def _construct(plan: _Plan, device: torch.device | str) -> nn.Module:
     """Our model for ``plan``, built as ``build_model`` does but with the checkpoint's ops."""
     ops = CheckpointOps(plan.gelu_approximate)
@@ -487,10 +567,17 @@ def _load_weights(model: nn.Module, weights: _Weights, mapping: dict[str, Source
         raise RuntimeError(f"parameters with no source in the checkpoint: {uncovered}")
     with torch.no_grad():
         for ours, src in mapping.items():
-            params[ours].copy_(src.convert(weights.tensor(prefix + src.key)))
+            stored = weights.tensor(prefix + src.key)
+            bad = int(stored.numel() - torch.isfinite(stored).sum())
+            if bad:  # else every attention map of the model is NaN, silently
+                raise PretrainedError(f"{weights.name}: {prefix + src.key} holds {bad:,} NaN "
+                                      f"or infinite value{'s' if bad > 1 else ''} (of "
+                                      f"{stored.numel():,}); the checkpoint is damaged")
+            params[ours].copy_(src.convert(stored))
 
 
 def _materialise(plan: _Plan, weights: _Weights, prefix: str) -> nn.Module:
+    _check_claims(plan, weights, prefix)
     meta = _construct(plan, "meta")  # shapes only: no memory, no random init
     shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}
     _check_tensors(weights, plan.mapping, prefix, shapes)
@@ -611,6 +698,14 @@ def encode(pretrained: Pretrained, text: str, max_tokens: int | None = None,
     if truncated:
         enc.truncate(room)
     enc = tok.post_process(enc, None, True)  # adds [CLS] … [SEP] for BERT, nothing for GPT-2
+    vocab = pretrained.config.vocab_size
+    beyond = [(t, i) for t, i in zip(enc.tokens, enc.ids) if not 0 <= i < vocab]
+    if beyond:  # else an IndexError deep in the embedding
+        token, index = beyond[0]
+        raise PretrainedError(f"{TOKENIZER_FILE} gives token {quote(token)} id {index:,}, "
+                              f"beyond the model's vocab_size {vocab:,} ({len(beyond):,} such "
+                              "token" f"{'s' if len(beyond) > 1 else ''} in this text); the "
+                              "tokenizer does not belong to these weights")
     ids = torch.tensor([enc.ids], dtype=torch.long)  # (1, T)
     return Encoded(ids=ids, tokens=_labels(tok, list(enc.tokens)), truncated=truncated)
 
