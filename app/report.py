@@ -239,9 +239,11 @@ def _figures(cfg, predicted, measured, fmt, maps, collapse=None
                 "hollow = measured; blue = forward, red = backward")]
     spec = spec_for_config(cfg)
     if spec is not None:
-        from unitscale_core.positional_views import compute_view
+        from unitscale_core.positional_views import compute_view, model_position_table
 
-        result = compute_view(spec)
+        # a learned scheme: the model's own table at initialisation, as the panel shows it
+        result = compute_view(spec, model_position_table(cfg) if spec.kind == "learned"
+                              else None)
 
         def positional():
             view = SchemeView("reportPositional")

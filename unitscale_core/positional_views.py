@@ -4,6 +4,7 @@ A :class:`ViewSpec` names a scheme, a view and sizes; :func:`compute_view` retur
 :class:`ViewResult` (a matrix with axis labels, or curves). Matrices over positions × positions
 are evaluated on at most ``MAX_SIDE`` sampled positions (every k-th), so memory stays bounded
 at any length: an 8192-position ALiBi head is 1024² floats, not 8192².
+Cells a causal model masks (keys after the query, ``bidirectional=False``) are NaN.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ SYNC_LIMIT = 1024
 #: Positions averaged over, and largest distance, in the additive schemes' distance curves.
 CURVE_POSITIONS = 1024
 CURVE_DISTANCE = 512
+#: Colour maps (pyqtgraph names, no Qt here): signed values around 0 get a diverging map;
+#: magnitudes, similarities and ordinals (T5 bucket indices) a sequential one.
+DIVERGING_CMAP = "CET-D1"
+SEQUENTIAL_CMAP = "viridis"
+BIAS_CMAP = "magma"
+CAUSAL_NOTE = "causal: keys after the query (j > i) are masked, drawn grey"
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class ViewSpec:
     base: float = 10000.0
     buckets: int = 32
     max_distance: int = 128
+    #: off: a causal model (T5's causal buckets; ALiBi's and T5's keys after the query masked)
     bidirectional: bool = True
     learned_source: str = "minilm"
     seed: int = 0
@@ -80,6 +88,10 @@ class ViewResult:
     #: colour levels from the 0.5–99.5 percentiles: trained tables have a few outlier
     #: dimensions (MiniLM's reach ±20 while most values are within ±0.1) that wash out the rest.
     robust: bool = False
+    #: the colour map's name: diverging only for signed values centred on 0 (``symmetric``)
+    cmap: str = SEQUENTIAL_CMAP
+    #: integer categories in order (T5 bucket indices): one colour step and tick per integer
+    integer: bool = False
 
 
 def sampled_positions(length: int, limit: int = MAX_SIDE) -> np.ndarray:
@@ -189,22 +201,39 @@ def _pair_matrix(spec: ViewSpec, pos: np.ndarray) -> tuple[np.ndarray, str, str,
     Returns (matrix, value label, short title, detail for the note).
     """
     rel = pos[None, :] - pos[:, None]  # key − query
+    mode = "bidirectional" if spec.bidirectional else "causal"
     if spec.kind == "alibi":
         slopes = P.alibi_slopes(spec.n_heads)
         head = _head(spec)
-        return ((-slopes[head] * np.abs(rel)).astype(np.float32), "bias",
-                f"ALiBi bias, head {head}", f"bias = −m·|i − j| with m = {slopes[head]:.4g}")
+        return (_mask_future((-slopes[head] * np.abs(rel)).astype(np.float32), rel, spec),
+                "bias", f"ALiBi bias, head {head} ({mode})",
+                "; ".join(filter(None, [f"bias = −m·|i − j| with m = {slopes[head]:.4g}",
+                                        _causal_note(spec)])))
     if spec.kind == "relative":
         buckets = P.t5_relative_bucket(rel, spec.bidirectional, spec.buckets, spec.max_distance)
-        mode = "bidirectional" if spec.bidirectional else "causal"
-        return (buckets.astype(np.float32), "bucket", f"T5 buckets ({mode})",
-                f"{spec.buckets} buckets, max distance {spec.max_distance}; each head adds its "
-                "learned bias b_h[bucket]")
+        return (_mask_future(buckets.astype(np.float32), rel, spec), "bucket",
+                f"T5 buckets ({mode})",
+                "; ".join(filter(None, [
+                    f"{spec.buckets} buckets, max distance {spec.max_distance}; each head "
+                    "adds its learned bias b_h[bucket]", _causal_note(spec)])))
     if spec.kind == "rope":
         decay = P.rope_distance_decay(int(np.abs(rel).max()), spec.d_model, spec.base)
         return (decay[np.abs(rel)].astype(np.float32), "score", "RoPE score by distance",
                 "score = qᵀR(j−i)k / d for q = k = 1; the same for every head")
     raise P.PositionalError(f"kind={spec.kind!r} has no pairwise bias")
+
+
+def _mask_future(matrix: np.ndarray, rel: np.ndarray, spec: ViewSpec) -> np.ndarray:
+    """Causal (``bidirectional`` off): NaN where the key comes after the query (``rel > 0``),
+    which a causal model masks out: those cells have no bias at all, so none is drawn (not a
+    mirror image of the past, nor T5's bucket 0, which only the masked keys would share)."""
+    if not spec.bidirectional:
+        matrix[rel > 0] = np.nan
+    return matrix
+
+
+def _causal_note(spec: ViewSpec) -> str:
+    return "" if spec.bidirectional else CAUSAL_NOTE
 
 
 def _head(spec: ViewSpec) -> int:
@@ -232,13 +261,15 @@ def distance_curves(spec: ViewSpec, table: np.ndarray | None = None) -> ViewResu
             curves.append(Curve(f"head {h} (m={m:.3g})", delta, -m * delta))
         ylabel = "bias"
     elif spec.kind == "relative":
-        curves.append(Curve("bucket of key − query = +Δ", delta,
-                            P.t5_relative_bucket(delta, spec.bidirectional, spec.buckets,
-                                                 spec.max_distance)))
+        if spec.bidirectional:  # (causal: the keys after the query are masked, no bucket)
+            curves.append(Curve("bucket of key − query = +Δ", delta,
+                                P.t5_relative_bucket(delta, spec.bidirectional, spec.buckets,
+                                                     spec.max_distance)))
         curves.append(Curve("bucket of key − query = −Δ", delta,
                             P.t5_relative_bucket(-delta, spec.bidirectional, spec.buckets,
                                                  spec.max_distance)))
         ylabel = "bucket"
+        note = _causal_note(spec)
     else:
         # Mean over the first CURVE_POSITIONS positions, for Δ up to CURVE_DISTANCE: enough to
         # see the shape, and bounded work at any length (O(positions · d) per Δ).
@@ -280,7 +311,7 @@ def compute_view(spec: ViewSpec, table: np.ndarray | None = None) -> ViewResult:
         dims = "dimension i" if spec.kind != "rope" else "frequency i"
         return ViewResult(f"{spec.kind}: {value}", dims, "position", value, matrix=matrix,
                           row_coords=pos[: matrix.shape[0]], note=note, symmetric=True,
-                          robust=spec.kind == "learned")
+                          robust=spec.kind == "learned", cmap=DIVERGING_CMAP)
     if spec.view.startswith("similarity") and (additive or spec.kind == "rope"):
         kind = spec.view.split("_")[1]
         if spec.kind == "rope":
@@ -303,7 +334,9 @@ def compute_view(spec: ViewSpec, table: np.ndarray | None = None) -> ViewResult:
     matrix, value, title, detail = _pair_matrix(spec, pos)
     note = "; ".join(filter(None, [note, detail]))
     return ViewResult(title, "key position j", "query position i", value, matrix=matrix,
-                      row_coords=pos, col_coords=pos, note=note)
+                      row_coords=pos, col_coords=pos, note=note,
+                      cmap=BIAS_CMAP if spec.kind == "alibi" else SEQUENTIAL_CMAP,
+                      integer=spec.kind == "relative")
 
 
 def export_array(spec: ViewSpec, folder: str | None = None) -> np.ndarray:

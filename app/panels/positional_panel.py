@@ -8,6 +8,7 @@ recomputes in the GUI thread (a few ms); longer ranges go to the worker, latest 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from unitscale_core.positional_views import (
     compute_view,
     model_position_table,
 )
+from unitscale_core.sizing import RELATIVE_BUCKETS, RELATIVE_MAX_DISTANCE
 
 from ..export import (
     Figure,
@@ -63,16 +65,30 @@ KIND_LABELS = {
     "rope": "RoPE (rotary)",
     "alibi": "ALiBi (linear bias)",
 }
-CMAPS = {"encoding": "CET-D1", "similarity_dot": "viridis", "similarity_cosine": "viridis",
-         "head_bias": "magma", "distance": "viridis"}
+MASKED_COLOUR = "#cfcfcf"  # cells a causal model masks (NaN), as the attention panel draws them
+#: The model's own frequency base (sinusoidal and RoPE: ``positional.sinusoidal``'s default).
+MODEL_BASE = 10000.0
 CURVE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
                  "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def _format(value_label: str, row_name: str, col_name: str):
+def _format(value_label: str, row_name: str, col_name: str, integer: bool = False):
     def fmt(row: int, col: int, value: float) -> str:
-        return f"{row_name} {row}, {col_name} {col}: {value_label} = {value:.4g}"
+        where = f"{row_name} {row}, {col_name} {col}"
+        if value != value:  # NaN: a cell a causal model masks
+            return f"{where}: masked (the key comes after the query)"
+        return f"{where}: {value_label} = {value:.0f}" if integer else \
+            f"{where}: {value_label} = {value:.4g}"
     return fmt
+
+
+def integer_ticks(lo: int, hi: int, most: int = 8) -> list[tuple[float, str]]:
+    """Colour-bar ticks at integers ``lo … hi``: every one, or every k-th (k = 1, 2, 5, 10,
+    …) so that at most ``most`` are labelled, always including ``lo``."""
+    span = max(hi - lo, 0)
+    steps = (m * 10**e for e in itertools.count() for m in (1, 2, 5))
+    step = next(k for k in steps if span / k <= most - 1)
+    return [(float(v), str(v)) for v in range(lo, hi + 1, step)]
 
 
 class SchemeView(QWidget):
@@ -86,6 +102,7 @@ class SchemeView(QWidget):
         self.stack = QStackedWidget()
         self.heatmap = Heatmap()
         self.heatmap.setObjectName(f"{name}Heatmap")
+        self.heatmap.plot.vb.setBackgroundColor(MASKED_COLOUR)  # NaN cells are transparent
         self.curves = pg.PlotWidget(background="w")
         self.curves.setObjectName(f"{name}Curves")
         self.curves.getPlotItem().setMenuEnabled(False)  # right click: the export menu
@@ -121,14 +138,20 @@ class SchemeView(QWidget):
         self.note.setText(result.note)
         if result.matrix is not None:
             self.stack.setCurrentWidget(self.heatmap)
-            self.heatmap.set_colormap(CMAPS.get(view, "viridis"))
+            self.heatmap.set_colormap(result.cmap)
             rows = "query position" if "query" in result.ylabel else "position"
             cols = result.xlabel.replace(" j", "").replace(" i", "")
+            levels, ticks = None, None
+            if result.integer:  # ordinals: each integer at the middle of its colour step
+                finite = result.matrix[np.isfinite(result.matrix)]
+                lo, hi = (int(finite.min()), int(finite.max())) if finite.size else (0, 1)
+                levels, ticks = (lo - 0.5, hi + 0.5), integer_ticks(lo, hi)
             self.heatmap.set_matrix(
                 result.matrix, title=result.title, xlabel=result.xlabel, ylabel=result.ylabel,
                 row_coords=result.row_coords, col_coords=result.col_coords,
-                symmetric=result.symmetric, robust=result.robust,
-                formatter=_format(result.value_label, rows, cols))
+                symmetric=result.symmetric, robust=result.robust, levels=levels,
+                formatter=_format(result.value_label, rows, cols, result.integer))
+            self.heatmap.colorbar.axis.setTicks(None if ticks is None else [ticks, []])
             return
         self.stack.setCurrentWidget(self.curves)
         plot = self.curves.getPlotItem()
@@ -167,8 +190,12 @@ class PositionalPanel(QWidget):
         controls = QGridLayout()
         self.follow = QCheckBox("follow the model", objectName="posFollow", checked=True)
         self.follow.toggled.connect(self._on_follow)
-        self.follow.setToolTip("Take the scheme, d_model, max_len and heads from the model "
-                               "config; changing any control here stops following.")
+        self.follow.setToolTip("Show the model's own positions: its scheme, max_len, d_model "
+                               "(RoPE: the head size) and heads, its T5 buckets (32, max "
+                               "distance 128), base 10000, its causal or bidirectional "
+                               "attention, and for a learned table the configured model's own "
+                               "table at initialisation. Changing any of these here stops "
+                               "following.")
         self.kind = self._combo("posKind", [(KIND_LABELS[k], k) for k in KINDS],
                                 "Positional scheme to show")
         self.compare = self._combo("posCompare", [("(no comparison)", None)] +
@@ -187,8 +214,10 @@ class PositionalPanel(QWidget):
         self.max_distance = self._spin("posMaxDistance", 2, 100000, "T5 max_distance")
         self.bidirectional = QCheckBox("bidirectional", objectName="posBidirectional",
                                        checked=True)
-        self.bidirectional.setToolTip("T5 encoder buckets (both directions); off: decoder "
-                                      "(causal) buckets")
+        self.bidirectional.setToolTip("Bidirectional attention (an encoder): T5's buckets "
+                                      "in both directions. Off: a causal model — T5's causal "
+                                      "buckets, and for ALiBi and T5 the keys after the query "
+                                      "drawn masked (grey)")
         self.bidirectional.toggled.connect(self._on_control)
         self.base = QDoubleSpinBox(objectName="posBase")
         self.base.setRange(1.5, 1e9)
@@ -289,6 +318,11 @@ class PositionalPanel(QWidget):
             self.d_model.setValue(min(width, self.d_model.maximum()))
             self.heads.setValue(min(config.n_heads, self.heads.maximum()))
             self.bidirectional.setChecked(config.architecture == "encoder")
+            # the model's own constants (model/transformer.py), and its own learned table
+            self.base.setValue(MODEL_BASE)
+            self.buckets.setValue(RELATIVE_BUCKETS)
+            self.max_distance.setValue(RELATIVE_MAX_DISTANCE)
+            self.learned_source.setCurrentIndex(self.learned_source.findData("model"))
             self._updating = False
             self._model_note = ("the model uses no positions; showing the last scheme"
                                 if config.positional == "none" else "")
@@ -303,8 +337,9 @@ class PositionalPanel(QWidget):
             return
         sender = self.sender()
         if sender is not None and sender is not self.follow and sender in (
-                self.kind, self.length, self.d_model, self.heads):
-            self.follow.setChecked(False)
+                self.kind, self.length, self.d_model, self.heads, self.bidirectional,
+                self.base, self.buckets, self.max_distance, self.learned_source):
+            self.follow.setChecked(False)  # no longer what the model uses
         self.recompute()
 
     # -- compute -------------------------------------------------------------------------------
@@ -429,16 +464,19 @@ class PositionalPanel(QWidget):
 
 
 def spec_for_config(config: ModelConfig, base: ViewSpec | None = None) -> ViewSpec | None:
-    """What the panel shows while following ``config`` (its scheme, max_len, width and
-    heads; the rest from ``base``, default the panel's defaults); None when the model uses
-    no positions."""
+    """What the panel shows while following ``config`` (its scheme, max_len, width, heads,
+    attention direction, T5 buckets, base and, for a learned table, its own table at
+    initialisation: ``learned_source="model"``, which :func:`compute_view` needs passed in as
+    ``model_position_table(config)``); the view and head from ``base`` (default the panel's
+    defaults); None when the model uses no positions."""
     if config.positional not in KINDS:
         return None
     width = config.head_dim if config.positional == "rope" else config.d_model
     return dataclasses.replace(
         base or ViewSpec(), kind=config.positional, length=min(config.max_len, MAX_LENGTH),
         d_model=max(2, min(width, 8192)), n_heads=min(config.n_heads, 256),
-        bidirectional=config.architecture == "encoder", seed=config.seed)
+        bidirectional=config.architecture == "encoder", seed=config.seed, base=MODEL_BASE,
+        buckets=RELATIVE_BUCKETS, max_distance=RELATIVE_MAX_DISTANCE, learned_source="model")
 
 
 def _safe_compute(spec: ViewSpec, table: np.ndarray | None = None) -> ViewResult | str:

@@ -85,3 +85,48 @@ def test_export_shapes():
     assert export_array(ViewSpec(kind="alibi", length=10, n_heads=3)).shape == (3, 10, 10)
     assert export_array(ViewSpec(kind="relative", length=10)).dtype == np.int64
     assert export_array(ViewSpec(kind="learned", length=10)).shape == (10, 384)
+
+
+@pytest.mark.parametrize("kind", ["alibi", "relative"])
+def test_causal_bias_masks_the_keys_after_the_query(kind):
+    """Causal (bidirectional off): the upper triangle (key j > query i) is masked (NaN), not
+    the mirror of the lower one; bidirectional: every cell has a value."""
+    causal = compute_view(ViewSpec(kind=kind, view="head_bias", length=40, n_heads=4, head=1,
+                                   bidirectional=False))
+    i, j = np.indices(causal.matrix.shape)
+    assert np.isnan(causal.matrix[j > i]).all() and np.isfinite(causal.matrix[j <= i]).all()
+    assert "masked" in causal.note
+    both = compute_view(ViewSpec(kind=kind, view="head_bias", length=40, n_heads=4, head=1))
+    assert np.isfinite(both.matrix).all() and "masked" not in both.note
+    if kind == "alibi":  # the past is the same either way
+        np.testing.assert_array_equal(causal.matrix[j <= i], both.matrix[j <= i])
+        assert causal.matrix[5, 2] == pytest.approx(-P.alibi_slopes(4)[1] * 3)
+    else:
+        want = P.t5_relative_bucket(j - i, False, 32, 128)
+        np.testing.assert_array_equal(causal.matrix[j <= i], want[j <= i])
+
+
+def test_colour_maps_fit_the_values():
+    """Diverging only for signed encodings centred on 0; T5 bucket indices are ordinals
+    (sequential map, integer steps); ALiBi's non-positive bias sequential."""
+    from unitscale_core.positional_views import DIVERGING_CMAP
+
+    enc = compute_view(ViewSpec(kind="sinusoidal", view="encoding", length=16, d_model=8))
+    assert enc.cmap == DIVERGING_CMAP and enc.symmetric and not enc.integer
+    for view in ("encoding", "head_bias"):  # both draw T5's buckets
+        t5 = compute_view(ViewSpec(kind="relative", view=view, length=16))
+        assert t5.integer and t5.cmap != DIVERGING_CMAP and not t5.symmetric
+        assert (t5.matrix == np.round(t5.matrix)).all()
+        alibi = compute_view(ViewSpec(kind="alibi", view=view, length=16))
+        assert alibi.cmap != DIVERGING_CMAP and not alibi.integer
+    sim = compute_view(ViewSpec(kind="sinusoidal", view="similarity_cosine", length=16))
+    assert sim.cmap != DIVERGING_CMAP
+
+
+def test_causal_t5_distance_curves_leave_out_the_masked_direction():
+    both = compute_view(ViewSpec(kind="relative", view="distance", length=20))
+    causal = compute_view(ViewSpec(kind="relative", view="distance", length=20,
+                                   bidirectional=False))
+    assert len(both.curves) == 2 and [c.name for c in causal.curves] == \
+        ["bucket of key − query = −Δ"]
+    assert "masked" in causal.note

@@ -49,7 +49,7 @@ def test_changing_kind_here_stops_following_and_redraws(qtbot, window):
     panel.heads.setValue(8)
     panel.head.setValue(1)
     data = panel.primary.heatmap.data
-    assert data[0, 10] == pytest.approx(-P.alibi_slopes(8)[1] * 10)
+    assert data[10, 0] == pytest.approx(-P.alibi_slopes(8)[1] * 10)  # (a causal decoder's)
     # a config change no longer moves the panel
     window.model_panel.findChild(QComboBox, "positional").setCurrentText("rope")
     assert panel.kind.currentData() == "alibi"
@@ -86,8 +86,8 @@ def test_hover_text_names_position_and_value(qtbot, window):
     panel = panel_of(window)
     choose(panel.kind, "alibi")
     choose(panel.view, "head_bias")
-    text = panel.primary.heatmap.describe(3, 7)
-    assert text.startswith("query position 3, key position 7: bias = ")
+    text = panel.primary.heatmap.describe(7, 3)
+    assert text.startswith("query position 7, key position 3: bias = ")
 
 
 def test_export_png_and_npy(qtbot, window, tmp_path):
@@ -102,15 +102,78 @@ def test_export_png_and_npy(qtbot, window, tmp_path):
     assert np.load(tmp_path / "curve.npy").ndim == 2
 
 
-def test_learned_table_of_the_configured_model(qtbot, window):
-    """The configured model's own table, built in the worker, equals build_model's."""
+def test_following_a_learned_model_shows_its_own_table(qtbot, window):
+    """"follow the model" with the default config (learned positions, d_model 256) shows
+    the configured model's own table at init (built in the worker, equal to build_model's),
+    not MiniLM's 512 × 384; choosing MiniLM's table is no longer following."""
     from unitscale_core import build_model
 
     panel = panel_of(window)
-    choose(panel.kind, "learned")
-    with qtbot.waitSignal(panel.computed, timeout=30_000):
-        choose(panel.learned_source, "model")
-    model = build_model(window.config)
-    want = model.pos.table.weight.detach().numpy()
+    cfg = window.config
+    assert cfg.positional == "learned" and panel.follow.isChecked()
+    assert panel.learned_source.currentData() == "model"
+    qtbot.waitUntil(lambda: panel.primary.heatmap.data.shape == (cfg.max_len, cfg.d_model),
+                    timeout=30_000)
+    want = build_model(cfg).pos.table.weight.detach().numpy()
     np.testing.assert_array_equal(panel.primary.heatmap.data, want[: panel.length.value()])
     assert "configured model" in panel.primary.note.text()
+    with qtbot.waitSignal(panel.computed, timeout=30_000):
+        window.model_panel.findChild(QSpinBox, "d_model").setValue(128)
+    qtbot.waitUntil(lambda: panel.primary.heatmap.data.shape == (cfg.max_len, 128),
+                    timeout=30_000)
+    choose(panel.learned_source, "minilm")
+    assert not panel.follow.isChecked()
+    assert panel.primary.heatmap.data.shape == (512, 384)
+    assert "MiniLM" in panel.primary.note.text()
+    panel.follow.setChecked(True)  # back to the model's own table
+    assert panel.learned_source.currentData() == "model"
+    qtbot.waitUntil(lambda: panel.primary.heatmap.data.shape == (cfg.max_len, 128),
+                    timeout=30_000)
+
+
+def test_causal_alibi_is_masked_not_mirrored(qtbot, window):
+    panel = panel_of(window)
+    choose(panel.kind, "alibi")
+    choose(panel.view, "head_bias")
+    panel.heads.setValue(8)
+    panel.head.setValue(2)
+    panel.bidirectional.setChecked(False)
+    data = panel.primary.heatmap.data
+    i, j = np.indices(data.shape)
+    assert np.isnan(data[j > i]).all() and np.isfinite(data[j <= i]).all()
+    assert data[10, 4] == pytest.approx(-P.alibi_slopes(8)[2] * 6)
+    assert "masked" in panel.primary.heatmap.describe(2, 9)
+    assert "masked" in panel.primary.note.text()
+    assert panel.primary.heatmap.plot.vb.state["background"] is not None  # grey behind NaN
+    panel.bidirectional.setChecked(True)
+    data = panel.primary.heatmap.data
+    assert np.isfinite(data).all() and data[4, 10] == data[10, 4]
+
+
+def test_following_a_causal_decoder_masks_alibi(qtbot, window):
+    panel = panel_of(window)
+    assert window.config.architecture == "decoder"
+    window.model_panel.findChild(QComboBox, "positional").setCurrentText("alibi")
+    assert panel.follow.isChecked() and not panel.bidirectional.isChecked()
+    data = panel.primary.heatmap.data
+    assert np.isnan(data[0, 1]) and np.isfinite(data[1, 0])
+
+
+def test_t5_buckets_are_ordinals_with_integer_ticks(qtbot, window):
+    from unitscale_core.positional_views import DIVERGING_CMAP
+
+    panel = panel_of(window)
+    window.model_panel.findChild(QComboBox, "positional").setCurrentText("relative")
+    assert panel.kind.currentData() == "relative" and panel.follow.isChecked()
+    assert (panel.buckets.value(), panel.max_distance.value()) == (32, 128)  # the model's
+    heatmap = panel.primary.heatmap
+    finite = heatmap.data[np.isfinite(heatmap.data)]
+    lo, hi = int(finite.min()), int(finite.max())
+    assert tuple(heatmap.image.getLevels()) == pytest.approx((lo - 0.5, hi + 0.5))
+    assert heatmap.colorbar.colorMap().name != DIVERGING_CMAP
+    ticks = heatmap.colorbar.axis._tickLevels[0]
+    assert ticks and all(v == int(v) and text == str(int(v)) for v, text in ticks)
+    assert heatmap.describe(5, 1).endswith(f"bucket = {int(heatmap.data[5, 1])}")
+    choose(panel.kind, "sinusoidal")  # signed values: diverging, automatic ticks again
+    assert panel.primary.heatmap.colorbar.colorMap().name == DIVERGING_CMAP
+    assert panel.primary.heatmap.colorbar.axis._tickLevels is None
