@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ from .panels.positional_panel import PositionalPanel
 from .panels.scaling_panel import ScalingPanel
 from .panels.sizes_panel import SizesPanel
 from .panels.training_panel import TrainingPanel
+from .settings_file import keep_damaged_copy, settings_damage
+from .widgets.controls_state import limit_text_inputs
 from .worker import Worker
 
 SETTINGS_ORG = "UnitScalingExplorer"
@@ -79,6 +83,11 @@ class MainWindow(QMainWindow):
         self._clean = ModelConfig()  # that file's config (untitled: the defaults)
         self._recent: list[str] = []
         self.problems: list[str] = []  # what could not be restored, for the notice
+        self.settings_damage = ""  # what was wrong with the settings file at start, if any
+        self._settings_saved = True  # False: the damaged file could not be kept; never write
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        if restore_settings:  # checked before anything reads it (a FIFO would block Qt)
+            self._settings_store = self._open_settings(settings)
         self._config = config or ModelConfig()
         if path is not None and config is not None:
             self._path, self._clean = Path(path).resolve(), config
@@ -97,6 +106,8 @@ class MainWindow(QMainWindow):
         for panel in (self.sizes_panel, self.positional_panel, self.scaling_panel,
                       self.attention_panel, self.training_panel):
             self.config_changed.connect(panel.update_config)
+        for panel in (self.positional_panel, self.scaling_panel, self.attention_panel):
+            limit_text_inputs(panel)  # a saved text is restored only up to MAX_TEXT
 
         central = QWidget()  # docks fill the window; the central area stays empty
         central.setMaximumSize(0, 0)
@@ -517,6 +528,45 @@ class MainWindow(QMainWindow):
             return self._settings_store
         return QSettings(SETTINGS_ORG, SETTINGS_APP)
 
+    def _open_settings(self, given: QSettings | None) -> QSettings:
+        """The session's store, its file checked first (:mod:`app.settings_file`). A damaged
+        file is copied to ``NAME.damaged`` and the session starts on the defaults (the store
+        is cleared, so the close writes a whole new file); where it cannot be read safely or
+        no copy can be kept, a scratch store in a temporary folder stands in and nothing is
+        written to it. Either way :attr:`settings_damage` says what and the notice shows it."""
+        path = given.fileName() if given is not None else user_settings_path()
+        if path is None:  # the registry (Windows) or a plist (macOS): Qt's own format checks
+            return given if given is not None else QSettings(SETTINGS_ORG, SETTINGS_APP)
+        reason, data = settings_damage(path)
+        store = None
+        if reason is None:
+            store = given if given is not None else QSettings(SETTINGS_ORG, SETTINGS_APP)
+            status = store.status()
+            if status == QSettings.Status.NoError:
+                return store
+            reason = ("could not be read" if status == QSettings.Status.AccessError
+                      else "is not in Qt's settings format")
+        name = Path(path).name
+        kept = None
+        if data is not None:
+            try:
+                kept = keep_damaged_copy(path, data)
+            except OSError as exc:
+                reason += f" (no copy could be kept: {exc.strerror or exc})"
+        if kept is not None:
+            store = store or (given if given is not None else
+                              QSettings(SETTINGS_ORG, SETTINGS_APP))
+            store.clear()  # start on the defaults; the close writes a whole file
+            self.settings_damage = (f"Settings file {name} {reason}: started on the defaults; "
+                                    f"the damaged file is kept as {kept.name}")
+            return store
+        self._settings_saved = False
+        self.settings_damage = (f"Settings file {name} {reason}: started on the defaults; it "
+                                "is left as it is and this session's settings are not saved")
+        self._scratch = tempfile.TemporaryDirectory(prefix="unitscale-settings-")
+        return QSettings(str(Path(self._scratch.name) / "scratch.ini"),
+                         QSettings.Format.IniFormat)
+
     def _setting_text(self, key: str) -> str | None:
         """A text setting, or None when absent; a value of another type or absurd length is
         a problem (noted) and reads as absent."""
@@ -534,8 +584,9 @@ class MainWindow(QMainWindow):
             return None
         try:
             return loads(text, "json", source="the saved last config")
-        except ConfigError as exc:  # a stale or damaged setting: start on defaults
-            self.problems.append(f"{exc}; started on the defaults")
+        except (ValueError, OverflowError, RecursionError) as exc:  # ConfigError and what a
+            # damaged value could raise in the parser: never a crash at start-up
+            self.problems.append(f"{_first_line(exc)}; started on the defaults")
             return None
 
     def _restore_session(self) -> None:
@@ -546,7 +597,7 @@ class MainWindow(QMainWindow):
         if recent is not None:
             try:
                 items = json.loads(recent)
-            except (json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # also a >4300-digit integer
                 items = None
             if isinstance(items, list) and all(isinstance(p, str) for p in items):
                 self._recent = items[:MAX_RECENT]
@@ -554,6 +605,8 @@ class MainWindow(QMainWindow):
                 self.problems.append("recent_files: not a list of file names")
         current = self._setting_text("current_file")
         if current and self._restored:
+            # load() reads only a regular file of bounded size, never blocking (a FIFO here
+            # hung the start-up); ValueError also covers a path Python cannot stat (NUL)
             try:
                 self._clean = load(current)
                 self._path = Path(current)
@@ -568,14 +621,23 @@ class MainWindow(QMainWindow):
                 continue
             try:
                 state = json.loads(text)
-            except (json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):
                 self.problems.append(f"{panel.objectName()}: saved choices are not JSON")
                 continue
-            self.problems += [f"{panel.objectName()}: {p}" for p in panel.restore_state(state)]
+            try:
+                problems = panel.restore_state(state)
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                # each panel checks what it restores; this keeps one panel's oversight from
+                # stopping the start-up
+                log.warning("restoring %s failed", panel.objectName(), exc_info=True)
+                problems = [f"saved choices could not be applied ({_first_line(exc)})"]
+            self.problems += [f"{panel.objectName()}: {p}" for p in problems]
         self._restore_layout()
         if self._path is not None:
             self._add_recent(self._path)
-        if self.problems:
+        if self.settings_damage:
+            self.notify(self.settings_damage)
+        elif self.problems:
             more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
             self.notify(f"Some saved settings were skipped: {self.problems[0]}{more}")
 
@@ -595,7 +657,10 @@ class MainWindow(QMainWindow):
                 if hasattr(d.widget(), "state")}
 
     def save_settings(self) -> None:
-        """Remember the config, its file, the recent list, panel choices and the layout."""
+        """Remember the config, its file, the recent list, panel choices and the layout
+        (not when the settings file was damaged and could not be kept: it is left alone)."""
+        if not self._settings_saved:
+            return
         settings = self._settings()
         settings.setValue("last_config", dumps_json(self._config))
         settings.setValue("current_file", str(self._path) if self._path is not None else "")
@@ -621,3 +686,26 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("waiting for the running job to finish…")
             self.worker.wait()
         super().closeEvent(event)
+
+
+#: A store name never used, whose file name shows where the session's settings file lives.
+_PROBE_APP = "unitscale-explorer-settings-probe"
+
+
+def user_settings_path() -> str | None:
+    """The file behind ``QSettings(SETTINGS_ORG, SETTINGS_APP)``, found without reading it
+    (QSettings reads its file when constructed, and a FIFO there blocks for good): an unused
+    store of the same organisation names the folder, honouring ``QSettings.setPath``. None
+    where the settings are not a file of Qt's INI format (the Windows registry, macOS plists)."""
+    fmt = QSettings.defaultFormat()
+    if fmt == QSettings.Format.NativeFormat and sys.platform in ("win32", "darwin"):
+        return None
+    probe = Path(QSettings(fmt, QSettings.Scope.UserScope, SETTINGS_ORG, _PROBE_APP).fileName())
+    return str(probe.with_name(SETTINGS_APP + probe.suffix))
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line, at most 200 characters (a damaged value can be huge)."""
+    lines = str(exc).splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:199] + "…"

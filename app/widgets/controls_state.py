@@ -15,6 +15,7 @@ from typing import Any
 
 from PySide6.QtCore import QByteArray
 from PySide6.QtWidgets import (
+    QAbstractSpinBox,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -22,6 +23,7 @@ from PySide6.QtWidgets import (
     QSpinBox,
     QSplitter,
     QTabWidget,
+    QToolTip,
     QWidget,
 )
 
@@ -65,7 +67,9 @@ def set_control_value(widget: QWidget, value: Any) -> str | None:
     elif isinstance(widget, (QSpinBox, QDoubleSpinBox)):
         integral = isinstance(widget, QSpinBox)
         ok = isinstance(value, int) if integral else isinstance(value, (int, float))
-        if not ok or isinstance(value, bool) or not math.isfinite(value) or \
+        # an int is compared as it is: math.isfinite(10**401) raises OverflowError
+        if not ok or isinstance(value, bool) or \
+                (isinstance(value, float) and not math.isfinite(value)) or \
                 not widget.minimum() <= value <= widget.maximum():
             return (f"{name}: {str(value)[:40]!r} is not a number between "
                     f"{widget.minimum()} and {widget.maximum()}")
@@ -111,3 +115,27 @@ def restore_controls(widgets: Sequence[QWidget], state: Any) -> list[str]:
             if reason:
                 problems.append(reason)
     return problems
+
+
+def limit_text_inputs(root: QWidget) -> list[QLineEdit]:
+    """Give every text box under ``root`` (not the editors inside spin and combo boxes) the
+    limit :func:`set_control_value` restores, :data:`MAX_TEXT` characters, so that whatever
+    is saved comes back. Typing or pasting past it keeps the first ``MAX_TEXT`` characters and
+    says so in a tooltip at the box. Returns the boxes limited."""
+    limited = []
+    for edit in root.findChildren(QLineEdit):
+        if isinstance(edit.parentWidget(), (QAbstractSpinBox, QComboBox)):
+            continue
+        if edit.maxLength() > MAX_TEXT:
+            edit.setMaxLength(MAX_TEXT)
+        edit.setProperty("textLimitReason", f"at most {MAX_TEXT:,} characters are kept "
+                         "(the session saves this text and restores at most that many)")
+        edit.inputRejected.connect(lambda e=edit: _say_limit(e))
+        limited.append(edit)
+    return limited
+
+
+def _say_limit(edit: QLineEdit) -> None:
+    if len(edit.text()) >= edit.maxLength():
+        text = edit.property("textLimitReason")
+        QToolTip.showText(edit.mapToGlobal(edit.rect().bottomLeft()), text, edit)

@@ -5,6 +5,7 @@ a temporary INI file, and damaged files and settings refused without touching th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QSettings
@@ -239,3 +240,218 @@ def test_failed_save_reports_and_keeps_session(session, tmp_path):
     assert not win.save_config(target)
     assert not target.exists() and win.path is None and win.isWindowModified()
     assert win.notice.text().startswith("Could not save dir.json")
+
+
+# -- damaged settings files (issue 20 #2) ----------------------------------------------------
+
+DAMAGED_FILES = {
+    "binary garbage": (b"\xff\xfe\x00\x01garbage\x00\x00\x9c", "holds NUL bytes"),
+    "not UTF-8": (b"[General]\nlast_config=\xff\xfe\xfd\n", "is not UTF-8 text (line 2)"),
+    "empty": (b"", "is empty"),
+    "blank": (b"\n  \n", "is empty"),
+    "NUL bytes": (b"[General]\nlast_config=abc\x00def\n", "holds NUL bytes (line 2)"),
+    "control characters": (b"[General]\nx=\x01\x02\n", "holds control characters (line 2)"),
+    "not a settings file": (b"hello world\nno equals here\n", "line 1 is not a setting"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGED_FILES))
+def test_damaged_settings_file_is_named_kept_and_replaced(session, settings_file, kind):
+    """Qt reads each of these as "no settings" with status NoError; the window names the
+    damage in the notice, starts on the defaults, keeps the damaged bytes as
+    ``NAME.damaged`` and only then writes its own settings on close (which restore)."""
+    content, reason = DAMAGED_FILES[kind]
+    Path(settings_file).write_bytes(content)
+    win = session()
+    assert win.config == ModelConfig()
+    text = win.notice.text()
+    assert text.startswith(f"Settings file session.ini {reason}") and "\n" not in text
+    assert "kept as session.ini.damaged" in text and "started on the defaults" in text
+    kept = Path(settings_file + ".damaged")
+    assert kept.read_bytes() == content  # kept before anything could write
+    set_layers(win, 3)
+    win._confirm = False
+    win.close()
+    assert kept.read_bytes() == content
+    again = session()
+    assert again.config.n_layers == 3 and again.settings_damage == "" and again.problems == []
+
+
+def test_a_second_damage_keeps_the_first_copy(session, settings_file):
+    Path(settings_file).write_bytes(b"\x00first")
+    win = session()
+    win._confirm = False
+    win.close()
+    Path(settings_file).write_bytes(b"\x00second")
+    again = session()
+    assert "kept as session.ini.damaged.2" in again.notice.text()
+    assert Path(settings_file + ".damaged").read_bytes() == b"\x00first"
+    assert Path(settings_file + ".damaged.2").read_bytes() == b"\x00second"
+
+
+def test_damaged_settings_that_cannot_be_kept_are_left_untouched(session, settings_file,
+                                                                 monkeypatch):
+    """No copy can be written (a read-only folder, a full disk): the file is never written
+    over; the session runs on the defaults and says its settings are not saved."""
+    import app.main_window as MW
+
+    def no_room(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MW, "keep_damaged_copy", no_room)
+    content = b"[General]\n\x00\x00\x00"
+    Path(settings_file).write_bytes(content)
+    win = session()
+    assert "No space left on device" in win.notice.text()
+    assert "left as it is and this session's settings are not saved" in win.notice.text()
+    set_layers(win, 3)
+    win._clear_recent()  # the session writes to a scratch store, never to the damaged file
+    win._confirm = False
+    win.close()
+    assert Path(settings_file).read_bytes() == content
+
+
+HUGE = "9" * 5000  # beyond Python's 4300-digit limit for int(str)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("last_config", '{"dropout": ' + "9" * 401 + "}", "dropout"),
+    ("last_config", '{"d_model": ' + HUGE + "}", "not valid JSON"),
+    ("recent_files", "[" + HUGE + "]", "recent_files"),
+    ("panels/scalingPanel", json.dumps({"measureSeeds": 10**401}), "measureSeeds"),
+    ("panels/scalingPanel", '{"measureSeeds": ' + HUGE + "}", "scalingPanel"),
+    ("panels/positionalPanel", json.dumps({"posBase": 10**401, "posFollow": False}),
+     "posBase"),
+    ("panels/attentionPanel", json.dumps({"attnText": 10**401}), "attnText"),
+    ("current_file", HUGE, "could not reopen"),
+    ("current_file", HUGE + ".json", "could not reopen"),
+    ("current_file", "/tmp/with\0nul.json", "could not reopen"),
+])
+def test_huge_integers_and_odd_paths_in_settings_start_normally(session, settings_file, key,
+                                                                 value, needle):
+    """A damaged value is skipped with its reason; start-up never raises (a 401-digit
+    measureSeeds raised OverflowError, a >4300-digit integer in any JSON setting ValueError)."""
+    store = QSettings(settings_file, QSettings.Format.IniFormat)
+    store.setValue(key, value)
+    store.sync()
+    win = session()
+    assert needle in " ".join(win.problems), win.problems
+    assert win.notice.text().startswith("Some saved settings were skipped:")
+    assert len(win.notice.text()) < 400
+    if key == "last_config":
+        assert win.config == ModelConfig()
+
+
+def test_special_files_in_settings_never_hang_the_start(tmp_path):
+    """The user's settings file, or the last session's ``current_file``, replaced by a FIFO:
+    the window still opens within seconds (Qt's QSettings blocked reading a FIFO settings
+    file, and ``load`` blocked opening a FIFO config), names the problem, and leaves the FIFO
+    as it is. Run in a subprocess, so that a regression fails instead of hanging the suite."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "user-settings" / "UnitScalingExplorer"
+    folder.mkdir(parents=True)
+    config_fifo = tmp_path / "last.json"
+    os.mkfifo(config_fifo)
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import os, sys\n"
+        "from PySide6.QtCore import QSettings\n"
+        "from PySide6.QtWidgets import QApplication\n"
+        "app = QApplication([])\n"
+        f"QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, "
+        f"{str(tmp_path / 'user-settings')!r})\n"
+        "from app.main_window import MainWindow, user_settings_path\n"
+        "path = user_settings_path()\n"
+        "if sys.argv[1] == 'settings':\n"
+        "    os.mkfifo(path)\n"
+        "else:\n"
+        "    s = QSettings(path, QSettings.Format.IniFormat)\n"
+        f"    s.setValue('current_file', {str(config_fifo)!r})\n"
+        "    s.sync()\n"
+        "win = MainWindow(restore_settings=True)\n"
+        "print('NOTICE', win.notice.text(), flush=True)\n"
+        "win._confirm = False\n"
+        "win.close()\n"
+        "print('KIND', 'fifo' if __import__('stat').S_ISFIFO(os.stat(path).st_mode) "
+        "else 'file', flush=True)\n")
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_CONFIG_HOME": str(tmp_path)}
+    for case in ("settings", "current_file"):
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        done = subprocess.run([sys.executable, str(script), case], capture_output=True,
+                              text=True, timeout=90, env=env, cwd=os.getcwd())
+        assert done.returncode == 0, done.stderr[-2000:]
+        notice = next(line for line in done.stdout.splitlines() if line.startswith("NOTICE"))
+        if case == "settings":
+            assert "is a FIFO (named pipe)" in notice and "not saved" in notice
+            assert "KIND fifo" in done.stdout  # left as it is
+        else:
+            assert "could not reopen last.json" in notice and "FIFO" in notice
+            assert "KIND file" in done.stdout
+
+
+# -- what is saved restores (issue 20 #11) ----------------------------------------------------
+
+def _at_limits(panel) -> None:
+    """Every saved control of ``panel`` at an end of its range: spin boxes at their maximum
+    (the positional sizes at their minimum, to keep the test quick), combos and tabs at their
+    last item, check boxes flipped (never auto-measure), text boxes overfilled with
+    characters INI files escape."""
+    from PySide6.QtWidgets import (
+        QCheckBox,
+        QComboBox,
+        QDoubleSpinBox,
+        QLineEdit,
+        QTabBar,
+        QTabWidget,
+    )
+
+    from app.widgets.controls_state import MAX_TEXT
+
+    quick = {"posLength", "posDModel", "posHeads"}
+    for w in panel._state_controls():
+        name = w.objectName()
+        if isinstance(w, (QSpinBox, QDoubleSpinBox)):
+            w.setValue(w.minimum() if name in quick else w.maximum())
+        elif isinstance(w, (QComboBox, QTabWidget, QTabBar)):
+            w.setCurrentIndex(w.count() - 1)
+        elif isinstance(w, QCheckBox) and name not in ("autoMeasure", "posFollow"):
+            w.setChecked(not w.isChecked())
+        elif isinstance(w, QLineEdit):
+            w.setText(('a"b,c\\d=e[f];g#h ٣ é\t' * MAX_TEXT)[: MAX_TEXT + 50])
+            assert len(w.text()) == MAX_TEXT  # held at the limit restore accepts
+
+
+def test_every_panel_state_at_its_limits_round_trips(session):
+    """Whatever a panel saves comes back unchanged and without a problem (an attention text
+    over 10,000 characters used to be saved and then refused at the next launch)."""
+    win = session()
+    win.positional_panel.follow.setChecked(False)  # its sizes are saved too
+    for panel in (win.scaling_panel, win.positional_panel, win.attention_panel):
+        _at_limits(panel)
+    saved = win.panel_states()
+    assert set(saved) >= {"scalingPanel", "positionalPanel", "attentionPanel"}
+    win._confirm = False
+    win.close()
+    again = session()
+    assert again.problems == [] and again.notice.text() == ""
+    assert again.panel_states() == saved
+
+
+def test_text_past_the_limit_is_refused_with_a_reason(session):
+    from PySide6.QtGui import QGuiApplication
+    from PySide6.QtWidgets import QToolTip
+
+    from app.widgets.controls_state import MAX_TEXT
+
+    win = session()
+    box = win.attention_panel.text
+    QGuiApplication.clipboard().setText("x" * (MAX_TEXT + 1))
+    box.setFocus()
+    box.selectAll()
+    box.paste()
+    assert len(box.text()) == MAX_TEXT
+    assert "at most 10,000 characters" in QToolTip.text()
