@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -184,6 +184,7 @@ class PositionalPanel(QWidget):
         self._request_id = 0
         self._table_id = 0
         self._model_table: tuple[ModelConfig, np.ndarray] | None = None
+        self._table_wanted = False  # the model's table, to build when the panel is shown
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
 
@@ -358,6 +359,10 @@ class PositionalPanel(QWidget):
         key = self.config.replace(parametrization="standard", dtype="fp32", device="cpu")
         if self._model_table is not None and self._model_table[0] == key:
             return self._model_table[1]
+        if not self.isVisible():  # a hidden tab costs nothing (GPT-2 small: ~1 s of the worker)
+            self._table_wanted = True
+            return None
+        self._table_wanted = False
         self.status.setText("building the configured model in the worker…")
         self._table_id = self.worker.submit(
             TABLE_CHANNEL, lambda: (key, model_position_table(key)))
@@ -369,9 +374,9 @@ class PositionalPanel(QWidget):
         specs = self._specs()
         self.secondary.setVisible(len(specs) > 1)
         table = self._table(specs)
-        if table is None and self._table_id and any(
+        if table is None and (self._table_id or self._table_wanted) and any(
                 s.kind == "learned" and s.learned_source == "model" for s in specs):
-            return  # shown when the table arrives
+            return  # shown when the table arrives (asked for when the panel is shown)
         if self.length.value() <= SYNC_LIMIT:
             self._request_id = 0
             self.worker.cancel(CHANNEL)
@@ -380,6 +385,11 @@ class PositionalPanel(QWidget):
             self.status.setText(f"computing {self.length.value()} positions in the worker…")
             self._request_id = self.worker.submit(
                 CHANNEL, lambda: [_safe_compute(s, table) for s in specs])
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        if self._table_wanted:
+            QTimer.singleShot(0, self.recompute)
 
     def _on_result(self, channel: str, request_id: int, results) -> None:
         if channel == TABLE_CHANNEL and request_id == self._table_id:

@@ -177,3 +177,26 @@ def test_t5_buckets_are_ordinals_with_integer_ticks(qtbot, window):
     choose(panel.kind, "sinusoidal")  # signed values: diverging, automatic ticks again
     assert panel.primary.heatmap.colorbar.colorMap().name == DIVERGING_CMAP
     assert panel.primary.heatmap.colorbar.axis._tickLevels is None
+
+
+def test_hidden_panel_builds_the_models_table_only_when_shown(qtbot):
+    """Following a learned model, the table (a model build in the worker) is asked for only
+    once the panel is on screen."""
+    from app.panels.positional_panel import PositionalPanel
+    from app.worker import Worker
+    from unitscale_core import ModelConfig
+
+    worker = Worker()
+    try:
+        cfg = ModelConfig(d_model=64, n_heads=4, d_ff=128, n_layers=2, vocab_size=256,
+                          max_len=64, seq_len=32)
+        panel = PositionalPanel(cfg, worker)
+        qtbot.addWidget(panel)
+        assert panel.learned_source.currentData() == "model"
+        assert panel._table_id == 0 and panel._table_wanted  # nothing built while hidden
+        with qtbot.waitSignal(panel.computed, timeout=30_000):
+            panel.show()
+        assert panel.primary.heatmap.data.shape == (64, 64)
+        assert "configured model" in panel.primary.note.text()
+    finally:
+        worker.stop(2000)
