@@ -243,14 +243,23 @@ def cmd_measure(args: argparse.Namespace) -> str:
     """One forward+backward pass (or ``--seeds`` of them, combined by geometric mean); RMS
     of every tensor (same JSON shape as ``predict``; warnings: tensors that are not
     finite)."""
-    from .measure import measure_seeds
+    from .measure import measure_seeds, measurement_budget
+    from .memory_budget import MemoryBudgetError
 
     cfg = _with_param(_load_config(args.config, "measure"), args.param)
     if args.device is not None:
         cfg = cfg.replace(device=args.device)
+    rows_given = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len))
+                  if v is not None}
+    if rows_given:
+        cfg = cfg.replace(**rows_given)  # a bad value is the config's own one-line error
     _refuse_unbuildable(cfg, "measure", cfg.device)
     if not 1 <= args.seeds <= 64:
         raise UserError(f"--seeds: {args.seeds} is not between 1 and 64")
+    if not args.ignore_memory_budget:
+        budget = measurement_budget(cfg, args.seeds)
+        if not budget.fits:
+            raise MemoryBudgetError(budget)
     rows = measure_seeds(cfg, args.seeds)
     bad = [f"{r.name} ({r.kind})" for r in rows if not math.isfinite(r.rms)]
     warnings = [f"{len(bad)} tensors are not finite: " + ", ".join(bad[:3])
@@ -360,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="measure N initialisations (seed, seed+1, …) and report each "
                         "tensor's geometric-mean RMS (default 1)")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="override the config's batch size (fewer rows, less memory; the "
+                        "gradients' RMS depends on the rows summed over)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="override the config's seq_len")
+    p.add_argument("--ignore-memory-budget", action="store_true",
+                   help="measure even when the estimated peak memory exceeds what is free")
 
     p = sub.add_parser("attention", help="write every layer's attention for a text to .npz")
     p.add_argument("--model", metavar="minilm|FOLDER",

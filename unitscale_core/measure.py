@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .memory_budget import Budget, check_budget
 from .model import build_model
 from .model.layers import Embedding, EncoderLayer, LayerNorm, Linear, Tap
 from .scaling.formats import FORMATS
@@ -45,15 +46,25 @@ def cached_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
     without rebuilding; any other field (or the seed) builds afresh. Measurement never
     updates weights, only ``.grad``, which is cleared here.
     """
-    key = (cfg.replace(seq_len=1, batch_size=1, device="auto"), str(device))
+    key = _cache_key(cfg, device)
     model = _models.pop(key, None)
     if model is None:
+        while len(_models) >= MODEL_CACHE_SIZE:  # before building: never one model too many
+            _models.popitem(last=False)
         model = build_model(cfg, device=device)
     _models[key] = model
-    while len(_models) > MODEL_CACHE_SIZE:
-        _models.popitem(last=False)
     model.zero_grad(set_to_none=True)
     return model
+
+
+def _cache_key(cfg: ModelConfig, device: torch.device) -> tuple:
+    return (cfg.replace(seq_len=1, batch_size=1, device="auto"), str(device))
+
+
+def is_cached(cfg: ModelConfig, device: str | torch.device) -> bool:
+    """True when :func:`cached_model` would reuse a model for ``cfg`` on ``device`` (its
+    weights are in memory already)."""
+    return _cache_key(cfg, torch.device(device)) in _models
 
 
 def resolve_device(preference: str) -> torch.device:
@@ -88,26 +99,79 @@ _UNDER_MAX = max(FORMATS[name].underflow_threshold for name in REPORTED_FORMATS)
 _OVER_MIN = min(FORMATS[name].overflow_threshold for name in REPORTED_FORMATS)
 
 
+#: Tensors with more elements than this are reduced one piece of ``STATS_PIECE`` elements at
+#: a time, so measuring a tensor needs at most a piece's workspace (``|x|`` in fp32 and its
+#: masks, ~8 MiB) instead of full-size copies: GPT-2 small's logits at batch 8 × 1024 are
+#: 1.6 GB, and their copies came on top of the training step's own peak (issue 19). Smaller
+#: tensors take the one-shot path (their results are unchanged to the bit). Pieces that fit
+#: in a cache are also faster: 100 M elements take 0.7 s instead of 1.4 s on one core.
+STATS_CHUNK = 1 << 22
+STATS_PIECE = 1 << 20
+
+
+def _pieces(x: Tensor, size: int) -> Iterator[Tensor]:
+    """``x``'s elements as 1-D pieces of at most ``size`` elements (at least one row of the
+    innermost dimension), each a view of ``x`` or a copy of that piece alone."""
+    if x.dim() <= 1 or x.is_contiguous():
+        flat = x.reshape(-1)  # a view
+        for i in range(0, flat.numel(), size):
+            yield flat[i:i + size]
+        return
+    inner = x[0].numel()
+    if inner > size:  # one row of dimension 0 is too big: split it further
+        for row in x:
+            yield from _pieces(row, size)
+        return
+    step = max(1, size // max(inner, 1))
+    for i in range(0, x.shape[0], step):
+        yield x[i:i + step].reshape(-1)  # (a strided or expanded gradient: copies one piece)
+
+
+def _counts(a: Tensor) -> tuple[list[int], list[int]]:
+    """Per reported format, how many of ``|x|`` (``a``) underflow and how many overflow."""
+    small = a[a <= _UNDER_MAX]
+    small = small[small > 0]
+    big = a[~(a < _OVER_MIN)]  # at or above the lowest overflow threshold, and NaN
+    under, over = [], []
+    for name in REPORTED_FORMATS:
+        fmt = FORMATS[name]
+        under.append(int((small <= fmt.underflow_threshold).sum()))
+        over.append(int((~(big < fmt.overflow_threshold)).sum()))
+    return under, over
+
+
 @torch.no_grad()
 def tensor_stats(x: Tensor) -> tuple[float, dict[str, dict[str, float]]]:
     """RMS of ``x`` and its measured underflow/overflow fractions in each reported format.
 
     ``underflow = #{0 < |x| ≤ threshold}/n``; ``overflow = #{|x| ≥ threshold or NaN}/n``
-    (thresholds of :mod:`~unitscale_core.scaling.formats`); ``rms = ‖x‖₂/√n``.
+    (thresholds of :mod:`~unitscale_core.scaling.formats`); ``rms = ‖x‖₂/√n``. A tensor of
+    more than :data:`STATS_CHUNK` elements is reduced piece by piece (counts summed exactly,
+    ``‖x‖₂² = Σ ‖piece‖₂²`` accumulated in fp64), so no full-size copy is ever made.
     """
-    a = x.detach().float().abs().flatten()
-    n = max(a.numel(), 1)
-    rms = float(torch.linalg.vector_norm(a)) / math.sqrt(n) if a.numel() else 0.0
-    small = a[a <= _UNDER_MAX]
-    small = small[small > 0]
-    big = a[~(a < _OVER_MIN)]  # at or above the lowest overflow threshold, and NaN
+    x = x.detach()
+    n = max(x.numel(), 1)
+    if x.numel() <= STATS_CHUNK:
+        a = x.float().abs().flatten()
+        rms = float(torch.linalg.vector_norm(a)) / math.sqrt(n) if a.numel() else 0.0
+        under, over = _counts(a)
+    else:
+        sumsq = 0.0
+        under = [0] * len(REPORTED_FORMATS)
+        over = [0] * len(REPORTED_FORMATS)
+        for piece in _pieces(x, STATS_PIECE):
+            a = piece.float().abs()
+            sumsq += float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+            u, o = _counts(a)
+            under = [s + c for s, c in zip(under, u)]
+            over = [s + c for s, c in zip(over, o)]
+            del a  # before the next piece's copy
+        rms = math.sqrt(sumsq / n)
     formats = {}
-    for name in REPORTED_FORMATS:
+    for i, name in enumerate(REPORTED_FORMATS):
         fmt = FORMATS[name]
-        under = int((small <= fmt.underflow_threshold).sum()) / n
-        over = int((~(big < fmt.overflow_threshold)).sum()) / n
         hmax, hmin = headroom_log2(rms, fmt.max_normal, fmt.min_subnormal)
-        formats[name] = {"underflow": under, "overflow": min(over, 1.0),
+        formats[name] = {"underflow": under[i] / n, "overflow": min(over[i] / n, 1.0),
                          "headroom_max_log2": hmax, "headroom_min_log2": hmin}
     return rms, formats
 
@@ -156,54 +220,127 @@ def record_tensors(model: nn.Module, on_tensor: Callable[[str, str, Tensor], Non
             h.remove()
 
 
-class _Recorder:
-    """Collects a :class:`TensorRow` (full format statistics) per recorded tensor."""
+#: Shares of a measurement's progress: the forward pass up to the first, the backward pass up
+#: to the second, then the weights and their gradients (backward costs about twice the
+#: forward; each phase also takes the statistics of the tensors it passes).
+FORWARD_SHARE, BACKWARD_SHARE = 0.3, 0.9
 
-    def __init__(self) -> None:
+#: ``report(fraction, text)``: progress of a long job, ``fraction`` from 0 to 1 (the worker's
+#: ``Worker.report``).
+Report = Callable[[float, str], None]
+#: The text of a measurement's last report.
+DONE = "done"
+
+
+class _Recorder:
+    """Collects a :class:`TensorRow` (full format statistics) per recorded tensor, and says
+    how far the pass has come: layers done of the total, forward then backward.
+
+    Nothing but the rows is kept: each tensor is reduced to its statistics as it passes.
+    """
+
+    def __init__(self, model: nn.Module, report: Report | None = None) -> None:
         self.activations: dict[str, TensorRow] = {}
         self.grads: dict[str, TensorRow] = {}
+        self.report = report
+        self.layers = {_row_name(n) for n, m in model.named_modules()
+                       if isinstance(m, EncoderLayer)}
+        #: tensors the forward pass will record (a module called twice records once more)
+        self.expected = sum(isinstance(m, RECORDED) for m in model.modules())
+        self._layers_done = 0
+        self._last = (-1.0, "")
+
+    def _say(self, fraction: float, text: str) -> None:
+        if self.report is not None and text != self._last[1]:
+            fraction = max(fraction, self._last[0])  # monotone, whatever the counts
+            self._last = (fraction, text)
+            self.report(fraction, text)
 
     def __call__(self, name: str, kind: str, x: Tensor) -> None:
         rms, formats = tensor_stats(x)
         row = TensorRow(name, kind, rms, {}, formats, tuple(x.shape))
-        (self.activations if kind == "activation" else self.grads)[name] = row
+        forward = kind == "activation"
+        (self.activations if forward else self.grads)[name] = row
+        if self.report is None or name.split("@")[0] not in self.layers:
+            return
+        total = max(len(self.layers), 1)
+        if forward:
+            self._layers_done += 1  # a layer's output: that layer is done
+            share = min(len(self.activations) / max(self.expected, 1), 1.0)
+            self._say(FORWARD_SHARE * share, f"forward: {self._layers_done} of {total} layers")
+        else:  # a layer's output gradient: the layers above it are done
+            done = sum(n.split("@")[0] in self.layers for n in self.grads) - 1
+            share = min(len(self.grads) / max(len(self.activations), 1), 1.0)
+            self._say(FORWARD_SHARE + (BACKWARD_SHARE - FORWARD_SHARE) * share,
+                      f"backward: {done} of {total} layers")
+
+    def weights_progress(self, i: int, n: int) -> None:
+        """``i`` of ``n`` weights (and their gradients) reduced."""
+        step = max(n // 20, 1)  # ~5% steps: a report per weight would be hundreds
+        if i == n or i % step == 0:
+            self._say(BACKWARD_SHARE + (1.0 - BACKWARD_SHARE) * i / max(n, 1),
+                      f"weights and gradients: {i} of {n}")
 
 
 def measure(cfg: ModelConfig, device: str | torch.device | None = None,
-            check_cancelled: Callable[[], None] | None = None) -> list[TensorRow]:
+            check_cancelled: Callable[[], None] | None = None,
+            report: Report | None = None) -> list[TensorRow]:
     """Rows for every activation, weight, activation gradient and weight gradient.
 
     One training step at initialisation (``model.train()``: dropout on) on
     :func:`measurement_batch`. Order: activations in execution order, their gradients in the
     same order, then weights and weight gradients in parameter order. A tied output head shares
     the embedding's weight row.
+
+    Memory: what the training step itself needs and no more. Each tensor is reduced to its
+    statistics in the hooks as it passes (:func:`tensor_stats`, in pieces for a large one);
+    the logits are let go once the loss has what its backward needs; the graph lives for one
+    backward; the gradients are released when the rows are made (the cached model keeps its
+    weights only). ``check_cancelled`` runs after every recorded tensor (a cancel stops within
+    a layer, forward or backward); ``report(fraction, text)`` hears the layers done, forward
+    then backward, then the weights, ending at 1.
     """
     dev = resolve_device(cfg.device) if device is None else torch.device(device)
     model = cached_model(cfg, dev)
     model.train()
     batch = measurement_batch(cfg, dev)
-    rec = _Recorder()
-    with record_tensors(model, rec, check_cancelled), \
-            torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)  # dropout masks
-        if cfg.architecture == "encoder-decoder":
-            logits = model(batch["src"], batch["ids"])
-        else:
-            logits = model(batch["ids"])
-        loss = model.loss(logits, batch["targets"])
-        loss.backward()
-    rows = list(rec.activations.values())
-    loss_rms, loss_formats = tensor_stats(loss)
-    rows.append(TensorRow("loss", "activation", loss_rms, {}, loss_formats, ()))
-    rows += [rec.grads[name] for name in rec.activations if name in rec.grads]
-    params = list(model.named_parameters())
-    for name, p in params:
-        rms, formats = tensor_stats(p)
-        rows.append(TensorRow(name, "weight", rms, {}, formats, tuple(p.shape)))
-    for name, p in params:
-        if p.grad is not None:
-            rms, formats = tensor_stats(p.grad)
-            rows.append(TensorRow(name, "grad_weight", rms, {}, formats, tuple(p.shape)))
+    rec = _Recorder(model, report)
+    rec._say(0.0, "forward")
+    try:
+        with record_tensors(model, rec, check_cancelled), \
+                torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)  # dropout masks
+            if cfg.architecture == "encoder-decoder":
+                logits = model(batch["src"], batch["ids"])
+            else:
+                logits = model(batch["ids"])
+            loss = model.loss(logits, batch["targets"])
+            # the loss's graph keeps what its backward needs (the log-probabilities); holding
+            # the logits as well would add a full fp32 (batch, seq, vocab) copy to the peak
+            del logits
+            rec._say(FORWARD_SHARE, "backward")
+            loss.backward()
+        del batch
+        rows = list(rec.activations.values())
+        loss_rms, loss_formats = tensor_stats(loss)
+        rows.append(TensorRow("loss", "activation", loss_rms, {}, loss_formats, ()))
+        rows += [rec.grads[name] for name in rec.activations if name in rec.grads]
+        params = list(model.named_parameters())
+        for name, p in params:
+            rms, formats = tensor_stats(p)
+            rows.append(TensorRow(name, "weight", rms, {}, formats, tuple(p.shape)))
+        for i, (name, p) in enumerate(params):
+            if p.grad is not None:
+                rms, formats = tensor_stats(p.grad)
+                rows.append(TensorRow(name, "grad_weight", rms, {}, formats, tuple(p.shape)))
+            rec.weights_progress(i + 1, len(params))
+            if check_cancelled is not None:
+                check_cancelled()
+    finally:
+        # a cached model holds its weights only: gradients (as large as the weights) would
+        # otherwise stay allocated until the next measurement, for every model in the cache
+        model.zero_grad(set_to_none=True)
+    rec._say(1.0, DONE)
     log.debug("measured %d tensors on %s", len(rows), dev)
     return rows
 
@@ -230,7 +367,8 @@ def one_seed_ceiling(spreads: Iterable[SeedSpread], tolerance: float = AGREEMENT
 
 def measure_seeds(cfg: ModelConfig, seeds: int, device: str | torch.device | None = None,
                   check_cancelled: Callable[[], None] | None = None,
-                  progress: Callable[[float], None] | None = None) -> list[TensorRow]:
+                  progress: Callable[[float], None] | None = None,
+                  report: Report | None = None) -> list[TensorRow]:
     """:func:`measure` over ``seeds`` initialisations (``cfg.seed``, ``cfg.seed + 1``, …),
     combined per tensor: the RMS is the geometric mean ``exp(mean log rms)`` (the typical
     draw; one draw of a deep or strongly correlated stack scatters ±1–2 log₂ around it), the
@@ -246,24 +384,33 @@ def measure_seeds(cfg: ModelConfig, seeds: int, device: str | torch.device | Non
     ensemble RMS; only with 16 seeds of the tied 32-layer unit decoder does the ensemble RMS
     agree better (86% against 70%). ``benchmarks/agreement_seeds.py`` reports both.
     """
-    return measure_seeds_with_spread(cfg, seeds, device, check_cancelled, progress)[0]
+    return measure_seeds_with_spread(cfg, seeds, device, check_cancelled, progress, report)[0]
 
 
 def measure_seeds_with_spread(cfg: ModelConfig, seeds: int,
                               device: str | torch.device | None = None,
                               check_cancelled: Callable[[], None] | None = None,
-                              progress: Callable[[float], None] | None = None
+                              progress: Callable[[float], None] | None = None,
+                              report: Report | None = None
                               ) -> tuple[list[TensorRow], dict[tuple[str, str], SeedSpread]]:
     """:func:`measure_seeds`' rows and, per ``(name, kind)``, how the draws spread
     (:class:`SeedSpread`): whether a tensor's disagreement with the prediction is the luck of
-    the draw or a bias."""
+    the draw or a bias. ``progress(fraction)`` hears each seed's end; ``report(fraction,
+    text)`` every layer of every pass (:func:`measure`), over all seeds from 0 to 1."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, not {seeds}")
     runs = []
     for i in range(seeds):
         if check_cancelled is not None:
             check_cancelled()
-        runs.append(measure(cfg.replace(seed=cfg.seed + i), device, check_cancelled))
+        within = None
+        if report is not None:
+            def within(f: float, text: str, i: int = i) -> None:
+                if seeds > 1:
+                    text = f"measured {i + 1} of {seeds} seeds" if text == DONE else \
+                        f"seed {i + 1} of {seeds}: {text}"
+                report((i + f) / seeds, text)
+        runs.append(measure(cfg.replace(seed=cfg.seed + i), device, check_cancelled, within))
         if progress is not None:
             progress((i + 1) / seeds)
     return combine_seeds(runs)
@@ -302,3 +449,14 @@ def combine_seeds(runs: list[list[TensorRow]]
                 "headroom_max_log2": hmax, "headroom_min_log2": hmin}
         out.append(TensorRow(row.name, row.kind, rms, {}, formats, row.shape))
     return out, spread
+
+
+def measurement_budget(cfg: ModelConfig, seeds: int = 1,
+                       device: str | torch.device | None = None,
+                       available: int | None = None) -> Budget:
+    """Will measuring ``cfg`` (over ``seeds``) fit in what is free on its device now?
+    (:mod:`~unitscale_core.memory_budget`; a model cached already needs no new weights.)
+    ``available`` replaces the reading of the free memory."""
+    dev = resolve_device(cfg.device) if device is None else torch.device(device)
+    return check_budget(cfg, str(dev), available=available,
+                        resident=is_cached(cfg, dev), seeds=seeds)

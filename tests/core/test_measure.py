@@ -228,3 +228,152 @@ def test_measure_seeds_reports_how_each_tensor_varied():
     assert varied > len(spread) / 2  # other seeds, other draws
     _, one = measure_seeds_with_spread(cfg, 1)
     assert all(s.log2_std == 0.0 and s.low == s.high for s in one.values())
+
+
+# -- memory, progress and cancel (issue 19) ------------------------------------------------------
+
+def test_no_activation_or_gradient_outlives_the_measurement(monkeypatch):
+    """Every tensor the hooks see (activations, their gradients, weight gradients) is gone
+    once measure() returns: nothing is copied or kept, and the cached model holds no
+    gradients (only its weights)."""
+    import gc
+    import weakref
+
+    from unitscale_core import measure as M
+
+    seen = []
+    original = M.tensor_stats
+
+    def spy(x):
+        seen.append(weakref.ref(x))
+        return original(x)
+
+    monkeypatch.setattr(M, "tensor_stats", spy)
+    cfg = ModelConfig(**SMALL)
+    model = M.cached_model(cfg, torch.device("cpu"))  # the model measure() will reuse
+    weights = {id(p) for p in model.parameters()}
+    measure(cfg)
+    assert M.is_cached(cfg, "cpu")
+    gc.collect()
+    alive = [r() for r in seen if r() is not None and id(r()) not in weights]
+    assert len(seen) > 100 and alive == []
+
+
+def test_the_logits_are_not_held_during_the_backward(monkeypatch):
+    """When the logits' gradient arrives, no Python-held tensor of the logits' shape is
+    alive but that gradient: the loss's graph keeps what its backward needs, the caller
+    does not keep a second full (batch, seq, vocab) copy."""
+    import gc
+
+    from unitscale_core import measure as M
+
+    cfg = ModelConfig(**SMALL)
+    shape = (cfg.batch_size, cfg.seq_len, cfg.vocab_size)
+    found = []
+    original = M.tensor_stats
+
+    def spy(x):
+        if tuple(x.shape) == shape and not x.requires_grad and x.grad_fn is None and \
+                not found:  # the first logits-shaped gradient: the top of the backward
+            gc.collect()
+            found.append([o for o in gc.get_objects()
+                          if type(o) is torch.Tensor and tuple(o.shape) == shape
+                          and o is not x])
+        return original(x)
+
+    monkeypatch.setattr(M, "tensor_stats", spy)
+    measure(cfg)
+    assert found and found[0] == []
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(3, 1000, 7) * 5,
+    lambda: torch.randn(70, 130).t(),  # not contiguous
+    lambda: torch.randn(1, 257).expand(40, 257),  # an expanded gradient (stride 0)
+    lambda: torch.cat([torch.zeros(500), torch.tensor([1e-9, 7e-7, 70000.0, float("inf")]),
+                       torch.randn(4000) * 1e-5]),
+    lambda: (torch.randn(50, 60) * 3).to(torch.bfloat16),
+    lambda: torch.tensor([float("nan"), 1.0] * 600),
+])
+def test_large_tensors_are_reduced_in_pieces_with_the_same_statistics(monkeypatch, make):
+    """Above STATS_CHUNK elements a tensor is reduced a piece (≤ STATS_PIECE) at a time:
+    the format counts are the same, exactly, the RMS the same to rounding, and no piece the
+    statistics see is larger than STATS_PIECE."""
+    from unitscale_core import measure as M
+
+    x = make()
+    want_rms, want = tensor_stats(x)
+    sizes = []
+    original = M._counts
+
+    def spy(a):
+        sizes.append(a.numel())
+        return original(a)
+
+    monkeypatch.setattr(M, "STATS_CHUNK", 100)
+    monkeypatch.setattr(M, "STATS_PIECE", 64)
+    monkeypatch.setattr(M, "_counts", spy)
+    rms, got = tensor_stats(x)
+    assert sum(sizes) == x.numel() and max(sizes) <= 64 and len(sizes) > 1
+    if math.isnan(want_rms):
+        assert math.isnan(rms)
+    else:
+        assert rms == pytest.approx(want_rms, rel=1e-5)
+    for fmt in want:
+        assert got[fmt]["underflow"] == want[fmt]["underflow"]
+        assert got[fmt]["overflow"] == want[fmt]["overflow"]
+
+
+def test_progress_counts_layers_forward_then_backward_and_ends_at_one():
+    reports = []
+    measure(ModelConfig(**SMALL), report=lambda f, text: reports.append((f, text)))
+    fractions = [f for f, _ in reports]
+    texts = [t for _, t in reports]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert "forward: 1 of 2 layers" in texts and "forward: 2 of 2 layers" in texts
+    first_backward = texts.index("backward")
+    assert all(t.startswith("forward") for t in texts[:first_backward])
+    assert any(t.startswith("backward: ") for t in texts[first_backward:])
+    assert any(t.startswith("weights and gradients") for t in texts)
+
+
+def test_progress_over_seeds_is_monotone_and_ends_at_one():
+    from unitscale_core.measure import measure_seeds
+
+    cfg = ModelConfig(d_model=32, n_heads=2, d_ff=64, n_layers=1, vocab_size=64, max_len=8,
+                      seq_len=8, batch_size=2)
+    reports = []
+    measure_seeds(cfg, 2, report=lambda f, text: reports.append((f, text)))
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert ("measured 1 of 2 seeds" in [t for _, t in reports]
+            and reports[-1] == (1.0, "measured 2 of 2 seeds"))
+    assert any(t.startswith("seed 2 of 2: backward") for _, t in reports)
+
+
+def test_cancel_in_the_backward_pass_stops_inside_it():
+    """A check_cancelled that trips on its N-th call, N past the forward's tensors: the
+    exception comes out of the backward pass at that very call (not at its end), and the
+    cached model keeps no half-made gradients."""
+    from unitscale_core import measure as M
+
+    class Cancelled(Exception):
+        pass
+
+    cfg = ModelConfig(**SMALL)
+    forward = sum(r.kind == "activation" for r in measure(cfg)) - 1  # less the loss row
+    calls, kinds = [], []
+
+    def check():
+        calls.append(1)
+        if len(calls) == forward + 5:
+            raise Cancelled()
+
+    def report(_f, text):
+        kinds.append(text.split(":")[0])
+
+    with pytest.raises(Cancelled):
+        measure(cfg, check_cancelled=check, report=report)
+    assert len(calls) == forward + 5
+    assert kinds[-1] == "backward" and "weights and gradients" not in kinds
+    assert all(p.grad is None for p in M.cached_model(cfg, torch.device("cpu")).parameters())
