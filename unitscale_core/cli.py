@@ -43,6 +43,11 @@ class ResultsNotSaved(UserError):
         self.output = output
 
 
+class RunStopped(ResultsNotSaved):
+    """The work stopped early (a training run whose loss stopped being finite): ``output``
+    (what it did) is printed before the one-line reason, and the exit status is 2."""
+
+
 #: What a command without ``--config`` uses, as said on stderr.
 DEFAULT_CONFIG_NOTE = ("no --config given: using the built-in default config (the tiny "
                        "preset: decoder, d_model 256, 4 layers, vocab 8192)")
@@ -298,6 +303,8 @@ def cmd_train(args: argparse.Namespace) -> str:
     if write_error is not None:
         raise ResultsNotSaved(f"{write_error}; the results above are from the finished run",
                               output)
+    if run.diverged is not None:  # the steps it made first, then why it stopped (exit 2)
+        raise RunStopped(run.diverged, output)
     return output
 
 

@@ -54,6 +54,11 @@ what the low-precision format has to hold). Each tensor is reduced on its device
 product and four clamp-and-sum passes in float64, :class:`_Reducer`); one transfer per step
 brings the numbers back.
 
+**Divergence**: a step whose loss is not finite (NaN or ±inf) ends the run. Its record is
+kept, its update is not applied (``skipped``), and :attr:`TrainingRun.diverged` says at which
+step, after how many updates at which learning rate, the largest weight then, and what to
+change; loss scaling cannot mend it, because the loss is computed before it is scaled.
+
 **Determinism**: initialisation uses the seed; the batch of step k and its dropout masks are
 drawn from generators seeded with ``(seed, k)`` alone, so the same seed gives bit-identical
 losses on CPU, and a run resumed from a checkpoint continues exactly as if uninterrupted.
@@ -405,6 +410,8 @@ class TrainingRun:
         self.device = torch.device(device)
         self.step = 0
         self.records: list[StepRecord] = []
+        #: why the run stopped early (its loss stopped being finite), else None
+        self.diverged: str | None = None
         self.loss_scale = INIT_LOSS_SCALE if settings.loss_scaling else 1.0
         self._growth_tracker = 0
         self._reducer = _Reducer(self.device)
@@ -429,7 +436,8 @@ class TrainingRun:
     # -- public -------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
-        return self.step >= self.settings.steps
+        """Every step trained, or the run stopped because it diverged (:attr:`diverged`)."""
+        return self.step >= self.settings.steps or self.diverged is not None
 
     @property
     def lrs(self) -> dict[str, float]:
@@ -446,10 +454,13 @@ class TrainingRun:
         """Train up to ``n`` more steps (never past ``settings.steps``); the new records.
 
         ``check_cancelled`` is called before each step; whatever it raises propagates, and the
-        run stays consistent (completed steps are kept).
+        run stays consistent (completed steps are kept). A step whose loss is not finite ends
+        the run: it is recorded, its update is not applied, and :attr:`diverged` says why.
         """
         new: list[StepRecord] = []
         for _ in range(max(0, min(n, self.settings.steps - self.step))):
+            if self.diverged is not None:
+                break
             if check_cancelled is not None:
                 check_cancelled()
             new.append(self._train_step())
@@ -573,8 +584,15 @@ class TrainingRun:
             for m, w in zip(master, self._working):
                 m.grad = None if w.grad is None else w.grad.float()
         grads = [p.grad for p in master if p.grad is not None]
+        loss_value = float(loss.detach())
         skipped = False
-        if s.loss_scaling:
+        if not math.isfinite(loss_value):
+            # Diverged: no scale or update can mend a non-finite forward pass. The weights stay
+            # as they were before this step, and the run ends (see _divergence).
+            skipped = True
+            self.diverged = self._divergence(step, loss_value)
+            log.info("training stopped: %s", self.diverged)
+        elif s.loss_scaling:
             finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
             if not finite:
                 skipped = True
@@ -592,7 +610,7 @@ class TrainingRun:
                 if self._growth_tracker == s.growth_interval:
                     self.loss_scale *= GROWTH_FACTOR
                     self._growth_tracker = 0
-        record = StepRecord(step, float(loss.detach()), scale if s.loss_scaling else 1.0, skipped,
+        record = StepRecord(step, loss_value, scale if s.loss_scaling else 1.0, skipped,
                             None, None, None)
         if stats is not None:
             self._summarise(stats, record)
@@ -600,6 +618,27 @@ class TrainingRun:
         record.seconds = time.perf_counter() - t0
         self.records.append(record)
         return record
+
+    def _divergence(self, step: int, loss: float) -> str:
+        """Why the run stopped at ``step``: the loss's value, how many updates at which learning
+        rate led there, the largest weight now, and what to change."""
+        s = self.settings
+        what = "NaN" if math.isnan(loss) else "infinite"
+        if step == 1:
+            return (f"loss became {what} at step 1, before any update: the initial model "
+                    f"overflows in {s.dtype}; run stopped")
+        with torch.no_grad():
+            largest = max(float(p.detach().abs().max()) for _, p in self._master_named)
+        default = DEFAULT_LR[s.parametrization]
+        if s.lr > default:
+            advice = (f"the learning rate {s.lr:g} is too large (the default for "
+                      f"{s.parametrization} is {default:g})")
+        else:
+            advice = "try a smaller learning rate" + (
+                "" if s.dtype == "fp32" else f", loss scaling or a wider format than {s.dtype}")
+        updates = f"{step - 1} update" + ("s" if step > 2 else "")
+        return (f"loss became {what} at step {step} after {updates} at learning rate {s.lr:g} "
+                f"(largest weight now {largest:.3g}): {advice}; run stopped")
 
     def _summarise(self, stats: _StepStats, record: StepRecord) -> None:
         """Per-tensor RMS and per-kind RMS / underflow fractions from one device transfer."""
@@ -731,6 +770,9 @@ class TrainingRun:
                 float(r.get("seconds", 0.0))))
         if len(self.records) != step:
             raise fail(f"it holds {len(self.records)} step records for step={step}")
+        last = self.records[-1] if self.records else None
+        if last is not None and not math.isfinite(last.loss):  # it stopped there
+            self.diverged = self._divergence(last.step, last.loss)
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -10,7 +10,6 @@ attention maps, strings.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +71,7 @@ class Chunk:
     step: int
     done: bool
     seconds: float
+    diverged: str | None = None  # TrainingRun.diverged: why the run stopped early
 
 
 @dataclass
@@ -112,19 +112,18 @@ def create_run(config: ModelConfig, settings: dict[str, Any], check: Check) -> R
 
 def run_chunk(handle: RunHandle, known: int, check: Check,
               budget: float = CHUNK_SECONDS) -> Chunk:
-    """Train one step at a time until ``budget`` seconds have passed, the run is done or its
-    loss stops being finite; return every record after the first ``known`` (so steps done by
-    a chunk that was cancelled part-way are not lost)."""
+    """Train one step at a time until ``budget`` seconds have passed or the run is done (all
+    steps trained, or stopped because its loss stopped being finite: ``Chunk.diverged``);
+    return every record after the first ``known`` (so steps done by a chunk that was
+    cancelled part-way are not lost)."""
     run = handle.run()
     start = time.perf_counter()
     while not run.done:
         run.run(1, check_cancelled=check)
-        if not math.isfinite(run.records[-1].loss):
-            break
         if time.perf_counter() - start >= budget:
             break
     return Chunk(records=list(run.records[known:]), step=int(run.step), done=bool(run.done),
-                 seconds=time.perf_counter() - start)
+                 seconds=time.perf_counter() - start, diverged=run.diverged)
 
 
 def _reduced_mask(allowed: np.ndarray | None, side: int) -> np.ndarray | None:

@@ -182,6 +182,7 @@ class TrainingPanel(QWidget):
         worker.finished_job.connect(self._on_result)
         worker.failed_job.connect(self._on_failure)
         worker.cancelled_job.connect(self._on_cancelled)
+        worker.dropped_job.connect(self._on_cancelled)  # dequeued before it ran (Cancel, Esc)
         self.update_config(config)
         self._update_buttons()
         self._set_status("Press Start (Ctrl+Return) to train the enabled runs on the current "
@@ -560,14 +561,16 @@ class TrainingPanel(QWidget):
             return
         slot.records.extend(result.records)
         bad = next((r for r in result.records if not math.isfinite(r.loss)), None)
-        if bad is not None:
+        if result.diverged is not None or bad is not None:
             self._stop_clock(slot, time.perf_counter())
             slot.state = FAILED
-            slot.message = (f"loss not finite at step {bad.step} "
-                            f"({'overflow' if math.isinf(bad.loss) else 'NaN'} in "
-                            f"{slot.info.dtype}); run stopped")
-            self._set_status(f"⚠ run {slot.name}: {slot.message}", error=True)
-            self.failed.emit(f"run {slot.name}: {slot.message}")
+            # the trainer says why (step, learning rate, what to change); a record alone
+            # only says where
+            slot.message = result.diverged or (
+                f"loss not finite at step {bad.step} "
+                f"({'overflow' if math.isinf(bad.loss) else 'NaN'} in {slot.info.dtype}); "
+                "run stopped")
+            self._fail(f"run {slot.name}: {slot.message}")  # panel and status bar
             self.finished.emit(slot.index)
         elif result.done:
             self._stop_clock(slot, time.perf_counter())
@@ -610,7 +613,8 @@ class TrainingPanel(QWidget):
         self.finished.emit(slot.index)
 
     def _on_cancelled(self, channel: str, request_id: int) -> None:
-        """A chunk cancelled from outside (the window's Cancel / Esc): pause, don't lose it."""
+        """A request cancelled or dequeued from outside (the window's Cancel / Esc): a run
+        pauses without losing its steps; an attention snapshot may be asked for again."""
         if channel == ATTENTION_CHANNEL:
             if request_id == self._attention_request:
                 self._attention_request = None
@@ -645,7 +649,17 @@ class TrainingPanel(QWidget):
         return self.slots[self.shown.currentData() or 0]
 
     def _maybe_request_attention(self, slot: Slot, done: bool = False) -> None:
+        """Ask for a snapshot of the shown run when its step crosses a multiple of "attention
+        every" (or it ended, or none is drawn yet), unless one for it is already on its way.
+
+        Re-submitting while one is queued or running would be worse than useless: the
+        worker's latest-wins rule cancels a running request of the channel and sends a
+        queued one to the back, behind the runs' next chunks, so with three runs the snapshot
+        never got its turn ("attention never showed a head"). A request in flight computes
+        the run's weights as they are when it runs, so it is never stale for its run."""
         if slot is not self._shown_slot() or slot.info is None or not slot.records:
+            return
+        if self._attention_request is not None and self._attention_slot == slot.index:
             return
         every = self.attn_every.value()
         step = slot.records[-1].step

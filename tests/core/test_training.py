@@ -309,3 +309,45 @@ def test_cli_train_json_and_user_errors(tmp_path, capsys):
     (tmp_path / "v.json").write_text(dumps_json(small(vocab_size=64)))
     assert main(["train", "--config", str(tmp_path / "v.json")]) == 2
     assert "vocab_size=64" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_the_run_and_says_why(tmp_path):
+    """Issue 20 #12: a learning rate of 1e30 trained to NaN with no warning."""
+    run = TrainingRun(small(), TrainSettings(steps=20, lr=1e30, log_every=1000))
+    before = {n: p.detach().clone() for n, p in run._master_named}
+    new = run.run(20)
+    assert run.done and run.step == len(new) < 20
+    assert all(math.isfinite(r.loss) for r in new[:-1]) and not math.isfinite(new[-1].loss)
+    assert new[-1].skipped  # the update of the NaN step is not applied
+    msg = run.diverged
+    assert msg.startswith(f"loss became NaN at step {run.step} after ")
+    assert "learning rate 1e+30 is too large" in msg and "default for standard is 0.001" in msg
+    assert run.run(5) == [] and run.step == len(new)  # stays stopped
+    assert any(not torch.equal(before[n], p) for n, p in run._master_named)  # it did train
+    assert all(torch.isfinite(p).all() for _, p in run._master_named)
+    # the stop survives a checkpoint
+    run.save_checkpoint(str(tmp_path / "d.safetensors"))
+    again = TrainingRun.load_checkpoint(str(tmp_path / "d.safetensors"))
+    assert again.done and again.diverged == msg
+
+    # loss scaling cannot mend a non-finite loss either: it stops instead of skipping forever
+    scaled = TrainingRun(small(), TrainSettings(steps=20, lr=1e30, dtype="fp16",
+                                                loss_scaling=True, log_every=1000))
+    scaled.run(20)
+    assert scaled.done and scaled.step < 20 and "is too large" in scaled.diverged
+    # a sane run is untouched
+    fine = TrainingRun(small(), TrainSettings(steps=3, log_every=1000))
+    fine.run(3)
+    assert fine.diverged is None and fine.step == 3
+
+
+def test_cli_train_prints_the_steps_then_why_it_stopped(tmp_path, capsys):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(dumps_json(small()))
+    assert main(["train", "--config", str(cfg_file), "--steps", "20", "--lr", "1e30"]) == 2
+    out, err = capsys.readouterr()
+    rows = [line.split() for line in out.splitlines()[1:] if "steps in" not in line]
+    assert rows[-1][1] == "nan" and len(rows) < 20
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"unitscale train: error: loss became NaN at step {len(rows)} ")
+    assert "learning rate 1e+30 is too large" in err

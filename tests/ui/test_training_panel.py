@@ -242,3 +242,48 @@ def test_runs_go_on_while_hidden_and_closing_stops_them(qtbot, make_window):
     assert panel.slots[1].info.config.d_model == 32
     win.close()  # stops the runs and the worker thread
     assert not win.worker.isRunning() and not panel.is_active()
+
+
+def test_attention_shows_a_head_while_three_runs_train(qtbot, panel):
+    """Issue 19: with three runs and "attention every 10" no head ever appeared mid-run (each
+    run result re-asked for the snapshot, which cancelled the running one or sent the queued
+    one behind the runs' next chunks)."""
+    panel.steps.setValue(400)
+    panel.attn_every.setValue(10)
+    seen: list[tuple[int, bool]] = []  # (snapshot step, runs still active)
+    panel.attention_ready.connect(lambda: seen.append((panel.attention.step,
+                                                       panel.is_active())))
+    panel.start()
+    qtbot.waitUntil(lambda: len([s for s, active in seen if active]) >= 2, timeout=TIMEOUT)
+    panel.stop()
+    mid_run = [s for s, active in seen if active]
+    assert mid_run == sorted(mid_run) and 0 < mid_run[0] < 400
+    head = panel.attention_view.head_view.data  # the enlarged head, layer 0 head 0
+    assert head.shape == (TINY["seq_len"], TINY["seq_len"])
+    lower = np.tril(np.ones(head.shape, dtype=bool))  # causal: the rest is masked (NaN)
+    assert np.isfinite(head[lower]).all() and np.isnan(head[~lower]).all()
+    np.testing.assert_allclose(np.nansum(head, axis=1), 1.0, rtol=1e-4)  # softmax rows
+    assert panel.attention_view.model_view.images[0][0].image is not None
+    assert f"step {panel.attention.step}" in panel.attention_view.status.text()
+
+
+def test_a_diverging_run_stops_and_says_why(qtbot, panel):
+    """Issue 20 #12: a run whose loss became NaN went on with no warning. The trainer stops it
+    and the panel shows its reason (step, learning rate, what to change); the others go on."""
+    enable(panel, 0, 2)
+    panel.slots[0].dtype.setCurrentIndex(panel.slots[0].dtype.findData("fp16"))
+    panel.steps.setValue(30)
+    panel.lr.setText("10")  # fp16 overflows after one update at this rate
+    with qtbot.waitSignal(panel.failed, timeout=TIMEOUT) as blocker:
+        panel.start()
+    qtbot.waitUntil(lambda: not panel.is_active(), timeout=TIMEOUT)
+    bad, fine = panel.slots[0], panel.slots[2]
+    assert bad.state == tp.FAILED and fine.state == tp.DONE and len(fine.records) == 30
+    assert len(bad.records) < 30 and not math.isfinite(bad.records[-1].loss)
+    step = bad.records[-1].step
+    assert blocker.args[0].startswith(f"run A: loss became NaN at step {step} ")
+    assert "learning rate 10 is too large" in blocker.args[0]
+    assert bad.message in panel.status.text() and panel.status.text().startswith("⚠")
+    assert bad.status.text() == "⚠ failed" and bad.status.toolTip() == bad.message
+    assert bad.progress.format() == f"{step} / 30 · failed"
+    assert panel.start_button.isEnabled() and panel.start_button.text() == "Start"
