@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,12 @@ from PySide6.QtWidgets import (
 
 from unitscale_core.config import PARAMETRIZATIONS, ModelConfig
 from unitscale_core.formatting import percent
+from unitscale_core.memory_budget import (
+    Budget,
+    count_by_kind,
+    describe_changed,
+    measurement_memory,
+)
 from unitscale_core.scaling.collapse import Collapse, noise_rows
 from unitscale_core.scaling.predict import (
     is_predicted,
@@ -43,7 +50,7 @@ from unitscale_core.scaling.predict import (
     status_counts,
     stream_collapse,
 )
-from unitscale_core.sizing import count_parameters
+from unitscale_core.sizing import count_parameters, format_bytes
 from unitscale_core.tensors import AGREEMENT_LOG2, REPORTED_FORMATS, TensorRow
 
 from ..export import (
@@ -134,6 +141,52 @@ def agreement(predicted: list[TensorRow], measured: list[TensorRow]) -> tuple[in
         elif m > 0 and abs(math.log2(r.rms / m)) <= TOLERANCE_LOG2:
             ok += 1
     return ok, total
+
+
+@dataclass
+class Measured:
+    """A measurement for the overlay of ``config`` (the shown config): ``run`` is what was
+    measured (``config`` itself, or a smaller batch × sequence of it that fits in memory,
+    whose ``left_out`` rows, those whose RMS depends on batch × sequence, are not shown)."""
+
+    config: ModelConfig
+    run: ModelConfig
+    seeds: int
+    rows: list[TensorRow]
+    spread: dict
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class OverBudget:
+    """A measurement of ``config`` refused before it ran: ``budget`` (both numbers, and the
+    smaller batch × sequence that fits), and per kind the tensors that would change there."""
+
+    config: ModelConfig
+    budget: Budget
+    changed: dict[str, int]
+
+
+def measure_job(worker: Worker, cfg: ModelConfig, run: ModelConfig, seeds: int,
+                check_memory: bool = True) -> Measured | OverBudget:
+    """The worker's measurement of ``run`` for the overlay of ``cfg``: first its estimated
+    peak memory against what is free on its device (``unitscale_core.memory_budget``; over
+    it, an :class:`OverBudget` comes back instead, unless ``check_memory`` is off), then the
+    passes, each reporting its layers, forward then backward, and stopping within a layer
+    when cancelled."""
+    from unitscale_core.measure import measure_seeds_with_spread, measurement_budget
+    from unitscale_core.memory_budget import changed_rows
+
+    if check_memory:
+        budget = measurement_budget(run, seeds)
+        if not budget.fits:
+            smaller = budget.smaller
+            changed = count_by_kind(changed_rows(cfg, smaller)) if smaller is not None else {}
+            return OverBudget(cfg, budget, changed)
+    rows, spread = measure_seeds_with_spread(run, seeds, check_cancelled=worker.check_cancelled,
+                                             report=worker.report)
+    left_out = changed_rows(cfg, run) if run != cfg else []
+    return Measured(cfg, run, seeds, rows, spread, left_out)
 
 
 class ScalingPanel(QWidget):
@@ -230,6 +283,7 @@ class ScalingPanel(QWidget):
             "on the attention weights, are rounding noise there. The point moves a few "
             "layers with the seed.")
         box.addWidget(LabelHolder(self.summary))  # a new summary repaints the label alone
+        self._build_measure_status(box)
         self.busy = QLabel(objectName="predictBusy")
         self.busy.setStyleSheet("color: palette(mid); font-style: italic;")
         busy = LabelHolder(self.busy)  # outside the layout's reach, at a fixed width
@@ -265,12 +319,14 @@ class ScalingPanel(QWidget):
         self.format.currentIndexChanged.connect(self._on_format)
         self.filter.textChanged.connect(self._on_filter)
         self.kind.currentIndexChanged.connect(self._on_filter)
-        self.measure_button.clicked.connect(self.measure)
+        self.measure_button.clicked.connect(lambda: self.measure())  # (not its checked flag)
         self.auto.toggled.connect(lambda on: on and self._maybe_auto_measure())
         self.chart.picked.connect(self.select_tensor)
         worker.finished_job.connect(self._on_result)
         worker.failed_job.connect(self._on_failure)
         worker.cancelled_job.connect(self._on_cancelled)
+        worker.progress.connect(self._on_progress)
+        worker.dropped_job.connect(self._on_cancelled)  # cancelled before it started
         self.chart.set_formats([self.format.currentData()])
         self.update_config(config)
 
@@ -283,6 +339,7 @@ class ScalingPanel(QWidget):
 
     def update_config(self, config: ModelConfig) -> None:
         self.config = config
+        self.budget_box.hide()  # an offer for the previous config
         self.recompute()
         self._maybe_auto_measure()
 
@@ -444,6 +501,11 @@ class ScalingPanel(QWidget):
             ok, total = agreement(self.predicted, self.measured)
             over = f" (geometric mean of {self._measured_seeds} seeds)" \
                 if self._measured_seeds > 1 else ""
+            run = self._measured_run
+            if run is not None:
+                over += (f" at batch × sequence {run.batch_size} × {run.seq_len} to fit in "
+                         f"memory, leaving out the {self._left_out} tensors whose RMS "
+                         f"depends on it")
             text += (f"<br>measured{over}: {ok}/{total} tensors "
                      f"({percent(ok / max(total, 1))}) within 25% of the prediction")
             if self.spread and ok < total:
@@ -532,40 +594,129 @@ class ScalingPanel(QWidget):
             self.table.scrollTo(index)
 
     # -- measurement ---------------------------------------------------------------------------
-    def measure(self) -> int:
-        """Ask the worker for a measurement of the shown config (over the chosen number of
-        seeds); returns the request id."""
-        from unitscale_core.measure import measure_seeds_with_spread
+    def _build_measure_status(self, box: QVBoxLayout) -> None:
+        """A row under the summary, shown only while it has something to say: the running
+        measurement's progress and Cancel, or, when one would not fit in memory, both
+        numbers and the two ways on."""
+        self.measure_status = QWidget(objectName="measureStatus")
+        row = QHBoxLayout(self.measure_status)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.measure_progress = QLabel(objectName="measureProgress")
+        self.measure_cancel = QPushButton("Cancel", objectName="measureCancel")
+        self.measure_cancel.setToolTip("Stop the measurement (within a layer)")
+        self.measure_cancel.clicked.connect(lambda: self.worker.cancel(CHANNEL))
+        self.budget_box = QWidget(objectName="memoryBudgetBox")
+        budget_row = QHBoxLayout(self.budget_box)
+        budget_row.setContentsMargins(0, 0, 0, 0)
+        self.budget_label = QLabel(objectName="memoryBudget")
+        self.budget_label.setWordWrap(True)
+        self.measure_smaller = QPushButton(objectName="measureSmaller")
+        self.measure_anyway = QPushButton("Measure anyway", objectName="measureAnyway")
+        self.measure_anyway.setToolTip("Measure the config as it is, whatever the estimate "
+                                       "(the machine may start swapping or run out)")
+        budget_row.addWidget(self.budget_label, 1)
+        budget_row.addWidget(self.measure_smaller)
+        budget_row.addWidget(self.measure_anyway)
+        row.addWidget(self.measure_progress, 1)
+        row.addWidget(self.measure_cancel)
+        row.addWidget(self.budget_box, 1)
+        self.measure_smaller.clicked.connect(self._measure_smaller)
+        self.measure_anyway.clicked.connect(lambda: self.measure(check_memory=False))
+        self._offer: OverBudget | None = None
+        self._measured_run: ModelConfig | None = None  # a smaller batch × sequence shown
+        self._left_out = 0
+        self.budget_box.hide()
+        self.measure_status.hide()
+        box.addWidget(self.measure_status)
 
+    def _show_status(self, progress: str | None) -> None:
+        """Progress text (None: no measurement running) and the row's visibility."""
+        running = progress is not None
+        self.measure_progress.setText(progress or "")
+        self.measure_progress.setVisible(running)
+        self.measure_cancel.setVisible(running)
+        self.measure_status.setVisible(running or not self.budget_box.isHidden())
+
+    def measure(self, rows_of: ModelConfig | None = None, check_memory: bool = True) -> int:
+        """Ask the worker for a measurement of the shown config (over the chosen number of
+        seeds); returns the request id. The worker first compares its estimated peak memory
+        with what is free, and when it would not fit, the panel says so and offers a
+        smaller batch × sequence or to go on anyway (``check_memory=False``); ``rows_of``
+        measures that smaller batch × sequence of the shown config instead."""
         cfg = self.shown_config()
-        worker = self.worker
-        seeds = self.seeds.value()
-        self._measure_id = worker.submit(CHANNEL, lambda: (cfg, seeds, *measure_seeds_with_spread(
-            cfg, seeds, check_cancelled=worker.check_cancelled, progress=lambda f: worker.report(
-                f, f"measured {round(f * seeds)} of {seeds} seeds") if seeds > 1 else None)))
+        run = cfg if rows_of is None else rows_of
+        self._measure_id = self.worker.submit(CHANNEL, measure_job, self.worker, cfg, run,
+                                              self.seeds.value(), check_memory)
         self.measure_button.setEnabled(False)
+        self.budget_box.hide()
+        self._show_status("measuring…")
         return self._measure_id
+
+    def _measure_smaller(self) -> None:
+        offer = self._offer
+        if offer is not None and offer.budget.smaller is not None and \
+                offer.config == self.shown_config():
+            self.measure(rows_of=offer.budget.smaller)
 
     def _maybe_auto_measure(self) -> None:
         if self.auto.isChecked() and \
                 count_parameters(self.config)["total"] <= AUTO_MEASURE_MAX_PARAMS:
             self.measure()
 
+    def _on_progress(self, channel: str, request_id: int, fraction: float, text: str) -> None:
+        if channel == CHANNEL and request_id == self._measure_id:
+            self._show_status(f"measuring… {text} ({percent(fraction)})")
+
     def _on_result(self, channel: str, request_id: int, result) -> None:
         if channel != CHANNEL or request_id != self._measure_id:
             return  # stale: a newer request is pending or done
-        cfg, seeds, rows, spread = result
         self.measure_button.setEnabled(True)
-        self.show_measured(cfg, rows, seeds, spread)
+        if isinstance(result, OverBudget):
+            self._show_offer(result)
+            return
+        self._show_status(None)
+        left_out = set(result.left_out)
+        rows = [r for r in result.rows if (r.name, r.kind) not in left_out]
+        self.show_measured(result.config, rows, result.seeds, result.spread,
+                           run=result.run if result.run != result.config else None,
+                           left_out=len(left_out))
+
+    def _show_offer(self, result: OverBudget) -> None:
+        """Over the memory budget: both numbers, and the two ways on."""
+        self._offer = result
+        budget, smaller = result.budget, result.budget.smaller
+        text = f"⚠ {html.escape(budget.describe())}."
+        if smaller is None:
+            text += (" Even batch 1 × sequence 1 would not fit: the weights and their "
+                     "gradients alone are too many.")
+        else:
+            size = f"{smaller.batch_size} × {smaller.seq_len}"
+            need = format_bytes(measurement_memory(smaller, budget.memory.resident > 0,
+                                                   budget.seeds).needed)
+            text += (f" At batch × sequence {size} (about {need}) the prediction changes "
+                     f"for {describe_changed(result.changed)}: their RMS depends on the "
+                     f"rows the loss averages and the weight gradients sum over, so those "
+                     f"are left out of the comparison.")
+            self.measure_smaller.setText(f"Measure at {size}")
+            self.measure_smaller.setToolTip(
+                f"Measure batch {smaller.batch_size} × sequence {smaller.seq_len} instead "
+                f"of {budget.config.batch_size} × {budget.config.seq_len}")
+        self.measure_smaller.setVisible(smaller is not None)
+        self.budget_label.setText(text)
+        self.budget_box.show()
+        self._show_status(None)
 
     def show_measured(self, cfg: ModelConfig, rows: list[TensorRow], seeds: int = 1,
-                      spread: dict[tuple[str, str], SeedSpread] | None = None) -> bool:
+                      spread: dict[tuple[str, str], SeedSpread] | None = None,
+                      run: ModelConfig | None = None, left_out: int = 0) -> bool:
         """Overlay a measurement of ``cfg`` (over ``seeds`` initialisations, combined by
-        ``measure_seeds``, with each tensor's ``spread`` over them); ignored (False) when
-        ``cfg`` is not shown now."""
+        ``measure_seeds``, with each tensor's ``spread`` over them; ``run``: measured at
+        this smaller batch × sequence instead, ``left_out`` rows not shown); ignored
+        (False) when ``cfg`` is not shown now."""
         if cfg != self.shown_config():
             return False
         self.measured, self._measured_for, self._measured_seeds = rows, cfg, seeds
+        self._measured_run, self._left_out = run, left_out
         self.spread = spread if seeds > 1 and spread else {}
         if self.prediction_current():  # else drawn with the prediction when it arrives
             self._redraw()
@@ -575,12 +726,14 @@ class ScalingPanel(QWidget):
     def _on_failure(self, channel: str, request_id: int, message: str) -> None:
         if channel == CHANNEL and request_id == self._measure_id:
             self.measure_button.setEnabled(True)
+            self._show_status(None)
             self._show_summary()
             self.summary.setText(self.summary.text() + f"<br>⚠ measurement failed: {message}")
 
     def _on_cancelled(self, channel: str, request_id: int) -> None:
         if channel == CHANNEL and request_id == self._measure_id:
             self.measure_button.setEnabled(True)
+            self._show_status(None)
 
     # -- export --------------------------------------------------------------------------------
     def table_data(self) -> TableData:
