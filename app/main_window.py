@@ -63,6 +63,11 @@ class MainWindow(QMainWindow):
 
     config_changed = Signal(object)  # ModelConfig
     device_described = Signal(str)
+    #: The program sets this: it ends the process with ``os._exit`` as soon as the event loop
+    #: returns (app/__main__.py), so on close a job that does not stop within a second is left
+    #: to die with the process instead of being waited for. Elsewhere (tests) a running QThread
+    #: must never be destroyed (Qt aborts), so the close waits for the job.
+    exits_process = False
 
     def __init__(self, config: ModelConfig | None = None, *, restore_settings: bool = False,
                  settings: QSettings | None = None, confirm_unsaved: bool | None = None,
@@ -671,20 +676,47 @@ class MainWindow(QMainWindow):
         settings.setValue("window_state", self.saveState())
         settings.sync()
 
+    def running_work(self) -> str:
+        """What would be lost by quitting now ("" when nothing runs): the worker's jobs, and
+        a training run between two of its chunks."""
+        channels = list(self.worker.activity())
+        if self.training_panel.is_active() and not any(c.startswith("training")
+                                                       for c in channels):
+            channels.append("training")
+        return ", ".join(channels)
+
+    def confirm_quit_while_busy(self) -> bool:
+        """Ask before quitting cancels running work; True to go on. Asks only where unsaved
+        changes are confirmed too (the program; tests' windows never ask)."""
+        running = self.running_work() if self._confirm else ""
+        if not running:
+            return True
+        answer = QMessageBox.question(
+            self, "Work is running", f"Quit and cancel the running work ({running})?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel)
+        return answer == QMessageBox.StandardButton.Yes
+
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
-        if not self.maybe_save("quit"):
+        if not self.maybe_save("quit") or not self.confirm_quit_while_busy():
             event.ignore()  # Cancel: the window stays open
             return
         if self._remember:
             self.save_settings()
-        # A running job is cancelled and the thread normally ends within 2 s. A job stuck in
-        # something uncancellable (torch's first import, a model build) is waited for: Qt
-        # aborts the process if a running QThread is destroyed.
+        # A running job is cancelled and the thread normally ends within a second. A job stuck
+        # in something uncancellable (torch's first import, a model build, a long tokenisation)
+        # is left to die with the process where the program exits with os._exit right after
+        # (exits_process); anywhere else it is waited for: Qt aborts the process if a running
+        # QThread is destroyed.
         self.training_panel.shutdown()  # no further chunks are submitted
         self.scaling_panel.shutdown()  # a background prediction stops at its next sub-block
-        if not self.worker.stop(2000):
-            self.statusBar().showMessage("waiting for the running job to finish…")
-            self.worker.wait()
+        if not self.worker.stop(1000 if self.exits_process else 2000):
+            if self.exits_process:
+                log.info("closing with %s still running; it ends with the process",
+                         ", ".join(self.worker.activity()) or "a job")
+            else:
+                self.statusBar().showMessage("waiting for the running job to finish…")
+                self.worker.wait()
         super().closeEvent(event)
 
 
