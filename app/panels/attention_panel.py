@@ -33,7 +33,7 @@ from PySide6.QtCore import (
     QTimer,
     Signal,
 )
-from PySide6.QtGui import QFont, QFontMetrics
+from PySide6.QtGui import QFont, QFontMetrics, QPen
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -71,7 +71,7 @@ from ..export import (
     save_table,
 )
 from ..widgets.controls_state import restore_controls, save_controls
-from ..widgets.heatmap import Heatmap
+from ..widgets.heatmap import Heatmap, fit_label
 from ..widgets.label_holder import LabelHolder
 from ..worker import Worker
 
@@ -387,6 +387,8 @@ class ModelView(pg.GraphicsLayoutWidget):
         self.boxes: list[list[_ThumbBox]] = []
         self.images: list[list[pg.ImageItem]] = []
         self.title = None
+        self._labels: tuple[list, list] = ([], [])  # the heads' and the layers' labels
+        self._title_parts: list[str] = []
         self._shape = (0, 0)
         self._outlined: list[_ThumbBox] = []
 
@@ -397,12 +399,13 @@ class ModelView(pg.GraphicsLayoutWidget):
         self._shape = (layers, heads)
         self._outlined = []
         self.title = self.addLabel("", row=0, col=0, colspan=heads + 1, color="k", size="9pt")
-        for h in range(heads):
-            self.addLabel(f"H{h}", row=1, col=h + 1, color="k", size="8pt")
+        self._labels = ([self.addLabel(f"H{h}", row=1, col=h + 1, color="k", size="8pt")
+                         for h in range(heads)], [])
         cmap = pg.colormap.get(CMAP)
         self.boxes, self.images = [], []
         for layer in range(layers):
-            self.addLabel(f"L{layer}", row=layer + 2, col=0, color="k", size="8pt")
+            self._labels[1].append(
+                self.addLabel(f"L{layer}", row=layer + 2, col=0, color="k", size="8pt"))
             row_boxes, row_images = [], []
             for h in range(heads):
                 box = _ThumbBox(layer, h, self._on_click)
@@ -414,10 +417,35 @@ class ModelView(pg.GraphicsLayoutWidget):
                 row_images.append(image)
             self.boxes.append(row_boxes)
             self.images.append(row_images)
+        self._fit()
 
     def set_title(self, text: str) -> None:
-        if self.title is not None:
-            self.title.setText(text, color="k", size="9pt")
+        """The grid's title, fitted to the width (one line, or its " · " parts on lines of
+        their own): wider than the grid, it widened the scene past the view, which then
+        cut off the last heads."""
+        self._title_parts = text.split(" · ")
+        self._fit()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().resizeEvent(event)
+        if hasattr(self, "_title_parts"):  # (pyqtgraph calls this inside __init__)
+            self._fit()
+
+    def _fit(self) -> None:
+        heads = self._shape[1]
+        if self.title is not None and self._title_parts:
+            fit_label(self.title, self._title_parts, self.width() - 12, "9pt")
+        # the grid's own least width (the title fits any): the "L5" column, then per head
+        # the wider of its "H11" label and a box's 8 px, 2 px spacing between columns
+        if not self._shape[1]:
+            return
+        heads_row, layers_column = self._labels
+        spacing = self.ci.layout.horizontalSpacing()
+        wanted = math.ceil(max(item.minimumWidth() for item in layers_column)
+                           + sum(max(item.minimumWidth(), 8.0) for item in heads_row)
+                           + spacing * heads + 4 + 2 * self.frameWidth() + 2)
+        if self.minimumWidth() != wanted:
+            self.setMinimumWidth(wanted)
 
     def set_maps(self, thumbs: np.ndarray, levels: Callable[[np.ndarray], tuple[float, float]]):
         """``thumbs`` ``[layers, heads, a, b]`` (NaN: masked), each coloured by ``levels``."""
@@ -436,10 +464,19 @@ class ModelView(pg.GraphicsLayoutWidget):
         boxes = self.boxes[layer] if head is None else self.boxes[layer][head:head + 1]
         for box in self._outlined:
             if box not in boxes:
-                box.setBorder(None)
+                _outline(box, None)
         for box in boxes:
-            box.setBorder(SELECTED_PEN if head is not None else LAYER_PEN)
+            _outline(box, SELECTED_PEN if head is not None else LAYER_PEN)
         self._outlined = list(boxes)
+
+
+def _outline(box: pg.ViewBox, pen: QPen | None) -> None:
+    """Frame a thumbnail with ``pen`` (None: no frame) drawn by the box's border rectangle
+    only. ``ViewBox.setBorder`` also has the box paint the frame itself, half of a 3 px pen
+    outside the box's bounding rectangle: Qt never repaints there for the box, so on a real
+    screen a deselected head kept the outer part of its red frame."""
+    box.border = None  # ViewBox.paint draws nothing
+    box.borderRect.setPen(pen if pen is not None else QPen(Qt.PenStyle.NoPen))
 
 
 def _label(token: str) -> str:
@@ -847,10 +884,10 @@ class AttentionPanel(QWidget):
             ylabel="query", levels=levels,
             row_coords=_coords(rows, km.factor, n_q), col_coords=_coords(cols, km.factor, n_k),
             formatter=self._describe)
-        title = f"{self.maps.source} · {kind}{what}"
+        title = (self.maps.source, f"{kind}{what}")
         if self._drawn.get("title") != title:  # (every PySide6 call counts: see _data)
             self._drawn["title"] = title
-            self.head_view.plot.setTitle(title, color="k", size="10pt")
+            self.head_view.set_title(title)  # one line, or two, fitted to the width
         if self._drawn.get("scale") != scale:
             self._drawn["scale"] = scale
             self.head_view.colorbar.axis.setLabel(scale, color="k")
@@ -923,9 +960,9 @@ class AttentionPanel(QWidget):
             km.entropy, xlabel="head", ylabel="layer", levels=(0.0, umax if umax > 0 else 1.0),
             formatter=lambda r, c, v: (f"layer {r}, head {c}: entropy {v:.3f} nats "
                                        f"(uniform {umax:.3f})"))
-        # a short title: the plot cannot be narrower than it, and a long one pushed the
-        # colour bar out of a docked panel's column
-        view.plot.setTitle(f"mean entropy · uniform max {umax:.2f}", color="k", size="10pt")
+        # fitted to the column (a title wider than the plot pushed the colour bar out of a
+        # docked panel's column)
+        view.set_title(["mean entropy", f"uniform max {umax:.2f}"])
         view.colorbar.axis.setLabel("nats", color="k")
         for axis, n in (("left", km.layers), ("bottom", km.heads)):
             view.plot.getAxis(axis).setTicks([[(i + 0.5, str(i)) for i in range(n)], []])

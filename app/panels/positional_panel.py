@@ -386,6 +386,10 @@ class PositionalPanel(QWidget):
             self._request_id = self.worker.submit(
                 CHANNEL, lambda: [_safe_compute(s, table) for s in specs])
 
+    def model_table(self) -> np.ndarray | None:
+        """The configured model's learned table as last built (None before that)."""
+        return None if self._model_table is None else self._model_table[1]
+
     def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         super().showEvent(event)
         if self._table_wanted:

@@ -7,12 +7,15 @@ keeps updates fast (pyqtgraph's own advice).
 
 from __future__ import annotations
 
+import html
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Signal
+from PySide6.QtCore import QEvent, QObject, QPointF, Qt, QTimer, Signal
+from PySide6.QtGui import QFont, QFontMetrics
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..export import Figure, save_npy, save_png, svg_bytes, write_bytes
@@ -22,8 +25,41 @@ pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
 Formatter = Callable[[int, int, float], str]
 
 
+#: Narrowest the coloured map itself may be squeezed to (pixels) before the widget refuses
+#: to shrink: below the axes, colour bar and title that a scene needs, QGraphicsView shows the
+#: scene's left part and cuts the rest (the last key column, the colour bar, the title's end).
+MIN_MAP_WIDTH = 48
+
+
 def _default_format(row: int, col: int, value: float) -> str:
     return f"row {row}, column {col}: {value:.4g}"
+
+
+def fit_label(label: pg.LabelItem, parts: Sequence[str], width: float, size: str = "10pt",
+              color: str = "k") -> None:
+    """Show ``parts`` in ``label`` within ``width`` pixels: joined by " · " on one line when
+    that fits, else one part per line, each elided ("…") to the width. A LabelItem's minimum
+    width is its text's, so a title wider than its plot widens the whole scene past its view."""
+    font = QFont(label.item.font())
+    font.setPointSizeF(float(size.removesuffix("pt")))
+    metrics = QFontMetrics(font)
+    width = max(int(width), 24)
+    parts = [p for p in parts if p]
+    one = " · ".join(parts)
+    lines = [one]
+    for _ in range(4):  # the HTML item may lay the text out a few pixels wider than metrics
+        text = "<br>".join(html.escape(line) for line in lines)
+        if label.text != text:
+            label.setText(text, color=color, size=size)
+        if label.itemRect().width() <= width or not one:
+            return
+        if len(lines) == 1 and len(parts) > 1 and \
+                max(metrics.horizontalAdvance(p) for p in parts) < metrics.horizontalAdvance(one):
+            lines = list(parts)
+        else:
+            width = min(width, int(label.itemRect().width())) - 6
+            lines = [metrics.elidedText(p, Qt.TextElideMode.ElideRight, max(width, 24))
+                     for p in (parts if len(lines) > 1 else [one])]
 
 
 class Heatmap(QWidget):
@@ -62,6 +98,12 @@ class Heatmap(QWidget):
         self._col_coords: np.ndarray | None = None
         self.formatter: Formatter = _default_format
         self.plot.scene().sigMouseMoved.connect(self._on_mouse)
+        self._mouse: QPointF | None = None  # the last hovered scene position
+        self._title_parts: list[str] | None = None  # a fitted title (set_title)
+        self._title_size = "10pt"
+        self._refit_pending = False
+        self.view.installEventFilter(self)
+        self.view.ci.geometryChanged.connect(self._schedule_refit)  # (axes grow later)
 
     def set_matrix(self, data: np.ndarray, *, title: str | None = None,
                    xlabel: str = "", ylabel: str = "", levels: tuple[float, float] | None = None,
@@ -93,6 +135,7 @@ class Heatmap(QWidget):
                 hi = lo + 1.0
             levels = (lo, hi)
         self.image.setImage(data, autoLevels=False, levels=levels)
+        self._refresh_readout()
         self.colorbar.setLevels(levels)
         rows, cols = data.shape
         # Axes in original coordinates when subsampled: stretch the image over that range.
@@ -102,11 +145,60 @@ class Heatmap(QWidget):
         self.plot.setLimits(xMin=0, xMax=x1, yMin=0, yMax=y1)
         self.plot.setRange(xRange=(0, x1), yRange=(0, y1), padding=0)
         if title is not None:
-            self.plot.setTitle(title, color="k")
+            self.set_title([title] if title else [])
         self.plot.setLabel("bottom", xlabel, color="k")
         self.plot.setLabel("left", ylabel, color="k")
         if formatter is not None:
             self.formatter = formatter
+        self._refresh_readout()
+        self.refit()
+
+    def set_title(self, parts: Sequence[str], size: str = "10pt") -> None:
+        """A title that always fits the plot: ``parts`` on one line joined by " · ", or one
+        per line, elided, when the widget is narrow (:func:`fit_label`); refitted on resize."""
+        self._title_parts, self._title_size = list(parts), size
+        self.refit()
+
+    def title_text(self) -> str:
+        """The title as drawn (lines joined by newlines), "" without one."""
+        text = self.plot.titleLabel.text if self.plot.titleLabel.isVisible() else ""
+        return html.unescape((text or "").replace("<br>", "\n"))
+
+    def refit(self) -> None:
+        """Keep the whole scene inside the view: the title fitted to the width the map
+        column has, and the widget no narrower than its axes, colour bar and a
+        ``MIN_MAP_WIDTH`` map need (a splitter or dock then stops there instead of cutting
+        off the right-hand side)."""
+        self._refit_pending = False
+        title = self.plot.titleLabel
+        layout_min = self.view.ci.effectiveSizeHint(Qt.SizeHint.MinimumSize).width()
+        title_min = title.minimumWidth() if title.isVisible() else 0.0
+        rest = max(layout_min - title_min, 0.0)  # the title binds only the map's column
+        if self._title_parts is not None:
+            if self._title_parts:
+                if not title.isVisible():
+                    self.plot.setTitle("", color="k", size=self._title_size)
+                fit_label(title, self._title_parts, self.view.width() - rest - 6,
+                          self._title_size)
+                height = math.ceil(title.itemRect().height())  # (setTitle fixes 30 px)
+                if title.maximumHeight() != height:
+                    title.setMaximumHeight(height)
+                    self.plot.layout.setRowFixedHeight(0, height)
+            elif title.isVisible():
+                self.plot.setTitle(None)
+        wanted = math.ceil(rest + MIN_MAP_WIDTH)
+        if self.view.minimumWidth() != wanted:
+            self.view.setMinimumWidth(wanted)
+
+    def _schedule_refit(self) -> None:
+        if not self._refit_pending:
+            self._refit_pending = True
+            QTimer.singleShot(0, self.refit)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if watched is self.view and event.type() == QEvent.Type.Resize:
+            self.refit()
+        return False
 
     def set_colormap(self, name: str) -> None:
         self.colorbar.setColorMap(pg.colormap.get(name))
@@ -127,7 +219,18 @@ class Heatmap(QWidget):
         c = int(self._col_coords[col]) if self._col_coords is not None else col
         return self.formatter(r, c, float(self.data[row, col]))
 
+    def _refresh_readout(self) -> None:
+        """New data: the read-out describes the cell under the mouse now, or is cleared (it
+        must never describe the previous map, e.g. a head after switching to rollout)."""
+        if self._mouse is not None and self.view.underMouse():
+            self._on_mouse(self._mouse)
+        else:
+            self._mouse = None
+            self.readout.setText(" ")
+            self.view.setToolTip("")
+
     def _on_mouse(self, pos) -> None:
+        self._mouse = QPointF(pos)
         if not self.plot.sceneBoundingRect().contains(pos):
             return
         point = self.plot.vb.mapSceneToView(pos)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QPointF, Qt
 
 from app.panels.attention_panel import CHANNEL, LOG_FLOOR, AttentionPanel
 from app.worker import Worker
@@ -81,7 +82,7 @@ def test_model_view_click_selects_layer_and_head(qtbot, make_panel, minilm_atten
     assert (panel.layer.value(), panel.head.value()) == (4, 9)
     np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[4, 9],
                                rtol=1e-5, atol=1e-7)
-    assert box.border.color().name() == "#d62728"  # outlined as selected
+    assert box.borderRect.pen().color().name() == "#d62728"  # outlined as selected
     panel.view.setCurrentIndex(panel.view.findData("average"))
     np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[4].mean(0),
                                rtol=1e-5, atol=1e-7)
@@ -271,3 +272,82 @@ def test_entropy_tab_shows_values_where_a_cell_can_hold_them(qtbot, make_panel):
     qtbot.waitUntil(lambda: not any(item.isVisible() for item in labels))
     panel.splitter.setSizes(sizes)
     qtbot.waitUntil(lambda: all(item.isVisible() for item in labels))
+
+
+def _painted_outside(item) -> int:
+    """Pixels ``item.paint`` covers outside its own bounding rectangle (Qt never repaints
+    there for the item, so on a real screen they stay after the item changes)."""
+    from PySide6.QtGui import QImage, QPainter
+    from PySide6.QtWidgets import QStyleOptionGraphicsItem
+
+    rect = item.boundingRect()
+    pad = 10
+    image = QImage(math.ceil(rect.width()) + 2 * pad, math.ceil(rect.height()) + 2 * pad,
+                   QImage.Format.Format_ARGB32)
+    image.fill(0)
+    painter = QPainter(image)
+    painter.translate(pad - rect.left(), pad - rect.top())
+    item.paint(painter, QStyleOptionGraphicsItem(), None)
+    painter.end()
+    alpha = np.frombuffer(image.constBits(), np.uint8).reshape(
+        image.height(), image.bytesPerLine() // 4, 4)[:, : image.width(), 3].copy()
+    alpha[pad:pad + math.ceil(rect.height()), pad:pad + math.ceil(rect.width())] = 0
+    return int(np.count_nonzero(alpha))
+
+
+def test_selection_frame_moves_without_leaving_a_trace(qtbot, make_panel):
+    """The selected thumbnail's red frame is drawn inside an item's bounding rectangle; the
+    previous selection draws none (ViewBox.setBorder painted half of it outside the box,
+    where a real screen kept it after the selection moved)."""
+    panel = make_panel()
+    choose(panel, qtbot, panel.source, "minilm")
+    old, new = panel.model_view.boxes[0][0], panel.model_view.boxes[2][3]
+    panel.select(2, 3)
+    for box in (old, new):
+        assert _painted_outside(box) == 0 and _painted_outside(box.borderRect) == 0
+    assert old.borderRect.pen().style() == Qt.PenStyle.NoPen
+    assert new.borderRect.pen().color().name() == "#d62728"
+    panel.view.setCurrentIndex(panel.view.findData("average"))  # the whole layer, orange
+    assert all(b.borderRect.pen().style() != Qt.PenStyle.NoPen
+               for b in panel.model_view.boxes[2])
+    assert new.borderRect.pen().color().name() != "#d62728"
+
+
+@pytest.mark.parametrize("width", [560, 700, 1000])
+def test_head_view_fits_its_column(qtbot, make_panel, width):
+    """At any panel width the head view's scene fits its view: the last key ("[SEP]"), the
+    colour bar and the title are inside it (the title on two lines, or elided, when
+    narrow), and the thumbnail grid shows every head."""
+    panel = make_panel()
+    choose(panel, qtbot, panel.source, "minilm")
+    panel.resize(width, 460)
+    hv = panel.head_view
+
+    def fits() -> bool:
+        qtbot.wait(20)
+        right = hv.view.viewport().width() + 0.5
+        return (hv.view.ci.geometry().width() <= right
+                and hv.colorbar.sceneBoundingRect().right() <= right
+                and hv.plot.vb.sceneBoundingRect().right() <= right  # the map
+                and hv.plot.titleLabel.sceneBoundingRect().right() <= right
+                and panel.model_view.ci.geometry().width()
+                <= panel.model_view.viewport().width() + 0.5)
+
+    qtbot.waitUntil(fits, timeout=5000)
+    assert hv.colorbar.isVisible() and hv.colorbar.sceneBoundingRect().width() > 10
+    keys = panel.axis_labels()[1]
+    assert keys[-1] == "[SEP]" or keys[0] == "0 [CLS]"  # every token, or every k-th
+    title = hv.title_text()
+    assert "…" in title or title.replace("\n", " · ") == "all-MiniLM-L6-v2 · layer 0, head 0"
+    if width >= 1000:
+        assert title == "all-MiniLM-L6-v2 · layer 0, head 0"  # room for one line
+
+
+def test_hover_readout_never_describes_the_previous_view(qtbot, make_panel):
+    panel = make_panel()
+    hv = panel.head_view
+    rows = hv.data.shape[0]  # the last query's first key: allowed when causal
+    hv._on_mouse(hv.plot.vb.mapViewToScene(QPointF(0.5, rows - 0.5)))
+    assert "weight" in hv.readout.text()
+    panel.view.setCurrentIndex(panel.view.findData("rollout"))
+    assert "weight" not in hv.readout.text()  # cleared, or the rollout's "share"
