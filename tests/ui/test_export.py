@@ -131,7 +131,8 @@ def test_every_figure_exports_png_svg_npy(qtbot, make_window, tmp_path):
     # the positional heatmap's data is the encoding the core computes
     from unitscale_core.positional_views import compute_view
 
-    expected = compute_view(win.positional_panel.spec()).matrix
+    expected = compute_view(win.positional_panel.spec(),
+                            win.positional_panel.model_table()).matrix
     np.testing.assert_array_equal(np.load(tmp_path / "positional.npy"), expected)
 
 
