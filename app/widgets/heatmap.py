@@ -178,8 +178,12 @@ class Heatmap(QWidget):
             if self._title_parts:
                 if not title.isVisible():
                     self.plot.setTitle("", color="k", size=self._title_size)
-                fit_label(title, self._title_parts, self.view.width() - rest - 6,
-                          self._title_size)
+                points = float(self._title_size.removesuffix("pt"))
+                for size in (points, points - 1, points - 2):  # smaller before eliding
+                    fit_label(title, self._title_parts, self.view.width() - rest - 6,
+                              f"{size:g}pt")
+                    if "…" not in title.text:
+                        break
                 height = math.ceil(title.itemRect().height())  # (setTitle fixes 30 px)
                 if title.maximumHeight() != height:
                     title.setMaximumHeight(height)
