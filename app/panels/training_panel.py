@@ -49,7 +49,7 @@ from PySide6.QtWidgets import (
 from unitscale_core.atomic import atomic_open
 from unitscale_core.config import PARAMETRIZATIONS, ModelConfig
 
-from ..widgets.training_plots import RUN_COLOURS, LossPlot, export_scene_png
+from ..widgets.training_plots import RUN_COLOURS, RUN_STYLES, LossPlot, export_scene_png
 from ..widgets.training_views import (
     KINDS,
     UNDERFLOW_FORMATS,
@@ -70,7 +70,7 @@ SLOT_NAMES = ("A", "B", "C")
 CHANNEL = "training"  # runs use "training.0" … "training.2"
 ATTENTION_CHANNEL = "training.attention"
 DEFAULT_RUNS = (("standard", "fp8_e4m3"), ("unit", "fp8_e4m3"), ("standard", "fp32"))
-REDRAW_MS = 150  # plots redraw at most this often while records stream in
+REDRAW_MS = 250  # plots redraw at most this often while records stream in
 WATCHDOG_MS = 600  # how often a chunk dropped by "Cancel all" (Esc) is looked for
 
 TASK_HELP = {"lm": "next-token language modelling on the bundled text",
@@ -231,7 +231,8 @@ class TrainingPanel(QWidget):
             progress.setRange(0, 1)
             progress.setValue(0)
             progress.setFormat("not started")
-            progress.setMinimumWidth(96)
+            progress.setMinimumWidth(
+                progress.fontMetrics().horizontalAdvance(WIDEST_PROGRESS) + 16)
             status = QLabel(objectName=f"trainRunStatus{i}")
             status.setMinimumWidth(status.fontMetrics().horizontalAdvance("⚠ failed"))
             slot = Slot(i, enabled, param, dtype, scaling, progress, status)
@@ -392,8 +393,7 @@ class TrainingPanel(QWidget):
             and self.is_active()
         if changed:
             text += " · changed: applies at the next Start"
-        self.config_note.setText(text)
-        self.config_note.setStyleSheet("color: #b35900" if changed else "")
+        _set_label(self.config_note, text, None, "color: #b35900" if changed else "")
 
     # -- run control ---------------------------------------------------------------------------
     def _settings(self, slot: Slot) -> dict:
@@ -599,6 +599,7 @@ class TrainingPanel(QWidget):
             if request_id == self._attention_request:
                 self._attention_request = None
                 self.attention_view.status.setText(f"⚠ attention: {message}")
+                self.attention_view.status.show()
             return
         slot = self._slot_of(channel, request_id)
         if slot is None:
@@ -704,16 +705,30 @@ class TrainingPanel(QWidget):
             self._redraw_timer.start()
 
     def _redraw(self) -> None:
+        """The loss curves and the shown run's views. Hidden (another dock tab in front), the
+        panel draws nothing and catches up when shown; the views draw only the tab on top
+        (ScalesView/UnderflowView.show_run)."""
+        if not self.isVisible():
+            self._dirty = True
+            return
+        self._dirty = False
         for slot in self.slots:
             if not slot.records:
                 self.loss_plot.remove_curve(slot.name)
                 continue
             steps = [r.step for r in slot.records]
             losses = [r.loss for r in slot.records]
+            width, alpha, z, style = RUN_STYLES[slot.index]
             self.loss_plot.set_curve(slot.name, slot.label, steps, losses,
-                                     RUN_COLOURS[slot.index])
+                                     RUN_COLOURS[slot.index], width=width, alpha=alpha, z=z,
+                                     style=style)
         self._draw_heatmap()
         self._draw_underflow()
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().showEvent(event)
+        if self._dirty:
+            self._redraw()
 
     def _clear_views(self) -> None:
         self.scales_view.clear()
@@ -763,27 +778,24 @@ class TrainingPanel(QWidget):
             if slot.state == RUNNING and done:
                 seconds = slot.active_seconds + (now - slot.running_since
                                                  if slot.running_since else 0.0)
-                state = f"ETA {_duration(seconds / done * (total - done))}"
+                state = f"{_duration(seconds / done * (total - done))} left"
             if slot.state == IDLE:
                 text = "not started"
             elif slot.info is None:
                 text = state
             else:
                 text = f"{done} / {total}" + (f" · {state}" if state else "")
-            bar.setFormat(text)
-            bar.setToolTip(slot.message or f"run {slot.label}: {text}")
+            if bar.format() != text:
+                bar.setFormat(text)
+            _set_tip(bar, slot.message or f"run {slot.label}: {text}")
             last = slot.records[-1] if slot.records else None
             if slot.message:
-                slot.status.setText("⚠ failed")
-                slot.status.setStyleSheet("color: #d62728")
-                slot.status.setToolTip(slot.message)
+                _set_label(slot.status, "⚠ failed", slot.message, "color: #d62728")
             else:
                 tip = "Loss of the last step (nats per token)"
                 if last is not None and slot.info is not None and slot.info.loss_scaling:
                     tip += f"; loss scale {last.loss_scale:g}"
-                slot.status.setText("" if last is None else f"{last.loss:.3f}")
-                slot.status.setStyleSheet("")
-                slot.status.setToolTip(tip)
+                _set_label(slot.status, "" if last is None else f"{last.loss:.3f}", tip, "")
         self._update_config_note()
 
     def _update_buttons(self) -> None:
@@ -873,7 +885,24 @@ class TrainingPanel(QWidget):
             self._set_status(f"wrote {path}")
 
 
+def _set_tip(widget: QWidget, tip: str) -> None:
+    if widget.toolTip() != tip:
+        widget.setToolTip(tip)
+
+
+def _set_label(label: QLabel, text: str, tip: str | None, style: str) -> None:
+    """Set what changed only: these run every second and after every chunk, and a style
+    sheet, even an equal one, re-polishes the widget and re-lays its parent out."""
+    if label.text() != text:
+        label.setText(text)
+    if tip is not None:
+        _set_tip(label, tip)
+    if label.styleSheet() != style:
+        label.setStyleSheet(style)
+
+
 def _duration(seconds: float) -> str:
+    """A short clock reading for the progress bar: ``42 s``, ``7:05``, ``1:02:03``."""
     if not math.isfinite(seconds):
         return "?"
     seconds = max(0, round(seconds))
@@ -881,6 +910,11 @@ def _duration(seconds: float) -> str:
         return f"{seconds} s"
     minutes, s = divmod(seconds, 60)
     if minutes < 60:
-        return f"{minutes} min {s:02d} s"
+        return f"{minutes}:{s:02d}"
     hours, m = divmod(minutes, 60)
-    return f"{hours} h {m:02d} min"
+    return f"{hours}:{m:02d}:{s:02d}"
+
+
+#: The text a progress bar must show whole: runs up to 999 steps with under an hour left (the
+#: bar neither wraps nor elides; longer runs get the column's spare width).
+WIDEST_PROGRESS = "888 / 888 · 88:88 left"

@@ -20,6 +20,10 @@ from ..export import png_bytes, write_bytes
 
 #: One colour per run (the panel's three runs use the first three).
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+#: How each run's loss curve is drawn, so that runs with equal losses stay visible: A thin
+#: and on top, B dashed, C wide and translucent underneath (width, alpha, z, pen style).
+RUN_STYLES = ((1.6, 255, 3.0, Qt.PenStyle.SolidLine), (2.2, 255, 2.0, Qt.PenStyle.DashLine),
+              (5.0, 110, 1.0, Qt.PenStyle.SolidLine))
 #: One colour per tensor kind in the underflow plot.
 KIND_COLOURS = {"activation": "#1f77b4", "weight": "#7f7f7f", "grad_activation": "#d62728",
                 "grad_weight": "#ff7f0e"}
@@ -44,36 +48,51 @@ def _style_plot(plot: pg.PlotItem) -> None:
 class _CurvePlot(pg.PlotWidget):
     """A white plot with a legend and named curves that are replaced in place."""
 
-    def __init__(self, title: str, ylabel: str, parent: QWidget | None = None):
+    def __init__(self, title: str, ylabel: str, parent: QWidget | None = None,
+                 legend_columns: int = 2):
         super().__init__(parent, background="w")
         self.plot_item: pg.PlotItem = self.getPlotItem()
         _style_plot(self.plot_item)
         self.plot_item.setTitle(title, color="k", size="10pt")
         self.plot_item.setLabel("bottom", "step", color="k")
         self.plot_item.setLabel("left", ylabel, color="k")
-        self.legend = self.plot_item.addLegend(offset=(-10, 10), labelTextColor="k",
-                                               labelTextSize="8pt", verSpacing=-6,
-                                               brush=pg.mkBrush(255, 255, 255, 200))
+        # The legend sits below the axis, in the plot's own layout, never over the curves.
+        self.legend = pg.LegendItem(labelTextColor="k", labelTextSize="8pt", verSpacing=-6,
+                                    colCount=legend_columns)
+        self.plot_item.layout.addItem(self.legend, 4, 1)
+        self.plot_item.legend = self.legend  # named curves add their entries to it
         self.curves: dict[str, pg.PlotDataItem] = {}
+        self._pens: dict[str, tuple] = {}
 
     def set_curve(self, key: str, label: str, x: Sequence[float], y: Sequence[float],
-                  colour: str, dashed: bool = False, width: float = 2.0) -> pg.PlotDataItem:
-        """Create or update the curve ``key`` (its legend entry is ``label``)."""
-        style = Qt.PenStyle.DashLine if dashed else Qt.PenStyle.SolidLine
-        pen = pg.mkPen(colour, width=width, style=style)
+                  colour: str, dashed: bool = False, width: float = 2.0, alpha: int = 255,
+                  z: float = 0.0, style: Qt.PenStyle | None = None) -> pg.PlotDataItem:
+        """Create or update the curve ``key`` (its legend entry is ``label``); ``z`` orders
+        the curves (higher on top), ``alpha`` (0–255) lets a curve beneath show through."""
+        if style is None:
+            style = Qt.PenStyle.DashLine if dashed else Qt.PenStyle.SolidLine
         curve = self.curves.get(key)
         if curve is not None and curve.name() != label:
             self.remove_curve(key)
             curve = None
-        if curve is None:
-            curve = self.plot_item.plot(name=label, pen=pen, connect="finite")
-            self.curves[key] = curve
-        else:
-            curve.setPen(pen)
+        look = (colour, width, alpha, style)
+        if curve is None or self._pens.get(key) != look:
+            pen = pg.mkPen(pg.mkColor(colour), width=width, style=style)
+            color = pen.color()
+            color.setAlpha(alpha)
+            pen.setColor(color)
+            if curve is None:
+                curve = self.plot_item.plot(name=label, pen=pen, connect="finite")
+                self.curves[key] = curve
+            else:
+                curve.setPen(pen)
+            self._pens[key] = look
+        curve.setZValue(z)
         curve.setData(np.asarray(x, dtype=np.float64), _finite(y), connect="finite")
         return curve
 
     def remove_curve(self, key: str) -> None:
+        self._pens.pop(key, None)
         curve = self.curves.pop(key, None)
         if curve is not None:
             self.plot_item.removeItem(curve)
@@ -97,7 +116,7 @@ class LossPlot(_CurvePlot):
     """Training loss (cross-entropy, nats per predicted token) per step, one curve per run."""
 
     def __init__(self, parent: QWidget | None = None, title: str = "training loss"):
-        super().__init__(title, "loss (nats / token)", parent)
+        super().__init__(title, "loss (nats / token)", parent, legend_columns=3)
         self.setToolTip("Cross-entropy loss of each training step's batch, in nats per "
                         "predicted token (ln V at a uniform guess). Gaps: the loss was not "
                         "finite (overflow).")

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QSizePolicy,
     QSplitter,
+    QStackedWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -74,6 +75,38 @@ def _ticks(labels: Sequence[str], pixels: float) -> list[tuple[float, str]]:
     return [(i + 0.5, labels[i]) for i in range(0, n, step)]
 
 
+PLACEHOLDER_SCALES = ("Start a run to see the log₂ RMS of each of its tensors, step by step "
+                      "(0 is unit scale)")
+PLACEHOLDER_UNDERFLOW = ("Start a run to see the share of its values that each number format "
+                         "would flush to zero")
+PLACEHOLDER_ATTENTION = ("Start a run to see its attention maps (every layer × head on the "
+                         "task's probe sequence)")
+
+
+def _placeholder(name: str, text: str) -> QLabel:
+    """A centred grey message shown where a view has nothing to draw yet."""
+    label = QLabel(text, objectName=name)
+    label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+    label.setWordWrap(True)
+    label.setStyleSheet("color: #666; background: white; padding: 12px")
+    return label
+
+
+def _draw_when_shown(view: QWidget, draw) -> None:
+    """``draw()`` now if ``view`` is on screen, else mark it stale for its showEvent."""
+    if view.isVisible():
+        view._stale = False
+        draw()
+    else:
+        view._stale = True
+
+
+def _draw_if_stale(view: QWidget, draw) -> None:
+    if getattr(view, "_stale", False):
+        view._stale = False
+        draw()
+
+
 def _corner_controls(text: str, combo: QComboBox) -> QWidget:
     """A label and its combo box, for the panel to show in its tab bar's corner."""
     bar = QHBoxLayout()
@@ -111,23 +144,35 @@ class ScalesView(QWidget):
                                 "elements) on each logged step: 0 is unit scale, −8 is 256× "
                                 "smaller. Grey: RMS 0. Hover a cell for its value.")
         black_colorbar(self.heatmap, "log₂ RMS")
-        box.addWidget(self.heatmap, 1)
+        self.placeholder = _placeholder("trainScalesPlaceholder", PLACEHOLDER_SCALES)
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.placeholder)
+        self.pages.addWidget(self.heatmap)
+        box.addWidget(self.pages, 1)
         self._title = ""
+        self._shown_title: str | None = None
         self._names: list[str] = []
         self._kinds: list[str] = []
         self._records: list = []
         self._labels: list[str] = []
+        self._labels_key: tuple | None = None
         self._drawn_ticks: tuple | None = None
         self.steps: list[int] = []
         self.data = np.zeros((0, 0), np.float32)
 
     def show_run(self, title: str, names: list[str], kinds: list[str], records: list) -> None:
-        """Draw ``records`` (StepRecords; those with ``tensor_rms`` are columns)."""
+        """Draw ``records`` (StepRecords; those with ``tensor_rms`` are columns) — now if the
+        view is on screen, else when it is shown (a hidden tab costs the GUI thread nothing
+        while records stream in)."""
         self._title, self._names, self._kinds, self._records = title, names, kinds, records
-        self._draw()
+        _draw_when_shown(self, self._draw)
 
     def clear(self) -> None:
         self.show_run("", [], [], [])
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().showEvent(event)
+        _draw_if_stale(self, self._draw)
 
     def rows(self) -> list[int]:
         """Indices into the run's tensor list of the rows drawn."""
@@ -140,13 +185,15 @@ class ScalesView(QWidget):
         self.steps = [r.step for r in logged]
         if not logged or not rows:
             self.data = np.zeros((len(rows), 0), np.float32)
-            self.heatmap.set_matrix(np.full((1, 1), np.nan, np.float32))
-            self.heatmap.plot.setTitle(self._title or "no per-tensor statistics yet",
-                                       color="k", size="9pt")
-            self._labels = []
-            self._drawn_ticks = None
-            self._update_ticks()
+            # a message instead of an empty grey map with a meaningless axis
+            self.placeholder.setText(
+                PLACEHOLDER_SCALES if not self._names else
+                "no tensor of this kind" if not rows else
+                "the first logged step's statistics appear here")
+            self.pages.setCurrentWidget(self.placeholder)
+            self._labels, self._labels_key, self._drawn_ticks = [], None, None
             return
+        self.pages.setCurrentWidget(self.heatmap)
         rms = np.stack([np.asarray(r.tensor_rms, np.float64) for r in logged], axis=1)[rows]
         with np.errstate(divide="ignore", invalid="ignore"):
             self.data = np.where(rms > 0, np.log2(rms), np.nan).astype(np.float32)
@@ -168,9 +215,14 @@ class ScalesView(QWidget):
         self.heatmap.set_matrix(self.data, levels=(-span, span),
                                 col_coords=np.asarray(steps) - 1, formatter=describe,
                                 xlabel="step")
-        self.heatmap.plot.setTitle(self._title, color="k", size="9pt")
-        self._labels = [f"{n} {KIND_SHORT.get(k, k)}" for n, k in zip(names, kinds)]
-        self._drawn_ticks = None
+        if self._title != self._shown_title:  # a new title re-lays the plot out
+            self.heatmap.plot.setTitle(self._title, color="k", size="9pt")
+            self._shown_title = self._title
+        key = (id(self._names), tuple(rows))
+        if key != self._labels_key:  # the same rows keep their labels and drawn ticks
+            self._labels = [f"{n} {KIND_SHORT.get(k, k)}" for n, k in zip(names, kinds)]
+            self._labels_key = key
+            self._drawn_ticks = None
         self._update_ticks()
 
     def _update_ticks(self, *_args) -> None:
@@ -204,15 +256,24 @@ class UnderflowView(QWidget):
         self.controls = _corner_controls("format", self.format)
         self.plot = UnderflowPlot()
         self.plot.setObjectName("trainUnderflowPlot")
-        box.addWidget(self.plot, 1)
+        self.placeholder = _placeholder("trainUnderflowPlaceholder", PLACEHOLDER_UNDERFLOW)
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.placeholder)
+        self.pages.addWidget(self.plot)
+        box.addWidget(self.pages, 1)
         self._name, self._dtype, self._records = "", None, []
 
     def show_run(self, name: str, dtype: str | None, records: list) -> None:
+        """Draw ``records`` now if the view is on screen, else when it is shown."""
         self._name, self._dtype, self._records = name, dtype, records
-        self._draw()
+        _draw_when_shown(self, self._draw)
 
     def clear(self) -> None:
         self.show_run("", None, [])
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().showEvent(event)
+        _draw_if_stale(self, self._draw)
 
     def formats(self) -> tuple[dict[str, str], str]:
         """(kind → format drawn, a note for the title)."""
@@ -233,7 +294,11 @@ class UnderflowView(QWidget):
         logged = [r for r in self._records if r.underflow is not None]
         if not logged:
             self.plot.clear_curves()
+            self.placeholder.setText(PLACEHOLDER_UNDERFLOW if not self._records else
+                                     "the first logged step's statistics appear here")
+            self.pages.setCurrentWidget(self.placeholder)
             return
+        self.pages.setCurrentWidget(self.plot)
         steps = [r.step for r in logged]
         for kind in KINDS:
             fmt = formats[kind]
@@ -271,7 +336,11 @@ class AttentionView(QWidget):
         split.addWidget(self.head_view)
         split.setStretchFactor(0, 3)
         split.setStretchFactor(1, 2)
-        box.addWidget(split, 1)
+        self.placeholder = _placeholder("trainAttentionPlaceholder", PLACEHOLDER_ATTENTION)
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.placeholder)
+        self.pages.addWidget(split)
+        box.addWidget(self.pages, 1)
         self.snapshot = None
         self.head = (0, 0)
         self._title = ""
@@ -286,13 +355,17 @@ class AttentionView(QWidget):
         self.head_view.plot.setTitle("")
         self.query_axis.set_tokens([])
         self.key_axis.set_tokens([])
-        self.status.setText("attention appears after the first steps of a run")
+        self.status.setText("")
+        self.status.hide()  # the placeholder says it all
+        self.pages.setCurrentWidget(self.placeholder)
 
     def show_snapshot(self, snapshot, title: str, status: str) -> None:
         """Draw an ``AttentionSnapshot`` (thumbs and maps, NaN where masked)."""
         self.snapshot, self._title = snapshot, title
         self.status.setText(status)
         self.status.setToolTip(status)
+        self.status.show()
+        self.pages.setCurrentIndex(1)
         self._draw()
 
     def select(self, layer: int, head: int) -> None:

@@ -95,6 +95,7 @@ def test_start_trains_every_enabled_run_like_a_headless_run(qtbot, panel, tmp_pa
     np.log2(rms, out=want, where=rms > 0)  # an RMS of 0 is drawn blank
     np.testing.assert_allclose(shown, want, rtol=1e-5)
     assert len(panel.scales_view.labels()) == len(ref_slot0.tensor_names)
+    panel.views.setCurrentWidget(panel.underflow_view)  # a view draws when it is shown
     _, y = panel.underflow_view.plot.curve_data("grad_weight")  # E5M2 for weight gradients
     np.testing.assert_allclose(
         y, [100 * r.underflow["grad_weight"]["fp8_e5m2"] for r in ref_slot0.records])
@@ -287,3 +288,56 @@ def test_a_diverging_run_stops_and_says_why(qtbot, panel):
     assert bad.status.text() == "⚠ failed" and bad.status.toolTip() == bad.message
     assert bad.progress.format() == f"{step} / 30 · failed"
     assert panel.start_button.isEnabled() and panel.start_button.text() == "Start"
+
+
+def test_views_before_start_say_what_to_do_and_plots_keep_curves_visible(qtbot, panel):
+    """Issue 19 minors: an empty grey heatmap before Start; the legend over the curves and run
+    A hidden under C; the progress text clipped."""
+    for view in (panel.scales_view, panel.underflow_view, panel.attention_view):
+        panel.views.setCurrentWidget(view)
+        assert view.placeholder.isVisible() and view.placeholder.text().startswith("Start a run")
+    assert not panel.attention_view.model_view.isVisible()
+    panel.views.setCurrentWidget(panel.scales_view)
+    assert not panel.scales_view.heatmap.isVisible()
+
+    panel.steps.setValue(6)
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.is_active(), timeout=TIMEOUT)
+    assert panel.scales_view.heatmap.isVisible() and not panel.scales_view.placeholder.isVisible()
+    plot = panel.loss_plot
+    legend = plot.legend.sceneBoundingRect()
+    assert legend.height() > 0 and not legend.intersects(plot.plot_item.vb.sceneBoundingRect())
+    a, b, c = (plot.curves[n] for n in "ABC")
+    assert a.zValue() > b.zValue() > c.zValue()  # A on top of C, whose losses it equals
+    assert c.opts["pen"].widthF() > a.opts["pen"].widthF()  # C wide, A visible inside it
+    assert c.opts["pen"].color().alpha() < 255
+    assert b.opts["pen"].style() != a.opts["pen"].style()
+    for slot in panel.slots:
+        bar = slot.progress
+        assert bar.fontMetrics().horizontalAdvance(tp.WIDEST_PROGRESS) < bar.width()
+    assert tp._duration(425) == "7:05" and tp._duration(3723) == "1:02:03"
+
+
+def test_hidden_views_are_drawn_when_shown_not_per_chunk(qtbot, panel):
+    """The GUI thread draws only what is on screen: the tab behind and a hidden panel catch up
+    when shown."""
+    enable(panel, 2)
+    panel.shown.setCurrentIndex(2)
+    panel.steps.setValue(4)
+    panel.views.setCurrentWidget(panel.scales_view)
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.is_active(), timeout=TIMEOUT)
+    assert panel.scales_view.steps == [1, 2, 3, 4]
+    assert panel.underflow_view._stale and not panel.underflow_view.plot.curves
+    panel.views.setCurrentWidget(panel.underflow_view)
+    assert not panel.underflow_view._stale
+    assert list(panel.underflow_view.plot.curve_data("weight")[0]) == [1, 2, 3, 4]
+
+    panel.hide()
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.is_active(), timeout=TIMEOUT)
+    assert panel._dirty and "C" not in panel.loss_plot.curves  # Start cleared; not redrawn
+    panel.show()
+    assert not panel._dirty
+    x, y = panel.loss_plot.curve_data("C")
+    assert list(x) == [1, 2, 3, 4] and list(y) == [r.loss for r in panel.slots[2].records]
