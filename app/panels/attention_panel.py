@@ -432,6 +432,8 @@ class ModelView(pg.GraphicsLayoutWidget):
             self._fit()
 
     def _fit(self) -> None:
+        if getattr(self, "closed", False):
+            return  # GraphicsView.close cleared the scene (its labels are gone), then resizes
         heads = self._shape[1]
         if self.title is not None and self._title_parts:
             fit_label(self.title, self._title_parts, self.width() - 12, "9pt")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
+import shiboken6
 from PySide6.QtCore import QEvent, QObject, QPointF, Qt, QTimer, Signal
 from PySide6.QtGui import QFont, QFontMetrics
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
@@ -170,6 +171,8 @@ class Heatmap(QWidget):
         ``MIN_MAP_WIDTH`` map need (a splitter or dock then stops there instead of cutting
         off the right-hand side)."""
         self._refit_pending = False
+        if getattr(self.view, "closed", False) or not shiboken6.isValid(self.view.ci):
+            return  # closed: GraphicsView.close clears the scene, then resizes the view
         title = self.plot.titleLabel
         layout_min = self.view.ci.effectiveSizeHint(Qt.SizeHint.MinimumSize).width()
         title_min = title.minimumWidth() if title.isVisible() else 0.0

@@ -351,3 +351,27 @@ def test_hover_readout_never_describes_the_previous_view(qtbot, make_panel):
     assert "weight" in hv.readout.text()
     panel.view.setCurrentIndex(panel.view.findData("rollout"))
     assert "weight" not in hv.readout.text()  # cleared, or the rollout's "share"
+
+
+def test_closing_the_views_after_fitting_is_safe(qtbot):
+    """GraphicsView.close clears the scene (the fitted labels are deleted) and then resizes
+    the view: fitting must not touch the deleted labels (it crashed the report's renders)."""
+    from app.panels.attention_panel import ModelView
+    from app.widgets.heatmap import Heatmap
+
+    for _ in range(3):
+        grid = ModelView(lambda _layer, _head: None)
+        grid.set_shape(2, 3)
+        grid.set_title("2 layers × 3 heads (weight) · click to select")
+        heat = Heatmap()
+        heat.set_matrix(np.eye(3), title="a title")
+        for widget in (grid, heat):
+            qtbot.addWidget(widget)
+            widget.resize(300, 200)
+            widget.show()
+        qtbot.wait(10)
+        grid.close()
+        heat.view.close()
+        heat.close()
+        qtbot.wait(10)
+    assert grid.closed and heat.view.closed
