@@ -112,8 +112,11 @@ def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
             digits = int(value.bit_length() * math.log10(2)) + 1
             return f"<an integer of about {digits:,} digits>"
         return text if len(text) <= limit else f"{text[:limit // 2]}… ({len(text):,} digits)"
-    if isinstance(value, str) and len(value) > limit:
-        return f"{value[:limit]!r}… ({len(value):,} characters)"
+    if isinstance(value, str):
+        if len(value) > limit:
+            return f"{value[:limit]!r}… ({len(value):,} characters)"
+        text = repr(value)  # whole, unless escapes (\U0001f600) make it long
+        return text if len(text) <= 3 * limit else _REPR.repr(value)
     try:
         return _REPR.repr(value)
     except (ValueError, RecursionError):  # a huge integer inside, or nested too deeply
@@ -294,8 +297,8 @@ def _memory_errors(cfg: ModelConfig) -> dict[str, str]:
     # Blame the field that contributes most: the largest of the size fields relative to default
     # (exact fractions: a 400-digit size divided as floats would overflow).
     sizes = ["d_model", "d_ff", "n_layers", "vocab_size", "seq_len", "batch_size", "max_len"]
-    if cfg.decoder_layers != cfg.n_layers:
-        sizes.append("n_decoder_layers")
+    if cfg.architecture == "encoder-decoder" and cfg.n_decoder_layers is not None:
+        sizes.append("n_decoder_layers")  # (None for the other architectures: no fraction)
     culprit = max(sizes, key=lambda n: Fraction(getattr(cfg, n),
                                                 DEFAULTS[n] or DEFAULTS["n_layers"]))
     estimate = format_bytes(total) if total < 2**1000 else "beyond any float"  # int or inf
@@ -326,7 +329,8 @@ def from_dict(data: Any, *, versioned: bool = True) -> ModelConfig:
         )
     for key in data:
         if key not in FIELD_NAMES:
-            name = str(key) if isinstance(key, str) and len(key) <= QUOTE_CHARS else quote(key)
+            # the key itself, unless it is too long to name whole (then its short quote)
+            name = key if isinstance(key, str) and quote(key) == repr(key) else quote(key)
             close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             errors[name] = f"unknown key {quote(key)}{hint}"

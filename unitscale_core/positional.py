@@ -353,6 +353,7 @@ def alibi_slopes(n_heads: int) -> np.ndarray:
     ``slopes(p) + slopes(2p)[0::2][: n - p]``, the extra heads interleaved between the others.
     """
     n_heads = _int("n_heads", n_heads)
+    _check_size("n_heads", n_heads, (2 * n_heads,), np.float64)  # slopes(p) and slopes(2p)
     p = 1 << (n_heads.bit_length() - 1)  # largest power of two <= n_heads
 
     def power_of_two(n: int) -> np.ndarray:
@@ -378,8 +379,9 @@ def alibi_bias(n_heads: int, max_len: int) -> np.ndarray:
     slopes = alibi_slopes(n_heads)
     dist = np.abs(relative_positions(max_len, max_len)).astype(np.float64)
     out = np.empty((n_heads, max_len, max_len), dtype=np.float32)
-    for h, slope in enumerate(slopes):  # a head at a time: no [H, L, L] float64 temporary
-        out[h] = -slope * dist
+    step = max(1, (1 << 22) // (max_len * max_len))  # heads per chunk: <= 32 MiB of float64
+    for h in range(0, n_heads, step):  # no [H, L, L] float64 temporary, no loop of 10⁷ heads
+        out[h:h + step] = -slopes[h:h + step, None, None] * dist[None]
     return out
 
 

@@ -895,3 +895,23 @@ def test_params_text_is_aligned_and_says_which_config(capsys, tmp_path):
     save(ModelConfig(), path)
     code, out, err = _cli(capsys, "params", "--config", str(path))
     assert err == "" and out.splitlines()[0] == f"config: {path}"
+
+
+def test_memory_refusal_of_an_encoder_names_its_field():
+    """An encoder (n_decoder_layers None) beyond the memory bound raised TypeError
+    (Fraction(None)) while the culprit was chosen; found by test_fuzz_config."""
+    from unitscale_core.presets import load_preset
+
+    with pytest.raises(ConfigError) as info:
+        load_preset("bert-base").replace(vocab_size=10**12)
+    assert list(info.value.errors) == ["vocab_size"]
+
+
+def test_alibi_with_absurd_head_counts_is_refused_before_allocating():
+    """10⁹ heads of one position: 8 GB of slopes (and a Python loop of 10⁹ heads) before."""
+    from unitscale_core.positional import PositionalError, alibi_bias, alibi_slopes
+
+    for call in (lambda: alibi_slopes(10**9), lambda: alibi_bias(10**9, 1)):
+        with pytest.raises(PositionalError, match="n_heads=1,000,000,000 makes a"):
+            call()
+    assert alibi_bias(5000, 2).shape == (5000, 2, 2)  # many heads of a few positions: chunks
