@@ -56,6 +56,7 @@ from ..widgets.heatmap import Heatmap
 from ..worker import Worker
 
 MAX_LENGTH = 16384
+TABLE_DEBOUNCE_MS = 250  # a still config for this long before the model's table is built
 CHANNEL = "positional"
 TABLE_CHANNEL = "positional-table"
 KIND_LABELS = {
@@ -185,6 +186,11 @@ class PositionalPanel(QWidget):
         self._table_id = 0
         self._model_table: tuple[ModelConfig, np.ndarray] | None = None
         self._table_wanted = False  # the model's table, to build when the panel is shown
+        # a model build cannot be cancelled: it starts once the config has been still for a
+        # moment, not on every step of a spin box (nor right before the window closes)
+        self._table_timer = QTimer(self, singleShot=True, interval=TABLE_DEBOUNCE_MS)
+        self._table_timer.timeout.connect(self._build_table)
+        self._table_key: ModelConfig | None = None
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
 
@@ -364,9 +370,14 @@ class PositionalPanel(QWidget):
             return None
         self._table_wanted = False
         self.status.setText("building the configured model in the worker…")
+        self._table_key = key
+        self._table_timer.start()
+        return None
+
+    def _build_table(self) -> None:
+        key = self._table_key
         self._table_id = self.worker.submit(
             TABLE_CHANNEL, lambda: (key, model_position_table(key)))
-        return None
 
     def recompute(self) -> None:
         """Recompute now (moderate sizes) or in the worker (long ranges)."""
@@ -374,7 +385,8 @@ class PositionalPanel(QWidget):
         specs = self._specs()
         self.secondary.setVisible(len(specs) > 1)
         table = self._table(specs)
-        if table is None and (self._table_id or self._table_wanted) and any(
+        if table is None and (self._table_id or self._table_wanted
+                              or self._table_timer.isActive()) and any(
                 s.kind == "learned" and s.learned_source == "model" for s in specs):
             return  # shown when the table arrives (asked for when the panel is shown)
         if self.length.value() <= SYNC_LIMIT:

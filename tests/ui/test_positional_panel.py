@@ -200,3 +200,30 @@ def test_hidden_panel_builds_the_models_table_only_when_shown(qtbot):
         assert "configured model" in panel.primary.note.text()
     finally:
         worker.stop(2000)
+
+
+def test_model_table_is_built_once_the_config_is_still(qtbot):
+    """Three quick edits of a followed learned model: one model build, of the last config."""
+    from app.panels.positional_panel import TABLE_CHANNEL, PositionalPanel
+    from app.worker import Worker
+    from unitscale_core import ModelConfig
+
+    worker = Worker()
+    try:
+        cfg = ModelConfig(d_model=64, n_heads=4, d_ff=128, n_layers=2, vocab_size=256,
+                          max_len=64, seq_len=32)
+        panel = PositionalPanel(cfg, worker)
+        qtbot.addWidget(panel)
+        with qtbot.waitSignal(panel.computed, timeout=30_000):
+            panel.show()
+        builds = []
+        submit = worker.submit
+        worker.submit = lambda channel, job: (builds.append(channel), submit(channel, job))[1]
+        for width in (32, 48, 96):
+            panel.update_config(cfg.replace(d_model=width))
+        with qtbot.waitSignal(panel.computed, timeout=30_000):
+            pass
+        assert builds.count(TABLE_CHANNEL) == 1
+        assert panel.primary.heatmap.data.shape == (64, 96)
+    finally:
+        worker.stop(2000)
