@@ -108,6 +108,7 @@ class MainWindow(QMainWindow):
         self.attention_panel = AttentionPanel(self._config, self.worker)
         self.training_panel = TrainingPanel(self._config, self.worker)
         self.model_panel.edited.connect(self.set_config)
+        self.model_panel.draft_invalid.connect(self._on_draft_invalid)
         for panel in (self.sizes_panel, self.positional_panel, self.scaling_panel,
                       self.attention_panel, self.training_panel):
             self.config_changed.connect(panel.update_config)
@@ -197,6 +198,13 @@ class MainWindow(QMainWindow):
         self.config_changed.emit(config)
         self.statusBar().showMessage("config updated", 1500)
         self._update_title()
+
+    def _on_draft_invalid(self, reason: str) -> None:
+        """While the model panel's draft is invalid, the panels that show the last valid
+        config say so (``set_stale``); ``""``: the draft is valid and shown again."""
+        for panel in self._panels():
+            if hasattr(panel, "set_stale"):
+                panel.set_stale(reason)
 
     # -- files ---------------------------------------------------------------------------------
     @property

@@ -2,7 +2,16 @@
 
 Every editor's objectName is its field's name; its error label is ``<field>_error``. An edit
 that makes a valid config emits ``edited(config)``; an invalid one marks the offending editors,
-shows the reasons next to them and emits nothing, so nothing downstream runs.
+shows the reasons next to them and emits nothing, so nothing downstream runs. While the draft
+is invalid ``draft_invalid(reason)`` says so (``""`` once it is valid again), so the window
+can mark the panels that still show the last valid config.
+
+Typed numbers are never silently altered: a character a number box cannot take (a minus sign
+where the value cannot be negative, a decimal point in a whole number, a letter, a digit
+other than 0-9) stays visible with the reason under the box, and Enter then keeps the last
+valid value and says so, instead of applying what is left once the character is dropped
+("-1" used to apply 1, "256.5" 2565). An invalid editor keeps its native look (spin arrows
+included): only its cell's frame and background change, through the ``invalid`` property.
 """
 
 from __future__ import annotations
@@ -10,11 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 from PySide6.QtCore import Signal
+from PySide6.QtGui import QValidator
 from PySide6.QtWidgets import (
+    QAbstractSpinBox,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -48,12 +60,99 @@ CHECKBOX_TEXT = {
     "bias": "linear and norm biases",
     "tie_embeddings": "head = embedding",
 }
+MODIFIED = " — modified"
+#: An invalid field's cell: a red frame and a pale background. Set through a property
+#: selector on the cell and the editor, so the editor keeps its own style (a style sheet set
+#: on a spin box itself replaces the whole box's drawing and loses its arrows).
+INVALID_STYLE = (
+    'QFrame#fieldCell[invalid="true"] { border: 1px solid #c62828; border-radius: 3px; }'
+    'QFrame#fieldCell { border: 1px solid transparent; }'
+    'QSpinBox[invalid="true"], QDoubleSpinBox[invalid="true"], QComboBox[invalid="true"] '
+    '{ background: #ffebee; }'
+)
+#: Characters a number box takes, besides ASCII digits (the locale's separators are C's).
+NUMBER_EXTRA = set(" ,.+-eE")
+
+
+def typed_problem(text: str, box: QAbstractSpinBox, label: str) -> str:
+    """Why ``text`` cannot be the value of ``box`` (a QSpinBox or QDoubleSpinBox named
+    ``label``): the first thing wrong, in words. Empty when nothing specific is (e.g. an
+    empty box)."""
+    body = text.strip()
+    special = box.specialValueText()
+    if not body or (special and body == special):
+        return ""
+    whole = isinstance(box, QSpinBox)
+    if any(c.isdigit() and not c.isascii() for c in body):
+        return f"'{text}': type the digits 0-9"
+    if any(not (c.isascii() and c.isdigit()) and c not in NUMBER_EXTRA for c in body):
+        return f"'{text}' is not a number"
+    if "-" in body and box.minimum() >= 0 and (whole or "e-" not in body.lower()):
+        return f"'{text}': {label} cannot be negative"
+    if whole and ("." in body or "e" in body.lower()):
+        return f"'{text}' is not a whole number"
+    if whole and "," in body and not box.isGroupSeparatorShown():
+        return f"'{text}': type the number without separators"
+    try:
+        value = float(body.replace(",", ""))
+    except ValueError:
+        return f"'{text}' is not a number"
+    if value > box.maximum():
+        return f"'{text}' is above {box.maximum():g}, the largest {label}"
+    if value < box.minimum():
+        return f"'{text}' is below {box.minimum():g}, the smallest {label}"
+    return f"'{text}' is not a valid {label}"
+
+
+class _Checked:
+    """What the panel's number boxes add to Qt's: input the box cannot take is kept visible
+    as typed (the validator answers Intermediate, not Invalid) and explained through
+    ``typing(reason)`` as it is typed (``typing("")`` once the user's text is fine again); on
+    Enter or focus loss Qt keeps the previous value and ``refused(reason)`` says what was not
+    applied. That reason stays until the user edits the box again."""
+
+    label = ""
+
+    def _watch_typing(self) -> None:
+        self.lineEdit().textEdited.connect(self._on_text_edited)
+
+    def validate(self, text: str, pos: int):  # noqa: D102 - Qt's
+        state, fixed, pos = super().validate(text, pos)
+        if state == QValidator.State.Invalid:
+            self.typing.emit(typed_problem(text, self, self.label) or f"'{text}' is not valid")
+            return QValidator.State.Intermediate, text, pos
+        return state, fixed, pos
+
+    def _on_text_edited(self, text: str) -> None:
+        if super().validate(text, len(text))[0] != QValidator.State.Invalid:
+            self.typing.emit("")
+
+    def fixup(self, text: str) -> str:  # noqa: D102 - Qt's; called with the refused input
+        reason = typed_problem(text, self, self.label)
+        if reason:
+            special = self.specialValueText()
+            kept = special if special and self.value() == self.minimum() else \
+                self.textFromValue(self.value())
+            self.refused.emit(f"{reason}; {self.label} stays {kept}")
+        return super().fixup(text)
+
+
+class CheckedSpinBox(_Checked, QSpinBox):
+    typing = Signal(str)
+    refused = Signal(str)
+
+
+class CheckedDoubleSpinBox(_Checked, QDoubleSpinBox):
+    typing = Signal(str)
+    refused = Signal(str)
 
 
 class ModelPanel(QWidget):
     """Edits a draft of the config; emits ``edited`` with each new valid config."""
 
     edited = Signal(object)  # ModelConfig
+    #: the draft's first error while it is invalid, "" when it is valid again
+    draft_invalid = Signal(str)
 
     def __init__(self, config: ModelConfig, parent: QWidget | None = None):
         super().__init__(parent)
@@ -62,6 +161,12 @@ class ModelPanel(QWidget):
         self._errors: dict[str, QLabel] = {}
         self._draft: dict[str, Any] = config.to_dict()
         self._loading = False
+        self._cells: dict[str, QFrame] = {}
+        self._config_errors: dict[str, str] = {}  # the draft's, by field
+        self._typed: dict[str, str] = {}  # typed input not taken, by field
+        self._invalid_reason = ""  # what draft_invalid last said
+        self._preset: tuple[int, ModelConfig] | None = None  # the last preset chosen
+        self.setStyleSheet(INVALID_STYLE)
 
         outer = QVBoxLayout(self)
         outer.setContentsMargins(4, 4, 4, 4)
@@ -89,9 +194,9 @@ class ModelPanel(QWidget):
                 error.setWordWrap(True)
                 error.setStyleSheet("color: #c62828;")
                 error.hide()
-                cell = QWidget()
+                cell = QFrame(objectName="fieldCell")
                 cell_layout = QVBoxLayout(cell)
-                cell_layout.setContentsMargins(0, 0, 0, 0)
+                cell_layout.setContentsMargins(1, 1, 1, 1)
                 cell_layout.setSpacing(1)
                 cell_layout.addWidget(editor)
                 cell_layout.addWidget(error)
@@ -100,6 +205,7 @@ class ModelPanel(QWidget):
                 form.addRow(label, cell)
                 self._editors[name] = editor
                 self._errors[name] = error
+                self._cells[name] = cell
             body_layout.addWidget(box)
         body_layout.addStretch(1)
         scroll = QScrollArea()
@@ -119,14 +225,14 @@ class ModelPanel(QWidget):
             editor = QCheckBox(CHECKBOX_TEXT[name])
             editor.toggled.connect(lambda v, n=name: self._on_edit(n, bool(v)))
         elif name == "dropout":
-            editor = QDoubleSpinBox()
+            editor = CheckedDoubleSpinBox()
             editor.setRange(0.0, 1.0)
             editor.setSingleStep(0.05)
             editor.setDecimals(3)
             editor.setKeyboardTracking(False)
             editor.valueChanged.connect(lambda v, n=name: self._on_edit(n, float(v)))
         else:
-            editor = QSpinBox()
+            editor = CheckedSpinBox()
             # 0 is reachable so that "must be positive" can be shown rather than silently
             # clamped; n_decoder_layers uses 0 for "same as layers".
             editor.setRange(0, INT_MAX)
@@ -139,6 +245,11 @@ class ModelPanel(QWidget):
                 editor.valueChanged.connect(lambda v, n=name: self._on_edit(n, v or None))
             else:
                 editor.valueChanged.connect(lambda v, n=name: self._on_edit(n, int(v)))
+        if isinstance(editor, _Checked):
+            editor.label = LABELS.get(name, name.replace("_", " "))
+            editor._watch_typing()
+            editor.typing.connect(lambda reason, n=name: self._on_typed(n, reason))
+            editor.refused.connect(lambda reason, n=name: self._on_typed(n, reason))
         editor.setObjectName(name)
         editor.setToolTip(FIELD_HELP[name])
         return editor
@@ -164,8 +275,11 @@ class ModelPanel(QWidget):
                 self._show_value(name, value)
         finally:
             self._loading = False
+        self._typed.clear()
         self._mark({})
         self._update_enabled()
+        if self._preset is not None and config != self._preset[1]:
+            self._forget_preset()  # another file or config: the preset no longer applies
 
     def errors(self) -> dict[str, str]:
         """The reasons currently shown, by field (empty when the draft is valid)."""
@@ -176,35 +290,95 @@ class ModelPanel(QWidget):
         if key is None:
             return
         config = load_preset(key)
+        self._forget_preset()
+        self.preset.setCurrentIndex(index)
+        self._preset = (index, config)
         self.set_config(config)
         self.edited.emit(config)
+
+    def _forget_preset(self) -> None:
+        """Back to "Choose a preset…", the chosen preset's label restored."""
+        if self._preset is not None:
+            index = self._preset[0]
+            self.preset.setItemText(index, PRESETS[self.preset.itemData(index)])
+            self._preset = None
+        self.preset.setCurrentIndex(0)
+
+    def _show_preset_state(self, config: ModelConfig | None) -> None:
+        """"GPT-2 small (124M) — modified" while the fields differ from the chosen preset
+        (``config`` None: the draft is invalid, so it differs too)."""
+        if self._preset is None:
+            return
+        index, preset = self._preset
+        label = PRESETS[self.preset.itemData(index)]
+        self.preset.setItemText(index, label if config == preset else label + MODIFIED)
+
+    def _on_typed(self, name: str, reason: str) -> None:
+        """Typed input a number box did not take (``reason``), or "" once it is fine."""
+        if self._loading or self._typed.get(name, "") == reason:
+            return
+        if reason:
+            self._typed[name] = reason
+        else:
+            self._typed.pop(name, None)
+        self._mark(self._config_errors)
 
     def _on_edit(self, name: str, value: Any) -> None:
         if self._loading:
             return
         self._draft[name] = value
         self._update_enabled()
+        self._typed.pop(name, None)  # a value was taken: what was typed before is gone
         try:
             config = ModelConfig(**self._draft)
         except ConfigError as exc:
             self._mark(exc.errors)
+            self._show_preset_state(None)
             return
         self._mark({})
+        self._show_preset_state(config)
         self.edited.emit(config)
 
     def _mark(self, errors: dict[str, str]) -> None:
+        """Show the draft's ``errors`` and the typed input not taken next to their fields,
+        mark those fields invalid, and tell the window whether the draft is invalid."""
+        self._config_errors = dict(errors)
+        shown = {**errors, **self._typed}
         for name, label in self._errors.items():
-            reason = errors.get(name, "")
+            reason = shown.get(name, "")
             label.setText(reason)
             label.setVisible(bool(reason))
-            editor = self._editors[name]
-            editor.setProperty("invalid", bool(reason))
-            editor.setStyleSheet("border: 1px solid #c62828;" if reason else "")
+            for widget in (self._editors[name], self._cells[name]):
+                if bool(widget.property("invalid")) != bool(reason):
+                    widget.setProperty("invalid", bool(reason))
+                    widget.style().unpolish(widget)  # the property selector applies anew
+                    widget.style().polish(widget)
         unplaced = {k: v for k, v in errors.items() if k not in self._errors}
         if unplaced:  # not expected from the editors, but never lose a reason
             first = self._errors["architecture"]
             first.setText("; ".join(unplaced.values()))
             first.show()
+        self._say_invalid(errors, unplaced)
+
+    def _say_invalid(self, errors: dict[str, str], unplaced: dict[str, str]) -> None:
+        """Emit ``draft_invalid`` when what it would say changed: the first error's field and
+        reason, or "" when the draft is valid. Typed input not yet taken counts too: the
+        fields then show something other than the config the other panels show."""
+        reason = ""
+        for name in self._errors:
+            text = errors.get(name) or self._typed.get(name)
+            if text:
+                reason = f"{LABELS.get(name, name.replace('_', ' '))}: {text}"
+                break
+        if not reason and unplaced:
+            reason = next(iter(unplaced.values()))
+        if reason != self._invalid_reason:
+            self._invalid_reason = reason
+            self.draft_invalid.emit(reason)
+
+    def invalid_reason(self) -> str:
+        """What ``draft_invalid`` last said ("" while the draft is valid)."""
+        return self._invalid_reason
 
     def _update_enabled(self) -> None:
         d = self._draft

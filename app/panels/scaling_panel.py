@@ -68,6 +68,7 @@ from ..widgets.controls_state import restore_controls, save_controls
 from ..widgets.label_holder import LabelHolder
 from ..widgets.scale_chart import ScaleChart
 from ..widgets.scale_table import ScaleTableModel
+from ..widgets.stale_banner import StaleBanner
 from ..worker import Worker
 from .seed_formula_tab import SeedFormulaTab
 
@@ -224,6 +225,8 @@ class ScalingPanel(QWidget):
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
+        self.stale = StaleBanner("scaleStale")  # the model panel's draft is invalid
+        layout.addWidget(self.stale)
         self.tabs = QTabWidget(objectName="scalingTabs")
         layout.addWidget(self.tabs)
         scales = QWidget()
@@ -336,6 +339,11 @@ class ScalingPanel(QWidget):
         chosen = self.param.currentData()
         return self.config if chosen in (None, self.config.parametrization) else \
             self.config.replace(parametrization=chosen)
+
+    def set_stale(self, reason: str) -> None:
+        """Say that the chart and table are the last valid config's while the model panel's
+        draft is invalid ("": they are the draft's again)."""
+        self.stale.set_reason(reason)
 
     def update_config(self, config: ModelConfig) -> None:
         self.config = config

@@ -30,6 +30,7 @@ from ..export import (
     export_button,
     table_from_model,
 )
+from ..widgets.stale_banner import StaleBanner
 
 # (key path in size_report, label, kind, formula tooltip)
 ROWS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
@@ -84,6 +85,8 @@ class SizesPanel(QWidget):
         top.addWidget(self.caption, 1)
         top.addWidget(export_button(self, "sizesExport", self.export_items))
         layout.addLayout(top)
+        self.stale = StaleBanner("sizesStale")
+        layout.addWidget(self.stale)
         self.table = QTableWidget(len(ROWS), 4, objectName="sizesTable")
         self.table.setHorizontalHeaderLabels(["Quantity", "Value", "Exact", "Formula"])
         self.table.verticalHeader().hide()
@@ -113,6 +116,11 @@ class SizesPanel(QWidget):
             if text.strip() == label:
                 return self.table.item(row, 1).text()
         raise KeyError(label)
+
+    def set_stale(self, reason: str) -> None:
+        """Say that the rows are the last valid config's while the draft is invalid ("":
+        they are the draft's again)."""
+        self.stale.set_reason(reason)
 
     def update_config(self, config: ModelConfig) -> None:
         """Recompute every row for ``config``."""

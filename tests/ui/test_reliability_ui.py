@@ -324,3 +324,130 @@ def test_warm_up_shows_no_indicator_but_a_user_job_behind_it_does(qtbot, make_wi
     _waits_for_idle_indicator(qtbot, win)
     gate.set()
     qtbot.waitUntil(lambda: not worker.busy(), timeout=5000)
+
+
+# -- the model panel under hostile typing (issue 20 #12, issue 19 model-panel minors) -------
+
+def _model_panel(qtbot, config=None):
+    from app.panels.model_panel import ModelPanel
+
+    panel = ModelPanel(config or ModelConfig())
+    qtbot.addWidget(panel)
+    panel.show()
+    qtbot.waitExposed(panel)
+    return panel
+
+
+def _type(qtbot, box, text: str, commit: bool = True) -> None:
+    """Type ``text`` key by key (non-ASCII characters as key events carrying the text)."""
+    from PySide6.QtCore import QEvent
+    from PySide6.QtGui import QKeyEvent
+    from PySide6.QtWidgets import QApplication
+
+    box.setFocus()
+    box.selectAll()
+    for ch in text:
+        if ch.isascii():
+            qtbot.keyClicks(box.lineEdit(), ch)
+        else:
+            QApplication.sendEvent(box, QKeyEvent(QEvent.Type.KeyPress, Qt.Key.Key_unknown,
+                                                  Qt.KeyboardModifier.NoModifier, ch))
+    if commit:
+        qtbot.keyClick(box.lineEdit(), Qt.Key.Key_Return)
+
+
+@pytest.mark.parametrize("field, typed, live, kept, valid", [
+    ("seed", "-1", "seed cannot be negative", "seed stays 0", 5),
+    ("d_model", "256.5", "is not a whole number", "d_model stays", 512),
+    ("n_layers", "4x", "is not a number", "layers stays 4", 5),
+    ("vocab_size", "٣", "type the digits 0-9", "vocabulary stays", 1000),
+    ("dropout", "٣", "type the digits 0-9", "dropout stays", 0.25),
+    ("dropout", "1.5", "above 1", "dropout stays", 0.25),
+])
+def test_typed_input_a_box_cannot_take_stays_visible_with_its_reason(qtbot, field, typed,
+                                                                     live, kept, valid):
+    """'-1' into seed used to apply 1, '256.5' 2565; a rejected character vanished silently.
+    Now what was typed stays in the box with the reason under it, Enter keeps the last valid
+    value and says so, nothing is applied, and the next valid edit clears the message."""
+    panel = _model_panel(qtbot)
+    edited: list = []
+    panel.edited.connect(edited.append)
+    box = panel._editors[field]
+    error = panel._errors[field]
+    before = box.value()
+    _type(qtbot, box, typed, commit=False)
+    assert box.lineEdit().text() == typed  # nothing dropped
+    assert live in error.text() and error.isVisible()
+    assert panel.invalid_reason()  # the other panels are told they show the last config
+    qtbot.keyClick(box.lineEdit(), Qt.Key.Key_Return)
+    assert box.value() == before and edited == []
+    assert live in error.text() and kept in error.text()
+    box.setValue(valid)  # a valid edit: applied, message gone
+    assert edited and not error.text() and panel.invalid_reason() == ""
+
+
+def test_invalid_editor_keeps_its_spin_arrows(qtbot):
+    """The invalid mark is a property selector on the cell and editor: the editor has no
+    style sheet of its own and its arrows are drawn exactly as before (an inline border style
+    sheet replaced them with plain lines)."""
+    from PySide6.QtWidgets import QStyle, QStyleOptionSpinBox
+
+    panel = _model_panel(qtbot)
+    box = panel._editors["d_model"]
+
+    def arrows():
+        opt = QStyleOptionSpinBox()
+        box.initStyleOption(opt)
+        style = box.style()
+        rect = style.subControlRect(QStyle.ComplexControl.CC_SpinBox, opt,
+                                    QStyle.SubControl.SC_SpinBoxUp, box).united(
+            style.subControlRect(QStyle.ComplexControl.CC_SpinBox, opt,
+                                 QStyle.SubControl.SC_SpinBoxDown, box))
+        img = box.grab(rect).toImage()
+        light = [[img.pixelColor(i, j).lightness() for i in range(img.width())]
+                 for j in range(img.height())]
+        median = sorted(v for row in light for v in row)[img.width() * img.height() // 2]
+        return [[v < median - 60 for v in row] for row in light]  # the arrows' dark pixels
+
+    valid = arrows()
+    box.setValue(102)  # not divisible by 4 heads
+    qtbot.wait(50)  # the error label laid out under it
+    assert box.property("invalid") is True and panel._cells["d_model"].property("invalid")
+    assert box.styleSheet() == ""
+    assert sum(map(sum, valid)) > 10 and arrows() == valid
+
+
+def test_stale_mark_and_preset_modified(qtbot, make_window):
+    """An invalid edit marks Sizes and Scaling as showing the last valid config until it is
+    fixed; the preset box says "— modified" after an edit and is plain again when the fields
+    match the preset; 100,000 layers are refused next to the field and nothing runs."""
+    from app.panels.model_panel import MODIFIED
+
+    win = make_window(TINY)
+    panel = win.model_panel
+    changes: list = []
+    win.config_changed.connect(changes.append)
+    panel._editors["d_model"].setValue(9)  # not divisible by 2 heads
+    for p in (win.sizes_panel, win.scaling_panel):
+        assert p.stale.is_stale() and "d_model" in p.stale.text()
+        assert "last valid config" in p.stale.text()
+    panel._editors["d_model"].setValue(8)
+    assert not win.sizes_panel.stale.is_stale() and not win.scaling_panel.stale.is_stale()
+
+    panel._editors["n_layers"].setValue(100_000)
+    assert "1,024" in panel._errors["n_layers"].text()
+    assert win.sizes_panel.stale.is_stale() and win.config == TINY and changes == []
+    assert win.worker.activity() == ()
+    panel._editors["n_layers"].setValue(1)
+
+    index = panel.preset.findData("gpt2-small")
+    panel.preset.setCurrentIndex(index)
+    panel.preset.activated.emit(index)
+    label = panel.preset.currentText()
+    assert label == "GPT-2 small (124M)"
+    panel._editors["n_layers"].setValue(6)
+    assert panel.preset.currentText() == label + MODIFIED
+    panel._editors["n_layers"].setValue(12)
+    assert panel.preset.currentText() == label
+    win.set_config(TINY)  # another config (a file opened): no preset applies
+    assert panel.preset.currentIndex() == 0 and panel.preset.itemText(index) == label
