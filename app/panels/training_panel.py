@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,10 @@ CHANNEL = "training"  # runs use "training.0" … "training.2"
 ATTENTION_CHANNEL = "training.attention"
 DEFAULT_RUNS = (("standard", "fp8_e4m3"), ("unit", "fp8_e4m3"), ("standard", "fp32"))
 REDRAW_MS = 250  # plots redraw at most this often while records stream in
+#: Learning rates the lr field takes: Adam's usual range is 1e-5-1e-2; u-μP's optimal ones are
+#: up to ~2^4 (Blake et al. 2024, Fig. 1); above 100 every run diverges on the first step.
+LR_RANGE = (1e-8, 100.0)
+LR_SYNTAX = re.compile(r"[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?|[0-9]+\.([eE][-+]?[0-9]+)?")
 WATCHDOG_MS = 600  # how often a chunk dropped by "Cancel all" (Esc) is looked for
 
 TASK_HELP = {"lm": "next-token language modelling on the bundled text",
@@ -401,12 +406,14 @@ class TrainingPanel(QWidget):
         lr_text = self.lr.text().strip()
         lr = None
         if lr_text:
-            try:
-                lr = float(lr_text)
-            except ValueError:
-                raise ValueError(f"lr={lr_text!r} is not a number") from None
-            if not (math.isfinite(lr) and lr > 0):
-                raise ValueError(f"lr={lr_text} must be a positive number")
+            shown = lr_text if len(lr_text) <= 40 else lr_text[:39] + "…"
+            # ASCII number syntax only: float() also takes "٣" (3.0) and "1_0" (10)
+            if not LR_SYNTAX.fullmatch(lr_text):
+                raise ValueError(f"lr={shown!r} is not a number")
+            lr = float(lr_text)
+            if not (math.isfinite(lr) and LR_RANGE[0] <= lr <= LR_RANGE[1]):
+                raise ValueError(f"lr={shown} must be between {LR_RANGE[0]:g} and "
+                                 f"{LR_RANGE[1]:g} (a larger one diverges to NaN at once)")
         return dict(parametrization=slot.param.currentData(), dtype=slot.dtype.currentData(),
                     task=self.task.currentData(), steps=self.steps.value(), lr=lr,
                     loss_scaling=slot.scaling.isChecked(), log_every=self.log_every.value())

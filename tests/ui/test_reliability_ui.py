@@ -451,3 +451,21 @@ def test_stale_mark_and_preset_modified(qtbot, make_window):
     assert panel.preset.currentText() == label
     win.set_config(TINY)  # another config (a file opened): no preset applies
     assert panel.preset.currentIndex() == 0 and panel.preset.itemText(index) == label
+
+
+@pytest.mark.parametrize("typed, reason", [
+    ("٣", "lr='٣' is not a number"),  # float() took it as 3.0
+    ("1_0", "lr='1_0' is not a number"),
+    ("nan", "lr='nan' is not a number"),
+    ("1e30", "lr=1e30 must be between 1e-08 and 100"),  # trained to NaN without a word
+    ("0", "lr=0 must be between 1e-08 and 100"),
+])
+def test_training_lr_field_refuses_odd_numbers_and_absurd_rates(qtbot, make_window, typed,
+                                                                 reason):
+    win = make_window(TINY)
+    panel = win.training_panel
+    panel.lr.setText(typed)
+    with qtbot.waitSignal(panel.failed, timeout=10_000) as blocker:
+        panel.start()
+    assert blocker.args[0].startswith(reason)
+    assert not panel.is_active() and win.worker.activity() == ()
