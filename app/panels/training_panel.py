@@ -73,7 +73,7 @@ ATTENTION_CHANNEL = "training.attention"
 DEFAULT_RUNS = (("standard", "fp8_e4m3"), ("unit", "fp8_e4m3"), ("standard", "fp32"))
 REDRAW_MS = 250  # plots redraw at most this often while records stream in
 #: Learning rates the lr field takes: Adam's usual range is 1e-5-1e-2; u-μP's optimal ones are
-#: up to ~2^4 (Blake et al. 2024, Fig. 1); above 100 every run diverges on the first step.
+#: up to ~2^4 (Blake et al. 2024); far above that a run only diverges (1e30 gave NaN).
 LR_RANGE = (1e-8, 100.0)
 LR_SYNTAX = re.compile(r"[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?|[0-9]+\.([eE][-+]?[0-9]+)?")
 WATCHDOG_MS = 600  # how often a chunk dropped by "Cancel all" (Esc) is looked for
