@@ -104,9 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.exit_on_first_paint:
         _quit_on_first_paint(app, window)
     # However the event loop ends (window closed, app.quit(), session end), running work is
-    # cancelled (closeEvent normally did it already). A job that ignores the cancel for a
-    # second is left running: leave() ends the process without destroying its QThread.
-    app.aboutToQuit.connect(lambda: window.worker.stop(1000))
+    # cancelled. A job that ignores the cancel for a second is left running: leave() ends the
+    # process without destroying its QThread. After the window's own close (it is hidden by
+    # then) that second was already spent in closeEvent: not again.
+    app.aboutToQuit.connect(lambda: window.worker.stop(0 if window.isHidden() else 1000))
     window.show()
     return app.exec()
 
