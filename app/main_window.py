@@ -52,6 +52,10 @@ MAX_RECENT = 8
 #: Longest settings text read back (a config is ~600 bytes; a panel's state well under 4 kB).
 MAX_SETTING_CHARS = 100_000
 NOTICE_MS = 60_000
+#: The model editor's share of the width in the default layout (its fields fit in ~320 px).
+MODEL_DOCK_WIDTH = 340
+#: Largest default window (a bigger screen leaves room around it).
+DEFAULT_MAX_SIZE = (1800, 1100)
 CONFIG_FILTER = "Configs (*.json *.toml);;All files (*)"
 SAVE_FILTERS = {"JSON (*.json)": ".json", "TOML (*.toml)": ".toml"}
 
@@ -120,27 +124,24 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(central)
         self.setDockNestingEnabled(True)
         self.docks: dict[str, QDockWidget] = {}
+        # The model editor at the side; the views (Scaling, Sizes, Positional, Attention,
+        # Training) as tabs filling the rest, so each gets the whole height (four side by
+        # side left the scale chart ~110 px at 1636×800). Dragging a tab out splits the
+        # views; the layout is remembered with the window.
+        right = Qt.DockWidgetArea.RightDockWidgetArea
         self._add_dock("Model", self.model_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
-        self._add_dock("Scaling", self.scaling_panel, Qt.DockWidgetArea.RightDockWidgetArea)
-        self._add_dock("Sizes", self.sizes_panel, Qt.DockWidgetArea.RightDockWidgetArea)
-        self._add_dock("Positional", self.positional_panel, Qt.DockWidgetArea.RightDockWidgetArea)
-        self.splitDockWidget(self.docks["Scaling"], self.docks["Sizes"], Qt.Orientation.Vertical)
-        self.splitDockWidget(self.docks["Sizes"], self.docks["Positional"],
-                             Qt.Orientation.Horizontal)
-        self._add_dock("Attention", self.attention_panel, Qt.DockWidgetArea.RightDockWidgetArea)
+        self._add_dock("Scaling", self.scaling_panel, right)
+        for title, panel in (("Sizes", self.sizes_panel), ("Positional", self.positional_panel),
+                             ("Attention", self.attention_panel),
+                             ("Training", self.training_panel)):  # (training keeps running
+            self._add_dock(title, panel, right)  # while its tab is hidden, unlike attention)
+            self.tabifyDockWidget(self.docks["Scaling"], self.docks[title])
         # attention runs a model: only while its tab is on screen (a hidden tab costs nothing)
         self.attention_panel.set_active(False)
         self.docks["Attention"].visibilityChanged.connect(self.attention_panel.set_active)
-        self.tabifyDockWidget(self.docks["Positional"], self.docks["Attention"])
-        # training keeps running while its tab is hidden (unlike attention)
-        self._add_dock("Training", self.training_panel, Qt.DockWidgetArea.RightDockWidgetArea)
-        self.tabifyDockWidget(self.docks["Attention"], self.docks["Training"])
-        self.docks["Positional"].raise_()
-        self.resizeDocks([self.docks["Model"]], [340], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.docks["Scaling"], self.docks["Sizes"]], [540, 420],
-                         Qt.Orientation.Vertical)
-        self.resizeDocks([self.docks["Sizes"], self.docks["Positional"]], [500, 720],
-                         Qt.Orientation.Horizontal)
+        self.docks["Scaling"].raise_()
+        self.resizeDocks([self.docks["Model"]], [MODEL_DOCK_WIDTH], Qt.Orientation.Horizontal)
+        self._fit_to_screen()
         self._default_state = self.saveState()
         self._build_menus()
 
@@ -301,10 +302,12 @@ class MainWindow(QMainWindow):
 
         view = self.menuBar().addMenu("&View")
         for i, (title, dock) in enumerate(self.docks.items(), start=1):
-            action = dock.toggleViewAction()
-            action.setShortcut(QKeySequence(f"Ctrl+{i}"))
-            action.setText(f"{title} panel")
-            view.addAction(action)
+            # shows the panel and brings its tab to the front (a dock's own toggle action
+            # would close a panel that is merely behind another tab)
+            show = QAction(f"{title} panel", self, objectName=f"show{title}Action",
+                           shortcut=QKeySequence(f"Ctrl+{i}"))
+            show.triggered.connect(lambda _=False, d=dock: self.show_dock(d))
+            view.addAction(show)
         view.addSeparator()
         reset = QAction("Restore default layout", self)
         reset.triggered.connect(self.restore_default_layout)
@@ -465,6 +468,25 @@ class MainWindow(QMainWindow):
         for dock in self.docks.values():
             dock.show()
         self.restoreState(self._default_state)
+        self.docks["Scaling"].raise_()
+
+    def show_dock(self, dock: QDockWidget) -> None:
+        """Show ``dock`` (closed or behind another tab) in front."""
+        dock.show()
+        dock.raise_()
+
+    def _fit_to_screen(self) -> None:
+        """The default size: the screen's available area less a frame's margin, at most
+        :data:`DEFAULT_MAX_SIZE`, centred (a saved geometry replaces it on restore)."""
+        screen = self.screen() or QApplication.primaryScreen()
+        if screen is None:
+            return
+        area = screen.availableGeometry()
+        width = min(area.width() - 16, DEFAULT_MAX_SIZE[0])
+        height = min(area.height() - 48, DEFAULT_MAX_SIZE[1])  # a title bar's room
+        self.resize(width, height)
+        self.move(area.x() + (area.width() - width) // 2,
+                  area.y() + max(0, (area.height() - height - 32) // 2))
 
     # -- worker feedback ---------------------------------------------------------------------------
     def _start_warm_up(self, _device: str) -> None:

@@ -29,6 +29,8 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSpinBox,
     QSplitter,
+    QStackedWidget,
+    QTabBar,
     QTableView,
     QTabWidget,
     QVBoxLayout,
@@ -43,6 +45,7 @@ from unitscale_core.memory_budget import (
     describe_changed,
     measurement_memory,
 )
+from unitscale_core.presets import PRESETS, load_preset
 from unitscale_core.scaling.collapse import Collapse, noise_rows
 from unitscale_core.scaling.predict import (
     is_predicted,
@@ -67,6 +70,7 @@ from ..prediction_thread import PredictionThread
 from ..widgets.controls_state import restore_controls, save_controls
 from ..widgets.label_holder import LabelHolder
 from ..widgets.scale_chart import ScaleChart
+from ..widgets.scale_overview import ScaleOverview
 from ..widgets.scale_table import ScaleTableModel
 from ..widgets.stale_banner import StaleBanner
 from ..worker import Worker
@@ -94,6 +98,21 @@ ASYNC_LAYERS = 8
 #: After a refilled table, the summary's background predictions start once it has painted, or
 #: after this long (a hidden table does not paint).
 PAINT_GRACE_MS = 100
+
+
+_PRESET_CONFIGS: dict[str, ModelConfig] = {}
+
+
+def preset_of(cfg: ModelConfig) -> str:
+    """The label of the preset ``cfg`` is (in any parametrization, dtype, device or seed),
+    else ""."""
+    if not _PRESET_CONFIGS:
+        _PRESET_CONFIGS.update({PRESETS[k]: load_preset(k) for k in PRESETS})
+    for label, preset in _PRESET_CONFIGS.items():
+        if preset.replace(parametrization=cfg.parametrization, dtype=cfg.dtype,
+                          device=cfg.device, seed=cfg.seed) == cfg:
+            return label
+    return ""
 
 
 def prediction_layers(cfg: ModelConfig) -> int:
@@ -270,10 +289,28 @@ class ScalingPanel(QWidget):
         self.auto.setToolTip(f"Measure on every change while the model has at most "
                              f"{AUTO_MEASURE_MAX_PARAMS:,} parameters")
         for w in (QLabel("parametrization"), self.param, QLabel("format"), self.format,
-                  self.filter, self.kind, self.measure_button, self.seeds, self.auto):
+                  self.measure_button, self.seeds, self.auto):
             controls.addWidget(w)
+        controls.addStretch(1)
         controls.addWidget(export_button(self, "scalingExport", self.export_items))
         box.addLayout(controls)
+        # a second row for what is shown (one row of everything made the panel ~1060 px
+        # wide at the least, more than a 1366-px screen leaves beside the model editor)
+        self.view_choice = QTabBar(objectName="scaleView")
+        self.view_choice.addTab("List")
+        self.view_choice.addTab("Overview")
+        self.view_choice.setTabToolTip(0, "Every tensor, one row each: chart and table")
+        self.view_choice.setTabToolTip(
+            1, "Layers × tensor roles, coloured by log₂ RMS, lost and at-risk cells marked: "
+               "which layers and roles fall out of the format, at a glance; click a cell to "
+               "open its tensor in the list")
+        self.view_choice.setDrawBase(False)
+        self.view_choice.setExpanding(False)
+        view_row = QHBoxLayout()
+        view_row.addWidget(self.view_choice)
+        for w in (self.filter, self.kind):
+            view_row.addWidget(w)
+        box.addLayout(view_row)
         self.summary = QLabel(objectName="scaleSummary")
         self.summary.setWordWrap(True)
         self.summary.setToolTip(
@@ -313,8 +350,19 @@ class ScalingPanel(QWidget):
         split.addWidget(self.chart)
         split.addWidget(self.table)
         self.table.viewport().installEventFilter(self)
-        split.setSizes([420, 640])
-        box.addWidget(split, 1)
+        split.setSizes([560, 500])  # the chart and its legend first
+        self.overview = ScaleOverview()
+        self.overview.setObjectName("scaleOverview")
+        self.overview_group = QComboBox(objectName="overviewGroup")
+        self.overview_group.addItem("activations and their gradients", "activations")
+        self.overview_group.addItem("weights and their gradients", "weights")
+        self.overview_group.setToolTip("Which tensors the overview shows")
+        self.overview_group.hide()
+        view_row.addWidget(self.overview_group, 1)
+        self.views = QStackedWidget(objectName="scaleViews")
+        self.views.addWidget(split)
+        self.views.addWidget(self.overview)
+        box.addWidget(self.views, 1)
         attach_context_menu(self.chart.plot_widget, self, self.export_items)
         attach_context_menu(self.table, self, self.export_items)
 
@@ -325,6 +373,10 @@ class ScalingPanel(QWidget):
         self.measure_button.clicked.connect(lambda: self.measure())  # (not its checked flag)
         self.auto.toggled.connect(lambda on: on and self._maybe_auto_measure())
         self.chart.picked.connect(self.select_tensor)
+        self.view_choice.currentChanged.connect(self._on_view)
+        self.overview_group.currentIndexChanged.connect(
+            lambda: self.overview.set_group(self.overview_group.currentData()))
+        self.overview.picked.connect(self.open_tensor)
         worker.finished_job.connect(self._on_result)
         worker.failed_job.connect(self._on_failure)
         worker.cancelled_job.connect(self._on_cancelled)
@@ -432,6 +484,7 @@ class ScalingPanel(QWidget):
 
     def _redraw(self) -> None:
         self.chart.set_rows(self.predicted, self.measured, self.spread)
+        self.overview.set_rows(self.predicted, self.format.currentData())  # (drawn if shown)
         self.chart.set_collapse(self._shown_collapse())
         self._table_pending = True
         if self._deferring:
@@ -589,17 +642,48 @@ class ScalingPanel(QWidget):
     def _on_filter(self) -> None:
         self.model.set_filter(self.filter.text(), self.kind.currentData())
 
-    def select_tensor(self, name: str) -> None:
-        """Select (and scroll to) the first table row of tensor ``name``."""
+    def _on_view(self, index: int) -> None:
+        """List (chart and table) or Overview."""
+        self.views.setCurrentIndex(index)
+        overview = index == 1
+        self.filter.setVisible(not overview)
+        self.kind.setVisible(not overview)
+        self.overview_group.setVisible(overview)
+
+    def show_list(self) -> None:
+        self.view_choice.setCurrentIndex(0)
+
+    def show_overview(self) -> None:
+        self.view_choice.setCurrentIndex(1)
+
+    def open_tensor(self, name: str, kind: str) -> None:
+        """Open a tensor picked in the overview in the list: the chart scrolls to its row and
+        marks it, the table selects its row of that kind (clearing a filter that hid it)."""
+        self.show_list()
         self.wait_for_prediction()
         self.fill_table()
-        r = self.model.row_of(name)
+        if self.model.row_of(name) < 0:  # filtered out: show every tensor again
+            self.filter.clear()
+            self.kind.setCurrentIndex(0)
+        self.chart.show_row(name)
+        rows = self.model.rows
+        r = next((i for i, row in enumerate(rows) if row.name == name and row.kind == kind),
+                 self.model.row_of(name))
+        self._select_row(r)
+
+    def _select_row(self, r: int) -> None:
         if r >= 0:
             index = self.model.index(r, 0)
             self.table.selectionModel().select(
                 index, QItemSelectionModel.SelectionFlag.ClearAndSelect
                 | QItemSelectionModel.SelectionFlag.Rows)
             self.table.scrollTo(index)
+
+    def select_tensor(self, name: str) -> None:
+        """Select (and scroll to) the first table row of tensor ``name``."""
+        self.wait_for_prediction()
+        self.fill_table()
+        self._select_row(self.model.row_of(name))
 
     # -- measurement ---------------------------------------------------------------------------
     def _build_measure_status(self, box: QVBoxLayout) -> None:
@@ -754,16 +838,38 @@ class ScalingPanel(QWidget):
         """The table as CSV (``.md``: Markdown), written atomically."""
         save_table(self.table_data(), path)
 
+    def chart_title(self) -> str:
+        """The exported chart's title line: the model (its preset, when it is one, and its
+        dimensions), the parametrization shown, the dtype and the format whose range is
+        shaded."""
+        cfg = self.shown_config()
+        arch = cfg.architecture
+        layers = (f"{cfg.encoder_layers}+{cfg.decoder_layers} layers"
+                  if arch == "encoder-decoder" else f"{cfg.n_layers} layers")
+        dims = (f"{arch}, {layers}, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+                f"d_ff {cfg.d_ff}, {cfg.seq_len} tokens × batch {cfg.batch_size}")
+        preset = preset_of(cfg)
+        what = "predicted and measured" if self.measured else "predicted"
+        return (f"{preset + ': ' if preset else ''}{dims} · {cfg.parametrization} · "
+                f"{cfg.dtype} · log₂ RMS ({what}), {self.format.currentData()} range shaded")
+
     def export_items(self) -> list[Item]:
-        plot = self.chart.plot_widget
-        return [Figure("scaleChart", "scale chart", lambda: plot),
-                Table("scales", "scale table", self.table_data)]
+        items: list[Item] = [
+            Figure("scaleChart", "scale chart", lambda: self.chart.export_view(
+                self.chart_title())),
+            Table("scales", "scale table", self.table_data)]
+        if self.views.currentWidget() is self.overview:
+            self.overview.refresh()
+            items.insert(0, Figure("scaleOverview", "scale overview",
+                                   lambda: self.overview.view,
+                                   data=lambda: self.overview.values))
+        return items
 
     # -- state ---------------------------------------------------------------------------------
     def _state_controls(self) -> list[QWidget]:
         seeds = list(self.seed_tab.inputs.values())
         return [self.param, self.format, self.kind, self.filter, self.seeds, self.auto,
-                self.tabs, self.splitter, *seeds]
+                self.tabs, self.splitter, self.view_choice, self.overview_group, *seeds]
 
     def state(self) -> dict[str, Any]:
         """The panel's choices (parametrization, format, filters, tab, seed-formula inputs)."""

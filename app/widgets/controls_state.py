@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QSpinBox,
     QSplitter,
+    QTabBar,
     QTabWidget,
     QToolTip,
     QWidget,
@@ -42,7 +43,7 @@ def control_value(widget: QWidget) -> Any:
         return widget.value()
     if isinstance(widget, QLineEdit):
         return widget.text()
-    if isinstance(widget, QTabWidget):
+    if isinstance(widget, (QTabWidget, QTabBar)):
         return widget.currentIndex()
     if isinstance(widget, QSplitter):
         return bytes(widget.saveState().toHex()).decode("ascii")
@@ -78,7 +79,7 @@ def set_control_value(widget: QWidget, value: Any) -> str | None:
         if not isinstance(value, str) or len(value) > MAX_TEXT:
             return f"{name}: not a text of at most {MAX_TEXT} characters"
         widget.setText(value)
-    elif isinstance(widget, QTabWidget):
+    elif isinstance(widget, (QTabWidget, QTabBar)):
         if not isinstance(value, int) or isinstance(value, bool) or \
                 not 0 <= value < widget.count():
             return f"{name}: no tab {str(value)[:40]!r}"

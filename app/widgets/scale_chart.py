@@ -22,7 +22,7 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.graphicsItems.LegendItem import ItemSample
 from pyqtgraph.graphicsItems.ScatterPlotItem import drawSymbol
-from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtCore import QCoreApplication, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QImage, QPaintEngine, QPainter, QPixmap
 from PySide6.QtWidgets import QGraphicsView, QVBoxLayout, QWidget
 
@@ -46,6 +46,12 @@ COLLAPSE_COLOUR = "#6a1b9a"
 BAND_COLOURS = {"fp8_e4m3": "#2e7d32", "fp8_e5m2": "#6a1b9a", "fp16": "#ef6c00",
                 "bf16": "#00838f", "fp32": "#546e7a"}
 FORWARD_KINDS = {"activation": "grad_activation", "weight": "grad_weight"}
+#: A file of the chart shows every row up to this many (a 96-layer model's 2,900 would make
+#: an image ~60,000 px tall); more: the rows in view.
+EXPORT_MAX_ROWS = 400
+EXPORT_ROW_PX = 20  # ≥ NameAxis.LABEL_PX: every row named
+EXPORT_MARGIN_PX = 150  # the title, the x axis and the legend
+EXPORT_MIN_WIDTH = 900
 
 
 def _log2(x: float) -> float:
@@ -320,6 +326,9 @@ class ScaleChart(QWidget):
         self.plot.showGrid(x=True, y=False, alpha=0.25)
         self.plot.setLabel("bottom", "log₂ RMS", color="k")
         self.plot.setMenuEnabled(False)
+        # the wheel and a drag zoom and pan the rows only; x follows the data (zooming both
+        # made a smear from -200 to 300 on x)
+        self.plot.setMouseEnabled(x=False, y=True)
         for axis in ("left", "bottom"):
             self.plot.getAxis(axis).setTextPen("k")
             self.plot.getAxis(axis).setPen("k")
@@ -356,6 +365,12 @@ class ScaleChart(QWidget):
         #: "meas_fwd"/"meas_bwd" → name → (lowest, highest) draw over the seeds
         self.ranges: dict[str, dict[str, tuple[float, float]]] = {}
         self.collapse_line: pg.InfiniteLine | None = None
+        self.marked: pg.LinearRegionItem | None = None  # the row opened from the overview
+        self.marked_name = ""
+        self._shown: tuple = ([], None, None)  # set_rows' arguments
+        self._collapse: Collapse | None = None
+        self._format_names: list[str] = []
+        self.exported: ScaleChart | None = None  # the last export_view
 
     # -- data ----------------------------------------------------------------------------------
     def set_rows(self, predicted: Sequence[TensorRow],
@@ -366,6 +381,7 @@ class ScaleChart(QWidget):
         line through its measured marker). The rows in view stay in view when the tensors
         are the same ones (another dtype, format or parametrization of the same model); a new
         model scrolls back to the first rows."""
+        self._shown = (predicted, measured, spread)  # for export_view
         forward = {r.name: r for r in predicted if r.kind in FORWARD_KINDS}
         same_rows = list(forward) == self.names
         self.names = list(forward)
@@ -391,9 +407,66 @@ class ScaleChart(QWidget):
         self.plot.enableAutoRange(x=True)
         if same_rows:
             return
+        if self.marked is not None:  # another model: its rows are others
+            self.plot.removeItem(self.marked)
+            self.marked, self.marked_name = None, ""
         self.plot.getAxis("left").set_names(self.names)
-        self.plot.setLimits(yMin=-1, yMax=max(len(self.names), 1) + 1)
-        self.plot.setYRange(-0.5, min(len(self.names), 60) - 0.5, padding=0)
+        self.plot.setLimits(yMin=-1, yMax=max(len(self.names), 1) + 1, minYRange=2)
+        self.plot.setYRange(-0.5, min(len(self.names), self.rows_that_fit()) - 0.5,
+                            padding=0)
+
+    def export_view(self, title: str) -> QWidget:
+        """A chart for a file: every row (each named, :data:`EXPORT_ROW_PX` apart) under a
+        title line, or, past :data:`EXPORT_MAX_ROWS` rows, the rows in view with the title
+        saying which. Laid out off screen at its size; replaces the previous one."""
+        if self.exported is not None:
+            self.exported.deleteLater()
+        # a window of its own (never on screen) that goes with this chart
+        chart = self.exported = ScaleChart(self)
+        chart.setWindowFlags(Qt.WindowType.Window)
+        chart.set_rows(*self._shown)
+        chart.set_formats(self._format_names)
+        chart.set_collapse(self._collapse)
+        n = max(len(self.names), 1)
+        if n <= EXPORT_MAX_ROWS:
+            lo, hi = 0, n - 1
+        else:
+            y0, y1 = self.plot.getViewBox().viewRange()[1]
+            lo, hi = max(0, math.ceil(y0)), min(n - 1, math.floor(y1))
+            title += f" — rows {lo + 1}–{hi + 1} of {n}, as in the view"
+        chart.plot.setTitle(title, color="k", size="10pt")
+        chart.plot.setYRange(lo - 0.5, hi + 0.5, padding=0)
+        chart.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
+        chart.resize(max(self.width(), EXPORT_MIN_WIDTH),
+                     EXPORT_MARGIN_PX + EXPORT_ROW_PX * (hi - lo + 1))
+        chart.show()
+        for _ in range(3):  # layout, then the axes' sizes
+            QCoreApplication.processEvents()
+        return chart.plot_widget
+
+    def rows_that_fit(self) -> int:
+        """Rows the view can show with every one named (one per ``NameAxis.LABEL_PX``);
+        30 before the chart is laid out."""
+        height = self.plot.getViewBox().height()
+        return max(10, int(height // NameAxis.LABEL_PX)) if height > 50 else 30
+
+    def show_row(self, name: str) -> None:
+        """Scroll the rows so that ``name``'s is in view (centred, at the current zoom, or
+        zoomed in until every row shown is named) and mark it with a band."""
+        if name not in self.names:
+            return
+        y = self.names.index(name)
+        (y0, y1) = self.plot.getViewBox().viewRange()[1]
+        span = min(y1 - y0, self.rows_that_fit())
+        self.plot.setYRange(y - span / 2, y + span / 2, padding=0)
+        if self.marked is None:
+            self.marked = pg.LinearRegionItem(orientation="horizontal", movable=False,
+                                              brush=pg.mkBrush(255, 213, 79, 110),
+                                              pen=pg.mkPen(None))
+            self.marked.setZValue(-8)  # over the format bands, under the markers
+            self.plot.addItem(self.marked, ignoreBounds=True)
+        self.marked.setRegion((y - 0.5, y + 0.5))
+        self.marked_name = name
 
     def _set_ranges(self, measured: Sequence[TensorRow],
                     spread: Mapping[tuple[str, str], SeedSpread], index: dict[str, int]) -> None:
@@ -423,6 +496,7 @@ class ScaleChart(QWidget):
         if self.collapse_line is not None:
             self.plot.removeItem(self.collapse_line)
             self.collapse_line = None
+        self._collapse = collapse
         if collapse is None or collapse.norm not in self.names:
             return
         label = f"tokens' own parts below {collapse.dtype} from here on ↓"
@@ -441,6 +515,7 @@ class ScaleChart(QWidget):
         for band in self.bands:
             self.plot.removeItem(band)
         self.bands = []
+        self._format_names = list(names)
         for name in names:
             fmt = FORMATS[name]
             colour = QColor(BAND_COLOURS.get(name, "#888888"))

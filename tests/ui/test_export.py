@@ -113,6 +113,18 @@ def test_every_figure_exports_png_svg_npy(qtbot, make_window, tmp_path):
     win = make_window(SMALL)
     win.resize(1400, 900)
     qtbot.wait(50)
+    # the positional view is a tab behind Scaling: it computes once shown (the model's
+    # learned table is built in the worker)
+    win.show_dock(win.docks["Positional"])
+
+    def positional_ready() -> bool:
+        try:
+            win.positional_panel.primary.array()
+        except ValueError:
+            return False
+        return True
+
+    qtbot.waitUntil(positional_ready, timeout=30_000)
     panels = [win.scaling_panel, win.positional_panel]
     figures = [(p, f) for p in panels for f in p.export_items() if isinstance(f, Figure)]
     assert {f.key for _, f in figures} >= {"scaleChart", "positional"}
@@ -195,7 +207,7 @@ def test_copy_as_image_copies_the_focused_panels_figure(qtbot, make_window):
     win.scaling_panel.table.setFocus()
     QApplication.processEvents()
     image = win.copy_focused_image()
-    chart = win.scaling_panel.chart.plot_widget
+    chart = win.scaling_panel.chart.exported.plot_widget  # the whole chart, with its title
     assert (image.width(), image.height()) == (2 * chart.width(), 2 * chart.height())
     pasted = QGuiApplication.clipboard().image()
     assert (pasted.width(), pasted.height()) == (image.width(), image.height())

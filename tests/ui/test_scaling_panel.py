@@ -633,3 +633,96 @@ def test_chart_names_as_many_rows_as_fit_and_every_row_zoomed_in(qtbot, window):
     assert rows == [10, 11, 12, 13, 14]
     (step, rows), = axis.tickValues(10, 14, 40)  # 40 px: every other row
     assert step == 2 and rows == [10, 12, 14]
+
+
+def _wheel(qtbot, widget, steps: int) -> None:
+    from PySide6.QtCore import QPoint, QPointF
+    from PySide6.QtGui import QWheelEvent
+    from PySide6.QtWidgets import QApplication
+
+    viewport = widget.viewport()
+    pos = QPointF(viewport.width() / 2, viewport.height() / 2)
+    event = QWheelEvent(pos, viewport.mapToGlobal(pos), QPoint(0, 0), QPoint(0, 120 * steps),
+                        Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier,
+                        Qt.ScrollPhase.NoScrollPhase, False)
+    QApplication.sendEvent(viewport, event)
+    qtbot.wait(20)
+
+
+def test_wheel_zooms_the_rows_only_and_names_every_row_shown(qtbot, window):
+    """The wheel zooms the tensor axis; log₂ RMS keeps its range (zooming both made a smear
+    from -200 to 300). Zoomed in, every row in view has its name."""
+    panel = panel_of(window)
+    window.resize(1366, 768)
+    qtbot.wait(50)
+    plot = panel.chart.plot
+    x_before, y_before = plot.viewRange()
+    _wheel(qtbot, panel.chart.plot_widget, 3)  # zoom in
+    x_in, y_in = plot.viewRange()
+    # (the data's range; the markers' padding in pixels moves it a little as the name
+    # axis widens for longer names)
+    assert x_in == pytest.approx(x_before, abs=0.3)
+    assert (y_in[1] - y_in[0]) < 0.8 * (y_before[1] - y_before[0])
+    _wheel(qtbot, panel.chart.plot_widget, -8)  # and out
+    x_out, y_out = plot.viewRange()
+    assert x_out == pytest.approx(x_before, abs=0.3)
+    assert (y_out[1] - y_out[0]) > (y_in[1] - y_in[0])
+    _wheel(qtbot, panel.chart.plot_widget, 12)  # far in: the limit keeps two rows at least
+    y0, y1 = plot.viewRange()[1]
+    assert y1 - y0 >= 2 - 1e-9
+    axis = plot.getAxis("left")
+    (step, rows), = axis.tickValues(y0, y1, plot.getViewBox().height())
+    visible = [i for i in range(len(panel.chart.names)) if y0 <= i <= y1]
+    assert step == 1 and rows == visible
+    assert axis.tickStrings(rows, 1, 1) == [panel.chart.names[i] for i in visible]
+
+
+def test_chart_png_is_the_whole_chart_with_a_title(qtbot, window, tmp_path):
+    """Zoomed in, the exported chart still shows every row, under a title naming the config;
+    past the row limit it shows the rows in view and says so."""
+    from PySide6.QtGui import QImage
+
+    from app import export
+    from app.widgets import scale_chart
+
+    panel = panel_of(window)
+    panel.chart.plot.setYRange(3, 8, padding=0)  # zoomed in on the screen
+    figure = next(f for f in panel.export_items() if f.key == "scaleChart")
+    path = tmp_path / "chart.png"
+    export.save_item(figure, path)
+    widget = figure.widget()
+    plot = panel.chart.exported.plot
+    n = len(panel.chart.names)
+    assert plot.viewRange()[1] == pytest.approx([-0.5, n - 0.5])
+    title = plot.titleLabel.text
+    cfg = window.config
+    for part in (f"d_model {cfg.d_model}", f"{cfg.n_layers} layers", cfg.parametrization,
+                 "fp8_e4m3", cfg.dtype):
+        assert part in title
+    assert QImage(str(path)).height() == 2 * widget.height() >= \
+        2 * scale_chart.EXPORT_ROW_PX * n
+    axis = plot.getAxis("left")
+    (step, _rows), = axis.tickValues(-0.5, n - 0.5, plot.getViewBox().height())
+    assert step == 1  # every row named in the file
+    assert panel.chart.plot.viewRange()[1] == pytest.approx([3, 8])  # the screen's view stays
+    param = panel.findChild(QComboBox, "scaleParam")
+    param.setCurrentIndex(param.findData("umup"))
+    assert " · umup · " in panel.chart_title()
+    # a preset is named
+    from unitscale_core.presets import load_preset
+
+    window.set_config(load_preset("gpt2-small"))
+    qtbot.waitUntil(panel.prediction_current, timeout=20_000)
+    assert panel.chart_title().startswith("GPT-2 small (124M): decoder, 12 layers")
+    window.set_config(window.config.replace(d_model=64, n_heads=4, d_ff=128, n_layers=20,
+                                            vocab_size=256, seq_len=32, batch_size=2))
+    qtbot.waitUntil(panel.prediction_current, timeout=20_000)
+    assert not panel.chart_title().startswith("GPT-2")
+    n = len(panel.chart.names)
+    assert n > scale_chart.EXPORT_MAX_ROWS
+    panel.chart.plot.setYRange(10, 40, padding=0)
+    figure = next(f for f in panel.export_items() if f.key == "scaleChart")
+    figure.widget()
+    exported = panel.chart.exported.plot
+    assert f"rows 11–41 of {n}, as in the view" in exported.titleLabel.text
+    assert exported.viewRange()[1] == pytest.approx([9.5, 40.5])
