@@ -778,8 +778,10 @@ class TrainingPanel(QWidget):
             bar = slot.progress
             total = slot.info.steps if slot.info is not None else self.steps.value()
             done = slot.records[-1].step if slot.records else 0
-            bar.setRange(0, max(total, 1))
-            bar.setValue(min(done, total))
+            if bar.maximum() != max(total, 1):
+                bar.setRange(0, max(total, 1))
+            if bar.value() != min(done, total):
+                bar.setValue(min(done, total))
             state = {STARTING: "building model…", PAUSED: "paused", DONE: "done",
                      STOPPED: "stopped", FAILED: "failed"}.get(slot.state, "")
             if slot.state == RUNNING and done:

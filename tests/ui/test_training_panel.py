@@ -49,8 +49,10 @@ def enable(panel, *slots: int) -> None:
 
 
 def settle(qtbot, panel) -> None:
-    """Wait until no request of the panel is in flight."""
-    qtbot.waitUntil(lambda: all(s.request is None for s in panel.slots), timeout=TIMEOUT)
+    """Wait until no request of the panel (a run's chunk or an attention snapshot) is in
+    flight."""
+    qtbot.waitUntil(lambda: all(s.request is None for s in panel.slots)
+                    and panel._attention_request is None, timeout=TIMEOUT)
 
 
 def test_constants_mirror_the_trainer():
