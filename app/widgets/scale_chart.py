@@ -371,6 +371,11 @@ class ScaleChart(QWidget):
         self._collapse: Collapse | None = None
         self._format_names: list[str] = []
         self.exported: ScaleChart | None = None  # the last export_view
+        self._fit_rows = False
+        self._fit_range: tuple[float, float] = (0.0, 0.0)
+        vb = self.plot.getViewBox()
+        vb.sigResized.connect(self._refit)
+        vb.sigRangeChangedManually.connect(lambda *_: setattr(self, "_fit_rows", False))
 
     # -- data ----------------------------------------------------------------------------------
     def set_rows(self, predicted: Sequence[TensorRow],
@@ -414,6 +419,21 @@ class ScaleChart(QWidget):
         self.plot.setLimits(yMin=-1, yMax=max(len(self.names), 1) + 1, minYRange=2)
         self.plot.setYRange(-0.5, min(len(self.names), self.rows_that_fit()) - 0.5,
                             padding=0)
+        self._fit_rows = True  # until the view is moved: refitted when it is resized
+        self._fit_range = tuple(self.plot.getViewBox().viewRange()[1])
+
+    def _refit(self, *_args) -> None:
+        """A new model's first view, resized (laid out, or the window resized): as many
+        rows from the top as can all be named. A view scrolled or zoomed since stays."""
+        if not (self._fit_rows and self.names):
+            return
+        vb = self.plot.getViewBox()
+        if not np.allclose(vb.viewRange()[1], self._fit_range):
+            self._fit_rows = False
+            return
+        top = max(-0.5, self._fit_range[0])
+        self.plot.setYRange(top, top + min(len(self.names), self.rows_that_fit()), padding=0)
+        self._fit_range = tuple(vb.viewRange()[1])
 
     def export_view(self, title: str) -> QWidget:
         """A chart for a file: every row (each named, :data:`EXPORT_ROW_PX` apart) under a
