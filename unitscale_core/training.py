@@ -453,8 +453,9 @@ class TrainingRun:
     def run(self, n: int, check_cancelled: Callable[[], None] | None = None) -> list[StepRecord]:
         """Train up to ``n`` more steps (never past ``settings.steps``); the new records.
 
-        ``check_cancelled`` is called before each step; whatever it raises propagates, and the
-        run stays consistent (completed steps are kept). A step whose loss is not finite ends
+        ``check_cancelled`` is called before each step and after its forward and backward
+        passes; whatever it raises propagates, and the run stays consistent (completed steps
+        are kept, the interrupted one left no trace). A step whose loss is not finite ends
         the run: it is recorded, its update is not applied, and :attr:`diverged` says why.
         """
         new: list[StepRecord] = []
@@ -463,7 +464,7 @@ class TrainingRun:
                 break
             if check_cancelled is not None:
                 check_cancelled()
-            new.append(self._train_step())
+            new.append(self._train_step(check_cancelled))
         return new
 
     def attention(self) -> tuple[np.ndarray, list[str]]:
@@ -553,7 +554,12 @@ class TrainingRun:
     def _is_logged(self, step: int) -> bool:
         return step == 1 or step % self.settings.log_every == 0 or step == self.settings.steps
 
-    def _train_step(self) -> StepRecord:
+    def _train_step(self, check: Callable[[], None] | None = None) -> StepRecord:
+        """One step. ``check`` is also called after the forward and after the backward pass
+        (a Stop need not wait for a whole step): until the update nothing of the run has
+        changed (gradients are cleared at the next step, the RNG state is restored on the
+        way out), so whatever it raises leaves the run as it was before the step."""
+        check = check or (lambda: None)
         t0 = time.perf_counter()
         s = self.settings
         step = self.step + 1
@@ -572,7 +578,9 @@ class TrainingRun:
             stack.enter_context(self._rng_context(step))
             torch.manual_seed(_step_seed(s.seed, step))  # dropout masks of this step
             loss = self._loss(batch)
+            check()
             (loss * scale if s.loss_scaling else loss).backward()
+        check()
         if stats is not None:
             stats("loss", "activation", loss)
             for name, p in model.named_parameters():

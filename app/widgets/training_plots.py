@@ -116,7 +116,7 @@ class LossPlot(_CurvePlot):
     """Training loss (cross-entropy, nats per predicted token) per step, one curve per run."""
 
     def __init__(self, parent: QWidget | None = None, title: str = "training loss"):
-        super().__init__(title, "loss (nats / token)", parent, legend_columns=3)
+        super().__init__(title, "loss (nats / token)", parent, legend_columns=1)
         self.setToolTip("Cross-entropy loss of each training step's batch, in nats per "
                         "predicted token (ln V at a uniform guess). Gaps: the loss was not "
                         "finite (overflow).")

@@ -243,7 +243,7 @@ def test_train_reports_progress_and_stops_when_cancelled():
     class Stop(Exception):
         pass
 
-    calls = iter([None, None, Stop()])
+    calls = iter([None] * 6 + [Stop()])  # before, inside (2) each step: raise before step 3
 
     def check():
         exc = next(calls)
@@ -351,3 +351,26 @@ def test_cli_train_prints_the_steps_then_why_it_stopped(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"unitscale train: error: loss became NaN at step {len(rows)} ")
     assert "learning rate 1e+30 is too large" in err
+
+
+def test_a_cancel_inside_a_step_leaves_the_run_as_before_the_step():
+    """Stop need not wait for a whole step: the check also runs after the forward and after
+    the backward pass, and a cancel there changes nothing (the continuation is identical)."""
+    class Stop(Exception):
+        pass
+
+    for fail_at in (2, 3):  # after the forward pass, after the backward pass
+        run = TrainingRun(small(dropout=0.1), TrainSettings(steps=4, log_every=1))
+        run.run(1)
+        def check(calls=[], fail_at=fail_at):  # noqa: B006 - one list per loop turn
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise Stop
+
+        with pytest.raises(Stop):
+            run.run(1, check)
+        assert run.step == 1 and len(run.records) == 1
+        run.run(3)
+        ref = TrainingRun(small(dropout=0.1), TrainSettings(steps=4, log_every=1))
+        ref.run(4)
+        assert run.losses == ref.losses
