@@ -645,8 +645,9 @@ class MainWindow(QMainWindow):
             try:
                 self._clean = load(current)
                 self._path = Path(current)
-            except ConfigError as exc:
-                self.problems.append(f"could not reopen {Path(current).name}: {exc}")
+            except ValueError as exc:
+                name = Path(current).name if "\0" not in current else "the last file"
+                self.problems.append(f"could not reopen {name[:60]}: {_first_line(exc)}")
         for dock in self.docks.values():
             panel = dock.widget()
             if not hasattr(panel, "restore_state"):

@@ -86,7 +86,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .atomic import atomic_open
+from .atomic import FileProblem, atomic_open, read_regular_file
 from .config import DTYPES, PARAMETRIZATIONS, ConfigError, ModelConfig, from_dict
 from .measure import record_tensors
 from .model import build_model
@@ -783,6 +783,10 @@ class TrainingRun:
             self.diverged = self._divergence(last.step, last.loss)
 
 
+#: Largest training checkpoint read back (the training lab's models are megabytes).
+MAX_CHECKPOINT_BYTES = 8 << 30
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and the parsed metadata of a checkpoint file (TrainingError if unusable)."""
     from safetensors import SafetensorError
@@ -792,7 +796,10 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return TrainingError({"checkpoint": f"checkpoint {path.name}: {reason}"})
 
     try:
-        raw = path.read_bytes()
+        # a regular file only (a FIFO would block, /dev/zero read without end), size capped
+        raw = read_regular_file(path, MAX_CHECKPOINT_BYTES, what=f"checkpoint {path.name}")
+    except FileProblem as exc:
+        raise TrainingError({"checkpoint": str(exc)}) from None
     except OSError as exc:
         raise TrainingError({"checkpoint": f"cannot read checkpoint {path}: "
                                            f"{exc.strerror or exc}"}) from None

@@ -915,3 +915,20 @@ def test_alibi_with_absurd_head_counts_is_refused_before_allocating():
         with pytest.raises(PositionalError, match="n_heads=1,000,000,000 makes a"):
             call()
     assert alibi_bias(5000, 2).shape == (5000, 2, 2)  # many heads of a few positions: chunks
+
+
+# -- training checkpoints --------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["fifo", "/dev/zero", "folder"])
+def test_training_checkpoint_on_a_special_file_is_refused_without_blocking(tmp_path, target):
+    """A training checkpoint path that is a FIFO, a device or a folder is refused by name."""
+    from unitscale_core.training import TrainingError, TrainingRun
+
+    if target == "fifo":
+        path = tmp_path / "run.safetensors"
+        os.mkfifo(path)  # read_bytes() on it blocked for ever
+    elif target == "folder":
+        path = tmp_path
+    else:
+        path = Path(target)  # read_bytes() on it read until memory ran out
+    with pytest.raises(TrainingError, match="checkpoint"):
+        TrainingRun.load_checkpoint(str(path))
