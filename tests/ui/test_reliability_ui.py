@@ -52,6 +52,7 @@ def test_thousand_rapid_config_changes(qtbot, make_window):
     win = make_window(TINY)
     panel = win.scaling_panel
     panel.auto.setChecked(True)
+    _wait_idle(qtbot, win)  # a job started before the counters connect would end uncounted
     in_flight = {"n": 0, "max": 0}
 
     def started(*_):
