@@ -186,6 +186,9 @@ class PositionalPanel(QWidget):
         self._table_id = 0
         self._model_table: tuple[ModelConfig, np.ndarray] | None = None
         self._table_wanted = False  # the model's table, to build when the panel is shown
+        # whether its dock's tab is selected (set_active); None: not in a dock, so isVisible.
+        # A widget behind another dock's tab still reports isVisible() True.
+        self._active: bool | None = None
         # a model build cannot be cancelled: it starts once the config has been still for a
         # moment, not on every step of a spin box (nor right before the window closes)
         self._table_timer = QTimer(self, singleShot=True, interval=TABLE_DEBOUNCE_MS)
@@ -365,7 +368,7 @@ class PositionalPanel(QWidget):
         key = self.config.replace(parametrization="standard", dtype="fp32", device="cpu")
         if self._model_table is not None and self._model_table[0] == key:
             return self._model_table[1]
-        if not self.isVisible():  # a hidden tab costs nothing (GPT-2 small: ~1 s of the worker)
+        if not self._on_screen():  # a hidden tab costs nothing (GPT-2 small: ~1 s of the worker)
             self._table_wanted = True
             return None
         self._table_wanted = False
@@ -375,6 +378,9 @@ class PositionalPanel(QWidget):
         return None
 
     def _build_table(self) -> None:
+        if not self._on_screen():  # hidden again within the debounce
+            self._table_wanted = True  # asked for again when the panel is shown
+            return
         key = self._table_key
         self._table_id = self.worker.submit(
             TABLE_CHANNEL, lambda: (key, model_position_table(key)))
@@ -402,9 +408,20 @@ class PositionalPanel(QWidget):
         """The configured model's learned table as last built (None before that)."""
         return None if self._model_table is None else self._model_table[1]
 
+    def _on_screen(self) -> bool:
+        return self._active if self._active is not None else self.isVisible()
+
+    def set_active(self, active: bool) -> None:
+        """Whether the panel is on screen (its dock's tab selected); a model table wanted
+        while hidden is asked for when it becomes active. Connected to
+        ``QDockWidget.visibilityChanged``."""
+        self._active = active
+        if active and self._table_wanted:
+            QTimer.singleShot(0, self.recompute)
+
     def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         super().showEvent(event)
-        if self._table_wanted:
+        if self._table_wanted and self._on_screen():
             QTimer.singleShot(0, self.recompute)
 
     def _on_result(self, channel: str, request_id: int, results) -> None:

@@ -29,7 +29,7 @@ TOLERANCE = 0.32  # log2(1.25)
 
 #: Below the goal even on seed averages (78.4% when this file was added): the tied 32-layer
 #: unit-scaled decoder, whose tokens collapse (its top layers' query and key gradients are fp32
-#: rounding noise) and whose backward scatters ±1–2 log2 per seed (see the README's *Which
+#: rounding noise) and whose backward scatters ±1–2 log2 per seed (see docs/agreement.md, *Which
 #: average* and *Collapse*).
 KNOWN_GAPS = {("unit", "tied-decoder-deep-32")}
 

@@ -10,8 +10,11 @@ from unitscale_core import positional as P
 
 
 @pytest.fixture
-def window(make_window):
-    return make_window()
+def window(make_window, qtbot):
+    win = make_window()
+    win.show_dock(win.docks["Positional"])  # its tab in front: the panel builds a model's table only then
+    qtbot.waitUntil(lambda: win.positional_panel._on_screen())  # noqa: SLF001
+    return win
 
 
 def panel_of(win):

@@ -548,7 +548,7 @@ class _Predictor:
         # (E η² = p/(1−p)) also lets what is constant along a row, g_i·v̄, through the
         # softmax Jacobian; taking g and v̄ independent that term put a tied 8-layer unit
         # decoder's score, query and key gradients 1–1.5 log2 high (the gradient is nearly
-        # orthogonal to what the tokens share, as in the README's rounding-noise finding),
+        # orthogonal to what the tokens share, as in docs/predictor.md's rounding-noise finding),
         # so it is left out: without it that decoder is at 86.9% per seed (80.8% before)
         s_drop = math.sqrt(self.drop_shared)  # 1 without dropout
         gl = a["grad_left"] * s_drop
