@@ -12,7 +12,7 @@ from unitscale_core import positional as P
 @pytest.fixture
 def window(make_window, qtbot):
     win = make_window()
-    win.show_dock(win.docks["Positional"])  # its tab in front: the panel builds a model's table only then
+    win.show_dock(win.docks["Positional"])  # in front: only then is a model table built
     qtbot.waitUntil(lambda: win.positional_panel._on_screen())  # noqa: SLF001
     return win
 
