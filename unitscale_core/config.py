@@ -36,8 +36,10 @@ SCHEMA_VERSION = 1
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
 POSITIONALS = ("sinusoidal", "learned", "relative", "rope", "alibi", "none")
 ATTENTIONS = ("full", "causal", "local", "strided")
-NORMS = ("pre", "post")
-ACTIVATIONS = ("gelu", "relu", "swiglu")
+NORMS = ("pre", "post", "sandwich", "branch_output")
+NORM_TYPES = ("layernorm", "rmsnorm")
+QK_NORMS = ("none", "head", "all_heads")
+ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
 PARAMETRIZATIONS = ("standard", "unit", "umup")
 DTYPES = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
 DEVICES = ("auto", "cpu", "cuda")
@@ -57,6 +59,9 @@ MAX_CONFIG_BYTES = 1 << 20
 #: max_len beyond it overflowed torch's int64 masks). Real sizes are far below; the memory
 #: bound refuses most large ones first.
 MAX_SIZE = 2**53
+#: Most experts a mixture-of-experts layer may have (the largest published MoE layers have
+#: 256 routed experts, DeepSeek-V3; Switch-C 2,048). Each expert is a module in the torch model.
+MAX_EXPERTS = 4096
 #: Characters of a bad value quoted in an error message before "… (N characters)".
 QUOTE_CHARS = 60
 
@@ -65,7 +70,8 @@ FIELD_HELP: dict[str, str] = {
     "architecture": "Encoder (BERT-like, bidirectional), decoder (GPT-like, autoregressive) "
     "or encoder-decoder (Vaswani et al. 2017 / T5) Transformer.",
     "d_model": "Width of the residual stream (hidden size h).",
-    "n_heads": "Number of attention heads a; each head has d_model / n_heads dimensions.",
+    "n_heads": "Number of attention (query) heads a; each head has head_dim dimensions "
+    "(d_model / n_heads unless head_dim is set).",
     "d_ff": "Hidden width of the feed-forward block (usually 4 × d_model).",
     "n_layers": "Number of layers in the encoder or decoder stack (both stacks for "
     "encoder-decoder unless n_decoder_layers is set).",
@@ -81,9 +87,39 @@ FIELD_HELP: dict[str, str] = {
     "attention": "Attention pattern: full, causal, local (a window of keys around each query) "
     "or strided (local window plus every window-th key, Child et al. 2019).",
     "window": "Window size for local and strided attention, in tokens.",
-    "norm": "Pre-norm (LayerNorm before each sub-block, GPT-2) or post-norm (after the "
-    "residual add, BERT / original Transformer).",
-    "activation": "Feed-forward nonlinearity: GELU, ReLU or SwiGLU (gated, three matrices).",
+    "norm": "Where each sub-block's norm sits: pre (before the sub-block, GPT-2, Llama), "
+    "post (after the residual add, BERT / original Transformer), sandwich (before the "
+    "sub-block and on its output before the residual add, Gemma 2) or branch_output (only on "
+    "the sub-block's output before the residual add, OLMo 2).",
+    "norm_type": "layernorm (subtract the mean, divide by the standard deviation; gain and "
+    "bias) or rmsnorm (divide by the root mean square, no mean removal; gain only, Zhang & "
+    "Sennrich 2019; Llama, Mistral, Gemma, OLMo 2).",
+    "n_kv_heads": "Key/value heads; empty means n_heads (multi-head attention). Fewer is "
+    "grouped-query attention (Ainslie et al. 2023; Llama 3: 8 for 32 query heads), 1 is "
+    "multi-query attention. n_heads must be divisible by it.",
+    "head_dim": "Dimensions of each head; empty means d_model / n_heads. When set, q, k and v "
+    "project to n_heads × head_dim (Gemma) and d_model need not be divisible by n_heads.",
+    "qk_norm": "Normalise queries and keys (with norm_type) before the logits: none, head (per "
+    "head over head_dim; Qwen 3, Gemma 3) or all_heads (over the whole q / k projection; "
+    "OLMo 2).",
+    "parallel_residual": "Attention and feed-forward read the same input and add to the "
+    "stream together: x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX / Pythia).",
+    "rotary_fraction": "Share of each head's dimensions that rope rotates (Pythia 0.25; 1 = "
+    "all); the first floor(fraction × head_dim) dimensions are rotated.",
+    "rope_base": "Rope's θ: pair i turns by pos · θ^(−2i/d) (10000 in Su et al. 2021; "
+    "Llama 3 500000).",
+    "n_experts": "Experts in each feed-forward block; 1 is a dense feed-forward, more is a "
+    "routed mixture of experts (Mixtral: 8).",
+    "experts_per_token": "Experts each token is routed to (top-k; Mixtral: 2): a linear "
+    "router, softmax over all experts, the top k kept and renormalised.",
+    "qkv_bias": "Biases on the q, k and v projections; empty follows bias (Qwen 2: true with "
+    "no other biases).",
+    "attn_softcap": "Attention-logit soft cap c: logits ← c·tanh(logits / c) before the "
+    "softmax (Gemma 2: 50); empty for none.",
+    "logit_softcap": "Final-logit soft cap c: logits ← c·tanh(logits / c) before the loss "
+    "(Gemma 2: 30); empty for none.",
+    "activation": "Feed-forward nonlinearity: GELU, ReLU, SwiGLU (silu gate, three matrices) "
+    "or GeGLU (GELU-tanh gate, three matrices; Gemma).",
     "bias": "Add biases to linear layers and LayerNorms.",
     "tie_embeddings": "Share the output head's weights with the token embedding.",
     "dropout": "Dropout probability (0 ≤ p < 1); dropout masks add to activation memory.",
@@ -157,6 +193,19 @@ class ModelConfig:
     dtype: str = "fp32"
     device: str = "auto"
     seed: int = field(default=0)
+    # Modern-architecture fields (issue 21); the defaults are the models above.
+    norm_type: str = "layernorm"
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    qk_norm: str = "none"
+    parallel_residual: bool = False
+    rotary_fraction: float = 1.0
+    rope_base: float = 10000.0
+    n_experts: int = 1
+    experts_per_token: int = 1
+    qkv_bias: bool | None = None
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         errors = _validate(self)
@@ -165,9 +214,42 @@ class ModelConfig:
 
     # -- derived sizes ---------------------------------------------------------------------
     @property
-    def head_dim(self) -> int:
-        """d_head = d_model / n_heads."""
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """d_head: ``head_dim`` when set, else d_model / n_heads."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads`` when set, else ``n_heads``."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def attn_width(self) -> int:
+        """Width of the q projection and of the attention context: n_heads × d_head."""
+        return self.n_heads * self.head_size
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the k and v projections: kv_heads × d_head."""
+        return self.kv_heads * self.head_size
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dimensions of each head that rope rotates: floor(rotary_fraction × d_head), as
+        GPT-NeoX computes ``rotary_ndims`` (0 unless positional is rope)."""
+        if self.positional != "rope":
+            return 0
+        return int(self.head_size * self.rotary_fraction)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        """Whether q, k, v carry biases: ``qkv_bias`` when set, else ``bias``."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def is_moe(self) -> bool:
+        """A routed mixture of experts in every feed-forward block."""
+        return self.n_experts > 1
 
     @property
     def encoder_layers(self) -> int:
@@ -201,6 +283,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "positional": POSITIONALS,
     "attention": ATTENTIONS,
     "norm": NORMS,
+    "norm_type": NORM_TYPES,
+    "qk_norm": QK_NORMS,
     "activation": ACTIVATIONS,
     "parametrization": PARAMETRIZATIONS,
     "dtype": DTYPES,
@@ -208,13 +292,25 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE_INTS = (
     "d_model", "n_heads", "d_ff", "n_layers", "vocab_size", "max_len", "seq_len",
-    "batch_size", "window",
+    "batch_size", "window", "n_experts", "experts_per_token",
 )
-BOOLS = ("bias", "tie_embeddings")
+OPTIONAL_POSITIVE_INTS = ("n_decoder_layers", "n_kv_heads", "head_dim")
+BOOLS = ("bias", "tie_embeddings", "parallel_residual")
+OPTIONAL_BOOLS = ("qkv_bias",)
+OPTIONAL_POSITIVE_FLOATS = ("attn_softcap", "logit_softcap")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: int | float) -> bool:
+    """math.isfinite without OverflowError on a 401-digit int (an int is finite)."""
+    return _is_int(value) or math.isfinite(value)
 
 
 def _validate(cfg: ModelConfig) -> dict[str, str]:
@@ -232,14 +328,19 @@ def _validate(cfg: ModelConfig) -> dict[str, str]:
             errors[name] = f"{name}={quote(value)} must be positive"
         elif value > MAX_SIZE:
             errors[name] = f"{name}={quote(value)} is above 2**53, beyond any size or index"
-    if cfg.n_decoder_layers is not None:
-        if not _is_int(cfg.n_decoder_layers):
-            errors["n_decoder_layers"] = (
-                f"n_decoder_layers={quote(cfg.n_decoder_layers)} must be a whole number or empty"
-            )
-        elif cfg.n_decoder_layers <= 0:
-            errors["n_decoder_layers"] = (f"n_decoder_layers={quote(cfg.n_decoder_layers)} "
-                                          "must be positive")
+    for name in OPTIONAL_POSITIVE_INTS:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not _is_int(value):
+            errors[name] = f"{name}={quote(value)} must be a whole number or empty"
+        elif value <= 0:
+            errors[name] = f"{name}={quote(value)} must be positive"
+        elif value > MAX_SIZE:
+            errors[name] = f"{name}={quote(value)} is above 2**53, beyond any size or index"
+    if "n_experts" not in errors and cfg.n_experts > MAX_EXPERTS:
+        errors["n_experts"] = (f"n_experts={quote(cfg.n_experts)} is above {MAX_EXPERTS:,}, "
+                               "more experts than any published mixture")
     for name in ("n_layers", "n_decoder_layers"):
         value = getattr(cfg, name)
         if name not in errors and _is_int(value) and value > MAX_LAYERS:
@@ -253,6 +354,29 @@ def _validate(cfg: ModelConfig) -> dict[str, str]:
     for name in BOOLS:
         if not isinstance(getattr(cfg, name), bool):
             errors[name] = f"{name}={quote(getattr(cfg, name))} must be true or false"
+    for name in OPTIONAL_BOOLS:
+        value = getattr(cfg, name)
+        if value is not None and not isinstance(value, bool):
+            errors[name] = f"{name}={quote(value)} must be true, false or empty"
+    for name in OPTIONAL_POSITIVE_FLOATS:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not _is_number(value):
+            errors[name] = f"{name}={quote(value)} must be a number or empty"
+        elif not (_finite(value) and value > 0):
+            errors[name] = f"{name}={quote(value)} must be a positive finite number or empty"
+    fraction = cfg.rotary_fraction
+    if not _is_number(fraction):
+        errors["rotary_fraction"] = f"rotary_fraction={quote(fraction)} must be a number"
+    elif not (_finite(fraction) and 0 < fraction <= 1):
+        errors["rotary_fraction"] = (f"rotary_fraction={quote(fraction)} must be above 0 and "
+                                     "at most 1")
+    base = cfg.rope_base
+    if not _is_number(base):
+        errors["rope_base"] = f"rope_base={quote(base)} must be a number"
+    elif not (_finite(base) and 1 < base <= 1e12):
+        errors["rope_base"] = f"rope_base={quote(base)} must be above 1 and at most 1e12"
     dropout = cfg.dropout
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
         errors["dropout"] = f"dropout={quote(dropout)} must be a number"
@@ -262,18 +386,37 @@ def _validate(cfg: ModelConfig) -> dict[str, str]:
     if errors:  # relations below need well-typed fields
         return errors
     d, h = quote(cfg.d_model), quote(cfg.n_heads)
-    if cfg.n_heads > cfg.d_model:
+    if cfg.head_dim is None and cfg.n_heads > cfg.d_model:
         errors["n_heads"] = (f"n_heads={h} is above d_model={d}; each head needs at least one "
                              "dimension")
-    elif cfg.d_model % cfg.n_heads:
+    elif cfg.head_dim is None and cfg.d_model % cfg.n_heads:
         errors["d_model"] = f"d_model={d} is not divisible by n_heads={h}"
-    elif cfg.positional == "rope" and cfg.head_dim % 2:
+    elif cfg.positional == "rope" and cfg.rotary_dims % 2 and cfg.rotary_fraction == 1 \
+            and cfg.head_dim is None:
         errors["d_model"] = (
-            f"d_model={d} gives odd head size {quote(cfg.head_dim)} with n_heads={h}; "
+            f"d_model={d} gives odd head size {quote(cfg.head_size)} with n_heads={h}; "
             "rope rotates pairs of dimensions and needs an even head size"
         )
+    elif cfg.positional == "rope" and cfg.rotary_dims % 2:
+        field_name = "rotary_fraction" if cfg.rotary_fraction < 1 else "head_dim"
+        errors[field_name] = (
+            f"{field_name}={quote(getattr(cfg, field_name))} gives an odd number of rotated "
+            f"dimensions ({cfg.rotary_dims} of head size {cfg.head_size}); rope rotates pairs "
+            "of dimensions"
+        )
+    elif cfg.positional == "rope" and cfg.rotary_dims == 0:
+        errors["rotary_fraction"] = (f"rotary_fraction={quote(cfg.rotary_fraction)} rotates no "
+                                     f"dimension of head size {cfg.head_size}")
     elif cfg.positional == "sinusoidal" and cfg.d_model % 2:
         errors["d_model"] = f"d_model={d} must be even for sinusoidal positions"
+    if cfg.n_kv_heads is not None and cfg.n_heads % cfg.n_kv_heads:
+        errors["n_kv_heads"] = (f"n_kv_heads={quote(cfg.n_kv_heads)} does not divide "
+                                f"n_heads={h}; each key/value head serves a whole group of "
+                                "query heads")
+    if cfg.experts_per_token > cfg.n_experts:
+        errors["experts_per_token"] = (
+            f"experts_per_token={quote(cfg.experts_per_token)} is above "
+            f"n_experts={quote(cfg.n_experts)}")
     if cfg.vocab_size < 2:  # one token: the loss is identically 0, no gradient to predict
         errors["vocab_size"] = f"vocab_size={cfg.vocab_size} must be at least 2"
     if cfg.seq_len > cfg.max_len:
@@ -296,7 +439,10 @@ def _memory_errors(cfg: ModelConfig) -> dict[str, str]:
         return {}
     # Blame the field that contributes most: the largest of the size fields relative to default
     # (exact fractions: a 400-digit size divided as floats would overflow).
-    sizes = ["d_model", "d_ff", "n_layers", "vocab_size", "seq_len", "batch_size", "max_len"]
+    sizes = ["d_model", "d_ff", "n_layers", "vocab_size", "seq_len", "batch_size", "max_len",
+             "n_experts"]
+    if cfg.head_dim is not None:
+        sizes.append("head_dim")
     if cfg.architecture == "encoder-decoder" and cfg.n_decoder_layers is not None:
         sizes.append("n_decoder_layers")  # (None for the other architectures: no fraction)
     culprit = max(sizes, key=lambda n: Fraction(getattr(cfg, n),
@@ -425,6 +571,6 @@ def save(cfg: ModelConfig, path: str | os.PathLike[str]) -> None:
 
 __all__ = [
     "ConfigError", "ModelConfig", "FIELD_NAMES", "FIELD_HELP", "DEFAULTS", "CHOICES",
-    "MAX_CONFIG_BYTES", "MAX_LAYERS", "SCHEMA_VERSION", "quote", "backup_path", "from_dict",
+    "MAX_CONFIG_BYTES", "MAX_EXPERTS", "MAX_LAYERS", "SCHEMA_VERSION", "quote", "backup_path", "from_dict",
     "load", "loads", "save", "dumps_json", "dumps_toml", "to_file_dict",
 ]

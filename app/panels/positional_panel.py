@@ -324,7 +324,7 @@ class PositionalPanel(QWidget):
                 self.kind.setCurrentIndex(self.kind.findData(config.positional))
             self.length.setValue(min(config.max_len, MAX_LENGTH))
             # RoPE rotates each head's vectors; the other schemes span the whole width.
-            width = config.head_dim if config.positional == "rope" else config.d_model
+            width = config.head_size if config.positional == "rope" else config.d_model
             self.d_model.setValue(min(width, self.d_model.maximum()))
             self.heads.setValue(min(config.n_heads, self.heads.maximum()))
             self.bidirectional.setChecked(config.architecture == "encoder")
@@ -514,7 +514,7 @@ def spec_for_config(config: ModelConfig, base: ViewSpec | None = None) -> ViewSp
     defaults); None when the model uses no positions."""
     if config.positional not in KINDS:
         return None
-    width = config.head_dim if config.positional == "rope" else config.d_model
+    width = config.head_size if config.positional == "rope" else config.d_model
     return dataclasses.replace(
         base or ViewSpec(), kind=config.positional, length=min(config.max_len, MAX_LENGTH),
         d_model=max(2, min(width, 8192)), n_heads=min(config.n_heads, 256),

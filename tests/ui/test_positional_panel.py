@@ -40,7 +40,7 @@ def test_follows_config_kind_and_d_model(qtbot, window):
 def test_rope_uses_head_size(qtbot, window):
     panel = panel_of(window)
     window.model_panel.findChild(QComboBox, "positional").setCurrentText("rope")
-    assert panel.d_model.value() == window.config.head_dim == 64
+    assert panel.d_model.value() == window.config.head_size == 64
     assert panel.primary.heatmap.data.shape == (512, 32)  # cos of [max_len, d/2] angles
 
 

@@ -78,7 +78,7 @@ class Positions(nn.Module):
         elif self.kind == "alibi":
             ctx.bias = torch.from_numpy(positional.alibi_bias(cfg.n_heads, t)).to(device, dtype)
         elif self.kind == "rope":
-            theta = torch.from_numpy(positional.rope_angles(t, cfg.head_dim)).to(device)
+            theta = torch.from_numpy(positional.rope_angles(t, cfg.head_size)).to(device)
             ctx.rope = (theta.cos().to(dtype), theta.sin().to(dtype))  # (T, D/2) each
         return ctx
 

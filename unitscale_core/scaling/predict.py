@@ -154,7 +154,7 @@ class _Predictor:
         self.p = cfg.parametrization
         self.unit = self.p != "standard"
         self.c = cfg.d_model
-        self.dh = cfg.head_dim
+        self.dh = cfg.head_size
         self.b = cfg.batch_size
         self.t = cfg.seq_len
         self.rows = self.b * self.t
