@@ -413,6 +413,10 @@ def _validate(cfg: ModelConfig) -> dict[str, str]:
         errors["n_kv_heads"] = (f"n_kv_heads={quote(cfg.n_kv_heads)} does not divide "
                                 f"n_heads={h}; each key/value head serves a whole group of "
                                 "query heads")
+    if cfg.parallel_residual and cfg.norm != "pre":
+        errors["parallel_residual"] = (
+            f"parallel_residual=true needs norm='pre' (both sub-blocks read the normed stream; "
+            f"norm={quote(cfg.norm)} has no parallel form in any published model)")
     if cfg.experts_per_token > cfg.n_experts:
         errors["experts_per_token"] = (
             f"experts_per_token={quote(cfg.experts_per_token)} is above "
@@ -571,6 +575,7 @@ def save(cfg: ModelConfig, path: str | os.PathLike[str]) -> None:
 
 __all__ = [
     "ConfigError", "ModelConfig", "FIELD_NAMES", "FIELD_HELP", "DEFAULTS", "CHOICES",
-    "MAX_CONFIG_BYTES", "MAX_EXPERTS", "MAX_LAYERS", "SCHEMA_VERSION", "quote", "backup_path", "from_dict",
+    "MAX_CONFIG_BYTES", "MAX_EXPERTS", "MAX_LAYERS", "SCHEMA_VERSION", "quote", "backup_path",
+    "from_dict",
     "load", "loads", "save", "dumps_json", "dumps_toml", "to_file_dict",
 ]
