@@ -260,6 +260,26 @@ def test_rope_decorrelates_what_queries_and_keys_share():
     assert len(top) == 8 and max(map(abs, top.values())) <= 0.32, top
 
 
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+def test_rope_leaves_cross_attention_key_bias_without_gradient(param):
+    """Cross-attention is never rotated, so its key bias shifts each query's logits
+    uniformly and softmax gives it no gradient (measured ~1e-10…1e-7), however the
+    self-attentions are positioned; with RoPE applied to it the prediction was
+    1e-4…0.1. The rotated self-attentions' key biases keep theirs."""
+    cfg = ModelConfig(architecture="encoder-decoder", positional="rope", d_model=64,
+                      n_heads=4, d_ff=256, n_layers=2, vocab_size=256, max_len=32,
+                      seq_len=16, batch_size=4, tie_embeddings=False, seed=100,
+                      parametrization=param)
+    errors = log2_errors(cfg)
+    cross = {name: (pred, meas) for (name, kind), (_e, pred, meas) in errors.items()
+             if kind == "grad_weight" and name.endswith("cross_attn.k.bias")}
+    assert len(cross) == 2
+    assert all(pred == 0.0 and meas < 1e-6 for pred, meas in cross.values()), cross
+    own = {name: err for (name, kind), (err, pred, _m) in errors.items()
+           if kind == "grad_weight" and name.endswith("attn.k.bias") and "cross" not in name}
+    assert len(own) == 4 and max(map(abs, own.values())) <= 1.0, own
+
+
 def test_tied_norm_gains_get_the_self_logits_pull():
     """Standard, tied, pre-norm: growing a branch dilutes the token's own embedding in the
     final stream and lowers its (dominant) self-logit, so every norm gain's gradient has a

@@ -578,7 +578,7 @@ class _Predictor:
                 share))
             g_ks.append((covariance.key_gradient(
                 amap, g_ctx, v, a["q"], sum_p2, grp["gf"], grp["excess"],
-                zero_sum=self.cfg.positional != "rope"), share))
+                zero_sum=not a["rope"]), share))
             # K and V are projections of one input, so the gradient reaching a key (through
             # its value) and reaching a value (through its key's logits) both depend on that
             # input: the weight gradients have a mean part besides the products pair_sum
@@ -601,8 +601,9 @@ class _Predictor:
         extra_k = self.b * gain * gain * kappa_v * coherent
         extra_v = self.b * gain_v * gain_v * a["m_fwd"] ** 2 * dh * kappa_k * coherent
         # the key bias shifts every logit of a row equally, which softmax ignores — unless
-        # RoPE rotates it differently at each position
-        gk = self.linear_bwd(a["lk"], g_k, zero_bias_grad=self.cfg.positional != "rope",
+        # RoPE rotates it differently at each position; this attention's own positional
+        # (cross-attention is never rotated, whatever the config's self-attention uses)
+        gk = self.linear_bwd(a["lk"], g_k, zero_bias_grad=not a["rope"],
                              extra=extra_k)
         gv = self.linear_bwd(a["lv"], g_v, extra=extra_v)
         return gq, gk, gv
