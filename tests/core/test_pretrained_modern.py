@@ -147,3 +147,40 @@ def test_single_file_is_preferred_over_an_index(shard_copy):
     single = _write_tiny_gpt2(shard_copy.parent / "single")
     (single / INDEX).write_text("{nope")  # not read when model.safetensors is there
     assert P.load_checkpoint(single).config.n_layers == 2
+
+
+# -- GQA labels ---------------------------------------------------------------------------------
+
+def test_head_labels_name_each_query_heads_kv_group():
+    from unitscale_core.attention_views import head_label, kv_group, kv_summary
+
+    assert [kv_group(h, 8, 2) for h in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert head_label(5, 8, 2) == "head 5 · kv 1"
+    assert head_label(5, 8, None) == head_label(5, 8, 8) == "head 5"
+    assert head_label(3, 4, 1) == "head 3 · kv 0"  # multi-query attention
+    assert kv_summary(8, 2) == "8 query heads share 2 K/V heads (kv 0: heads 0–3; kv 1: heads 4–7)"
+    assert kv_summary(8, None) == ""
+
+
+def test_cli_attention_names_the_kv_group_of_each_head(tmp_path, capsys):
+    from unitscale_core import cli
+
+    config = tmp_path / "gqa.json"
+    config.write_text(json.dumps({"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
+                                  "n_layers": 2, "vocab_size": 500, "max_len": 64,
+                                  "seq_len": 16, "device": "cpu"}))
+    out = tmp_path / "att.npz"
+    assert cli.main(["attention", "--config", str(config), "--text", "a b c",
+                     "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4 query heads share 2 K/V heads (kv 0: heads 0–1; kv 1: heads 2–3)" in text
+    with np.load(out) as data:
+        assert data["kv_head"].tolist() == [0, 0, 1, 1]
+        assert data["attentions"].shape[1] == 4  # one map per query head
+    mha = tmp_path / "mha.json"
+    mha.write_text(config.read_text().replace('"n_kv_heads": 2, ', ""))
+    assert cli.main(["attention", "--config", str(mha), "--text", "a b c",
+                     "--out", str(out)]) == 0
+    assert "K/V" not in capsys.readouterr().out
+    with np.load(out) as data:
+        assert "kv_head" not in data
