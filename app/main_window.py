@@ -62,6 +62,18 @@ SAVE_FILTERS = {"JSON (*.json)": ".json", "TOML (*.toml)": ".toml"}
 log = logging.getLogger(__name__)
 
 
+def job_label(channel: str) -> str:
+    """A worker channel as the status bar names it: ``training.1`` is "training run B" (the
+    training panel's runs are channels ``training.0`` …), ``training.attention`` "training
+    attention maps"; other channels are already words (``measure``, ``attention``)."""
+    head, _, tail = channel.partition(".")
+    if head == "training" and tail.isdigit() and int(tail) < 26:
+        return f"training run {chr(ord('A') + int(tail))}"
+    if head == "training" and tail == "attention":
+        return "training attention maps"
+    return channel.replace(".", " ")
+
+
 class MainWindow(QMainWindow):
     """``MainWindow()`` opens on the default config; ``config`` is always the last valid one."""
 
@@ -516,8 +528,8 @@ class MainWindow(QMainWindow):
         bar = self.statusBar()
         if jobs:
             more = f" (+{len(jobs) - 1} queued)" if len(jobs) > 1 else ""
-            text = f"running {jobs[0]}…{more}"
-            self.cancel_button.setToolTip(f"Cancel {', '.join(jobs)} (Esc)")
+            text = f"running {job_label(jobs[0])}…{more}"
+            self.cancel_button.setToolTip(f"Cancel {', '.join(map(job_label, jobs))} (Esc)")
             if text != self._running_text or bar.currentMessage() != text:
                 bar.showMessage(text)
             self._running_text = text

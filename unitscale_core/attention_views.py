@@ -47,6 +47,34 @@ class AttentionResult:
     rollout: np.ndarray | None = None
     #: the same summaries per kind ("self", "encoder", "cross") when reduced on the device
     summaries: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)
+    #: key/value heads (grouped-query attention) when fewer than the query heads, else None;
+    #: the maps stay one per query head (see :func:`head_label`)
+    kv_heads: int | None = None
+
+
+def kv_group(head: int, heads: int, kv_heads: int | None) -> int | None:
+    """The K/V head query head ``head`` reads: ``head // (heads / kv_heads)`` (HF's
+    ``repeat_kv``: consecutive query heads share one K/V head), or None without GQA."""
+    if not kv_heads or kv_heads >= heads:
+        return None
+    return head // (heads // kv_heads)
+
+
+def head_label(head: int, heads: int, kv_heads: int | None) -> str:
+    """``"head 5 · kv 1"`` for a query head sharing K/V head 1, ``"head 5"`` without GQA."""
+    group = kv_group(head, heads, kv_heads)
+    return f"head {head}" if group is None else f"head {head} · kv {group}"
+
+
+def kv_summary(heads: int, kv_heads: int | None) -> str:
+    """One line naming each K/V head's query heads: ``"8 query heads share 2 K/V heads
+    (kv 0: heads 0–3; kv 1: heads 4–7)"``, or "" without GQA."""
+    if kv_group(0, heads, kv_heads) is None:
+        return ""
+    size = heads // kv_heads
+    groups = "; ".join(f"kv {g}: heads {g * size}–{(g + 1) * size - 1}" if size > 1
+                       else f"kv {g}: head {g}" for g in range(kv_heads))
+    return f"{heads} query heads share {kv_heads} K/V heads ({groups})"
 
 
 class _DeviceReducer:
@@ -134,7 +162,8 @@ def configured_attentions(cfg: ModelConfig, text: str, check_cancelled=None,
     mask = allowed_mask(t, t, cfg.attention, cfg.window, causal)
     result = AttentionResult(
         attentions=np.zeros((0,), np.float32), tokens=enc.tokens, truncated=enc.truncated,
-        note=note, allowed=None if mask is None else mask.numpy())
+        note=note, allowed=None if mask is None else mask.numpy(),
+        kv_heads=cfg.kv_heads if cfg.kv_heads < cfg.n_heads else None)
     stack = lambda keys: np.stack([probs[k] for k in keys]).astype(np.float32)  # noqa: E731
     if reducers:
         result.factor = factor
@@ -177,7 +206,9 @@ def checkpoint_attentions(loaded, text: str) -> AttentionResult:
     t = len(tokens)
     allowed = np.tril(np.ones((t, t), dtype=bool)) if loaded.kind == "gpt2" else None
     note = f"{loaded.kind} checkpoint {loaded.folder}"
-    return AttentionResult(probs, tokens, truncated, note, allowed=allowed)
+    cfg = loaded.config
+    return AttentionResult(probs, tokens, truncated, note, allowed=allowed,
+                           kv_heads=cfg.kv_heads if cfg.kv_heads < cfg.n_heads else None)
 
 
 def head_average(att: np.ndarray) -> np.ndarray:

@@ -214,7 +214,7 @@ def cmd_attention(args: argparse.Namespace) -> str:
     import numpy as np
 
     from .atomic import atomic_open
-    from .attention_views import checkpoint_attentions, configured_attentions
+    from .attention_views import checkpoint_attentions, configured_attentions, kv_group, kv_summary
 
     if (args.model is None) == (args.config is None):
         raise UserError("give exactly one of --model minilm|FOLDER and --config FILE")
@@ -231,6 +231,10 @@ def cmd_attention(args: argparse.Namespace) -> str:
         result = checkpoint_attentions(loaded, args.text)
     arrays = {"attentions": result.attentions.astype(np.float32),
               "tokens": np.array(result.tokens, dtype=np.str_)}
+    heads = result.attentions.shape[1] if result.attentions.ndim == 4 else 0
+    if kv_group(0, heads, result.kv_heads) is not None:  # GQA: each query head's K/V head
+        arrays["kv_head"] = np.array([kv_group(h, heads, result.kv_heads)
+                                      for h in range(heads)], dtype=np.int64)
     if result.cross_attentions is not None:
         arrays["cross_attentions"] = result.cross_attentions.astype(np.float32)
         arrays["encoder_attentions"] = result.encoder_attentions.astype(np.float32)
@@ -241,7 +245,9 @@ def cmd_attention(args: argparse.Namespace) -> str:
         raise UserError(_write_error(args.out, exc)) from None
     shape = list(result.attentions.shape)
     cut = f"; text cut by {result.truncated} tokens to fit" if result.truncated else ""
-    return f"wrote {args.out}: attentions {shape} (layers, heads, query, key){cut}"
+    groups = kv_summary(heads, result.kv_heads)
+    groups = f"; {groups}, kv_head[h] in the file" if groups else ""
+    return f"wrote {args.out}: attentions {shape} (layers, heads, query, key){groups}{cut}"
 
 
 def cmd_measure(args: argparse.Namespace) -> str:

@@ -30,7 +30,11 @@ Safety: weights are only ever read with ``safetensors`` (no code runs while load
 that offers only pickled checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``, …) is refused
 without opening any of its files. Every problem with a folder raises :class:`PretrainedError`
 (a ``ValueError``) with a one-line message naming it; tensor names and shapes are checked
-against the file's header before any model memory is allocated.
+against the file's header before any model memory is allocated. A sharded checkpoint
+(``model.safetensors.index.json``) is read through its ``weight_map``: each shard must be a
+``*.safetensors`` file in the folder itself (a name with a folder, ``..``, a link leading out,
+a missing shard or any other suffix is refused by name before anything is read), and must hold
+the tensors the index assigns it.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+#: A sharded checkpoint's index: ``{"weight_map": {tensor name: shard file name}}``.
+INDEX_FILE = f"{WEIGHTS_FILE}.index.json"
+#: Largest index read (a 70B model's is ~100 kB) and most shards opened.
+MAX_INDEX_BYTES = 64 << 20
+MAX_SHARDS = 10_000
 #: File endings of pickled PyTorch checkpoints: never opened (unpickling runs code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: ``hidden_act`` / ``activation_function`` values → (our activation, F.gelu's approximate).
@@ -380,9 +389,8 @@ def _check_weights_present(folder: Path) -> Path:
     weights = folder / WEIGHTS_FILE
     if weights.is_file():
         return weights
-    if (folder / f"{WEIGHTS_FILE}.index.json").is_file():
-        raise PretrainedError(f"{folder.name}: sharded checkpoints ({WEIGHTS_FILE}.index.json) "
-                              f"are not supported; save the model as a single {WEIGHTS_FILE}")
+    if (folder / INDEX_FILE).is_file():  # sharded: the index names the shards
+        return folder / INDEX_FILE
     try:  # names only: none of these files is opened
         pickles = sorted(p.name for p in folder.iterdir()
                          if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
@@ -483,6 +491,90 @@ class _Weights:
             return self._handle.get_tensor(key)
         except Exception as exc:
             raise self._corrupt(exc) from None
+
+
+def _shard_path(folder: Path, index: str, name: Any) -> Path:
+    """The shard ``name`` an index names: a plain ``*.safetensors`` file name inside
+    ``folder`` (no folders, no ``..``, no link leading out), present; else a refusal naming
+    it. A pickled shard (``pytorch_model-00001-of-00002.bin``) is refused unopened."""
+    if not isinstance(name, str) or not name:
+        raise PretrainedError(f"{index}: a shard name {quote(name)} is not a file name")
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise PretrainedError(f"{index}: shard {quote(name)} points outside the checkpoint "
+                              "folder; shards must be files in the folder itself")
+    if not name.endswith(".safetensors"):
+        raise PretrainedError(f"{index}: shard {quote(name)} is not a .safetensors file; this "
+                              "program reads safetensors only (pickles are never opened)")
+    path = folder / name
+    try:
+        inside = path.resolve().parent == folder.resolve()
+        present = path.is_file()
+    except (OSError, RuntimeError) as exc:  # a loop of links, a name too long
+        raise PretrainedError(f"{index}: shard {quote(name)} cannot be opened: "
+                              f"{_first_line(exc)}") from None
+    if not inside:
+        raise PretrainedError(f"{index}: shard {quote(name)} is a link leading outside the "
+                              "checkpoint folder")
+    if not present:
+        raise PretrainedError(f"{index}: shard {quote(name)} is missing from {folder.name}")
+    return path
+
+
+class _ShardedWeights:
+    """A sharded checkpoint (``model.safetensors.index.json`` + its shards) read as one
+    :class:`_Weights`: the index's ``weight_map`` says which shard holds each tensor; every
+    shard is checked (:func:`_shard_path`) and opened with safetensors before any is read."""
+
+    def __init__(self, index_path: Path):
+        self.name = index_path.name
+        folder = index_path.parent
+        raw = _read_limited(index_path, MAX_INDEX_BYTES)
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise PretrainedError(f"{self.name} is not valid JSON: {_first_line(exc)}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise PretrainedError(f"{self.name} has no 'weight_map' naming the shard of each "
+                                  "tensor")
+        shards = sorted(set(map(str, weight_map.values()))) \
+            if all(isinstance(v, str) for v in weight_map.values()) else None
+        if shards is None:
+            bad = next(v for v in weight_map.values() if not isinstance(v, str))
+            raise PretrainedError(f"{self.name}: a shard name {quote(bad)} is not a file name")
+        if len(shards) > MAX_SHARDS:
+            raise PretrainedError(f"{self.name} names {len(shards):,} shards, more than "
+                                  f"{MAX_SHARDS:,}")
+        paths = {name: _shard_path(folder, self.name, name) for name in shards}
+        self._shards: dict[str, _Weights] = {}
+        try:
+            for name, path in paths.items():
+                self._shards[name] = _Weights(path)
+            for key, name in weight_map.items():
+                if key not in self._shards[name].keys:
+                    raise PretrainedError(f"{self.name} puts {quote(key)} in {name}, which does "
+                                          "not hold it")
+        except BaseException:
+            self.close()
+            raise
+        self._where = {key: self._shards[name] for key, name in weight_map.items()}
+        self.keys = set(weight_map)
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+        self._shards = {}
+
+    def header(self, key: str) -> tuple[tuple[int, ...], str]:
+        return self._where[key].header(key)
+
+    def tensor(self, key: str) -> Tensor:
+        return self._where[key].tensor(key)
+
+
+def _open_weights(path: Path) -> _Weights | _ShardedWeights:
+    """``model.safetensors``, or the shards its index names."""
+    return _ShardedWeights(path) if path.name == INDEX_FILE else _Weights(path)
 
 
 def _prefix(keys: set[str], anchor: str) -> str:
@@ -618,7 +710,8 @@ class Encoded:
 def load_checkpoint(folder: str | os.PathLike[str]) -> Pretrained:
     """Load a Hugging Face BERT-family or GPT-2 checkpoint folder into our model classes.
 
-    Reads ``config.json``, ``model.safetensors`` and ``tokenizer.json``; raises
+    Reads ``config.json``, ``model.safetensors`` (or the shards ``model.safetensors.index.json``
+    names) and ``tokenizer.json``; raises
     :class:`PretrainedError` with one line naming the first problem found.
     """
     path = Path(folder)
@@ -627,7 +720,7 @@ def load_checkpoint(folder: str | os.PathLike[str]) -> Pretrained:
     weights_path = _check_weights_present(path)
     plan = _plan(_read_config(path))
     tokenizer = _read_tokenizer(path)
-    weights = _Weights(weights_path)
+    weights = _open_weights(weights_path)
     try:
         prefix = _prefix(weights.keys, ANCHORS[plan.kind])
         model = _materialise(plan, weights, prefix)

@@ -53,6 +53,7 @@ from unitscale_core.attention_views import (
     AttentionResult,
     entropy,
     head_average,
+    head_label,
     reduce_for_display,
     rollout,
     uniform_entropy,
@@ -135,6 +136,12 @@ class KindMaps:
     thumb_factor: int
     query_tokens: list[str]
     key_tokens: list[str]
+    #: K/V heads under grouped-query attention (None: one per query head); maps stay one
+    #: per query head, labelled "head 5 · kv 1"
+    kv_heads: int | None = None
+
+    def head_name(self, head: int) -> str:
+        return head_label(head, self.heads, self.kv_heads)
 
     @property
     def layers(self) -> int:
@@ -222,8 +229,10 @@ def compute_maps(source: str, text: str, config: ModelConfig, folder: str | None
         name = "all-MiniLM-L6-v2" if source == "minilm" else _short(Path(folder).name)
     if not result.tokens:
         raise ValueError("the text has no tokens")
-    return AttentionMaps(source=name, kinds=_kinds(result, config if source == "configured"
-                                                   else None, max_side, check),
+    kinds = _kinds(result, config if source == "configured" else None, max_side, check)
+    for km in kinds.values():
+        km.kv_heads = result.kv_heads
+    return AttentionMaps(source=name, kinds=kinds,
                          n_tokens=len(result.tokens), truncated=result.truncated, limit=limit,
                          note=result.note, seconds=time.perf_counter() - start)
 
@@ -510,7 +519,8 @@ def colour_values(matrix: np.ndarray, mask: np.ndarray | None, log: bool) -> np.
 
 
 def model_view_title(km: KindMaps, log: bool = False) -> str:
-    return (f"{km.layers} layers × {km.heads} heads "
+    kv = f" ({km.kv_heads} K/V heads)" if km.kv_heads and km.kv_heads < km.heads else ""
+    return (f"{km.layers} layers × {km.heads} heads{kv} "
             f"({'log₁₀ ' if log else ''}weight) · click to select")
 
 
@@ -864,7 +874,7 @@ class AttentionPanel(QWidget):
         self.head.setEnabled(view == "head")
         if view == "head":
             matrix, mask = km.att[layer, head], km.allowed
-            what = f"layer {layer}, head {head}"
+            what = f"layer {layer}, {km.head_name(head)}"
         elif view == "average":
             matrix, mask = km.average[layer], km.allowed
             what = f"layer {layer}, mean of {km.heads} heads"
@@ -899,6 +909,9 @@ class AttentionPanel(QWidget):
             thumbs = self._colour_values(km.thumbs, km.thumb_allowed)
             self.model_view.set_maps(thumbs, _log_levels if log else _linear_levels)
             self.model_view.set_title(model_view_title(km, log))
+            for layer_boxes in self.model_view.boxes:  # "layer 2, head 5 · kv 1"
+                for box in layer_boxes:
+                    box.setToolTip(f"layer {box.layer}, {km.head_name(box.head)}")
         self.model_view.highlight(layer, head if view == "head" else None)
         if self._drawn.get("entropy") != km.name:
             self._drawn["entropy"] = km.name
@@ -960,7 +973,7 @@ class AttentionPanel(QWidget):
         umax = km.uniform
         view.set_matrix(
             km.entropy, xlabel="head", ylabel="layer", levels=(0.0, umax if umax > 0 else 1.0),
-            formatter=lambda r, c, v: (f"layer {r}, head {c}: entropy {v:.3f} nats "
+            formatter=lambda r, c, v: (f"layer {r}, {km.head_name(c)}: entropy {v:.3f} nats "
                                        f"(uniform {umax:.3f})"))
         # fitted to the column (a title wider than the plot pushed the colour bar out of a
         # docked panel's column)

@@ -58,6 +58,16 @@ def _log2(x: float) -> float:
     return math.log2(x) if x > 0 and math.isfinite(x) else math.nan
 
 
+def _value_text(x: float) -> str:
+    """A hover value with its log₂: exactly zero has no log (log₂ 0 = −∞), so it reads as zero,
+    which every format represents, rather than "log₂ nan"."""
+    if x == 0:
+        return "0 (exactly zero)"
+    if not math.isfinite(x):
+        return f"{x:.4g}"
+    return f"{x:.4g} (log₂ {_log2(x):.2f})"
+
+
 class MarkerSeries(pg.GraphicsObject):
     """Points ``(x, y)`` all drawn with one symbol of a fixed size in pixels.
 
@@ -559,11 +569,11 @@ class ScaleChart(QWidget):
                            ("meas_fwd", "measured forward"), ("meas_bwd", "measured backward")):
             if name in self.values.get(key, {}):
                 value = self.values[key][name]
-                parts.append(f"{label}: {value:.4g} (log₂ {_log2(value):.2f})")
+                parts.append(f"{label}: {_value_text(value)}")
                 low_high = self.ranges.get(key, {}).get(name)
                 if low_high is not None:
-                    parts.append(f"  draws over the seeds: {low_high[0]:.4g} … {low_high[1]:.4g}"
-                                 f" (log₂ {_log2(low_high[0]):.2f} … {_log2(low_high[1]):.2f})")
+                    parts.append(f"  draws over the seeds: {_value_text(low_high[0])} … "
+                                 f"{_value_text(low_high[1])}")
         formula = self.formula(name)
         if formula:
             parts.append(formula)

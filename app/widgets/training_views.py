@@ -201,19 +201,19 @@ class ScalesView(QWidget):
         span = max(4.0, math.ceil(float(np.abs(finite).max()))) if finite.size else 4.0
         names = [self._names[i] for i in rows]
         kinds = [self._kinds[i] for i in rows]
-        column = {s - 1: c for c, s in enumerate(self.steps)}
         data, steps = self.data, self.steps
 
         def describe(r: int, c: int, _v: float) -> str:
-            col = column.get(c, 0)
-            value = float(data[r, col])
-            head = f"{names[r]} ({kinds[r]}), step {steps[col]}"
+            value = float(data[r, c])
+            head = f"{names[r]} ({kinds[r]}), step {steps[c]}"
             if not math.isfinite(value):
                 return f"{head}: RMS 0"
             return f"{head}: RMS {2.0 ** value:.3g} (log₂ {value:+.2f})"
 
-        self.heatmap.set_matrix(self.data, levels=(-span, span),
-                                col_coords=np.asarray(steps) - 1, formatter=describe,
+        # x in column units (column c spans [c, c+1]) with the step ticks at the centres
+        # (_update_ticks): in step units the default axis put tick k on the left edge of the
+        # column of step k+1 (the image spans [0, last step], a column's left edge is step−1)
+        self.heatmap.set_matrix(self.data, levels=(-span, span), formatter=describe,
                                 xlabel="step")
         if self._title != self._shown_title:  # a new title re-lays the plot out
             self.heatmap.plot.setTitle(self._title, color="k", size="9pt")
@@ -226,12 +226,27 @@ class ScalesView(QWidget):
         self._update_ticks()
 
     def _update_ticks(self, *_args) -> None:
-        pixels = self.heatmap.plot.vb.height()
-        key = (len(self._labels), id(self._labels), round(pixels))
+        vb = self.heatmap.plot.vb
+        pixels, width = vb.height(), vb.width()
+        key = (len(self._labels), id(self._labels), round(pixels), tuple(self.steps),
+               round(width))
         if self._drawn_ticks == key:
             return
         self._drawn_ticks = key
         self.axis.set_tokens(_ticks(self._labels, pixels))
+        self.heatmap.plot.getAxis("bottom").setTicks([self.step_ticks(width), []])
+
+    def step_ticks(self, pixels: float) -> list[tuple[float, str]]:
+        """(x, "k") at the centre c + 0.5 of the column c of each labelled step k: every
+        j-th column, j chosen so the labels (widest + a gap) fit in ``pixels``."""
+        if not self.steps:
+            return []
+        metrics = QFontMetrics(self.heatmap.plot.getAxis("bottom").style["tickFont"]
+                               or _tick_font())
+        label = max(metrics.horizontalAdvance(str(s)) for s in self.steps) + 12
+        n = len(self.steps)
+        every = max(1, math.ceil(n * label / max(pixels, 40.0)))
+        return [(c + 0.5, str(self.steps[c])) for c in range(0, n, every)]
 
     def labels(self) -> list[str]:
         """Row labels (tensor name and kind) of the rows drawn, all of them."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PySide6.QtCore import QPointF, Qt
 
-from app.panels.attention_panel import CHANNEL, LOG_FLOOR, AttentionPanel
+from app.panels.attention_panel import CHANNEL, LOG_FLOOR, AttentionPanel, model_view_title
 from app.worker import Worker
 from unitscale_core import ModelConfig
 from unitscale_core.attention_views import checkpoint_attentions
@@ -375,3 +375,16 @@ def test_closing_the_views_after_fitting_is_safe(qtbot):
         heat.close()
         qtbot.wait(10)
     assert grid.closed and heat.view.closed
+
+
+def test_gqa_heads_are_labelled_with_their_kv_group(qtbot, make_panel):
+    panel = make_panel(ModelConfig(**SMALL, n_kv_heads=2))
+    panel.select(1, 3)
+    assert panel.head_view.title_text().replace("\n", " · ").endswith("layer 1, head 3 · kv 1")
+    assert panel.model_view.boxes[0][1].toolTip() == "layer 0, head 1 · kv 0"
+    assert panel.model_view.boxes[1][2].toolTip() == "layer 1, head 2 · kv 1"
+    assert "(2 K/V heads)" in model_view_title(panel.current())
+    plain = make_panel(ModelConfig(**SMALL))
+    plain.select(1, 3)
+    assert plain.head_view.title_text().replace("\n", " · ").endswith("layer 1, head 3")
+    assert plain.model_view.boxes[1][2].toolTip() == "layer 1, head 2"

@@ -726,3 +726,16 @@ def test_chart_png_is_the_whole_chart_with_a_title(qtbot, window, tmp_path):
     exported = panel.chart.exported.plot
     assert f"rows 11–41 of {n}, as in the view" in exported.titleLabel.text
     assert exported.viewRange()[1] == pytest.approx([9.5, 40.5])
+
+
+def test_hover_text_of_an_exactly_zero_tensor_reads_zero_not_nan(qtbot):
+    """A zero tensor (LayerNorm bias at init) has no log₂: hover says zero, never 'log₂ nan'."""
+    from app.widgets.scale_chart import ScaleChart
+
+    chart = ScaleChart()
+    qtbot.addWidget(chart)
+    chart.values = {"meas_fwd": {"layers.0.norm1.bias": 0.0, "layers.0.attn.q": 0.5}}
+    chart.ranges = {"meas_fwd": {"layers.0.norm1.bias": (0.0, 0.0)}}
+    zero = chart.describe("layers.0.norm1.bias")
+    assert "nan" not in zero and "0 (exactly zero)" in zero
+    assert "log₂ -1.00" in chart.describe("layers.0.attn.q")

@@ -343,3 +343,30 @@ def test_hidden_views_are_drawn_when_shown_not_per_chunk(qtbot, panel):
     assert not panel._dirty
     x, y = panel.loss_plot.curve_data("C")
     assert list(x) == [1, 2, 3, 4] and list(y) == [r.loss for r in panel.slots[2].records]
+
+
+def test_heatmap_step_tick_sits_at_the_centre_of_its_steps_column(qtbot):
+    """Issue 19: the heatmap's step ticks were one column off. Each tick (x, "k") must name
+    the step of the column whose centre is x, and hovering there describes step k."""
+    from types import SimpleNamespace
+
+    from app.widgets.training_views import ScalesView
+
+    view = ScalesView()
+    qtbot.addWidget(view)
+    view.resize(900, 500)
+    view.show()
+    steps = [5, 10, 15, 20, 25, 30]
+    records = [SimpleNamespace(step=s, tensor_rms=[2.0 ** -(s / 5), 1.0]) for s in steps]
+    view.show_run("run A", ["w", "x"], ["weight", "activation"], records)
+    ticks = view.heatmap.plot.getAxis("bottom")._tickLevels[0]
+    assert [label for _, label in ticks] == [str(s) for s in steps]  # 900 px: room for all
+    heatmap = view.heatmap
+    for x, label in ticks:
+        row, col = heatmap.cell_at(x, 0.5)
+        assert steps[col] == int(label)
+        assert x == col + 0.5  # the column spans [col, col + 1]
+        assert f"step {label}:" in heatmap.describe(row, col)
+    thinned = view.step_ticks(60.0)
+    assert 0 < len(thinned) < len(steps)  # thinned when narrow, each still centred
+    assert all(x == int(x) + 0.5 and steps[int(x)] == int(label) for x, label in thinned)

@@ -47,7 +47,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..positional import alibi_slopes, sinusoidal_at
 from ..sizing import RELATIVE_BUCKETS
 from ..tensors import REPORTED_FORMATS, TensorRow
@@ -141,6 +141,58 @@ def _sinusoidal_cov(d_model: int, t: int) -> tuple[Cov, tuple[np.ndarray, np.nda
     return Cov(g, u, C, M), (FC, FM)
 
 
+class UnpredictedFeature(ConfigError):
+    """A config using a feature the analytic predictor has no rule for yet (issue 21's modern
+    fields): refused by field name rather than predicted as if the feature were absent."""
+
+
+def unpredicted_features(cfg: ModelConfig) -> dict[str, str]:
+    """field → reason for each feature of ``cfg`` the predictor has no rule for (empty: every
+    feature is predicted). A field at a value equivalent to the classic model (e.g.
+    ``n_kv_heads == n_heads``, ``qkv_bias == bias``, ``rope_base`` without rope) is not
+    refused: the model it builds is the classic one."""
+    out: dict[str, str] = {}
+
+    def no(field: str, what: str) -> None:
+        out[field] = f"{field}: the predictor has no rule for {what} yet"
+
+    if cfg.norm_type != "layernorm":
+        no("norm_type", f"norm_type={cfg.norm_type!r}")
+    if cfg.norm not in ("pre", "post"):
+        no("norm", f"norm={cfg.norm!r}")
+    if cfg.kv_heads != cfg.n_heads:
+        no("n_kv_heads", "grouped-query attention (n_kv_heads != n_heads)")
+    if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.d_model:
+        no("head_dim", "head_dim × n_heads != d_model")
+    if cfg.qk_norm != "none":
+        no("qk_norm", f"qk_norm={cfg.qk_norm!r}")
+    if cfg.parallel_residual:
+        no("parallel_residual", "parallel attention and feed-forward")
+    if cfg.positional == "rope" and cfg.rotary_dims != cfg.head_size:
+        no("rotary_fraction", "partial rotary (rotary_fraction < 1)")
+    if cfg.positional == "rope" and cfg.rope_base != 10000.0:
+        no("rope_base", "rope_base other than 10000")
+    if cfg.activation == "geglu":
+        no("activation", "activation='geglu'")
+    if cfg.is_moe:
+        no("n_experts", "a mixture of experts (n_experts > 1)")
+    if cfg.has_qkv_bias != cfg.bias:
+        no("qkv_bias", "qkv_bias different from bias")
+    if cfg.attn_softcap is not None:
+        no("attn_softcap", "attention logit soft-capping")
+    if cfg.logit_softcap is not None:
+        no("logit_softcap", "final logit soft-capping")
+    return out
+
+
+def check_predictable(cfg: ModelConfig) -> None:
+    """Raise :class:`UnpredictedFeature` naming each field of ``cfg`` the predictor cannot
+    predict yet (:func:`unpredicted_features`)."""
+    errors = unpredicted_features(cfg)
+    if errors:
+        raise UnpredictedFeature(errors)
+
+
 class PredictionCancelled(Exception):
     """Raised by :func:`predict` when its ``should_stop`` says so (nothing is cached)."""
 
@@ -149,6 +201,7 @@ class _Predictor:
     """One pass over one config; fills ``acts``, ``grads``, ``weights``, ``wgrads``."""
 
     def __init__(self, cfg: ModelConfig, should_stop: Callable[[], bool] | None = None):
+        check_predictable(cfg)  # never predict a feature as if it were absent
         self.cfg = cfg
         self.should_stop = should_stop
         self.p = cfg.parametrization

@@ -1,0 +1,99 @@
+"""Issue 21's modern-architecture fields in the analytic predictor.
+
+Until a feature has a rule, every entry point of the predictor refuses a config using it with
+a ValueError naming the field (never a prediction made as if the feature were absent); a field
+at a value that builds the classic model is predicted as before."""
+
+from __future__ import annotations
+
+import pytest
+
+from unitscale_core import ModelConfig
+from unitscale_core.cli import main
+from unitscale_core.config import dumps_json
+from unitscale_core.scaling.predict import (
+    UnpredictedFeature,
+    predict,
+    predicted_covariances,
+    status_counts,
+    stream_anisotropy,
+    stream_collapse,
+)
+
+TINY = dict(d_model=32, n_heads=2, d_ff=64, n_layers=1, vocab_size=64, seq_len=8,
+            batch_size=2, max_len=16)
+
+#: (field named in the refusal, the change that uses the feature)
+UNPREDICTED = [
+    ("norm_type", dict(norm_type="rmsnorm")),
+    ("norm", dict(norm="sandwich")),
+    ("norm", dict(norm="branch_output")),
+    ("n_kv_heads", dict(n_heads=4, n_kv_heads=2)),
+    ("n_kv_heads", dict(n_heads=4, n_kv_heads=1)),
+    ("head_dim", dict(head_dim=8)),
+    ("qk_norm", dict(qk_norm="head")),
+    ("qk_norm", dict(qk_norm="all_heads")),
+    ("parallel_residual", dict(parallel_residual=True)),
+    ("rotary_fraction", dict(positional="rope", rotary_fraction=0.25)),
+    ("rope_base", dict(positional="rope", rope_base=500000.0)),
+    ("activation", dict(activation="geglu")),
+    ("n_experts", dict(n_experts=4, experts_per_token=2)),
+    ("qkv_bias", dict(bias=False, qkv_bias=True)),
+    ("qkv_bias", dict(bias=True, qkv_bias=False)),
+    ("attn_softcap", dict(attn_softcap=50.0)),
+    ("logit_softcap", dict(logit_softcap=30.0)),
+]
+
+ENTRY_POINTS = [
+    lambda cfg: predict(cfg),
+    lambda cfg: predicted_covariances(cfg),
+    lambda cfg: status_counts(cfg, "fp16"),
+    lambda cfg: stream_anisotropy(cfg),
+    lambda cfg: stream_collapse(cfg),
+]
+
+
+@pytest.mark.parametrize("field,change", UNPREDICTED,
+                         ids=[f"{f}-{i}" for i, (f, _) in enumerate(UNPREDICTED)])
+def test_an_unpredicted_feature_is_refused_naming_its_field(field, change):
+    cfg = ModelConfig(**{**TINY, **change})
+    for entry in ENTRY_POINTS:
+        with pytest.raises(UnpredictedFeature) as info:
+            entry(cfg)
+        assert isinstance(info.value, ValueError)
+        assert field in info.value.errors
+        assert field in str(info.value)
+
+
+def test_every_unpredicted_feature_is_named_at_once():
+    cfg = ModelConfig(**{**TINY, "norm_type": "rmsnorm", "activation": "geglu",
+                         "logit_softcap": 30.0})
+    with pytest.raises(UnpredictedFeature) as info:
+        predict(cfg)
+    assert set(info.value.errors) == {"norm_type", "activation", "logit_softcap"}
+
+
+@pytest.mark.parametrize("change", [
+    dict(n_heads=2, n_kv_heads=2),       # as many kv heads as heads: plain attention
+    dict(head_dim=16),                   # d_model / n_heads
+    dict(bias=False, qkv_bias=False),    # the same as bias
+    dict(rope_base=500000.0),            # no rope: θ is not used
+    dict(rotary_fraction=0.5),           # no rope: nothing rotated
+    dict(positional="rope", rotary_fraction=1.0, rope_base=10000.0),
+])
+def test_classic_equivalent_values_are_predicted_as_before(change):
+    cfg = ModelConfig(**{**TINY, **change})
+    plain = {k: v for k, v in change.items()
+             if k not in ("n_kv_heads", "head_dim", "qkv_bias", "rope_base", "rotary_fraction")}
+    base = ModelConfig(**{**TINY, **plain})
+    got = {(r.name, r.kind): r.rms for r in predict(cfg)}
+    want = {(r.name, r.kind): r.rms for r in predict(base)}
+    assert got == want
+
+
+def test_cli_predict_refuses_in_one_line(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(dumps_json(ModelConfig(**{**TINY, "norm_type": "rmsnorm"})))
+    assert main(["predict", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "norm_type" in err and "\n" not in err
