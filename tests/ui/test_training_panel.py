@@ -370,3 +370,25 @@ def test_heatmap_step_tick_sits_at_the_centre_of_its_steps_column(qtbot):
     thinned = view.step_ticks(60.0)
     assert 0 < len(thinned) < len(steps)  # thinned when narrow, each still centred
     assert all(x == int(x) + 0.5 and steps[int(x)] == int(label) for x, label in thinned)
+
+
+def test_loss_plot_before_start_says_what_will_appear_not_a_0_1_frame(qtbot, panel):
+    """Issue 19: the empty loss plot showed meaningless 0–1 axes. Before Start it says what
+    will appear and shows no axes; with a curve the axes return, fitted to the losses."""
+    plot = panel.loss_plot
+    item = plot.plot_item
+    assert plot.is_empty() and plot.empty_text.isVisible()
+    assert plot.empty_text.scene() is not None and "Press Start" in plot.empty_text.toPlainText()
+    assert not item.getAxis("left").isVisible() and not item.getAxis("bottom").isVisible()
+    enable(panel, 0)
+    panel.steps.setValue(3)
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.is_active(), timeout=TIMEOUT)
+    settle(qtbot, panel)
+    assert not plot.is_empty() and plot.empty_text.scene() is None
+    assert item.getAxis("left").isVisible() and item.getAxis("bottom").isVisible()
+    losses = [r.loss for r in panel.slots[0].records]
+    qtbot.waitUntil(lambda: item.vb.viewRange()[1][0] <= min(losses) <= max(losses)
+                    <= item.vb.viewRange()[1][1] and item.vb.viewRange()[1][1] > 1.5)
+    plot.clear_curves()
+    assert plot.is_empty() and plot.empty_text.scene() is not None
