@@ -209,6 +209,8 @@ class EncoderLayer(nn.Module):
         self.ops = ops
         self.taus = taus
         self.pre_norm = cfg.norm == "pre"
+        #: GPT-NeoX's parallel block (standard parametrization only, so far)
+        self.parallel = cfg.parallel_residual
         self.dropout = cfg.dropout
         self.norm1 = LayerNorm(cfg, ops)
         self.attn = Attention(cfg, ops)
@@ -227,6 +229,12 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, ctx: PositionContext,
                 key_padding_mask: Tensor | None = None) -> Tensor:
+        if self.parallel:  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX): no after_attn
+            ops, p = self.ops, self.dropout
+            a = ops.dropout(self.attn(self.norm1(x), ctx, None, key_padding_mask), p,
+                            self.training)
+            f = ops.dropout(self.ffn(self.norm2(x)), p, self.training)
+            return ops.residual_add(f, ops.residual_add(a, x, self.taus[0]), self.taus[1])
         x = self._residual(x, self.norm1, lambda h: self.attn(h, ctx, None, key_padding_mask),
                            self.taus[0])
         return self._residual(self.after_attn(x), self.norm2, self.ffn, self.taus[1])

@@ -266,7 +266,8 @@ def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
     the reason; empty when the model computes everything ``cfg`` asks for.
 
     Implemented: ``rope_base``, ``rotary_fraction`` (partial rotary), ``attn_softcap``,
-    ``logit_softcap``; values equal to the defaults' meaning (``n_kv_heads = n_heads``,
+    ``logit_softcap``, ``parallel_residual`` (standard parametrization, encoder or decoder);
+    values equal to the defaults' meaning (``n_kv_heads = n_heads``,
     ``head_dim = d_model / n_heads``, ``qkv_bias = bias``, ``experts_per_token`` with one
     expert) are accepted as the same model.
     """
@@ -282,8 +283,11 @@ def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
         out["head_dim"] = (f"head_dim={cfg.head_dim} (n_heads × head_dim ≠ d_model) {todo}")
     if cfg.qk_norm != "none":
         out["qk_norm"] = f"qk_norm={cfg.qk_norm!r} {todo}"
-    if cfg.parallel_residual:
-        out["parallel_residual"] = f"parallel_residual=true {todo}"
+    if cfg.parallel_residual and (cfg.parametrization != "standard"
+                                  or cfg.architecture == "encoder-decoder"):
+        out["parallel_residual"] = (f"parallel_residual=true with parametrization="
+                                    f"{cfg.parametrization!r} and architecture="
+                                    f"{cfg.architecture!r} {todo} (only standard, one stack)")
     if cfg.activation == "geglu":
         out["activation"] = f"activation='geglu' {todo}"
     if cfg.n_experts > 1:
