@@ -181,6 +181,25 @@ def test_cancel_all_pauses_the_runs_without_losing_steps(qtbot, panel, worker):
     assert [r.step for r in slot.records] == list(range(1, len(slot.records) + 1))
 
 
+def test_a_dropped_chunk_pauses_the_run_by_signal_without_polling(qtbot, panel, worker):
+    """The worker's dropped_job signal is how the panel learns of a chunk Cancel dequeued:
+    no repeating timer but the 1 s ETA clock polls while runs train (a watchdog used to look
+    for dropped requests every 600 ms), and a cancel still pauses the run."""
+    from PySide6.QtCore import QTimer
+
+    enable(panel, 0)
+    panel.steps.setValue(2000)
+    panel.attn_every.setValue(0)
+    panel.start()
+    slot = panel.slots[0]
+    qtbot.waitUntil(lambda: len(slot.records) >= 1, timeout=TIMEOUT)
+    polling = [t for t in panel.findChildren(QTimer) if t.isActive() and not t.isSingleShot()]
+    assert [t.interval() for t in polling] == [1000]
+    worker.cancel()  # the running chunk (cancelled_job) or a pending one (dropped_job)
+    qtbot.waitUntil(lambda: slot.state == tp.PAUSED and slot.request is None, timeout=TIMEOUT)
+    settle(qtbot, panel)
+
+
 def test_bad_settings_name_the_field_without_a_traceback(qtbot, panel):
     panel.update_config(ModelConfig(**{**TINY, "vocab_size": 100}))  # lm needs 256 bytes
     enable(panel, 0)
