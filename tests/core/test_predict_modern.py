@@ -6,6 +6,8 @@ at a value that builds the classic model is predicted as before."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from unitscale_core import ModelConfig
@@ -38,8 +40,6 @@ UNPREDICTED = [
     ("rope_base", dict(positional="rope", rope_base=500000.0)),
     ("activation", dict(activation="geglu")),
     ("n_experts", dict(n_experts=4, experts_per_token=2)),
-    ("qkv_bias", dict(bias=False, qkv_bias=True)),
-    ("qkv_bias", dict(bias=True, qkv_bias=False)),
     ("attn_softcap", dict(attn_softcap=50.0)),
     ("logit_softcap", dict(logit_softcap=30.0)),
 ]
@@ -97,3 +97,25 @@ def test_cli_predict_refuses_in_one_line(tmp_path, capsys):
     assert main(["predict", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "norm_type" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+def test_qkv_bias_apart_from_bias_gives_q_k_v_their_own_biases(param):
+    """Qwen 2: biases on q, k and v only. q, k, v and everything the attention makes of them
+    are the all-biased model's (the same linear rule, bias variance included: standard
+    ``√(fan_in·σ_x²·σ_w² + σ_b²)``); o, the FFN and the norms carry no bias; and the reverse."""
+    def rows(**change):
+        cfg = ModelConfig(**{**TINY, "parametrization": param, "n_layers": 2, **change})
+        return {(r.name, r.kind): r.rms for r in predict(cfg)}
+
+    qwen, biased, plain = rows(bias=False, qkv_bias=True), rows(bias=True), rows(bias=False)
+    qkv = [k for k in biased if re.search(r"\.attn\.[qkv](\.|$)", k[0])]
+    assert {k for k in qwen if k[0].endswith(".bias")} == {
+        k for k in qkv if k[0].endswith(".bias")}
+    assert len(qkv) >= 2 * 3 * 2
+    first_q = ("layers.0.attn.q", "activation")
+    assert qwen[first_q] == biased[first_q]
+    if param == "standard":  # U(±1/√fan_in) biases add to q's variance
+        assert qwen[first_q] > plain[first_q]
+    assert set(rows(bias=True, qkv_bias=False)) == set(plain) | {
+        k for k in biased if k[0].endswith(".bias") and k not in qkv}

@@ -176,8 +176,6 @@ def unpredicted_features(cfg: ModelConfig) -> dict[str, str]:
         no("activation", "activation='geglu'")
     if cfg.is_moe:
         no("n_experts", "a mixture of experts (n_experts > 1)")
-    if cfg.has_qkv_bias != cfg.bias:
-        no("qkv_bias", "qkv_bias different from bias")
     if cfg.attn_softcap is not None:
         no("attn_softcap", "attention logit soft-capping")
     if cfg.logit_softcap is not None:
@@ -299,9 +297,10 @@ class _Predictor:
 
     # -- ops -----------------------------------------------------------------------------------
     def linear_fwd(self, name: str, x: Cov, fan_in: int, fan_out: int,
-                   role: str = "hidden") -> tuple[Cov, dict]:
-        """Forward of ``ops.linear`` over batch × sequence rows."""
-        has_bias = self.cfg.bias and role != "readout"
+                   role: str = "hidden", bias: bool | None = None) -> tuple[Cov, dict]:
+        """Forward of ``ops.linear`` over batch × sequence rows; ``bias`` (None: the config's
+        ``bias``) says whether it has one (q, k, v: ``cfg.has_qkv_bias``)."""
+        has_bias = (self.cfg.bias if bias is None else bias) and role != "readout"
         tied = role == "readout" and self.cfg.tie_embeddings  # the head is the N(0, 1) table
         f, w, bias, gain = _linear_setup(self.p, fan_in, fan_out, self.rows, role, has_bias,
                                          tied)
@@ -461,9 +460,10 @@ class _Predictor:
     def attention_fwd(self, prefix: str, xq: Cov, xkv: Cov, causal: bool, pattern: str,
                       positional: str) -> tuple[Cov, dict]:
         c, dh, t = self.c, self.dh, self.t
-        q, lq = self.linear_fwd(f"{prefix}.q", xq, c, c)
-        k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, c)
-        v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, c)
+        qkv_bias = self.cfg.has_qkv_bias
+        q, lq = self.linear_fwd(f"{prefix}.q", xq, c, c, bias=qkv_bias)
+        k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, c, bias=qkv_bias)
+        v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, c, bias=qkv_bias)
         if positional == "rope":
             # rotated by position, what queries and keys share across positions decorrelates:
             # a shared part then moves the weights along a row like a token's own part
