@@ -140,8 +140,9 @@ def flops_per_token(cfg: ModelConfig) -> dict:
     ``N_matmul`` is every active parameter of the attention and feed-forward blocks (for a
     MoE the router and the ``experts_per_token`` experts a token runs; their few biases and
     q/k-norm gains are counted as in Kaplan's N) plus the output head ``V·h``; embedding
-    lookups and the layer norms are free. ``L_attn`` counts every attention block (self and cross), ``s = seq_len``
-    and ``a·d = n_heads·d_head`` the attention width. Two conventions for the attention term:
+    lookups and the layer norms are free. ``L_attn`` counts every attention block (self and
+    cross), ``s = seq_len`` and ``a·d = n_heads·d_head`` the attention width.
+    Two conventions for the attention term:
 
     * Kaplan et al. 2020 Table 1 (keys ``forward``, ``training``, ``attention``):
       ``forward = 2·N_matmul + 2·L_attn·s·a·d``, ``training = 3 × forward``
