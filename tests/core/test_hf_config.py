@@ -109,3 +109,25 @@ def test_refusals_name_the_key():
         from_hf({**_hf("llama-3-8b"), "attention_bias": True})
     with pytest.raises(ConfigError, match="hidden_act"):
         from_hf({**_hf("llama-3-8b"), "hidden_act": "relu2"})
+
+
+def test_load_reads_a_hf_config_or_its_folder(tmp_path):
+    from unitscale_core.config import load, load_with_warnings
+
+    (tmp_path / "config.json").write_text((DATA / "llama-3.2-1b.json").read_text())
+    cfg, warnings = load_with_warnings(tmp_path)
+    assert (cfg.d_model, cfg.n_kv_heads, cfg.tie_embeddings) == (2048, 8, True)
+    assert any("llama3" in w for w in warnings)
+    assert load(tmp_path / "config.json") == cfg
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        load(tmp_path / "sub" if (tmp_path / "sub").mkdir() is None else tmp_path)
+
+
+def test_cli_params_accepts_a_hf_folder_and_warns_on_stderr(tmp_path, capsys):
+    from unitscale_core.cli import main
+
+    (tmp_path / "config.json").write_text((DATA / "llama-3.2-1b.json").read_text())
+    assert main(["params", "--config", str(tmp_path)]) in (0, None)
+    out, err = capsys.readouterr()
+    assert "1,235,814,400" in out
+    assert "warning: rope_scaling" in err
