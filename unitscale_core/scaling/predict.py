@@ -170,8 +170,6 @@ def unpredicted_features(cfg: ModelConfig) -> dict[str, str]:
         no("parallel_residual", "parallel attention and feed-forward")
     if cfg.positional == "rope" and cfg.rotary_dims != cfg.head_size:
         no("rotary_fraction", "partial rotary (rotary_fraction < 1)")
-    if cfg.positional == "rope" and cfg.rope_base != 10000.0:
-        no("rope_base", "rope_base other than 10000")
     if cfg.activation == "geglu":
         no("activation", "activation='geglu'")
     if cfg.is_moe:
@@ -467,7 +465,8 @@ class _Predictor:
         if positional == "rope":
             # rotated by position, what queries and keys share across positions decorrelates:
             # a shared part then moves the weights along a row like a token's own part
-            q, k = covariance.rotated(q, dh), covariance.rotated(k, dh)
+            base = self.cfg.rope_base
+            q, k = covariance.rotated(q, dh, base), covariance.rotated(k, dh, base)
         m = 1.0 / dh if self.p == "umup" else 1.0 / math.sqrt(dh)
         self.act(prefix + ".scores", R.attention_logits_rms(q.rms, k.rms, dh, m),
                  ("m·√d_head·σ_q·σ_k, m = {:.3g}, d_head = {}", (m, dh)))
@@ -647,7 +646,8 @@ class _Predictor:
         g_q = covariance.mixture(g_qs).scaled(gain)
         g_k = covariance.mixture(g_ks).scaled(gain)
         if a["rope"]:  # back through the rotation (its own transpose)
-            g_q, g_k = covariance.rotated(g_q, dh), covariance.rotated(g_k, dh)
+            base = self.cfg.rope_base
+            g_q, g_k = covariance.rotated(g_q, dh, base), covariance.rotated(g_k, dh, base)
         gq = self.linear_bwd(a["lq"], g_q)
         x_tot = max(a["x_kv"].total, 1e-300)
         kappa_v, kappa_k = v.total / (x_tot * self.c), a["k"].total / (x_tot * self.c)
