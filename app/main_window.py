@@ -729,7 +729,7 @@ class MainWindow(QMainWindow):
         if self.training_panel.is_active() and not any(c.startswith("training")
                                                        for c in channels):
             channels.append("training")
-        return ", ".join(channels)
+        return ", ".join(dict.fromkeys(map(job_label, channels)))
 
     def confirm_quit_while_busy(self) -> bool:
         """Ask before quitting cancels running work; True to go on. Asks only where unsaved

@@ -28,6 +28,8 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal
 
+from unitscale_core.model_build import cancellable_builds
+
 from .thread_priority import lower_this_thread
 
 log = logging.getLogger(__name__)
@@ -189,7 +191,8 @@ class Worker(QThread):
         ``KeyboardInterrupt`` (only the main thread gets real Ctrl+C) is that job's failure,
         not the thread's; the thread itself ends only through ``stop()``'s flag."""
         try:
-            result = request.fn(*request.args, **request.kwargs)
+            with cancellable_builds(self.check_cancelled):  # Cancel works mid model build
+                result = request.fn(*request.args, **request.kwargs)
         except Cancelled:
             self.cancelled_job.emit(request.channel, request.id)
         except MemoryError:

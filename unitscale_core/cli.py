@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .atomic import FileProblem, check_destination
-from .config import DEVICES, DTYPES, PARAMETRIZATIONS, ModelConfig, load
+from .config import DEVICES, DTYPES, PARAMETRIZATIONS, ModelConfig, load_with_warnings
 from .formatting import number
 from .sizing import format_bytes, format_count, size_report
 from .tasks import TASKS
@@ -57,7 +57,17 @@ def _load_config(path: str | None, command: str = "unitscale") -> ModelConfig:
     if path is None:
         print(f"unitscale {command}: note: {DEFAULT_CONFIG_NOTE}", file=sys.stderr)
         return ModelConfig()
-    return load(path)
+    return load(path, command)
+
+
+def load(path: str, command: str = "unitscale") -> ModelConfig:
+    """A config file, a Hugging Face config.json or a folder holding one; the import's
+    warnings (what the program does not compute as the checkpoint's model does) go to stderr,
+    one line each."""
+    cfg, warnings = load_with_warnings(path)
+    for line in warnings:
+        print(f"unitscale {command}: warning: {line}", file=sys.stderr)
+    return cfg
 
 
 def _table(rows: list[tuple[str, str, str]]) -> list[str]:
@@ -220,7 +230,7 @@ def cmd_attention(args: argparse.Namespace) -> str:
         raise UserError("give exactly one of --model minilm|FOLDER and --config FILE")
     _checked_out(args.out, "--out")
     if args.config is not None:
-        cfg = load(args.config)
+        cfg = load(args.config, "attention")
         _refuse_unbuildable(cfg, "attention", cfg.device)
         result = configured_attentions(cfg, args.text)
     else:
@@ -355,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     def config_command(name: str, help_text: str, func, param: bool) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", metavar="FILE",
-                       help="a .json or .toml config (default: built-in)")
+                       help="a .json or .toml config, or a Hugging Face config.json or "
+                            "model folder (default: built-in)")
         if param:
             p.add_argument("--param", choices=PARAMETRIZATIONS,
                            help="override the file's parametrization")

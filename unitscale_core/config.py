@@ -542,8 +542,20 @@ def loads(text: str, fmt: str, source: str = "config") -> ModelConfig:
 
 def load(path: str | os.PathLike[str]) -> ModelConfig:
     """Read a .json or .toml config file: a regular file of at most ``MAX_CONFIG_BYTES``
-    (a FIFO, a device or a folder is refused by name, never opened for a blocking read)."""
+    (a FIFO, a device or a folder is refused by name, never opened for a blocking read).
+    A Hugging Face ``config.json`` (it has a ``model_type``), or a folder holding one, is
+    imported by :func:`unitscale_core.hf_config.from_hf`; :func:`load_with_warnings` also
+    returns what the import cannot compute faithfully."""
+    return load_with_warnings(path)[0]
+
+
+def load_with_warnings(path: str | os.PathLike[str]) -> tuple[ModelConfig, list[str]]:
+    """:func:`load` and the import's warning lines (empty for the program's own files)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError({"file": f"{short_path(path.parent)} holds no config.json"})
     fmt = _format_of(path)
     try:
         raw = read_regular_file(path, MAX_CONFIG_BYTES, what=f"config {short_path(path)}")
@@ -553,7 +565,16 @@ def load(path: str | os.PathLike[str]) -> ModelConfig:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError({"file": f"{short_path(path.name)} is not UTF-8 text"}) from None
-    return loads(text, fmt, source=short_path(path.name))
+    if fmt == "json" and '"model_type"' in text:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None  # loads() reports the syntax error below
+        from .hf_config import from_hf, is_hf_config  # hf_config imports this module
+
+        if is_hf_config(data):
+            return from_hf(data)
+    return loads(text, fmt, source=short_path(path.name)), []
 
 
 def backup_path(path: Path) -> Path:

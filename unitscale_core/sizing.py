@@ -29,22 +29,55 @@ BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3": 1, "fp8_e5m2":
 
 
 def _attention_params(cfg: ModelConfig) -> int:
-    """Q, K, V and output projections: 4·h² weights, plus 4·h biases."""
-    h = cfg.d_model
-    return 4 * h * h + (4 * h if cfg.bias else 0)
+    """q ``h·a·d`` and o ``a·d·h``, k and v ``h·kv·d`` each (GQA), with a = heads,
+    kv = key/value heads, d = d_head; q/k/v biases ``a·d + 2·kv·d`` when ``has_qkv_bias``,
+    o's bias ``h`` when ``bias``; q_norm/k_norm gains (``d`` each per head, or ``a·d`` and
+    ``kv·d`` over all heads), doubled by a bias for a LayerNorm with ``bias``."""
+    h, aw, kw = cfg.d_model, cfg.attn_width, cfg.kv_width
+    n = 2 * h * aw + 2 * h * kw
+    if cfg.has_qkv_bias:
+        n += aw + 2 * kw
+    if cfg.bias:
+        n += h
+    if cfg.qk_norm != "none":
+        norm_width = 2 * cfg.head_size if cfg.qk_norm == "head" else aw + kw
+        n += norm_width * (2 if cfg.norm_type == "layernorm" and cfg.bias else 1)
+    return n
 
 
-def _ffn_params(cfg: ModelConfig) -> int:
-    """GELU/ReLU: up h×f and down f×h (+f+h biases). SwiGLU: gate, up and down (+2f+h)."""
+def _dense_ffn_params(cfg: ModelConfig) -> int:
+    """GELU/ReLU: up h×f and down f×h (+f+h biases). SwiGLU/GeGLU: gate, up and down
+    (+2f+h)."""
     h, f = cfg.d_model, cfg.d_ff
-    if cfg.activation == "swiglu":
+    if cfg.activation in ("swiglu", "geglu"):
         return 3 * h * f + ((2 * f + h) if cfg.bias else 0)
     return 2 * h * f + ((f + h) if cfg.bias else 0)
 
 
+def _ffn_params(cfg: ModelConfig, active: bool = False) -> int:
+    """A dense FFN, or a MoE: router ``h·E`` (no bias) + E experts (``k`` when ``active``:
+    the experts one token runs)."""
+    if not cfg.is_moe:
+        return _dense_ffn_params(cfg)
+    experts = cfg.experts_per_token if active else cfg.n_experts
+    return cfg.d_model * cfg.n_experts + experts * _dense_ffn_params(cfg)
+
+
 def _norm_params(cfg: ModelConfig) -> int:
-    """LayerNorm gain h, plus bias h."""
+    """LayerNorm gain h, plus bias h when ``bias``; RMSNorm gain h only."""
+    if cfg.norm_type == "rmsnorm":
+        return cfg.d_model
     return cfg.d_model * (2 if cfg.bias else 1)
+
+
+def _norms_per_layer(cfg: ModelConfig, cross: bool) -> int:
+    """norm1, norm2 (+cross_norm) for pre/post/sandwich (also with parallel_residual);
+    sandwich adds attn_out_norm, ffn_out_norm (+cross_out_norm); branch_output has only
+    the output norms."""
+    blocks = 3 if cross else 2
+    if cfg.norm == "sandwich":
+        return 2 * blocks
+    return blocks
 
 
 def _position_params(cfg: ModelConfig) -> int:
@@ -64,10 +97,12 @@ def _stacks(cfg: ModelConfig) -> list[tuple[int, bool]]:
 
 
 def count_parameters(cfg: ModelConfig) -> dict:
-    """Trainable parameters: ``{"total": N, "components": {name: count}}``.
+    """Trainable parameters: ``{"total": N, "active": N_active, "components": {name: count}}``.
 
     Components: ``token_embedding``, ``position``, ``attention``, ``cross_attention``,
-    ``ffn``, ``norms``, ``lm_head``. ``total`` is their sum.
+    ``ffn``, ``norms``, ``lm_head``. ``total`` is their sum. ``active`` is what one token uses:
+    ``total`` less the ``(n_experts − experts_per_token)`` experts a MoE layer does not run
+    (= ``total`` for a dense model).
     """
     attn, ffn, norm, pos = (
         _attention_params(cfg), _ffn_params(cfg), _norm_params(cfg), _position_params(cfg)
@@ -85,10 +120,12 @@ def count_parameters(cfg: ModelConfig) -> dict:
         comp["position"] += pos
         comp["attention"] += layers * attn
         comp["ffn"] += layers * ffn
-        comp["norms"] += layers * (3 if cross else 2) * norm + norm  # + the stack's final norm
+        comp["norms"] += layers * _norms_per_layer(cfg, cross) * norm + norm  # + final norm
         if cross:
             comp["cross_attention"] += layers * attn
-    return {"total": sum(comp.values()), "components": comp}
+    total = sum(comp.values())
+    unused = sum(layers for layers, _ in _stacks(cfg)) * (ffn - _ffn_params(cfg, active=True))
+    return {"total": total, "active": total - unused, "components": comp}
 
 
 def non_embedding_parameters(cfg: ModelConfig) -> int:
@@ -98,49 +135,74 @@ def non_embedding_parameters(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig) -> dict:
-    """Matmul FLOPs per token (a multiply-add counts 2), Kaplan et al. 2020 Table 1.
+    """Matmul FLOPs per token (a multiply-add counts 2), on the parameters a token uses.
 
-    ``forward = 2·N_matmul + 2·L_attn·n_ctx·h`` where ``N_matmul`` is every weight used in a
-    matmul (attention, FFN and the output head ``V·h``; embedding lookups and norms are free),
-    ``n_ctx = seq_len`` and ``L_attn`` counts every attention block (self and cross: the
-    ``QKᵀ`` and ``A·V`` products cost ``2·n_ctx·h`` per token each layer together). The dense
-    count is used for every mask, as dense kernels do. ``training = 3 × forward`` (backward
-    costs twice the forward: ``6N + 6·L·n_ctx·h``, Kaplan et al.; Hoffmann et al. 2022 App. F).
-    For an encoder-decoder a "token" is one source position plus one target position.
+    ``N_matmul`` is every active parameter of the attention and feed-forward blocks (for a
+    MoE the router and the ``experts_per_token`` experts a token runs; their few biases and
+    q/k-norm gains are counted as in Kaplan's N) plus the output head ``V·h``; embedding
+    lookups and the layer norms are free. ``L_attn`` counts every attention block (self and
+    cross), ``s = seq_len`` and ``a·d = n_heads·d_head`` the attention width.
+    Two conventions for the attention term:
+
+    * Kaplan et al. 2020 Table 1 (keys ``forward``, ``training``, ``attention``):
+      ``forward = 2·N_matmul + 2·L_attn·s·a·d``, ``training = 3 × forward``
+      (``6N + 6·L·s·a·d``);
+    * PaLM (Chowdhery et al. 2022 App. B; Hoffmann et al. 2022 App. F), the one MFU figures
+      use and the ``headline``: both ``QKᵀ`` and ``A·V`` are counted,
+      ``forward_palm = 2·N_matmul + 4·L_attn·s·a·d``, ``training_palm = 3 × forward_palm``
+      (``6N + 12·L·s·a·d``), ``attention_palm = 4·L_attn·s·a·d``.
+
+    The dense count is used for every mask, as dense kernels do. For an encoder-decoder a
+    "token" is one source position plus one target position.
     """
-    comp = count_parameters(cfg)["components"]
     h = cfg.d_model
-    weights = comp["attention"] + comp["cross_attention"] + comp["ffn"] + cfg.vocab_size * h
-    attn_blocks = sum(layers * (2 if cross else 1) for layers, cross in _stacks(cfg))
-    attention = 2 * attn_blocks * cfg.seq_len * h
+    layers = sum(n for n, _ in _stacks(cfg))
+    cross_layers = sum(n for n, cross in _stacks(cfg) if cross)
+    weights = ((layers + cross_layers) * _attention_params(cfg)
+               + layers * _ffn_params(cfg, active=True) + cfg.vocab_size * h)
+    attn_blocks = layers + cross_layers
+    attention = 2 * attn_blocks * cfg.seq_len * cfg.attn_width
     forward = 2 * weights + attention
-    return {"forward": forward, "training": 3 * forward, "attention": attention}
+    forward_palm = 2 * weights + 2 * attention
+    return {"forward": forward, "training": 3 * forward, "attention": attention,
+            "forward_palm": forward_palm, "training_palm": 3 * forward_palm,
+            "attention_palm": 2 * attention, "headline": "palm"}
 
 
 def _layer_activation_bytes(cfg: ModelConfig, cross: bool) -> int:
     """Activations one layer keeps for backward, Korthikanti et al. 2022 §4.1 generalised.
 
-    With s = seq_len, b = batch, h = d_model, a = heads, f = d_ff, p = bytes per element and
-    dropout masks of one byte when dropout > 0:
+    With s = seq_len, b = batch, h = d_model, a = heads, w = a·d_head (q width),
+    w_kv = kv_heads·d_head (k, v width), f = d_ff, p = bytes per element and dropout masks of
+    one byte when dropout > 0:
 
-    * attention: p·(sbh [QKV input] + 2sbh [Q, K] + as²b [softmax] + sbh [V] + sbh [out-proj
-      input]) + dropout: p·as²b [dropped probabilities] + as²b + sbh [masks];
-    * feed-forward: p·(sbh + 2sbf) (GELU/ReLU input and output) or p·(sbh + 4sbf) (SwiGLU:
-      gate, up, activation, product), + sbh dropout mask;
-    * each LayerNorm: p·sbh.
+    * attention: p·(sbh [QKV input] + sb·w [Q] + 2·sb·w_kv [K, V] + as²b [softmax] + sb·w
+      [out-proj input]) (+ p·(sb·w + sb·w_kv) for the q/k norms' inputs) + dropout:
+      p·as²b [dropped probabilities] + as²b + sbh [masks];
+    * feed-forward: p·(sbh + 2sbf) (GELU/ReLU input and output) or p·(sbh + 4sbf)
+      (SwiGLU/GeGLU: gate, up, activation, product); a MoE keeps that for each of the k
+      experts a token runs, plus the router's probabilities p·sb·E; + sbh dropout mask;
+    * each norm (``_norms_per_layer``): p·sbh.
 
-    For p = 2, f = 4h and dropout this is the paper's ``sbh(34 + 5as/h)``.
+    For p = 2, f = 4h, w = w_kv = h and dropout this is the paper's ``sbh(34 + 5as/h)``.
     """
     s, b, h, a, f = cfg.seq_len, cfg.batch_size, cfg.d_model, cfg.n_heads, cfg.d_ff
+    w, w_kv = cfg.attn_width, cfg.kv_width
     p = BYTES_PER_ELEMENT[cfg.dtype]
     drop = cfg.dropout > 0
-    attn = p * (5 * s * b * h + a * s * s * b)
+    attn = p * (s * b * h + 2 * s * b * w + 2 * s * b * w_kv + a * s * s * b)
+    if cfg.qk_norm != "none":
+        attn += p * s * b * (w + w_kv)
     if drop:
         attn += p * a * s * s * b + a * s * s * b + s * b * h
-    ffn = p * (s * b * h + (4 if cfg.activation == "swiglu" else 2) * s * b * f)
+    expert = (4 if cfg.activation in ("swiglu", "geglu") else 2) * s * b * f
+    if cfg.is_moe:
+        ffn = p * (s * b * h + cfg.experts_per_token * expert + s * b * cfg.n_experts)
+    else:
+        ffn = p * (s * b * h + expert)
     if drop:
         ffn += s * b * h
-    n_norms = 3 if cross else 2
+    n_norms = _norms_per_layer(cfg, cross)
     return (2 if cross else 1) * attn + ffn + n_norms * p * s * b * h
 
 
@@ -174,16 +236,26 @@ def training_memory(cfg: ModelConfig) -> dict:
 
 
 def kv_cache_bytes(cfg: ModelConfig) -> int:
-    """Inference KV cache for the config's batch at ``seq_len``: ``2·L_dec·b·s·h·p``.
+    """Inference KV cache for the config's batch at ``seq_len``: ``2·L_dec·b·s·w_kv·p``.
 
-    Each decoder layer caches K and V (b·s·h each); an encoder-decoder also caches the
-    cross-attention K and V of the encoder output (another ``2·L_dec·b·s·h·p``). An encoder has
-    no autoregressive cache (0).
+    Each decoder layer caches K and V (b·s·w_kv each, w_kv = kv_heads·d_head: grouped-query
+    attention shrinks it by n_heads/kv_heads); an encoder-decoder also caches the
+    cross-attention K and V of the encoder output (another ``2·L_dec·b·s·w_kv·p``). An
+    encoder has no autoregressive cache (0).
     """
     if cfg.architecture == "encoder":
         return 0
-    per = 2 * cfg.decoder_layers * cfg.batch_size * cfg.seq_len * cfg.d_model
+    per = 2 * cfg.decoder_layers * cfg.batch_size * cfg.seq_len * cfg.kv_width
     per *= BYTES_PER_ELEMENT[cfg.dtype]
+    return 2 * per if cfg.architecture == "encoder-decoder" else per
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
+    """KV cache of one token of one sequence: ``2·L_dec·w_kv·p`` (doubled for an
+    encoder-decoder's cross-attention cache; 0 for an encoder)."""
+    if cfg.architecture == "encoder":
+        return 0
+    per = 2 * cfg.decoder_layers * cfg.kv_width * BYTES_PER_ELEMENT[cfg.dtype]
     return 2 * per if cfg.architecture == "encoder-decoder" else per
 
 
@@ -192,10 +264,12 @@ def size_report(cfg: ModelConfig) -> dict:
     params = count_parameters(cfg)
     return {
         "total": params["total"],
+        "active": params["active"],
         "components": params["components"],
         "non_embedding": non_embedding_parameters(cfg),
         "flops_per_token": flops_per_token(cfg),
-        "memory_bytes": {**training_memory(cfg), "kv_cache": kv_cache_bytes(cfg)},
+        "memory_bytes": {**training_memory(cfg), "kv_cache": kv_cache_bytes(cfg),
+                         "kv_cache_per_token": kv_cache_bytes_per_token(cfg)},
     }
 
 

@@ -35,8 +35,9 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
-from unitscale_core.config import CHOICES, FIELD_HELP, ConfigError, ModelConfig
+from unitscale_core.config import CHOICES, DEFAULTS, FIELD_HELP, ConfigError, ModelConfig
 from unitscale_core.presets import PRESETS, load_preset
 
 INT_MAX = 2**31 - 1
@@ -50,15 +51,41 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "Run": ("parametrization", "dtype", "device", "seed"),
 }
+#: The modern-architecture fields (issue 21), in collapsible sections so the panel stays
+#: readable at 1366×768; a section opens by itself when the config uses one of its fields
+#: (or one of them is invalid).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "Attention heads and caps": (
+        "n_kv_heads", "head_dim", "qk_norm", "qkv_bias", "attn_softcap", "logit_softcap",
+    ),
+    "Norms and residual": ("norm_type", "parallel_residual"),
+    "Rotary positions": ("rotary_fraction", "rope_base"),
+    "Mixture of experts": ("n_experts", "experts_per_token"),
+}
 LABELS = {
     "n_layers": "layers", "n_decoder_layers": "decoder layers", "d_model": "d_model",
     "n_heads": "heads", "d_ff": "d_ff", "vocab_size": "vocabulary", "max_len": "max length",
     "seq_len": "sequence length", "batch_size": "batch size", "tie_embeddings": "tie embeddings",
+    "n_kv_heads": "kv heads", "head_dim": "head size", "qk_norm": "qk norm",
+    "qkv_bias": "qkv bias", "attn_softcap": "attention cap", "logit_softcap": "logit cap",
+    "norm_type": "norm type", "parallel_residual": "parallel", "rotary_fraction":
+    "rotary fraction", "rope_base": "rope base θ", "n_experts": "experts",
+    "experts_per_token": "experts per token",
 }
 SAME_AS_LAYERS = "same as layers"
+#: Optional whole numbers: 0 (shown as this text) is "empty", the field's default None.
+OPTIONAL_INT_TEXT = {"n_decoder_layers": SAME_AS_LAYERS, "n_kv_heads": "same as heads",
+                     "head_dim": "d_model / heads"}
+#: Optional soft caps: 0 (shown as "none") is empty, no cap.
+OPTIONAL_FLOATS = ("attn_softcap", "logit_softcap")
+FLOAT_RANGES = {"rotary_fraction": (0.0, 1.0, 0.05, 3), "rope_base": (0.0, 1e12, 1000.0, 1),
+                "attn_softcap": (0.0, 1e6, 5.0, 2), "logit_softcap": (0.0, 1e6, 5.0, 2)}
+#: qkv_bias: None follows ``bias``.
+QKV_BIAS_ITEMS = (("same as bias", None), ("on", True), ("off", False))
 CHECKBOX_TEXT = {
     "bias": "linear and norm biases",
     "tie_embeddings": "head = embedding",
+    "parallel_residual": "attention ‖ feed-forward",
 }
 MODIFIED = " — modified"
 #: An invalid field's cell: a red frame and a pale background. Set through a property
@@ -184,29 +211,25 @@ class ModelPanel(QWidget):
         body = QWidget()
         body_layout = QVBoxLayout(body)
         body_layout.setContentsMargins(0, 0, 0, 0)
-        for title, names in GROUPS.items():
-            box = QGroupBox(title)
-            form = QFormLayout(box)
+        self.sections: dict[str, QCollapsible] = {}
+        groups = list(GROUPS.items())
+        for title, names in groups[:-1] + [(t, None) for t in SECTIONS] + groups[-1:]:
+            if names is None:  # a collapsible section of the modern fields
+                section = QCollapsible(title)
+                section.setObjectName("section_" + title.split()[0].lower())
+                section.setDuration(0)  # no animation: a form must not slide under the cursor
+                inner = QWidget()
+                form = QFormLayout(inner)
+                section.addWidget(inner)
+                self.sections[title] = section
+                names, widget = SECTIONS[title], section
+            else:
+                widget = QGroupBox(title)
+                form = QFormLayout(widget)
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
             for name in names:
-                editor = self._make_editor(name)
-                error = QLabel(objectName=f"{name}_error")
-                error.setWordWrap(True)
-                error.setStyleSheet("color: #c62828;")
-                error.hide()
-                cell = QFrame(objectName="fieldCell")
-                cell_layout = QVBoxLayout(cell)
-                cell_layout.setContentsMargins(1, 1, 1, 1)
-                cell_layout.setSpacing(1)
-                cell_layout.addWidget(editor)
-                cell_layout.addWidget(error)
-                label = QLabel(LABELS.get(name, name.replace("_", " ")))
-                label.setToolTip(FIELD_HELP[name])
-                form.addRow(label, cell)
-                self._editors[name] = editor
-                self._errors[name] = error
-                self._cells[name] = cell
-            body_layout.addWidget(box)
+                self._add_row(form, name)
+            body_layout.addWidget(widget)
         body_layout.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -215,15 +238,52 @@ class ModelPanel(QWidget):
         self.set_config(config)
 
     # -- editors ---------------------------------------------------------------------------
+    def _add_row(self, form: QFormLayout, name: str) -> None:
+        editor = self._make_editor(name)
+        error = QLabel(objectName=f"{name}_error")
+        error.setWordWrap(True)
+        error.setStyleSheet("color: #c62828;")
+        error.hide()
+        cell = QFrame(objectName="fieldCell")
+        cell_layout = QVBoxLayout(cell)
+        cell_layout.setContentsMargins(1, 1, 1, 1)
+        cell_layout.setSpacing(1)
+        cell_layout.addWidget(editor)
+        cell_layout.addWidget(error)
+        label = QLabel(LABELS.get(name, name.replace("_", " ")))
+        label.setToolTip(FIELD_HELP[name])
+        form.addRow(label, cell)
+        self._editors[name] = editor
+        self._errors[name] = error
+        self._cells[name] = cell
+
     def _make_editor(self, name: str) -> QWidget:
         editor: QWidget
-        if name in CHOICES:
+        if name == "qkv_bias":
+            editor = QComboBox()
+            for text, data in QKV_BIAS_ITEMS:
+                editor.addItem(text, data)
+            editor.currentIndexChanged.connect(
+                lambda i, n=name, e=editor: self._on_edit(n, e.itemData(i)))
+        elif name in CHOICES:
             editor = QComboBox()
             editor.addItems(list(CHOICES[name]))
             editor.currentTextChanged.connect(lambda v, n=name: self._on_edit(n, v))
-        elif name in ("bias", "tie_embeddings"):
+        elif name in CHECKBOX_TEXT:
             editor = QCheckBox(CHECKBOX_TEXT[name])
             editor.toggled.connect(lambda v, n=name: self._on_edit(n, bool(v)))
+        elif name in FLOAT_RANGES:
+            editor = CheckedDoubleSpinBox()
+            lo, hi, step, decimals = FLOAT_RANGES[name]
+            editor.setRange(lo, hi)
+            editor.setSingleStep(step)
+            editor.setDecimals(decimals)
+            editor.setKeyboardTracking(False)
+            if name in OPTIONAL_FLOATS:  # 0 is "none": no cap (a cap must be positive)
+                editor.setSpecialValueText("none")
+                editor.valueChanged.connect(lambda v, n=name: self._on_edit(n, float(v) or None))
+            else:
+                editor.valueChanged.connect(lambda v, n=name: self._on_edit(n, float(v)))
         elif name == "dropout":
             editor = CheckedDoubleSpinBox()
             editor.setRange(0.0, 1.0)
@@ -240,8 +300,8 @@ class ModelPanel(QWidget):
             # A typed number commits on Enter, Tab or focus loss (arrows and wheel at once), so
             # typing 4096 does not pass through 4, 40 and 409 as configs of their own.
             editor.setKeyboardTracking(False)
-            if name == "n_decoder_layers":
-                editor.setSpecialValueText(SAME_AS_LAYERS)
+            if name in OPTIONAL_INT_TEXT:
+                editor.setSpecialValueText(OPTIONAL_INT_TEXT[name])
                 editor.valueChanged.connect(lambda v, n=name: self._on_edit(n, v or None))
             else:
                 editor.valueChanged.connect(lambda v, n=name: self._on_edit(n, int(v)))
@@ -256,12 +316,14 @@ class ModelPanel(QWidget):
 
     def _show_value(self, name: str, value: Any) -> None:
         editor = self._editors[name]
-        if isinstance(editor, QComboBox):
+        if name == "qkv_bias":
+            editor.setCurrentIndex([d for _, d in QKV_BIAS_ITEMS].index(value))
+        elif isinstance(editor, QComboBox):
             editor.setCurrentText(str(value))
         elif isinstance(editor, QCheckBox):
             editor.setChecked(bool(value))
         elif isinstance(editor, QDoubleSpinBox):
-            editor.setValue(float(value))
+            editor.setValue(0.0 if value is None else float(value))
         elif isinstance(editor, QSpinBox):
             editor.setValue(0 if value is None else int(value))
 
@@ -278,6 +340,9 @@ class ModelPanel(QWidget):
         self._typed.clear()
         self._mark({})
         self._update_enabled()
+        for title, names in SECTIONS.items():  # a config using a section's fields shows them
+            if any(self._draft[n] != DEFAULTS[n] for n in names):
+                self.sections[title].expand(animate=False)
         if self._preset is not None and config != self._preset[1]:
             self._forget_preset()  # another file or config: the preset no longer applies
 
@@ -353,6 +418,10 @@ class ModelPanel(QWidget):
                     widget.setProperty("invalid", bool(reason))
                     widget.style().unpolish(widget)  # the property selector applies anew
                     widget.style().polish(widget)
+        for title, names in SECTIONS.items():  # never hide a reason in a closed section
+            if any(shown.get(n) for n in names):
+                self.sections[title].expand(animate=False)
+        self._update_enabled()
         unplaced = {k: v for k, v in errors.items() if k not in self._errors}
         if unplaced:  # not expected from the editors, but never lose a reason
             first = self._errors["architecture"]
@@ -381,6 +450,18 @@ class ModelPanel(QWidget):
         return self._invalid_reason
 
     def _update_enabled(self) -> None:
+        """Grey the fields that do not apply to the draft; a field whose value is invalid
+        stays editable, so it can always be put right (parallel_residual checked, then norm
+        set to post: the box must be unticked)."""
         d = self._draft
-        self._editors["n_decoder_layers"].setEnabled(d["architecture"] == "encoder-decoder")
-        self._editors["window"].setEnabled(d["attention"] in ("local", "strided"))
+        applies = {
+            "n_decoder_layers": d["architecture"] == "encoder-decoder",
+            "window": d["attention"] in ("local", "strided"),
+            "rotary_fraction": d["positional"] == "rope",
+            "rope_base": d["positional"] == "rope",
+            "parallel_residual": d["norm"] == "pre",
+            "experts_per_token": d["n_experts"] != 1,
+        }
+        shown = {**self._config_errors, **self._typed}
+        for name, ok in applies.items():
+            self._editors[name].setEnabled(ok or bool(shown.get(name)))

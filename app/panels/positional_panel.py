@@ -201,11 +201,11 @@ class PositionalPanel(QWidget):
         self.follow = QCheckBox("follow the model", objectName="posFollow", checked=True)
         self.follow.toggled.connect(self._on_follow)
         self.follow.setToolTip("Show the model's own positions: its scheme, max_len, d_model "
-                               "(RoPE: the head size) and heads, its T5 buckets (32, max "
-                               "distance 128), base 10000, its causal or bidirectional "
-                               "attention, and for a learned table the configured model's own "
-                               "table at initialisation. Changing any of these here stops "
-                               "following.")
+                               "(RoPE: the rotated dims of a head) and heads, its T5 buckets "
+                               "(32, max distance 128), base (RoPE: rope_base; else 10000), "
+                               "its causal or bidirectional attention, and for a learned "
+                               "table the configured model's own table at initialisation. "
+                               "Changing any of these here stops following.")
         self.kind = self._combo("posKind", [(KIND_LABELS[k], k) for k in KINDS],
                                 "Positional scheme to show")
         self.compare = self._combo("posCompare", [("(no comparison)", None)] +
@@ -230,7 +230,7 @@ class PositionalPanel(QWidget):
                                       "drawn masked (grey)")
         self.bidirectional.toggled.connect(self._on_control)
         self.base = QDoubleSpinBox(objectName="posBase")
-        self.base.setRange(1.5, 1e9)
+        self.base.setRange(1.5, 1e12)  # rope_base goes up to 1e12
         self.base.setDecimals(1)
         self.base.setKeyboardTracking(False)
         self.base.setToolTip("Base of the frequencies θᵢ = base^(−2i/d) (sinusoidal, RoPE)")
@@ -323,13 +323,11 @@ class PositionalPanel(QWidget):
             if config.positional in KINDS:
                 self.kind.setCurrentIndex(self.kind.findData(config.positional))
             self.length.setValue(min(config.max_len, MAX_LENGTH))
-            # RoPE rotates each head's vectors; the other schemes span the whole width.
-            width = config.head_size if config.positional == "rope" else config.d_model
-            self.d_model.setValue(min(width, self.d_model.maximum()))
+            self.d_model.setValue(min(model_width(config), self.d_model.maximum()))
             self.heads.setValue(min(config.n_heads, self.heads.maximum()))
             self.bidirectional.setChecked(config.architecture == "encoder")
             # the model's own constants (model/transformer.py), and its own learned table
-            self.base.setValue(MODEL_BASE)
+            self.base.setValue(model_base(config))
             self.buckets.setValue(RELATIVE_BUCKETS)
             self.max_distance.setValue(RELATIVE_MAX_DISTANCE)
             self.learned_source.setCurrentIndex(self.learned_source.findData("model"))
@@ -514,12 +512,25 @@ def spec_for_config(config: ModelConfig, base: ViewSpec | None = None) -> ViewSp
     defaults); None when the model uses no positions."""
     if config.positional not in KINDS:
         return None
-    width = config.head_size if config.positional == "rope" else config.d_model
     return dataclasses.replace(
         base or ViewSpec(), kind=config.positional, length=min(config.max_len, MAX_LENGTH),
-        d_model=max(2, min(width, 8192)), n_heads=min(config.n_heads, 256),
-        bidirectional=config.architecture == "encoder", seed=config.seed, base=MODEL_BASE,
+        d_model=max(2, min(model_width(config), 8192)), n_heads=min(config.n_heads, 256),
+        bidirectional=config.architecture == "encoder", seed=config.seed,
+        base=model_base(config),
         buckets=RELATIVE_BUCKETS, max_distance=RELATIVE_MAX_DISTANCE, learned_source="model")
+
+
+def model_width(config: ModelConfig) -> int:
+    """The width the model's positions span: RoPE rotates the first ``rotary_dims`` dims of
+    each head (all of the head size unless rotary_fraction < 1); the other schemes span
+    d_model."""
+    return config.rotary_dims if config.positional == "rope" else config.d_model
+
+
+def model_base(config: ModelConfig) -> float:
+    """The model's frequency base: RoPE's configured θ (``rope_base``), the sinusoidal
+    encoding's fixed 10000."""
+    return float(config.rope_base) if config.positional == "rope" else MODEL_BASE
 
 
 def _safe_compute(spec: ViewSpec, table: np.ndarray | None = None) -> ViewResult | str:

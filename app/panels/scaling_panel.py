@@ -819,6 +819,8 @@ class ScalingPanel(QWidget):
         if channel == CHANNEL and request_id == self._measure_id:
             self.measure_button.setEnabled(True)
             self._show_status(None)
+            self._show_summary()  # say so: a silent cancel looked like nothing had happened
+            self.summary.setText(self.summary.text() + "<br>measurement cancelled")
             self._show_summary()
             self.summary.setText(self.summary.text() + f"<br>⚠ measurement failed: {message}")
 
@@ -826,6 +828,8 @@ class ScalingPanel(QWidget):
         if channel == CHANNEL and request_id == self._measure_id:
             self.measure_button.setEnabled(True)
             self._show_status(None)
+            self._show_summary()  # say so: a silent cancel looked like nothing had happened
+            self.summary.setText(self.summary.text() + "<br>measurement cancelled")
 
     # -- export --------------------------------------------------------------------------------
     def table_data(self) -> TableData:

@@ -76,7 +76,6 @@ REDRAW_MS = 250  # plots redraw at most this often while records stream in
 #: up to ~2^4 (Blake et al. 2024); far above that a run only diverges (1e30 gave NaN).
 LR_RANGE = (1e-8, 100.0)
 LR_SYNTAX = re.compile(r"[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?|[0-9]+\.([eE][-+]?[0-9]+)?")
-WATCHDOG_MS = 600  # how often a chunk dropped by "Cancel all" (Esc) is looked for
 
 TASK_HELP = {"lm": "next-token language modelling on the bundled text",
              "copy": "copy a random sequence", "reverse": "reverse a random sequence",
@@ -161,7 +160,6 @@ class TrainingPanel(QWidget):
         self._attention_step = 0
         self._closing = False
         self._dirty = False
-        self._stalled: set[int] = set()
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -180,14 +178,13 @@ class TrainingPanel(QWidget):
 
         self._redraw_timer = QTimer(self, singleShot=True, interval=REDRAW_MS)
         self._redraw_timer.timeout.connect(self._redraw)
-        self._watchdog = QTimer(self, interval=WATCHDOG_MS)
-        self._watchdog.timeout.connect(self._check_dropped)
         self._eta_timer = QTimer(self, interval=1000)
         self._eta_timer.timeout.connect(self._update_progress)
         worker.finished_job.connect(self._on_result)
         worker.failed_job.connect(self._on_failure)
         worker.cancelled_job.connect(self._on_cancelled)
-        worker.dropped_job.connect(self._on_cancelled)  # dequeued before it ran (Cancel, Esc)
+        # dequeued before it ran (Cancel / Esc, cancel() of all channels included): no polling
+        worker.dropped_job.connect(self._on_cancelled)
         self.update_config(config)
         self._update_buttons()
         self._set_status("Press Start (Ctrl+Return) to train the enabled runs on the current "
@@ -453,7 +450,6 @@ class TrainingPanel(QWidget):
             else:
                 slot.state = IDLE
                 slot.request = None
-        self._watchdog.start()
         self._eta_timer.start()
         self._update_progress()
         self._update_buttons()
@@ -501,7 +497,6 @@ class TrainingPanel(QWidget):
                 self._stop_clock(slot, now)
         self.worker.cancel(ATTENTION_CHANNEL)
         self._attention_request = None
-        self._watchdog.stop()
         self._eta_timer.stop()
         self._update_buttons()
         self._update_progress()
@@ -552,7 +547,6 @@ class TrainingPanel(QWidget):
         if slot is None:
             return
         slot.request = None
-        self._stalled.discard(slot.index)
         if isinstance(result, RunInfo):
             slot.info = result
             if slot.state == STARTING:
@@ -595,7 +589,6 @@ class TrainingPanel(QWidget):
         self._update_progress()
         self._update_buttons()
         if not self.is_active():
-            self._watchdog.stop()
             self._eta_timer.stop()
             if all(s.state in (DONE, IDLE) for s in self.slots):
                 self._set_status(self._summary())
@@ -636,21 +629,6 @@ class TrainingPanel(QWidget):
         if slot.state in (RUNNING, STARTING):
             self.pause()
             self._set_status("cancelled — press Resume to continue the runs")
-
-    def _check_dropped(self) -> None:
-        """``worker.cancel()`` with no channel drops pending requests without a signal: a
-        request still ours after the worker has been idle for two checks was dropped."""
-        if self.worker.busy():
-            self._stalled.clear()
-            return
-        for slot in self.slots:
-            if slot.request is None:
-                continue
-            if slot.index in self._stalled:
-                self._stalled.discard(slot.index)
-                self._dropped(slot)
-            else:
-                self._stalled.add(slot.index)
 
     # -- attention -----------------------------------------------------------------------------
     def _shown_slot(self) -> Slot:

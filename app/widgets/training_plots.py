@@ -31,6 +31,11 @@ KIND_LABELS = {"activation": "activations", "weight": "weights",
                "grad_activation": "activation grads", "grad_weight": "weight grads"}
 
 
+#: What the loss plot says while it has no curve.
+#: (short lines: the plot's column is ~400 px wide at 1366×768)
+EMPTY_LOSS_TEXT = "Press Start to train.\nEach run's loss per step\n(nats / token) appears here."
+
+
 def _finite(values: Sequence[float]) -> np.ndarray:
     """float64 array with ±inf turned into NaN (pyqtgraph's connect="finite" skips NaN)."""
     y = np.asarray(values, dtype=np.float64)
@@ -120,7 +125,40 @@ class LossPlot(_CurvePlot):
         self.setToolTip("Cross-entropy loss of each training step's batch, in nats per "
                         "predicted token (ln V at a uniform guess). Gaps: the loss was not "
                         "finite (overflow).")
+        # Empty (before Start, after a clear): a sentence instead of a 0–1 frame that means
+        # nothing; the axes come back, autoscaled, with the first curve.
+        self.empty_text = pg.TextItem(EMPTY_LOSS_TEXT, color="#555555", anchor=(0.5, 0.5))
+        self.empty_text.setZValue(10)
+        self._empty: bool | None = None
+        self._show_empty(True)
 
+    def is_empty(self) -> bool:
+        """True while no curve is drawn (the empty-state sentence shows, the axes do not)."""
+        return bool(self._empty)
+
+    def _show_empty(self, empty: bool) -> None:
+        if empty == self._empty:
+            return
+        self._empty = empty
+        for axis in ("left", "bottom"):
+            self.plot_item.showAxis(axis, not empty)
+        if empty:
+            self.plot_item.addItem(self.empty_text, ignoreBounds=True)
+            self.empty_text.setPos(0.5, 0.5)
+            self.plot_item.setRange(xRange=(0, 1), yRange=(0, 1), padding=0)
+        else:
+            self.plot_item.removeItem(self.empty_text)
+            self.plot_item.enableAutoRange()
+
+    def set_curve(self, *args, **kwargs) -> pg.PlotDataItem:
+        curve = super().set_curve(*args, **kwargs)
+        self._show_empty(False)
+        return curve
+
+    def remove_curve(self, key: str) -> None:
+        super().remove_curve(key)
+        if not self.curves:
+            self._show_empty(True)
 
     def set_log_y(self, on: bool) -> None:
         """Logarithmic loss axis, labelled with plain numbers (1, 2, 3, 5, 10, 20, …)."""

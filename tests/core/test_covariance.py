@@ -518,6 +518,29 @@ def test_rotated_matches_sampled_rope():
     assert abs(out.C[0, t - 1]) < 0.7 * x_cov.C[0, t - 1]
 
 
+def test_rotated_matches_sampled_rope_of_a_larger_base():
+    """``rope_base`` (Llama 3: θ = 500000): the model's rotation with that θ, sampled, keeps
+    the mean cosine of the angle between two positions; far tokens keep more of what they
+    share than at θ = 10000."""
+    from unitscale_core import positional
+    from unitscale_core.model.layers import apply_rope
+
+    t, d, n_seq, base = 12, 16, 4000, 500000.0
+    gen = torch.Generator().manual_seed(11)
+    x_cov = _structured(t)
+    x = _sample(x_cov, n_seq, d, gen)
+    theta = torch.from_numpy(positional.rope_angles(t, d, base))
+    y = apply_rope(x[:, None], theta.cos(), theta.sin())[:, 0]
+    out = cv.rotated(x_cov, d, base)
+    var, cov, cross = _measured(y)
+    np.testing.assert_allclose(out.var, var, rtol=0.06)
+    off = ~np.eye(t, dtype=bool)
+    np.testing.assert_allclose(out.C[off], cov[off], rtol=0.08, atol=0.02)
+    np.testing.assert_allclose(out.M, cross, rtol=0.1, atol=0.02)
+    default = cv.rotated(x_cov, d)
+    assert out.C[0, t - 1] > default.C[0, t - 1] + 0.05 * abs(x_cov.C[0, t - 1])
+
+
 def test_query_gradient_shares_what_positions_share_across_the_batch():
     """Values and keys with a part shared by every sequence that varies with position (as
     learned positions give) and a context gradient with a part shared across the batch: the

@@ -130,3 +130,4 @@ def test_cancel_during_the_backward_pass_stops_inside_it(qtbot, window, monkeypa
     assert texts[-1].startswith("backward") and not results
     assert panel.findChild(QWidget, "measureButton").isEnabled()
     assert not panel.findChild(QWidget, "measureStatus").isVisible()
+    assert "measurement cancelled" in panel.summary.text()

@@ -181,6 +181,25 @@ def test_cancel_all_pauses_the_runs_without_losing_steps(qtbot, panel, worker):
     assert [r.step for r in slot.records] == list(range(1, len(slot.records) + 1))
 
 
+def test_a_dropped_chunk_pauses_the_run_by_signal_without_polling(qtbot, panel, worker):
+    """The worker's dropped_job signal is how the panel learns of a chunk Cancel dequeued:
+    no repeating timer but the 1 s ETA clock polls while runs train (a watchdog used to look
+    for dropped requests every 600 ms), and a cancel still pauses the run."""
+    from PySide6.QtCore import QTimer
+
+    enable(panel, 0)
+    panel.steps.setValue(2000)
+    panel.attn_every.setValue(0)
+    panel.start()
+    slot = panel.slots[0]
+    qtbot.waitUntil(lambda: len(slot.records) >= 1, timeout=TIMEOUT)
+    polling = [t for t in panel.findChildren(QTimer) if t.isActive() and not t.isSingleShot()]
+    assert [t.interval() for t in polling] == [1000]
+    worker.cancel()  # the running chunk (cancelled_job) or a pending one (dropped_job)
+    qtbot.waitUntil(lambda: slot.state == tp.PAUSED and slot.request is None, timeout=TIMEOUT)
+    settle(qtbot, panel)
+
+
 def test_bad_settings_name_the_field_without_a_traceback(qtbot, panel):
     panel.update_config(ModelConfig(**{**TINY, "vocab_size": 100}))  # lm needs 256 bytes
     enable(panel, 0)
@@ -370,3 +389,25 @@ def test_heatmap_step_tick_sits_at_the_centre_of_its_steps_column(qtbot):
     thinned = view.step_ticks(60.0)
     assert 0 < len(thinned) < len(steps)  # thinned when narrow, each still centred
     assert all(x == int(x) + 0.5 and steps[int(x)] == int(label) for x, label in thinned)
+
+
+def test_loss_plot_before_start_says_what_will_appear_not_a_0_1_frame(qtbot, panel):
+    """Issue 19: the empty loss plot showed meaningless 0–1 axes. Before Start it says what
+    will appear and shows no axes; with a curve the axes return, fitted to the losses."""
+    plot = panel.loss_plot
+    item = plot.plot_item
+    assert plot.is_empty() and plot.empty_text.isVisible()
+    assert plot.empty_text.scene() is not None and "Press Start" in plot.empty_text.toPlainText()
+    assert not item.getAxis("left").isVisible() and not item.getAxis("bottom").isVisible()
+    enable(panel, 0)
+    panel.steps.setValue(3)
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.is_active(), timeout=TIMEOUT)
+    settle(qtbot, panel)
+    assert not plot.is_empty() and plot.empty_text.scene() is None
+    assert item.getAxis("left").isVisible() and item.getAxis("bottom").isVisible()
+    losses = [r.loss for r in panel.slots[0].records]
+    qtbot.waitUntil(lambda: item.vb.viewRange()[1][0] <= min(losses) <= max(losses)
+                    <= item.vb.viewRange()[1][1] and item.vb.viewRange()[1][1] > 1.5)
+    plot.clear_curves()
+    assert plot.is_empty() and plot.empty_text.scene() is not None

@@ -201,3 +201,51 @@ def test_activity_follows_every_route(qtbot, worker):
     worker.submit("later", lambda: 0)
     worker.cancel()
     qtbot.waitUntil(lambda: worker.activity() == () and not worker.busy(), timeout=5000)
+
+
+def test_cancel_during_a_model_build_ends_it_with_no_model_kept(qtbot, worker):
+    """Issue 19: a Measure / training start first builds the model, which Cancel could not
+    stop. A cancel that arrives mid-build (here: once a few submodules exist) ends the job
+    as cancelled before the model is complete, measure's cache keeps no model, and the
+    worker is idle again (busy_changed(False): the busy indicator clears)."""
+    import torch
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    from unitscale_core import ModelConfig
+    from unitscale_core.measure import cached_model, is_cached
+
+    cfg = ModelConfig(architecture="decoder", d_model=32, n_heads=2, d_ff=64, n_layers=12,
+                      vocab_size=100, max_len=16, seq_len=8, batch_size=1, device="cpu",
+                      seed=12345)
+    seen: list[int] = []
+
+    def counter(*_args) -> None:
+        if threading.get_ident() == worker_thread[0]:
+            seen.append(1)
+            if len(seen) == 5:
+                worker.cancel()  # as the GUI's Cancel would, while layers are being built
+
+    def job():
+        worker_thread.append(threading.get_ident())
+        worker_thread.pop(0)
+        return cached_model(cfg, torch.device("cpu"))
+
+    worker_thread = [-1]
+    outcome: list[str] = []
+    worker.finished_job.connect(lambda *_: outcome.append("finished"))
+    worker.cancelled_job.connect(lambda *_: outcome.append("cancelled"))
+    handle = register_module_module_registration_hook(counter)
+    try:
+        with qtbot.waitSignal(worker.busy_changed, check_params_cb=lambda b: not b,
+                              timeout=30_000):
+            worker.submit("measure", job)
+    finally:
+        handle.remove()
+    qtbot.waitUntil(lambda: bool(outcome), timeout=5000)
+    assert outcome == ["cancelled"] and not worker.busy()
+    assert not is_cached(cfg, "cpu")  # no half-built model kept for the next Measure
+    model = cached_model(cfg, torch.device("cpu"))  # a full build, for its module count
+    full = sum(1 for _ in model.modules()) - 1
+    assert 5 <= len(seen) < full // 2  # stopped within a module of the cancel
+    from unitscale_core import measure
+    measure._models.clear()

@@ -10,10 +10,11 @@ from .transformer import (
     EncoderOnlyModel,
     Positions,
     build_model,
+    unsupported_fields,
 )
 
 __all__ = [
     "Attention", "Decoder", "DecoderLayer", "DecoderOnlyModel", "Encoder", "EncoderDecoderModel",
     "EncoderLayer", "EncoderOnlyModel", "FeedForward", "PositionContext", "Positions", "allowed",
-    "build_model",
+    "build_model", "unsupported_fields",
 ]

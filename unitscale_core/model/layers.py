@@ -80,14 +80,26 @@ class PositionContext:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (2i, 2i+1) of the last dim by angle θ (Su et al. 2021, eq. 34).
+    """Rotate pairs (2i, 2i+1) of the first R = 2·cos.shape[-1] dims by angle θ (Su et al.
+    2021, eq. 34); the other D − R dims pass through (partial rotary, GPT-NeoX ``rotary_pct``).
 
-    ``x: (B, H, T, D)``, ``cos, sin: (T, D/2)``;
+    ``x: (B, H, T, D)``, ``cos, sin: (T, R/2)``;
     ``(x₀, x₁) ↦ (x₀ cos θ − x₁ sin θ, x₀ sin θ + x₁ cos θ)``.
     """
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2)
+    r = 2 * cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    x0, x1 = rot[..., 0::2], rot[..., 1::2]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def softcap(z: Tensor, cap: float | None) -> Tensor:
+    """Soft cap ``c·tanh(z/c)`` (Gemma 2); identity when ``cap`` is None.
+
+    The same op under every parametrization: for ``|z| ≪ c`` it is the identity (slope 1),
+    so a unit-scaled logit (RMS ≈ 1 ≪ c = 30 or 50) keeps its scale and its gradient.
+    """
+    return z if cap is None else cap * torch.tanh(z / cap)
 
 
 class Attention(nn.Module):
@@ -112,6 +124,7 @@ class Attention(nn.Module):
         self.context = Tap()
         self.o = Linear(c, c, cfg.bias, ops)
         self.dropout = cfg.dropout
+        self.softcap = cfg.attn_softcap
         self.capture = False
         #: applied to the probabilities before they are kept (e.g. block-averaging on the
         #: device so a long sequence never keeps a full [H, T, S] map per layer)
@@ -133,7 +146,8 @@ class Attention(nn.Module):
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         q, k, v = ops.attention_in(q, k, v, ctx.causal)
-        scores = self.scores(ops.scores(q, k))  # (B, H, T, S)
+        # the soft cap acts on the scaled logits, before any bias or mask (Gemma 2)
+        scores = self.scores(softcap(ops.scores(q, k), self.softcap))  # (B, H, T, S)
         if ctx.bias is not None:
             scores = scores + ctx.bias
         keep = ctx.allowed  # (T, S)
@@ -195,6 +209,8 @@ class EncoderLayer(nn.Module):
         self.ops = ops
         self.taus = taus
         self.pre_norm = cfg.norm == "pre"
+        #: GPT-NeoX's parallel block (standard parametrization only, so far)
+        self.parallel = cfg.parallel_residual
         self.dropout = cfg.dropout
         self.norm1 = LayerNorm(cfg, ops)
         self.attn = Attention(cfg, ops)
@@ -213,6 +229,12 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, ctx: PositionContext,
                 key_padding_mask: Tensor | None = None) -> Tensor:
+        if self.parallel:  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX): no after_attn
+            ops, p = self.ops, self.dropout
+            a = ops.dropout(self.attn(self.norm1(x), ctx, None, key_padding_mask), p,
+                            self.training)
+            f = ops.dropout(self.ffn(self.norm2(x)), p, self.training)
+            return ops.residual_add(f, ops.residual_add(a, x, self.taus[0]), self.taus[1])
         x = self._residual(x, self.norm1, lambda h: self.attn(h, ctx, None, key_padding_mask),
                            self.taus[0])
         return self._residual(self.after_attn(x), self.norm2, self.ffn, self.taus[1])

@@ -15,9 +15,18 @@ import torch
 from torch import Tensor, nn
 
 from .. import positional
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..sizing import RELATIVE_BUCKETS, RELATIVE_MAX_DISTANCE
-from .layers import DecoderLayer, Embedding, EncoderLayer, LayerNorm, Linear, PositionContext, Tap
+from .layers import (
+    DecoderLayer,
+    Embedding,
+    EncoderLayer,
+    LayerNorm,
+    Linear,
+    PositionContext,
+    Tap,
+    softcap,
+)
 from .masks import allowed
 from .ops import StandardOps, make_ops
 
@@ -36,7 +45,8 @@ class Positions(nn.Module):
     * learned: a ``max_len × C`` table added to the embeddings (``table``);
     * relative: T5's bucketed bias ``b[h, bucket(j − i)]`` added to the logits (``rel_bias``,
       Raffel et al. 2020 §2.1; bidirectional in encoders, causal buckets in decoders);
-    * rope: Q and K rotated by ``pos · 10000^(−2i/D)`` (Su et al. 2021);
+    * rope: the first R = ``cfg.rotary_dims`` dims of each Q and K head rotated by
+      ``pos · θ^(−2i/R)``, θ = ``cfg.rope_base`` (Su et al. 2021; partial rotary as GPT-NeoX);
     * alibi: ``−m_h·|i − j|`` added to the logits (Press et al. 2022);
     * none: nothing.
     """
@@ -78,8 +88,10 @@ class Positions(nn.Module):
         elif self.kind == "alibi":
             ctx.bias = torch.from_numpy(positional.alibi_bias(cfg.n_heads, t)).to(device, dtype)
         elif self.kind == "rope":
-            theta = torch.from_numpy(positional.rope_angles(t, cfg.head_size)).to(device)
-            ctx.rope = (theta.cos().to(dtype), theta.sin().to(dtype))  # (T, D/2) each
+            # the first rotary_dims of each head, θ_i = rope_base^(−2i/rotary_dims) (NeoX)
+            theta = torch.from_numpy(positional.rope_angles(t, cfg.rotary_dims,
+                                                            cfg.rope_base)).to(device)
+            ctx.rope = (theta.cos().to(dtype), theta.sin().to(dtype))  # (T, R/2) each
         return ctx
 
 
@@ -174,6 +186,11 @@ class TransformerLM:
 
         return [(n, m) for n, m in self.named_modules() if isinstance(m, Attention)]
 
+    def logits(self, h: Tensor) -> Tensor:
+        """The head's vocabulary logits ``(B, T, V)`` from the stack's output, soft-capped
+        ``c·tanh(z/c)`` when ``cfg.logit_softcap`` is set (Gemma 2, before the loss)."""
+        return softcap(self.head(h), self.cfg.logit_softcap)
+
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy, mean over all B·T tokens, as the parametrization computes it."""
         return self.ops.loss(logits, targets)
@@ -193,7 +210,7 @@ class EncoderOnlyModel(Encoder, TransformerLM):
     def forward(self, idx: Tensor, mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None) -> Tensor:
         """``idx: (B, T)`` token ids → logits ``(B, T, V)``."""
-        return self.head(Encoder.forward(self, self.tok_emb(idx), mask, src_key_padding_mask))
+        return self.logits(Encoder.forward(self, self.tok_emb(idx), mask, src_key_padding_mask))
 
 
 class DecoderOnlyModel(CausalEncoder, TransformerLM):
@@ -210,7 +227,8 @@ class DecoderOnlyModel(CausalEncoder, TransformerLM):
     def forward(self, idx: Tensor, mask: Tensor | None = None,
                 key_padding_mask: Tensor | None = None) -> Tensor:
         """``idx: (B, T)`` token ids → logits ``(B, T, V)``."""
-        return self.head(CausalEncoder.forward(self, self.tok_emb(idx), mask, key_padding_mask))
+        return self.logits(CausalEncoder.forward(self, self.tok_emb(idx), mask,
+                                                 key_padding_mask))
 
 
 class EncoderDecoderModel(nn.Module, TransformerLM):
@@ -233,7 +251,7 @@ class EncoderDecoderModel(nn.Module, TransformerLM):
         memory = self.encoder(self.tok_emb(src), None, src_key_padding_mask)
         y = self.decoder(self.tok_emb(tgt), memory, None, None, tgt_key_padding_mask,
                          src_key_padding_mask)
-        return self.head(y)
+        return self.logits(y)
 
 
 ARCHITECTURE_CLASSES = {
@@ -241,6 +259,42 @@ ARCHITECTURE_CLASSES = {
     "decoder": DecoderOnlyModel,
     "encoder-decoder": EncoderDecoderModel,
 }
+
+
+def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
+    """The issue-21 fields ``cfg`` sets that the torch model does not build yet, each with
+    the reason; empty when the model computes everything ``cfg`` asks for.
+
+    Implemented: ``rope_base``, ``rotary_fraction`` (partial rotary), ``attn_softcap``,
+    ``logit_softcap``, ``parallel_residual`` (standard parametrization, encoder or decoder);
+    values equal to the defaults' meaning (``n_kv_heads = n_heads``,
+    ``head_dim = d_model / n_heads``, ``qkv_bias = bias``, ``experts_per_token`` with one
+    expert) are accepted as the same model.
+    """
+    todo = "is not built by the torch model yet"
+    out: dict[str, str] = {}
+    if cfg.norm_type != "layernorm":
+        out["norm_type"] = f"norm_type={cfg.norm_type!r} {todo}"
+    if cfg.norm not in ("pre", "post"):
+        out["norm"] = f"norm={cfg.norm!r} {todo}"
+    if cfg.kv_heads != cfg.n_heads:
+        out["n_kv_heads"] = f"n_kv_heads={cfg.n_kv_heads} (grouped-query attention) {todo}"
+    if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.d_model:
+        out["head_dim"] = (f"head_dim={cfg.head_dim} (n_heads × head_dim ≠ d_model) {todo}")
+    if cfg.qk_norm != "none":
+        out["qk_norm"] = f"qk_norm={cfg.qk_norm!r} {todo}"
+    if cfg.parallel_residual and (cfg.parametrization != "standard"
+                                  or cfg.architecture == "encoder-decoder"):
+        out["parallel_residual"] = (f"parallel_residual=true with parametrization="
+                                    f"{cfg.parametrization!r} and architecture="
+                                    f"{cfg.architecture!r} {todo} (only standard, one stack)")
+    if cfg.activation == "geglu":
+        out["activation"] = f"activation='geglu' {todo}"
+    if cfg.n_experts > 1:
+        out["n_experts"] = f"n_experts={cfg.n_experts} (mixture of experts) {todo}"
+    if cfg.has_qkv_bias != cfg.bias:
+        out["qkv_bias"] = f"qkv_bias={cfg.qkv_bias} differing from bias={cfg.bias} {todo}"
+    return out
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> nn.Module:
@@ -251,7 +305,13 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> n
     storage (FP8 is a simulated cast of matmul inputs).
 
     The parametrization decides initialisation and every op (:mod:`.ops`).
+    A config using a field the model does not build yet (:func:`unsupported_fields`) is
+    refused with a :class:`~unitscale_core.config.ConfigError` naming each field, never
+    built as a different model.
     """
+    missing = unsupported_fields(cfg)
+    if missing:
+        raise ConfigError(missing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = ARCHITECTURE_CLASSES[cfg.architecture](cfg, make_ops(cfg.parametrization,

@@ -540,25 +540,26 @@ def binned_pairs(gram: np.ndarray, onehot: np.ndarray, count: np.ndarray
     return distinct, every, diag
 
 
-def rotated(x: Cov, head_dim: int) -> Cov:
-    """``x`` with every token rotated by its position (RoPE): each token's variance is kept,
-    two tokens' covariances are multiplied by :func:`rope_correlations`, and what a token no
+def rotated(x: Cov, head_dim: int, base: float = 10000.0) -> Cov:
+    """``x`` with every token rotated by its position (RoPE of θ ``base``): each token's
+    variance is kept, two tokens' covariances are multiplied by :func:`rope_correlations`
+    (a larger θ turns far tokens less, so more of what they share is kept), and what a token no
     longer shares with the others of its bin becomes its own. Its own transpose, so it also
     takes a gradient with respect to rotated queries or keys back through the rotation.
     Memoised on ``x``."""
     memo = x.memo
-    hit = memo.get(("rotated", head_dim))
+    hit = memo.get(("rotated", head_dim, base))
     if hit is not None:
         return hit
     S = x.S
     if not len(S):
         out = x
     else:
-        distinct, every = rope_correlations(x.g.t, head_dim)
+        distinct, every = rope_correlations(x.g.t, head_dim, base)
         R = np.stack((distinct, every))[:len(S)]
         C = S[0]
         out = Cov.of(x.g, x.u + np.diagonal(C) * (1.0 - np.diagonal(distinct)), S * R)
-    memo[("rotated", head_dim)] = out
+    memo[("rotated", head_dim, base)] = out
     return out
 
 

@@ -170,14 +170,10 @@ def unpredicted_features(cfg: ModelConfig) -> dict[str, str]:
         no("parallel_residual", "parallel attention and feed-forward")
     if cfg.positional == "rope" and cfg.rotary_dims != cfg.head_size:
         no("rotary_fraction", "partial rotary (rotary_fraction < 1)")
-    if cfg.positional == "rope" and cfg.rope_base != 10000.0:
-        no("rope_base", "rope_base other than 10000")
     if cfg.activation == "geglu":
         no("activation", "activation='geglu'")
     if cfg.is_moe:
         no("n_experts", "a mixture of experts (n_experts > 1)")
-    if cfg.has_qkv_bias != cfg.bias:
-        no("qkv_bias", "qkv_bias different from bias")
     if cfg.attn_softcap is not None:
         no("attn_softcap", "attention logit soft-capping")
     if cfg.logit_softcap is not None:
@@ -299,9 +295,10 @@ class _Predictor:
 
     # -- ops -----------------------------------------------------------------------------------
     def linear_fwd(self, name: str, x: Cov, fan_in: int, fan_out: int,
-                   role: str = "hidden") -> tuple[Cov, dict]:
-        """Forward of ``ops.linear`` over batch × sequence rows."""
-        has_bias = self.cfg.bias and role != "readout"
+                   role: str = "hidden", bias: bool | None = None) -> tuple[Cov, dict]:
+        """Forward of ``ops.linear`` over batch × sequence rows; ``bias`` (None: the config's
+        ``bias``) says whether it has one (q, k, v: ``cfg.has_qkv_bias``)."""
+        has_bias = (self.cfg.bias if bias is None else bias) and role != "readout"
         tied = role == "readout" and self.cfg.tie_embeddings  # the head is the N(0, 1) table
         f, w, bias, gain = _linear_setup(self.p, fan_in, fan_out, self.rows, role, has_bias,
                                          tied)
@@ -461,13 +458,15 @@ class _Predictor:
     def attention_fwd(self, prefix: str, xq: Cov, xkv: Cov, causal: bool, pattern: str,
                       positional: str) -> tuple[Cov, dict]:
         c, dh, t = self.c, self.dh, self.t
-        q, lq = self.linear_fwd(f"{prefix}.q", xq, c, c)
-        k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, c)
-        v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, c)
+        qkv_bias = self.cfg.has_qkv_bias
+        q, lq = self.linear_fwd(f"{prefix}.q", xq, c, c, bias=qkv_bias)
+        k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, c, bias=qkv_bias)
+        v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, c, bias=qkv_bias)
         if positional == "rope":
             # rotated by position, what queries and keys share across positions decorrelates:
             # a shared part then moves the weights along a row like a token's own part
-            q, k = covariance.rotated(q, dh), covariance.rotated(k, dh)
+            base = self.cfg.rope_base
+            q, k = covariance.rotated(q, dh, base), covariance.rotated(k, dh, base)
         m = 1.0 / dh if self.p == "umup" else 1.0 / math.sqrt(dh)
         self.act(prefix + ".scores", R.attention_logits_rms(q.rms, k.rms, dh, m),
                  ("m·√d_head·σ_q·σ_k, m = {:.3g}, d_head = {}", (m, dh)))
@@ -647,7 +646,8 @@ class _Predictor:
         g_q = covariance.mixture(g_qs).scaled(gain)
         g_k = covariance.mixture(g_ks).scaled(gain)
         if a["rope"]:  # back through the rotation (its own transpose)
-            g_q, g_k = covariance.rotated(g_q, dh), covariance.rotated(g_k, dh)
+            base = self.cfg.rope_base
+            g_q, g_k = covariance.rotated(g_q, dh, base), covariance.rotated(g_k, dh, base)
         gq = self.linear_bwd(a["lq"], g_q)
         x_tot = max(a["x_kv"].total, 1e-300)
         kappa_v, kappa_k = v.total / (x_tot * self.c), a["k"].total / (x_tot * self.c)

@@ -1,0 +1,218 @@
+"""Issue 21 fields in the torch model: what is built (rope_base, partial rotary, soft caps) is
+checked against independent references; what is not built yet is refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unitscale_core import positional
+from unitscale_core.config import ConfigError, ModelConfig
+from unitscale_core.model import build_model
+from unitscale_core.model.layers import apply_rope
+from unitscale_core.sizing import count_parameters
+
+PARAMS = ("standard", "unit", "umup")
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(d_model=32, n_heads=4, d_ff=64, n_layers=2, vocab_size=50, max_len=16,
+                seq_len=8, batch_size=2, positional="rope")
+    return ModelConfig(**{**base, **kw})
+
+
+def ids(cfg: ModelConfig) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len),
+                         generator=torch.Generator().manual_seed(1))
+
+
+def scores_of(model, x) -> list[torch.Tensor]:
+    """The ``attn.scores`` tap of every layer."""
+    out = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: out.append(o.detach()))
+             for n, m in model.named_modules() if n.endswith("attn.scores")]
+    try:
+        logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, logits
+
+
+# -- refused until built -------------------------------------------------------------------
+
+REFUSED = {
+    "norm_type": dict(norm_type="rmsnorm"),
+    "norm": dict(norm="sandwich"),
+    "n_kv_heads": dict(n_kv_heads=2),
+    "head_dim": dict(head_dim=16),
+    "qk_norm": dict(qk_norm="head"),
+    "parallel_residual": dict(parallel_residual=True, parametrization="unit"),
+    "activation": dict(activation="geglu"),
+    "n_experts": dict(n_experts=4, experts_per_token=2),
+    "qkv_bias": dict(bias=False, qkv_bias=True),
+}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED))
+def test_unbuilt_fields_are_refused_by_name(field):
+    cfg = tiny(**REFUSED[field])
+    with pytest.raises(ConfigError) as err:
+        build_model(cfg)
+    assert field in err.value.errors
+    assert isinstance(err.value, ValueError)
+
+
+def test_branch_output_norm_refused_too():
+    with pytest.raises(ConfigError, match="branch_output"):
+        build_model(tiny(norm="branch_output"))
+
+
+def test_default_meaning_values_build():
+    """n_kv_heads = n_heads, head_dim = d_model / n_heads and qkv_bias = bias are the model
+    without those fields."""
+    a = build_model(tiny())
+    b = build_model(tiny(n_kv_heads=4, head_dim=8, qkv_bias=True))
+    x = ids(tiny())
+    torch.testing.assert_close(a(x), b(x))
+
+
+# -- rope_base and partial rotary ------------------------------------------------------------
+
+def test_partial_rope_equals_numpy_reference():
+    """apply_rope on the first R dims equals positional.rope_rotate (numpy) on those dims,
+    the rest passing through."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 10, 16, generator=g, dtype=torch.float64)
+    r, base = 4, 500000.0
+    theta = torch.from_numpy(positional.rope_angles(10, r, base))
+    got = apply_rope(x, theta.cos(), theta.sin())
+    ref = positional.rope_rotate(x[..., :r].numpy(), np.arange(10), base)
+    np.testing.assert_allclose(got[..., :r].numpy(), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[..., r:], x[..., r:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("parametrization", PARAMS)
+def test_rope_base_and_fraction_change_the_scores_as_the_reference(parametrization):
+    """The model's attention logits with rotary_fraction 0.5 and θ = 5e5 equal
+    q_rot · k_rotᵀ · m recomputed from the q, k projections with the numpy rope."""
+    cfg = tiny(parametrization=parametrization, rotary_fraction=0.5, rope_base=5e5,
+               n_layers=1, dropout=0.0)
+    model = build_model(cfg).double()
+    x = ids(cfg)
+    proj = {}
+    hooks = [getattr(model.layers[0].attn, n).register_forward_hook(
+        lambda _m, _i, o, n=n: proj.__setitem__(n, o.detach())) for n in ("q", "k")]
+    scores, _ = scores_of(model, x)
+    for h in hooks:
+        h.remove()
+    d, r = cfg.head_size, cfg.rotary_dims
+    assert r == 4
+
+    def rotated(t):
+        t = t.view(cfg.batch_size, cfg.seq_len, cfg.n_heads, d).transpose(1, 2).numpy()
+        rot = positional.rope_rotate(t[..., :r], np.arange(cfg.seq_len), cfg.rope_base)
+        return np.concatenate([rot, t[..., r:]], axis=-1)
+
+    q, k = rotated(proj["q"]), rotated(proj["k"])
+    m = 1 / d if parametrization == "umup" else d ** -0.5
+    ref = q @ np.swapaxes(k, -1, -2) * m
+    np.testing.assert_allclose(scores[0].numpy(), ref, rtol=1e-10, atol=1e-10)
+    # and the base is not ignored: 10000 gives other logits
+    other, _ = scores_of(build_model(cfg.replace(rope_base=10000.0)).double(), x)
+    assert not torch.allclose(other[0], scores[0])
+
+
+# -- soft caps -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parametrization", PARAMS)
+def test_attention_softcap_is_c_tanh_of_the_uncapped_logits(parametrization):
+    cfg = tiny(parametrization=parametrization, n_layers=1)
+    c = 0.5  # small enough that tanh bends the logits
+    x = ids(cfg)
+    raw, _ = scores_of(build_model(cfg), x)
+    capped, _ = scores_of(build_model(cfg.replace(attn_softcap=c)), x)
+    torch.testing.assert_close(capped[0], c * torch.tanh(raw[0] / c))
+    assert capped[0].abs().max() < c
+    assert not torch.allclose(capped[0], raw[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("parametrization", PARAMS)
+def test_logit_softcap_is_c_tanh_of_the_head(parametrization):
+    cfg = tiny(parametrization=parametrization)
+    c = 0.3
+    x = ids(cfg)
+    raw = build_model(cfg)(x)
+    model = build_model(cfg.replace(logit_softcap=c))
+    capped = model(x)
+    torch.testing.assert_close(capped, c * torch.tanh(raw / c))
+    loss = model.loss(capped, ids(cfg))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("parametrization", PARAMS)
+@pytest.mark.parametrize("arch", ["decoder", "encoder", "encoder-decoder"])
+def test_new_fields_forward_backward_and_count(parametrization, arch):
+    cfg = tiny(parametrization=parametrization, architecture=arch, rotary_fraction=0.25,
+               rope_base=5e5, attn_softcap=50.0, logit_softcap=30.0)
+    model = build_model(cfg)
+    x = ids(cfg)
+    logits = model(x, x) if arch == "encoder-decoder" else model(x)
+    assert logits.shape == (cfg.batch_size, cfg.seq_len, cfg.vocab_size)
+    model.loss(logits, x).backward()
+    assert count_parameters(cfg)["total"] == sum(p.numel() for p in model.parameters())
+
+
+# -- parallel residual -----------------------------------------------------------------------
+
+def test_parallel_residual_refused_where_not_built():
+    for kw in (dict(parametrization="umup"), dict(architecture="encoder-decoder")):
+        with pytest.raises(ConfigError) as err:
+            build_model(tiny(parallel_residual=True, **kw))
+        assert "parallel_residual" in err.value.errors
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_parallel_residual_is_x_plus_both_branches_of_the_same_input(arch):
+    """Each layer's output is x + attn(norm1(x)) + ffn(norm2(x)) (GPT-NeoX), recomputed
+    from the layer's own sub-modules on the layer's input; the sequential block differs."""
+    cfg = tiny(parallel_residual=True, architecture=arch)
+    model = build_model(cfg).double()
+    x = ids(cfg)
+    seen = []
+    hook = model.layers[1].register_forward_hook(
+        lambda _m, i, o: seen.append((i[0].detach(), i[1], o.detach())))
+    model(x)
+    hook.remove()
+    h, ctx, out = seen[0]
+    layer = model.layers[1]
+    with torch.no_grad():
+        ref = h + layer.attn(layer.norm1(h), ctx) + layer.ffn(layer.norm2(h))
+        layer.parallel = False
+        sequential = layer(h, ctx)
+    torch.testing.assert_close(out, ref)
+    assert not torch.allclose(sequential, out)
+    assert count_parameters(cfg)["total"] == sum(p.numel() for p in model.parameters())
+
+
+# -- the training lab --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parametrization", PARAMS)
+def test_modern_fields_train(parametrization):
+    """15 copy-task steps of a NeoX-like decoder (partial rotary, θ = 5e5, soft caps; parallel
+    block under standard): the loss of the last 3 steps is 0.3 nats below the first 3's."""
+    from unitscale_core.training import TrainingRun, TrainSettings
+
+    cfg = ModelConfig(d_model=32, n_heads=2, d_ff=64, n_layers=2, vocab_size=256, max_len=64,
+                      seq_len=32, batch_size=4, positional="rope", rotary_fraction=0.25,
+                      rope_base=5e5, attn_softcap=50.0, logit_softcap=30.0,
+                      parallel_residual=parametrization == "standard")
+    run = TrainingRun(cfg, TrainSettings(parametrization=parametrization, task="copy",
+                                         steps=15, log_every=5))
+    run.run(15)
+    first, last = np.mean(run.losses[:3]), np.mean(run.losses[-3:])
+    assert last < first - 0.3, (parametrization, first, last)
+    assert "layers.0.attn.scores" in run.tensor_names
