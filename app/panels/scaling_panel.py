@@ -52,6 +52,7 @@ from unitscale_core.scaling.predict import (
     predict,
     status_counts,
     stream_collapse,
+    unpredicted_features,
 )
 from unitscale_core.sizing import count_parameters, format_bytes
 from unitscale_core.tensors import AGREEMENT_LOG2, REPORTED_FORMATS, TensorRow
@@ -118,6 +119,17 @@ def preset_of(cfg: ModelConfig) -> str:
 def prediction_layers(cfg: ModelConfig) -> int:
     """Layers a prediction of ``cfg`` walks through (its cost is about proportional)."""
     return cfg.encoder_layers + cfg.decoder_layers
+
+
+def refusal_text(cfg: ModelConfig) -> str:
+    """The summary for a config the predictor cannot predict yet ("" when it can): each
+    field it has no rule for, named with the reason; the chart stays empty rather than
+    showing a prediction that ignores them."""
+    refused = unpredicted_features(cfg)
+    if not refused:
+        return ""
+    return ("⚠ not predicted: " + html.escape("; ".join(refused.values()))
+            + "<br>Sizes, the model editor and validation still apply to this config.")
 
 
 def slow_to_predict(cfg: ModelConfig) -> bool:
@@ -410,6 +422,10 @@ class ScalingPanel(QWidget):
         cfg = self.shown_config()
         formats = (self.format.currentData(),)
         key = self._wanted = (cfg, formats)
+        if unpredicted_features(cfg):  # named in the summary; nothing to compute
+            self.predictions.cancel_pending()
+            self._apply_prediction(key, [])
+            return
         cached = is_predicted(cfg, formats)
         if slow_to_predict(cfg):  # this one (unless cached) and the summary's others
             # this one alone: the other parametrizations' summary counts are asked for once
@@ -420,7 +436,15 @@ class ScalingPanel(QWidget):
                 return
         else:
             self.predictions.cancel_pending()
-        self._apply_prediction(key, predict(cfg, formats=formats))
+        self._apply_prediction(key, self._predict_now(cfg, formats))
+
+    @staticmethod
+    def _predict_now(cfg: ModelConfig, formats: tuple[str, ...]) -> list[TensorRow]:
+        """``predict`` here, or no rows for a config using a field the predictor has no rule
+        for yet (the summary names the fields: :func:`refusal_text`)."""
+        if unpredicted_features(cfg):
+            return []
+        return predict(cfg, formats=formats)
 
     def prediction_current(self) -> bool:
         """True when the chart shows the prediction of the shown config and format."""
@@ -435,7 +459,7 @@ class ScalingPanel(QWidget):
         arrived): for whatever reads the rows (selection, export)."""
         if not self.prediction_current() and self._wanted is not None:
             cfg, formats = self._wanted
-            self._apply_prediction(self._wanted, predict(cfg, formats=formats))
+            self._apply_prediction(self._wanted, self._predict_now(cfg, formats))
 
     def _apply_prediction(self, key: tuple[ModelConfig, tuple[str, ...]],
                           rows: list[TensorRow]) -> None:
@@ -480,7 +504,9 @@ class ScalingPanel(QWidget):
 
     def _shown_collapse(self) -> Collapse | None:
         """Where the shown prediction's tokens collapse below its dtype (None: nowhere)."""
-        return stream_collapse(self._predicted_for[0]) if self._predicted_for else None
+        if not self._predicted_for or unpredicted_features(self._predicted_for[0]):
+            return None
+        return stream_collapse(self._predicted_for[0])
 
     def _redraw(self) -> None:
         self.chart.set_rows(self.predicted, self.measured, self.spread)
@@ -542,9 +568,15 @@ class ScalingPanel(QWidget):
         """
         fmt = self.format.currentData()
         shown = self.shown_config()
+        refused = refusal_text(shown)
+        if refused:
+            return refused
         parts, warnings = [], []
         for p in PARAMETRIZATIONS:
             cfg = shown.replace(parametrization=p)
+            if unpredicted_features(cfg):
+                parts.append(f"<b>{p}</b>: not predicted")
+                continue
             if (slow_to_predict(cfg) or self._deferring) and not is_predicted(cfg, (fmt,)):
                 parts.append(f"<b>{p}</b>: …")
                 self._summary_wanted = True
