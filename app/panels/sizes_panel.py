@@ -37,26 +37,40 @@ ROWS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
     (("total",), "Parameters (P)", "count",
      "Sum of the components below; equals sum(p.numel()) of the built torch model. The memory "
      "rows count every one of them (P), not only the non-embedding N."),
+    (("active",), "  active per token (MoE)", "count",
+     "P − layers · (n_experts − experts_per_token) · expert: the router and the k experts a "
+     "token runs (= P for a dense model). FLOPs use these."),
     (("components", "token_embedding"), "  token embedding", "count", "V · h"),
     (("components", "position"), "  positions", "count",
      "learned: max_len · h per stack; relative (T5): 32 buckets · heads per stack; else 0"),
     (("components", "attention"), "  self-attention", "count",
-     "layers · (4h² + 4h bias)  — Q, K, V and output projections"),
+     "layers · (2h·a·d + 2h·kv·d + biases + q/k norms)  — Q, O of width a·d (heads · d_head), "
+     "K, V of width kv·d (grouped-query: kv key/value heads)"),
     (("components", "cross_attention"), "  cross-attention", "count",
-     "decoder layers · (4h² + 4h bias), encoder-decoder only"),
+     "decoder layers · (2h·a·d + 2h·kv·d + biases), encoder-decoder only"),
     (("components", "ffn"), "  feed-forward", "count",
-     "layers · (2hf + f + h)  — SwiGLU: layers · (3hf + 2f + h)"),
-    (("components", "norms"), "  LayerNorms", "count",
-     "(2 per layer, 3 in a cross-attending layer, + 1 final per stack) · (h + h bias)"),
+     "layers · (2hf + f + h)  — SwiGLU/GeGLU: layers · (3hf + 2f + h); MoE: layers · "
+     "(h·E router + E experts)"),
+    (("components", "norms"), "  norms", "count",
+     "(2 per layer, 3 in a cross-attending layer, doubled for sandwich, + 1 final per stack) "
+     "· (h + h bias); RMSNorm: h, never a bias"),
     (("components", "lm_head"), "  output head", "count", "V · h, or 0 when tied to the embedding"),
     (("non_embedding",), "Non-embedding (N)", "count",
      "Kaplan et al. 2020: attention + feed-forward + norms (no embedding or head)"),
+    (("flops_per_token", "forward_palm"), "FLOPs / token, forward (PaLM, headline)", "count",
+     "2·N_matmul + 4·L_attn·s·a·d  (Chowdhery et al. 2022 App. B: QKᵀ and A·V both counted, "
+     "the convention of MFU figures); N_matmul = active weights + head V·h"),
+    (("flops_per_token", "training_palm"), "FLOPs / token, training (PaLM, headline)", "count",
+     "3 × forward = 6·N_matmul + 12·L_attn·s·a·d"),
+    (("flops_per_token", "attention_palm"), "  of which attention (PaLM)", "count",
+     "4·L_attn·s·a·d: QKᵀ and A·V, dense, every self- and cross-attention block"),
     (("flops_per_token", "forward"), "FLOPs / token, forward", "count",
-     "2·N_matmul + 2·L_attn·s·h  (Kaplan et al. 2020, Table 1); N_matmul includes the head V·h"),
+     "Kaplan et al. 2020, Table 1: 2·N_matmul + 2·L_attn·s·a·d; N_matmul = active weights + "
+     "head V·h"),
     (("flops_per_token", "training"), "FLOPs / token, training", "count",
-     "3 × forward = 6·N_matmul + 6·L_attn·s·h (backward costs twice the forward)"),
+     "Kaplan: 3 × forward = 6·N_matmul + 6·L_attn·s·a·d (backward costs twice the forward)"),
     (("flops_per_token", "attention"), "  of which attention", "count",
-     "2·L_attn·s·h: QKᵀ and A·V, dense, every self- and cross-attention block"),
+     "Kaplan: 2·L_attn·s·a·d, dense, every self- and cross-attention block"),
     (("memory_bytes", "weights"), "Memory: weights", "bytes",
      "p · P  (P = all parameters, the first row; p = bytes per element of the dtype)"),
     (("memory_bytes", "gradients"), "Memory: gradients", "bytes", "p · P"),
@@ -68,7 +82,11 @@ ROWS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
     (("memory_bytes", "total"), "Memory: training total", "bytes",
      "weights + gradients + Adam state + activations"),
     (("memory_bytes", "kv_cache"), "KV cache (inference)", "bytes",
-     "2 · decoder layers · b · s · h · p (×2 with cross-attention); 0 for an encoder"),
+     "2 · decoder layers · b · s · kv·d · p (kv·d = key/value heads · d_head; ×2 with "
+     "cross-attention); 0 for an encoder"),
+    (("memory_bytes", "kv_cache_per_token"), "  KV cache per token", "bytes",
+     "2 · decoder layers · kv·d · p: one token of one sequence (grouped-query attention "
+     "divides it by heads / kv heads)"),
 )
 
 

@@ -48,3 +48,29 @@ def test_memory_formulas_use_the_rows_they_name(qtbot, dtype):
     assert adam.group(1) == adam.group(2)
     assert exact["Memory: Adam state"] == 8 * n + (0 if dtype == "fp32" else 4 * n)
     assert symbols["P"] == exact["Parameters (P)"] != symbols["N"]  # the total, not N
+
+
+def test_mixtral_active_params_both_flops_conventions_and_gqa_kv(qtbot):
+    """Mixtral-8x7B imported from its published config.json: total and active parameters
+    (model card: 46.7 B / 12.9 B), PaLM's attention term twice Kaplan's, KV per token with
+    8 of 32 heads caching (2 · 32 layers · 8 · 128 · 2 B)."""
+    import json
+    from pathlib import Path
+
+    from unitscale_core.hf_config import from_hf
+
+    data = json.loads((Path(__file__).parents[1] / "core" / "data" / "hf_configs"
+                       / "mixtral-8x7b.json").read_text())
+    panel = SizesPanel(from_hf(data)[0].replace(dtype="bf16"))
+    qtbot.addWidget(panel)
+    exact = _exact(panel)
+    assert exact["Parameters (P)"] == 46_702_792_704
+    assert exact["active per token (MoE)"] == 12_879_925_248
+    assert exact["KV cache per token"] == 131_072
+    palm, kaplan = exact["of which attention (PaLM)"], exact["of which attention"]
+    assert palm == 2 * kaplan == 4 * 32 * 2048 * 4096
+    assert (exact["FLOPs / token, forward (PaLM, headline)"] - exact["FLOPs / token, forward"]
+            == kaplan)
+    tooltips = {ROWS[r][1].strip(): panel.table.item(r, 0).toolTip()
+                for r in range(panel.table.rowCount())}
+    assert "12·L_attn·s·a·d" in tooltips["FLOPs / token, training (PaLM, headline)"]
