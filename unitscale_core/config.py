@@ -552,10 +552,15 @@ def load(path: str | os.PathLike[str]) -> ModelConfig:
 def load_with_warnings(path: str | os.PathLike[str]) -> tuple[ModelConfig, list[str]]:
     """:func:`load` and the import's warning lines (empty for the program's own files)."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError):  # a name too long, a NUL: read_regular_file names it below
+        is_dir = False
+    if is_dir:
         path = path / "config.json"
         if not path.is_file():
-            raise ConfigError({"file": f"{short_path(path.parent)} holds no config.json"})
+            raise ConfigError({"file": f"{short_path(path.parent)} is a folder holding no "
+                                       "config.json (a Hugging Face model folder has one)"})
     fmt = _format_of(path)
     try:
         raw = read_regular_file(path, MAX_CONFIG_BYTES, what=f"config {short_path(path)}")

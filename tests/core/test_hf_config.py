@@ -119,7 +119,7 @@ def test_load_reads_a_hf_config_or_its_folder(tmp_path):
     assert (cfg.d_model, cfg.n_kv_heads, cfg.tie_embeddings) == (2048, 8, True)
     assert any("llama3" in w for w in warnings)
     assert load(tmp_path / "config.json") == cfg
-    with pytest.raises(ConfigError, match="holds no config.json"):
+    with pytest.raises(ConfigError, match="holding no config.json"):
         load(tmp_path / "sub" if (tmp_path / "sub").mkdir() is None else tmp_path)
 
 

@@ -162,6 +162,8 @@ def test_head_labels_name_each_query_heads_kv_group():
     assert kv_summary(8, None) == ""
 
 
+@pytest.mark.xfail(strict=True, reason="GQA (n_kv_heads) is not built by the torch model yet "
+                   "(issue 21): build_model refuses it by name; strict, so this fails once built")
 def test_cli_attention_names_the_kv_group_of_each_head(tmp_path, capsys):
     from unitscale_core import cli
 
