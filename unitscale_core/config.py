@@ -320,20 +320,14 @@ def _validate(cfg: ModelConfig) -> dict[str, str]:
         value = getattr(cfg, name)
         if value not in choices:
             errors[name] = f"{name}={quote(value)} is not one of {', '.join(choices)}"
-    for name in POSITIVE_INTS:
+    for name in POSITIVE_INTS + OPTIONAL_POSITIVE_INTS:
         value = getattr(cfg, name)
-        if not _is_int(value):
-            errors[name] = f"{name}={quote(value)} must be a whole number"
-        elif value <= 0:
-            errors[name] = f"{name}={quote(value)} must be positive"
-        elif value > MAX_SIZE:
-            errors[name] = f"{name}={quote(value)} is above 2**53, beyond any size or index"
-    for name in OPTIONAL_POSITIVE_INTS:
-        value = getattr(cfg, name)
-        if value is None:
+        optional = name in OPTIONAL_POSITIVE_INTS
+        if value is None and optional:
             continue
         if not _is_int(value):
-            errors[name] = f"{name}={quote(value)} must be a whole number or empty"
+            empty = " or empty" if optional else ""
+            errors[name] = f"{name}={quote(value)} must be a whole number{empty}"
         elif value <= 0:
             errors[name] = f"{name}={quote(value)} must be positive"
         elif value > MAX_SIZE:
@@ -378,10 +372,9 @@ def _validate(cfg: ModelConfig) -> dict[str, str]:
     elif not (_finite(base) and 1 < base <= 1e12):
         errors["rope_base"] = f"rope_base={quote(base)} must be above 1 and at most 1e12"
     dropout = cfg.dropout
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+    if not _is_number(dropout):
         errors["dropout"] = f"dropout={quote(dropout)} must be a number"
-    # compared as it is: math.isfinite(a 401-digit int) would raise OverflowError
-    elif not ((_is_int(dropout) or math.isfinite(dropout)) and 0 <= dropout < 1):
+    elif not (_finite(dropout) and 0 <= dropout < 1):
         errors["dropout"] = f"dropout={quote(dropout)} must be at least 0 and below 1"
     if errors:  # relations below need well-typed fields
         return errors
