@@ -29,7 +29,16 @@ from PySide6.QtWidgets import (
 )
 
 from unitscale_core import __version__
-from unitscale_core.config import ConfigError, ModelConfig, dumps_json, load, loads, save
+from unitscale_core.config import (
+    MAX_CONFIG_BYTES,
+    ConfigError,
+    ModelConfig,
+    dumps_json,
+    load_with_warnings,
+    loads,
+    save,
+)
+from unitscale_core.hf_config import is_hf_config
 
 from .export import copy_image, first_figure, menu_for
 from .panels.attention_panel import AttentionPanel
@@ -56,10 +65,36 @@ NOTICE_MS = 60_000
 MODEL_DOCK_WIDTH = 340
 #: Largest default window (a bigger screen leaves room around it).
 DEFAULT_MAX_SIZE = (1800, 1100)
-CONFIG_FILTER = "Configs (*.json *.toml);;All files (*)"
+CONFIG_FILTER = "Configs and Hugging Face config.json (*.json *.toml);;All files (*)"
 SAVE_FILTERS = {"JSON (*.json)": ".json", "TOML (*.toml)": ".toml"}
 
 log = logging.getLogger(__name__)
+
+
+def hf_source(path: str | Path) -> Path | None:
+    """The Hugging Face ``config.json`` behind ``path`` (a folder holding one, or the file
+    itself when it names a ``model_type``), else None. Only reads what :func:`load` already
+    accepted; anything unreadable is not a Hugging Face file."""
+    path = Path(path)
+    try:
+        file = path / "config.json" if path.is_dir() else path
+        if file.suffix.lower() != ".json" or not file.is_file():
+            return None
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return file.resolve() if is_hf_config(data) else None
+
+
+def _still_there(path: str) -> bool:
+    """An Open Recent entry that can still be opened: a file, or a folder (a Hugging Face
+    model folder)."""
+    try:
+        return Path(path).is_file() or Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def job_label(channel: str) -> str:
@@ -101,6 +136,11 @@ class MainWindow(QMainWindow):
         self._remember = restore_settings
         self._confirm = restore_settings if confirm_unsaved is None else confirm_unsaved
         self._path: Path | None = None  # the file the config was opened from or saved to
+        # a Hugging Face config.json the config was imported from: never the session's file
+        # (Save would overwrite it in our format), so the session is untitled until saved
+        self._imported: Path | None = None
+        self.import_warnings: list[str] = []  # what the last import does not compute faithfully
+        self.import_box: QMessageBox | None = None  # the dialog listing them
         self._clean = ModelConfig()  # that file's config (untitled: the defaults)
         self._recent: list[str] = []
         self.problems: list[str] = []  # what could not be restored, for the notice
@@ -111,7 +151,10 @@ class MainWindow(QMainWindow):
             self._settings_store = self._open_settings(settings)
         self._config = config or ModelConfig()
         if path is not None and config is not None:
-            self._path, self._clean = Path(path).resolve(), config
+            self._clean = config
+            self._imported = hf_source(path)
+            if self._imported is None:
+                self._path = Path(path).resolve()
         self._restored = restore_settings and config is None  # the last session's config
         if self._restored:
             self._config = self._saved_config() or self._config
@@ -197,6 +240,11 @@ class MainWindow(QMainWindow):
             app.focusChanged.connect(self._on_focus)
         if restore_settings:
             self._restore_session()
+        if self._imported is not None and path is not None:  # --config of a Hugging Face
+            try:  # config.json: list what it does not compute faithfully, as Open does
+                self._announce_import(load_with_warnings(path)[1])
+            except ConfigError:
+                pass  # read a moment ago; changed since: the config shown stays
         self._update_title()
 
     # -- config ------------------------------------------------------------------------------
@@ -232,8 +280,14 @@ class MainWindow(QMainWindow):
         """True when the config differs from its file's (untitled: from the defaults)."""
         return self._config != self._clean
 
+    def imported_from(self) -> Path | None:
+        """The Hugging Face config.json of this (untitled) session, if it was imported."""
+        return self._imported if self._path is None else None
+
     def _update_title(self) -> None:
         name = self._path.name if self._path is not None else "untitled"
+        if self.imported_from() is not None:
+            name = f"{_import_name(self._imported)} (imported from Hugging Face)"
         # Qt shows "*" in place of "[*]" while the window is modified
         self.setWindowTitle(f"{name}[*] — Unit Scaling Explorer {__version__}")
         self.setWindowModified(self.is_modified())
@@ -250,7 +304,7 @@ class MainWindow(QMainWindow):
         """Start an untitled session on the default config (asks about unsaved changes)."""
         if not self.maybe_save("start a new config"):
             return False
-        self._path = None
+        self._path = self._imported = None
         self._clean = ModelConfig()
         self.set_config(ModelConfig())
         self._update_title()
@@ -292,6 +346,9 @@ class MainWindow(QMainWindow):
 
         action("&New", self.new_config, QKeySequence.StandardKey.New, "newAction")
         action("&Open…", self._open_dialog, QKeySequence.StandardKey.Open, "openAction")
+        action("Open &Hugging Face model folder…", self._open_folder_dialog, None,
+               "openHfFolderAction").setToolTip(
+            "Import a Hugging Face model folder's config.json (it is only read)")
         self.recent_menu = file_menu.addMenu("Open &Recent")
         self.recent_menu.setObjectName("recentMenu")
         self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
@@ -336,26 +393,80 @@ class MainWindow(QMainWindow):
         help_menu.addAction(about)
 
     def open_config(self, path: str | Path) -> bool:
-        """Load a config file; on error say why (status bar) and keep the current one. The
-        file is only read."""
+        """Load a config file, or import a Hugging Face ``config.json`` or a folder holding
+        one; on error say why in one line (status bar) and keep the current config. The file
+        is only read. An import leaves the session untitled (Save asks where, never onto the
+        config.json) and lists what it does not compute faithfully (:attr:`import_warnings`:
+        the notice and a dialog, one line each)."""
         try:
-            config = load(path)
+            config, warnings = load_with_warnings(path)
         except ConfigError as exc:
-            message = f"Could not open {Path(path).name}: {exc}"
+            message = f"Could not open {Path(path).name}: {_first_line(exc)}"
             self.statusBar().showMessage(message)
             self.notify(message)
             return False
-        self._path = Path(path).resolve()
+        source = hf_source(path)
+        self._path = None if source is not None else Path(path).resolve()
+        self._imported = source
         self._clean = config
         self.set_config(config)
-        self._add_recent(self._path)
+        self._add_recent(Path(path).resolve())
         self._update_title()
-        self.statusBar().showMessage(f"Opened {path}", 3000)
+        if source is not None:
+            self._announce_import(warnings)
+        else:
+            self._announce_import([])
+            self.statusBar().showMessage(f"Opened {path}", 3000)
         return True
+
+    def _announce_import(self, warnings: list[str]) -> None:
+        """Say that a Hugging Face config was imported and what it does not compute as the
+        checkpoint's model does: the notice (one line, all of them in its tooltip) and a
+        dialog listing each line that does not block the window. ``[]`` outside an import
+        closes the previous import's dialog."""
+        self.import_warnings = list(warnings)
+        if self.import_box is not None:
+            self.import_box.close()
+            self.import_box = None
+        if self.imported_from() is None:
+            return
+        name = _import_name(self._imported)
+        if not warnings:
+            self.statusBar().showMessage(f"Imported {name} from Hugging Face; Save asks "
+                                         "where to write the program's own file", 6000)
+            return
+        count = f"{len(warnings)} thing{'s' if len(warnings) > 1 else ''}"
+        self.notify(f"Imported {name} with {count} not computed as the checkpoint's model "
+                    f"does: {warnings[0]}" + (" (…)" if len(warnings) > 1 else ""))
+        self.notice.setToolTip("\n".join(warnings))
+        box = QMessageBox(QMessageBox.Icon.Warning, "Imported with warnings",
+                          f"{name} was imported. The program does not compute {count} as "
+                          "the checkpoint's model does:", QMessageBox.StandardButton.Ok, self)
+        box.setObjectName("importWarnings")
+        box.setInformativeText("\n".join(f"• {w}" for w in warnings))
+        box.setWindowModality(Qt.WindowModality.NonModal)  # the window stays usable
+        box.show()
+        self.import_box = box
+
+    def _refuses_target(self, path: Path) -> str:
+        """Why ``path`` must not be written ("" when it may): the config.json this session
+        was imported from, or any other Hugging Face config.json (Save writes the program's
+        own format, which would destroy the checkpoint's config)."""
+        target = path.resolve()
+        if target == self._imported or (target.exists() and hf_source(target) is not None):
+            return (f"{path.name} is a Hugging Face config.json; it is never overwritten "
+                    "(save under another name)")
+        return ""
 
     def save_config(self, path: str | Path) -> bool:
         """Write the current config atomically (JSON or TOML by suffix; the previous file is
         kept as NAME.bak.EXT) and make ``path`` this session's file."""
+        refused = self._refuses_target(Path(path))
+        if refused:
+            message = f"Could not save {Path(path).name}: {refused}"
+            self.statusBar().showMessage(message)
+            self.notify(message)
+            return False
         try:
             save(self._config, path)
         except (ConfigError, OSError) as exc:
@@ -365,6 +476,7 @@ class MainWindow(QMainWindow):
             self.notify(message)
             return False
         self._path = Path(path).resolve()
+        self._imported = None
         self._clean = self._config
         self._add_recent(self._path)
         self._update_title()
@@ -372,7 +484,8 @@ class MainWindow(QMainWindow):
         return True
 
     def save(self) -> bool:
-        """Save to this session's file, or ask where (Save As) when untitled."""
+        """Save to this session's file, or ask where (Save As) when untitled (an imported
+        Hugging Face config too: its config.json is never the target)."""
         if self._path is None:
             return self._save_dialog()
         return self.save_config(self._path)
@@ -389,8 +502,29 @@ class MainWindow(QMainWindow):
                                               CONFIG_FILTER)
         return bool(path) and self.open_config(path)
 
+    def _open_folder_dialog(self) -> bool:
+        """File → Open Hugging Face model folder…: a folder holding a config.json."""
+        if not self.maybe_save("open another config"):
+            return False
+        path = QFileDialog.getExistingDirectory(self, "Open Hugging Face model folder",
+                                                self._dialog_folder())
+        return bool(path) and self.open_config(path)
+
+    def suggested_save_path(self) -> Path:
+        """Save As's starting name: this session's file; after a Hugging Face import a new
+        name beside it (``FOLDER.json`` next to the model folder, ``NAME.unitscale.json``
+        next to a config file of another name), never the config.json itself."""
+        if self._path is not None:
+            return self._path
+        source = self.imported_from()
+        if source is None:
+            return Path(self._dialog_folder() or ".") / "model.json"
+        if source.name == "config.json":
+            return source.parent.parent / f"{source.parent.name}.json"
+        return source.with_name(f"{source.stem}.unitscale.json")
+
     def _save_dialog(self) -> bool:
-        start = self._path or Path(self._dialog_folder() or ".") / "model.json"
+        start = self.suggested_save_path()
         path, chosen = QFileDialog.getSaveFileName(self, "Save config as", str(start),
                                                    ";;".join(SAVE_FILTERS))
         if not path:
@@ -414,7 +548,7 @@ class MainWindow(QMainWindow):
 
     def prune_recent(self) -> list[str]:
         """Drop files that no longer exist from Open Recent; say which. Returns them."""
-        gone = [p for p in self._recent if not Path(p).is_file()]
+        gone = [p for p in self._recent if not _still_there(p)]
         if gone:
             self._recent = [p for p in self._recent if p not in gone]
             self._store_recent()
@@ -443,8 +577,9 @@ class MainWindow(QMainWindow):
         self._store_recent()
 
     def open_recent(self, path: str) -> bool:
-        """Open a file of the recent list (one that vanished is dropped with a message)."""
-        if not Path(path).is_file():
+        """Open a file (or Hugging Face model folder) of the recent list; one that vanished
+        is dropped with a message saying so."""
+        if not _still_there(path):
             self.prune_recent()
             return False
         if not self.maybe_save("open another config"):
@@ -658,8 +793,10 @@ class MainWindow(QMainWindow):
             # load() reads only a regular file of bounded size, never blocking (a FIFO here
             # hung the start-up); ValueError also covers a path Python cannot stat (NUL)
             try:
-                self._clean = load(current)
-                self._path = Path(current)
+                self._clean = load_with_warnings(current)[0]
+                # a Hugging Face config.json is never the session's file (see open_config)
+                self._imported = hf_source(current)
+                self._path = Path(current) if self._imported is None else None
             except ValueError as exc:
                 name = Path(current).name if "\0" not in current else "the last file"
                 self.problems.append(f"could not reopen {name[:60]}: {_first_line(exc)}")
@@ -780,6 +917,11 @@ def user_settings_path() -> str | None:
         return None
     probe = Path(QSettings(fmt, QSettings.Scope.UserScope, SETTINGS_ORG, _PROBE_APP).fileName())
     return str(probe.with_name(SETTINGS_APP + probe.suffix))
+
+
+def _import_name(source: Path) -> str:
+    """How an imported config is named: its model folder for a ``config.json``."""
+    return source.parent.name if source.name == "config.json" else source.name
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 from PySide6.QtCore import QPoint, Qt
-from PySide6.QtWidgets import QCheckBox, QComboBox, QDockWidget, QLabel, QSpinBox, QWidget
+from PySide6.QtGui import QAction
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDockWidget,
+    QFileDialog,
+    QLabel,
+    QSpinBox,
+    QWidget,
+)
 
 from app.main_window import MainWindow
 from unitscale_core import ModelConfig, count_parameters
-from unitscale_core.config import FIELD_NAMES
+from unitscale_core.config import FIELD_NAMES, dumps_json, load, load_with_warnings
 from unitscale_core.sizing import format_count
 
 
@@ -171,3 +183,125 @@ def test_warm_up_runs_once_silently_and_leaves_the_model_built(qtbot):
         assert any(k[0] == key for k in measure._models)  # noqa: SLF001
     finally:
         win.close()
+
+
+# -- Hugging Face import (issue 21): File → Open of a config.json or a model folder ----------
+
+HF_CONFIGS = Path(__file__).resolve().parents[1] / "core" / "data" / "hf_configs"
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """A Hugging Face model folder: Llama-3.2-1B/config.json (its rope scaling is warned)."""
+    folder = tmp_path / "Llama-3.2-1B"
+    folder.mkdir()
+    shutil.copy(HF_CONFIGS / "llama-3.2-1b.json", folder / "config.json")
+    return folder
+
+
+def test_opening_a_hf_config_json_imports_it_untitled_and_lists_its_warnings(window,
+                                                                             hf_folder):
+    expected, warnings = load_with_warnings(hf_folder / "config.json")
+    assert warnings  # rope_scaling: the fixture is chosen for a warning
+    assert window.open_config(hf_folder / "config.json")
+    assert window.config == expected and window.config.n_layers == 16
+    assert window.path is None and window.imported_from() == (hf_folder / "config.json")
+    assert window.windowTitle().startswith("Llama-3.2-1B (imported from Hugging Face)")
+    assert not window.is_modified()
+    assert window.import_warnings == warnings
+    assert warnings[0] in window.notice.text() and "\n" not in window.notice.text()
+    box = window.import_box
+    assert box is not None and box.isVisible() and not box.isModal()
+    for line in warnings:
+        assert f"• {line}" in box.informativeText()
+    # opening the program's own file afterwards: titled again, the dialog goes
+    own = hf_folder.parent / "own.json"
+    own.write_text(dumps_json(ModelConfig(n_layers=3)))
+    assert window.open_config(own)
+    assert window.path == own.resolve() and window.imported_from() is None
+    assert window.import_box is None and window.import_warnings == []
+
+
+def test_hf_folder_menu_entry_imports_and_save_never_overwrites_config_json(
+        qtbot, window, hf_folder, monkeypatch):
+    source = hf_folder / "config.json"
+    original = source.read_bytes()
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory",
+                        staticmethod(lambda *a: str(hf_folder)))
+    entry = window.findChild(QAction, "openHfFolderAction")
+    assert entry.text().replace("&", "") == "Open Hugging Face model folder…"
+    entry.trigger()
+    assert window.config == load_with_warnings(hf_folder)[0]
+    assert window.imported_from() == source and window.path is None
+    starts: list[str] = []
+    answers = [(str(source), "JSON (*.json)"), (str(hf_folder.parent / "mine.json"), "")]
+
+    def save_dialog(parent, title, start, filters):
+        starts.append(start)
+        return answers.pop(0)
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(save_dialog))
+    # Save (Ctrl+S) after an import asks where, starting on a new name beside the folder
+    assert not window.save()  # the user picked the config.json itself: refused by name
+    assert starts == [str(hf_folder.parent / "Llama-3.2-1B.json")]
+    assert source.read_bytes() == original
+    assert "config.json is a Hugging Face config.json" in window.notice.text()
+    assert not window.save_config(source)  # a direct call is refused too
+    assert source.read_bytes() == original and not list(hf_folder.glob("config.bak*"))
+    assert window.save()  # a second Save: the dialog again, a new name this time
+    mine = hf_folder.parent / "mine.json"
+    assert window.path == mine.resolve() and load(mine) == window.config
+    assert window.imported_from() is None and source.read_bytes() == original
+
+
+def test_a_hf_file_of_another_name_suggests_a_name_beside_it(window, tmp_path):
+    path = tmp_path / "llama-3-8b.json"
+    shutil.copy(HF_CONFIGS / "llama-3-8b.json", path)
+    assert window.open_config(path)
+    assert window.config.n_layers == 32 and window.config.kv_heads == 8
+    assert window.import_box is None and window.import_warnings == []  # nothing to warn
+    assert window.suggested_save_path() == tmp_path / "llama-3-8b.unitscale.json"
+    assert window.windowTitle().startswith("llama-3-8b.json (imported from Hugging Face)")
+
+
+def test_an_unsupported_hf_model_type_is_one_line_and_nothing_is_lost(qtbot, window,
+                                                                      tmp_path):
+    type_into(qtbot, editor(window, "n_layers"), "6")
+    before = window.config
+    folder = tmp_path / "falcon"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "falcon", "hidden_size": 64}')
+    assert not window.open_config(folder)
+    assert window.config == before and window.config.n_layers == 6
+    text = window.notice.text()
+    assert text.startswith("Could not open falcon: model_type='falcon' is not supported")
+    assert "\n" not in text and window.import_box is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not window.open_config(empty)
+    assert "holding no config.json" in window.notice.text() and window.config == before
+
+
+def test_open_recent_keeps_a_hf_folder_and_says_when_it_is_gone(window, hf_folder):
+    assert window.open_config(hf_folder)
+    assert window.recent_files()[0] == str(hf_folder.resolve())
+    window._fill_recent_menu()  # a folder still there is kept (it is not a file)
+    assert window.recent_files()[0] == str(hf_folder.resolve())
+    assert window.open_recent(str(hf_folder.resolve()))
+    shutil.rmtree(hf_folder)
+    before = window.config
+    assert not window.open_recent(str(hf_folder.resolve()))
+    assert window.config == before and str(hf_folder.resolve()) not in window.recent_files()
+    assert window.notice.text() == "Removed from Open Recent (no longer there): Llama-3.2-1B"
+
+
+def test_a_hf_config_given_at_launch_is_imported_not_the_session_file(qtbot, hf_folder):
+    """``unitscale-explorer --config FOLDER``: the window gets the config and its path."""
+    source = hf_folder / "config.json"
+    config, warnings = load_with_warnings(hf_folder)
+    win = MainWindow(config, path=hf_folder)
+    qtbot.addWidget(win)
+    assert win.path is None and win.imported_from() == source
+    assert win.import_warnings == warnings and win.import_box is not None
+    assert win.suggested_save_path() == hf_folder.parent / "Llama-3.2-1B.json"
+    win.close()
