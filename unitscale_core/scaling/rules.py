@@ -155,6 +155,7 @@ Activation = Literal["gelu", "relu", "silu"]
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT_HALF = math.sqrt(0.5)
+_GELU_TANH_C = math.sqrt(2.0 / math.pi)
 
 
 # =========================================================================== result types
@@ -641,6 +642,11 @@ def _act_f_df(kind: str, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if kind == "silu":
         s = _sigmoid(y)
         return y * s, s * (1.0 + y * (1.0 - s))
+    if kind == "gelu_tanh":  # GeGLU's gate (Gemma): ½y(1 + tanh(√(2/π)(y + 0.044715y³)))
+        u = _GELU_TANH_C * (y + 0.044715 * y**3)
+        th = np.tanh(u)
+        du = _GELU_TANH_C * (1.0 + 3 * 0.044715 * y * y)
+        return 0.5 * y * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * y * (1.0 - th * th) * du
     raise ValueError(f"no numerical activation {kind!r}")
 
 
@@ -671,8 +677,8 @@ def activation_moments(kind: Activation, sigma: float) -> tuple[float, float]:
     _check_nonnegative("sigma", sigma)
     if kind == "relu":
         return sigma * _SQRT_HALF, _SQRT_HALF
-    if kind not in ("gelu", "silu"):
-        raise ValueError(f"unknown activation {kind!r}; one of gelu, relu, silu")
+    if kind not in ("gelu", "silu", "gelu_tanh"):
+        raise ValueError(f"unknown activation {kind!r}; one of gelu, gelu_tanh, relu, silu")
     if sigma < 1e-6:
         return 0.5 * sigma, 0.5
     ratio, grad = _activation_ratio(kind, _key(sigma))
@@ -1545,3 +1551,222 @@ def clear_caches() -> None:
     _softmax_moments_cached.cache_clear()
     _grid_stats.cache_clear()
     _clear_row_stats()
+
+
+# =========================================================================== modern blocks
+# Issue 21's features (Llama, Gemma, Pythia, OLMo, Mixtral): each rule states its formula;
+# ``tests/core/test_rules_modern.py`` checks each one against the torch op on Gaussian draws.
+
+
+def rms_norm_rule(
+    rms_x: float,
+    rms_grad_y: float,
+    *,
+    d: int,
+    b_rows: int,
+    eps: float = 1e-5,
+    rms_weight: float = 1.0,
+    grad_param_factor: float = 1.0,
+) -> LayerNormScales:
+    """RMSNorm ``y = γ x/sqrt(ms + ε)``, ``ms = mean(x²)`` over the last ``d`` features
+    (Zhang & Sennrich 2019; Llama, Gemma, OLMo 2): no mean is removed and there is no bias.
+
+    For a zero-mean i.i.d. row of RMS ``σ``, ``ms`` has mean ``σ²`` (all ``d`` features, not
+    ``d − 1``), ``r = σ²/(σ² + ε)``:
+
+    * ``rms_y = σ_γ sqrt(r)``;
+    * ``grad_x = (γ gy − x̂ mean(γ gy x̂))/sqrt(ms + ε)`` removes (most of) the one direction
+      ``x̂`` — not the mean, which LayerNorm also removes — so
+      ``E‖·‖² = σ_gy² σ_γ² ((d − 1) + (1 − r)²) E[1/(ms + ε)]`` with
+      ``E[1/ms] = d/(σ²(d − 2))`` (inverse χ²_d), taken as ``1/(σ²(d − 2)/d + ε)``;
+    * ``grad_γ = α sqrt(b_rows r) σ_gy`` (``α = 1/sqrt(b_rows)`` for
+      ``unit_scaling.functional.rms_norm``, the same factor as its layer norm); no bias: 0.
+
+    What tokens share is kept: a component every token has along the all-ones direction
+    (sinusoidal positions' row means) passes through, and counts in ``ms`` (the predictor's
+    stream keeps its flat part through an RMSNorm, where a LayerNorm removes it).
+    """
+    _check_positive("d", d)
+    var = rms_x**2
+    r = var / (var + eps) if var + eps > 0 else 0.0
+    out = rms_weight * math.sqrt(r)
+    inv_var = 1.0 / (var * max(d - 2, 1) / d + eps)
+    grad_x = rms_grad_y * rms_weight * math.sqrt(((d - 1) + (1 - r) ** 2) / d * inv_var)
+    grad_w = grad_param_factor * math.sqrt(b_rows * r) * rms_grad_y
+    return LayerNormScales(out, grad_x, grad_w, 0.0)
+
+
+def norm_backward_factor(var: np.ndarray | float, d: int, kind: str = "layernorm",
+                         eps: float = 1e-5) -> np.ndarray | float:
+    """The input-gradient gain of a norm at input variance ``var`` (per token):
+    LayerNorm ``sqrt(((d − 2) + (1 − r)²)/d / (σ²(d − 3)/d + ε))``, ``r = v̄/(v̄ + ε)``,
+    ``v̄ = σ²(d − 1)/d`` (:func:`layer_norm_rule`); RMSNorm
+    ``sqrt(((d − 1) + (1 − r)²)/d / (σ²(d − 2)/d + ε))``, ``r = σ²/(σ² + ε)``
+    (:func:`rms_norm_rule`)."""
+    var = np.maximum(var, 0.0)
+    if kind == "rmsnorm":
+        r = var / (var + eps)
+        return np.sqrt(((d - 1) + (1 - r) ** 2) / d / (var * max(d - 2, 1) / d + eps))
+    var_bar = var * (d - 1) / d
+    r = var_bar / (var_bar + eps)
+    return np.sqrt(((d - 2) + (1 - r) ** 2) / d / (var * max(d - 3, 1) / d + eps))
+
+
+def gqa_kv_grad_gain(n_heads: int, kv_heads: int) -> float:
+    """Grouped-query attention (Ainslie et al. 2023; MQA at ``kv_heads = 1``): the RMS gain of
+    the key and value gradients over plain multi-head attention, ``sqrt(G)``,
+    ``G = n_heads / kv_heads``.
+
+    Each K/V head serves ``G`` query heads (``repeat_kv``), so its gradient is the sum of
+    theirs: ``gK_j = Σ_h m Σ_i gZ^h_ij q^h_i`` and ``gV_j = Σ_h Σ_i P^h_ij gY^h_i``. The query
+    heads' ``q^h`` and ``gY^h`` come from disjoint rows of ``W_q`` and columns of ``W_o``
+    (independent, zero-mean at initialisation), so the cross terms vanish and the variances
+    add: ``E|gK|² = G E|gK^h|²``. The forward per-head scales (scores, probabilities,
+    context) are those of one query head with its own keys."""
+    _check_positive("n_heads", n_heads)
+    _check_positive("kv_heads", kv_heads)
+    if n_heads % kv_heads:
+        raise ValueError(f"kv_heads {kv_heads} does not divide n_heads {n_heads}")
+    return math.sqrt(n_heads / kv_heads)
+
+
+def geglu_rule(
+    rms_up: float,
+    rms_gate: float,
+    rms_grad_y: float,
+    *,
+    scale: float = 1.0,
+) -> SwiGLUScales:
+    """GeGLU ``y = α u ⊙ gelu_tanh(g)`` (Shazeer 2020; Gemma), ``u ~ N(0, σ_u²)``,
+    ``g ~ N(0, σ_g²)`` independent, ``gelu_tanh(x) = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))``:
+
+    * ``rms_y = α σ_u rms(gelu_tanh(g))``;
+    * ``∂/∂u = α gelu_tanh(g) gy → α rms(gelu_tanh(g)) σ_gy``;
+    * ``∂/∂g = α u gelu_tanh'(g) gy → α σ_u rms(gelu_tanh'(g)) σ_gy``
+
+    (Gaussian moments by quadrature, :func:`activation_moments`; ``α = 1`` standard)."""
+    f_rms, df_rms = activation_moments("gelu_tanh", rms_gate)  # type: ignore[arg-type]
+    return SwiGLUScales(scale * rms_up * f_rms, scale * f_rms * rms_grad_y,
+                        scale * rms_up * df_rms * rms_grad_y)
+
+
+def parallel_residual_rule(
+    rms_x: float,
+    rms_attn: float,
+    rms_ffn: float,
+    rms_grad_y: float,
+    *,
+    tau_attn: float = 1.0,
+    tau_ffn: float = 1.0,
+    unit: bool = False,
+) -> tuple[float, float, float, float]:
+    """GPT-J / GPT-NeoX's parallel block ``y = add(f, add(a, x, τ_a), τ_f)`` with
+    ``a = attn(norm1 x)``, ``f = ffn(norm2 x)`` (standard: ``x + a + f``; unit-scaled ``add``
+    is :func:`residual_weights`' ``w_r·branch + w_s·skip``). With independent parts:
+
+    * ``rms_y² = (w_s,f w_s,a σ_x)² + (w_s,f w_r,a σ_a)² + (w_r,f σ_f)²``;
+    * the gradient reaching the skip, the attention and the feed-forward branch:
+      ``w_s,f w_s,a σ_gy``, ``w_s,f w_r,a σ_gy`` and ``w_r,f σ_gy`` (each branch's own
+      backward then adds its input gradient to the skip's: both read ``x``).
+
+    Returns ``(rms_y, grad_skip, grad_attn, grad_ffn)``."""
+    wra, wsa = residual_weights(tau_attn) if unit else (1.0, 1.0)
+    wrf, wsf = residual_weights(tau_ffn) if unit else (1.0, 1.0)
+    out = math.sqrt((wsf * wsa * rms_x) ** 2 + (wsf * wra * rms_attn) ** 2
+                    + (wrf * rms_ffn) ** 2)
+    return out, wsf * wsa * rms_grad_y, wsf * wra * rms_grad_y, wrf * rms_grad_y
+
+
+def partial_rope_correlation(delta: np.ndarray | float, head_size: int, rotary_dims: int,
+                             base: float = 10000.0) -> np.ndarray:
+    """What rotating two tokens ``Δ`` positions apart leaves of their covariance, averaged
+    over a head's ``D`` features, when only the first ``R = rotary_dims`` are rotated
+    (GPT-NeoX ``rotary_pct``; pairs ``(2i, 2i+1)``, ``θ_i = base^(−2i/R)``)::
+
+        ρ(Δ) = (R/D)·(2/R) Σ_{i<R/2} cos(θ_i Δ) + (1 − R/D)
+
+    the rotated dims decorrelate as full RoPE over ``R`` dims, the ``D − R`` others keep it
+    all. ``R = D`` is full RoPE."""
+    _check_positive("head_size", head_size)
+    if not 0 < rotary_dims <= head_size or rotary_dims % 2:
+        raise ValueError(f"rotary_dims must be even and in (0, {head_size}]: {rotary_dims}")
+    theta = base ** (-np.arange(0, rotary_dims, 2, dtype=np.float64) / rotary_dims)
+    delta = np.asarray(delta, dtype=np.float64)
+    rho = np.cos(delta[..., None] * theta).mean(-1)
+    f = rotary_dims / head_size
+    return f * rho + (1.0 - f)
+
+
+@lru_cache(maxsize=1024)
+def _softcap_moments(sigma_key: float, cap: float) -> tuple[float, float]:
+    if sigma_key <= 2.0 * cap:
+        x, w = _GH_NODES, _GH_WEIGHTS
+    else:  # trapezoid: sech²(σx/c) has width ~c/σ near x = 0, too sharp for Gauss–Hermite
+        h = 0.05 * cap / sigma_key
+        x = np.arange(-10.0, 10.0 + h / 2, h)
+        w = np.exp(-0.5 * x * x)
+        w /= w.sum()
+    th = np.tanh(sigma_key * x / cap)
+    sech2 = 1.0 - th * th
+    return (cap * math.sqrt(float(w @ (th * th))), math.sqrt(float(w @ (sech2 * sech2))))
+
+
+def softcap_rule(rms_z: float, rms_grad_y: float, *, cap: float | None
+                 ) -> ActivationScales:
+    """Soft cap ``y = c·tanh(z/c)`` (Gemma 2's attention and final logits), ``z ~ N(0, σ²)``:
+
+    * ``rms_y = c·sqrt(E tanh²(z/c))`` (→ ``σ`` for ``σ ≪ c``, → ``c`` for ``σ ≫ c``);
+    * ``grad_z = sech²(z/c)·gy → sqrt(E sech⁴(z/c)) σ_gy`` (``gy`` independent of ``z``).
+
+    Gauss–Hermite quadrature (96 nodes) up to ``σ = 2c``, a trapezoid rule in the standard
+    normal variable above (``σ`` keyed to 3 digits). ``cap`` None: identity."""
+    if cap is None:
+        return ActivationScales(rms_z, rms_grad_y)
+    _check_positive("cap", cap)
+    _check_nonnegative("rms_z", rms_z)
+    if rms_z < 1e-12:
+        return ActivationScales(rms_z, rms_grad_y)
+    key = _key(rms_z)
+    out, grad = _softcap_moments(key, float(cap))
+    return ActivationScales(out * rms_z / key, grad * rms_grad_y)
+
+
+def qk_norm_gain_grad_rows(mode: str, n_heads: int, rows: int, kv: bool = False,
+                           kv_heads: int | None = None) -> int:
+    """How many rows a QK-norm gain's gradient sums over: ``rows`` tokens for ``all_heads``
+    (OLMo 2: one gain per feature of the whole projection), ``rows × heads`` for ``head``
+    (Qwen 3 / Gemma 3: one ``d_head`` gain shared by every head, so every head of every
+    token adds; the key norm's heads are the K/V heads)."""
+    if mode == "all_heads":
+        return rows
+    if mode == "head":
+        return rows * ((kv_heads or n_heads) if kv else n_heads)
+    raise ValueError(f"qk_norm mode {mode!r}")
+
+
+def moe_rule(
+    rms_expert: float,
+    *,
+    n_experts: int,
+    top_k: int,
+    rows: int,
+    router_rms: float = 0.0,
+) -> tuple[float, float, float]:
+    """A routed mixture of experts (Mixtral): ``y = Σ_{e ∈ top-k} p̂_e E_e(x)``,
+    ``p = softmax(router x)``, ``p̂`` renormalised over the ``k`` chosen.
+
+    At initialisation the router's logits are small (``σ_r = router_rms``), the choice is
+    uniform: each expert sees ``≈ rows·k/E`` of the rows and the weights ``p̂`` are
+    ``≈ 1/k`` (``E p̂² = 1/k² + Var p̂``, taken to first order in ``σ_r²``:
+    ``Var p̂ ≈ σ_r²(1 − 1/k)/k²``), so with experts independent given the input::
+
+        rms_y² = k E p̂² σ_E²        rows per expert = rows·k/E
+
+    Returns ``(rms_y, E p̂², rows per expert)``; the expert's input gradient is ``p̂·gy``
+    (RMS ``sqrt(E p̂²) σ_gy``) on its own rows."""
+    _check_positive("n_experts", n_experts)
+    _check_positive("top_k", top_k)
+    if top_k > n_experts:
+        raise ValueError(f"top_k {top_k} > n_experts {n_experts}")
+    p2 = 1.0 / top_k**2 + router_rms**2 * (1.0 - 1.0 / top_k) / top_k**2
+    return math.sqrt(top_k * p2) * rms_expert, p2, rows * top_k / n_experts
