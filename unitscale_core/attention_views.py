@@ -204,7 +204,9 @@ def checkpoint_attentions(loaded, text: str) -> AttentionResult:
 
     probs, tokens, truncated = pretrained.attentions(loaded, text)
     t = len(tokens)
-    allowed = np.tril(np.ones((t, t), dtype=bool)) if loaded.kind == "gpt2" else None
+    # every decoder checkpoint (gpt2, gpt_neox, llama, …) is causal; BERT's attention is full
+    allowed = np.tril(np.ones((t, t), dtype=bool)) if loaded.config.attention == "causal" \
+        else None
     note = f"{loaded.kind} checkpoint {loaded.folder}"
     cfg = loaded.config
     return AttentionResult(probs, tokens, truncated, note, allowed=allowed,

@@ -59,7 +59,12 @@ from .atomic import FileProblem, read_regular_file
 from .config import ConfigError, ModelConfig, quote
 from .model.layers import Embedding, LayerNorm
 from .model.ops import StandardOps
-from .model.transformer import ARCHITECTURE_CLASSES, EncoderOnlyModel
+from .model.transformer import (
+    ARCHITECTURE_CLASSES,
+    CausalEncoder,
+    DecoderOnlyModel,
+    EncoderOnlyModel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +155,30 @@ class BertEncoder(EncoderOnlyModel):
         return self.head(self.hidden_states(idx, mask, src_key_padding_mask))
 
 
+class ScaledEmbeddingDecoder(DecoderOnlyModel):
+    """A decoder whose token embedding is multiplied at lookup: ``h₀ = s · E[id]`` (Gemma 2:
+    ``s = √d_model``, in the activations' dtype), while the tied head reads ``E`` unscaled:
+    ``logits = softcap(h Eᵀ)``. Folding ``s`` into ``E`` would scale the logits too."""
+
+    def __init__(self, cfg: ModelConfig, ops: StandardOps, emb_scale: float):
+        super().__init__(cfg, ops)
+        self.emb_scale = emb_scale
+
+    def _embed(self, idx: Tensor) -> Tensor:
+        x = self.tok_emb(idx)
+        return x * torch.tensor(self.emb_scale, dtype=x.dtype)  # as Gemma's normalizer
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """``idx: (B, T)`` → the stack's output ``(B, T, C)``, without the vocabulary head."""
+        return CausalEncoder.forward(self, self._embed(idx))
+
+    def forward(self, idx: Tensor, mask: Tensor | None = None,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """``idx: (B, T)`` token ids → logits ``(B, T, V)``."""
+        return self.logits(CausalEncoder.forward(self, self._embed(idx), mask,
+                                                 key_padding_mask))
+
+
 def hidden_states(model: nn.Module, idx: Tensor) -> Tensor:
     """The last hidden states ``(B, T, C)`` (after GPT-2's ``ln_f``), before the head."""
     if isinstance(model, BertEncoder):
@@ -164,20 +193,37 @@ def hidden_states(model: nn.Module, idx: Tensor) -> Tensor:
 class Source:
     """Where one of our parameters comes from in the checkpoint.
 
-    ``key``: the tensor's name (after the checkpoint's prefix); ``transpose``: stored as
+    ``key``: the tensor's name (after the checkpoint's prefix, unless ``outside``: a name
+    outside it, such as ``lm_head.weight`` / ``embed_out.weight``); ``transpose``: stored as
     ``[in, out]`` (a GPT-2 ``Conv1D``); ``part = (i, n)``: the i-th of n equal slices along the
-    stored tensor's last (output) axis, for the fused ``c_attn``.
+    stored tensor's last (output) axis, for the fused ``c_attn``; ``rows``: the stored rows
+    (output axis 0 of an ``nn.Linear`` weight, or of a bias or norm gain) that make ours, in
+    our order — a slice of a fused tensor holding ``stored_rows`` rows (GPT-NeoX's
+    ``query_key_value``, Phi-3's ``qkv_proj``), and/or the rope permutation of
+    :func:`head_rows`; then ``value · scale + offset`` (Gemma's ``1 + w`` norm gains, its
+    query pre-attention scalar).
     """
 
     key: str
     transpose: bool = False
     part: tuple[int, int] | None = None
+    rows: tuple[int, ...] | None = None
+    stored_rows: int | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+    outside: bool = False
+
+    def name(self, prefix: str) -> str:
+        """The tensor's full name in the checkpoint."""
+        return self.key if self.outside else prefix + self.key
 
     def stored_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
         """The checkpoint shape that yields our parameter's shape ``ours``."""
         shape = tuple(reversed(ours)) if self.transpose else tuple(ours)
         if self.part is not None:
             shape = shape[:-1] + (shape[-1] * self.part[1],)
+        if self.stored_rows is not None:
+            shape = (self.stored_rows,) + shape[1:]
         return shape
 
     def convert(self, stored: Tensor) -> Tensor:
@@ -186,7 +232,29 @@ class Source:
             i, n = self.part
             width = stored.shape[-1] // n
             stored = stored[..., i * width:(i + 1) * width]
+        if self.rows is not None:
+            stored = stored.index_select(0, torch.tensor(self.rows, dtype=torch.long))
+        if self.scale != 1.0 or self.offset != 0.0:  # in fp32, as Gemma computes 1 + w.float()
+            stored = stored.float() * self.scale + self.offset
         return stored.t() if self.transpose else stored
+
+
+def head_rows(n_heads: int, head_size: int, rotary: int, start: int = 0,
+              stride: int | None = None) -> tuple[int, ...]:
+    """The stored rows of ``n_heads`` heads, in our order, with the rope layout changed.
+
+    Head h's rows start at ``start + h·stride`` (``stride`` = ``head_size`` for a plain
+    projection, ``3·head_size`` in GPT-NeoX's per-head ``[q_h | k_h | v_h]``). Hugging Face's
+    ``rotate_half`` rotates dims ``(i, i + R/2)`` of the first R = ``rotary`` dims of a head
+    by ``θ_i = base^(−2i/R)``; our :func:`~unitscale_core.model.layers.apply_rope` rotates
+    ``(2i, 2i+1)`` by the same ``θ_i``, so our dim ``2i`` is their ``i`` and ``2i+1`` is their
+    ``i + R/2``; dims from R on pass through unchanged. Applied to q and k alike, the dot
+    products (and so the attention) are unchanged; v and o keep their order (``rotary=0``).
+    """
+    stride = head_size if stride is None else stride
+    half = rotary // 2
+    order = [j for i in range(half) for j in (i, i + half)] + list(range(2 * half, head_size))
+    return tuple(start + h * stride + j for h in range(n_heads) for j in order)
 
 
 def _bert_mapping(n_layers: int) -> dict[str, Source]:
@@ -236,13 +304,127 @@ def _gpt2_mapping(n_layers: int) -> dict[str, Source]:
     return m
 
 
+def _head_mapping(cfg: ModelConfig, name: str) -> dict[str, Source]:
+    """The untied output head ``name``, outside the base model's prefix; none when tied."""
+    return {} if cfg.tie_embeddings else {"head.weight": Source(name, outside=True)}
+
+
+def _neox_mapping(cfg: ModelConfig) -> dict[str, Source]:
+    """Our parameter names → GPT-NeoX's (``GPTNeoXModel`` without the ``gpt_neox.`` prefix).
+
+    ``query_key_value`` is ``[3C, C]`` laid out per head, rows ``[q_h | k_h | v_h]`` of
+    ``D = head_size`` each (``view(…, H, 3D).chunk(3)``); q and k also change rope layout
+    (:func:`head_rows`). The head ``embed_out`` is outside the prefix.
+    """
+    h, d, r, c = cfg.n_heads, cfg.head_size, cfg.rotary_dims, cfg.d_model
+    m = {"tok_emb.weight": Source("embed_in.weight"),
+         "norm.weight": Source("final_layer_norm.weight"),
+         "norm.bias": Source("final_layer_norm.bias"),
+         **_head_mapping(cfg, "embed_out.weight")}
+    for i in range(cfg.n_layers):
+        hf, us = f"layers.{i}.", f"layers.{i}."
+        for j, (name, rotary) in enumerate((("q", r), ("k", r), ("v", 0))):
+            rows = head_rows(h, d, rotary, j * d, 3 * d)
+            for p in ("weight", "bias"):
+                m[f"{us}attn.{name}.{p}"] = Source(f"{hf}attention.query_key_value.{p}",
+                                                   rows=rows, stored_rows=3 * c)
+        names = {"attn.o": "attention.dense", "ffn.up": "mlp.dense_h_to_4h",
+                 "ffn.down": "mlp.dense_4h_to_h", "norm1": "input_layernorm",
+                 "norm2": "post_attention_layernorm"}
+        for ours, theirs in names.items():
+            for p in ("weight", "bias"):
+                m[f"{us}{ours}.{p}"] = Source(f"{hf}{theirs}.{p}")
+    return m
+
+
+#: model_type → the rope decoders' per-layer norm names: theirs → ours.
+LLAMA_NORMS = {
+    "llama": {"input_layernorm": "norm1", "post_attention_layernorm": "norm2"},
+    "gemma2": {"input_layernorm": "norm1", "post_attention_layernorm": "attn_out_norm",
+               "pre_feedforward_layernorm": "norm2", "post_feedforward_layernorm": "ffn_out_norm"},
+    "olmo2": {"post_attention_layernorm": "attn_out_norm",
+              "post_feedforward_layernorm": "ffn_out_norm"},
+}
+
+
+def _llama_mapping(kind: str, cfg: ModelConfig, query_scale: float = 1.0) -> dict[str, Source]:
+    """Our parameter names → a Llama-family decoder's (without the ``model.`` prefix).
+
+    ``self_attn.{q,k,v,o}_proj`` (Phi-3: one ``qkv_proj`` ``[q; k; v]`` of ``(H + 2·KV)·D``
+    rows), ``mlp.{gate,up,down}_proj`` (Phi-3: ``gate_up_proj`` ``[gate; up]``; Mixtral:
+    ``block_sparse_moe.gate`` and ``experts.{e}.w1/w3/w2`` = gate/up/down), RMSNorm gains
+    (Gemma 2 stores ``w`` of ``1 + w``: ``offset=1``), OLMo 2's whole-projection
+    ``q_norm``/``k_norm``; q and k rows (and their biases and norms) change rope layout
+    (:func:`head_rows`); ``query_scale`` folds Gemma 2's ``query_pre_attn_scalar`` into q.
+    """
+    h, kv, d, r = cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.rotary_dims
+    offset = 1.0 if kind == "gemma2" else 0.0
+    m = {"tok_emb.weight": Source("embed_tokens.weight"),
+         "norm.weight": Source("norm.weight", offset=offset),
+         **_head_mapping(cfg, "lm_head.weight")}
+    q_rows, k_rows = head_rows(h, d, r), head_rows(kv, d, r)
+    params = ("weight", "bias") if cfg.has_qkv_bias else ("weight",)
+    for i in range(cfg.n_layers):
+        hf, us = f"layers.{i}.", f"layers.{i}."
+        att = f"{hf}self_attn."
+        if kind == "phi3":
+            total = (h + 2 * kv) * d
+            parts = {"q": head_rows(h, d, r), "k": head_rows(kv, d, r, h * d),
+                     "v": head_rows(kv, d, 0, (h + kv) * d)}
+            for name, rows in parts.items():
+                for p in params:
+                    m[f"{us}attn.{name}.{p}"] = Source(f"{att}qkv_proj.{p}", rows=rows,
+                                                       stored_rows=total)
+        else:
+            for name, rows in (("q", q_rows), ("k", k_rows), ("v", None)):
+                for p in params:
+                    m[f"{us}attn.{name}.{p}"] = Source(
+                        f"{att}{name}_proj.{p}", rows=rows,
+                        scale=query_scale if name == "q" else 1.0)
+        m[f"{us}attn.o.weight"] = Source(f"{att}o_proj.weight")
+        if kind == "olmo2":
+            m[f"{us}attn.q_norm.weight"] = Source(f"{att}q_norm.weight", rows=q_rows)
+            m[f"{us}attn.k_norm.weight"] = Source(f"{att}k_norm.weight", rows=k_rows)
+        for theirs, ours in LLAMA_NORMS.get(kind, LLAMA_NORMS["llama"]).items():
+            m[f"{us}{ours}.weight"] = Source(f"{hf}{theirs}.weight", offset=offset)
+        if kind == "mixtral":
+            moe = f"{hf}block_sparse_moe."
+            m[f"{us}moe.router.weight"] = Source(f"{moe}gate.weight")
+            for e in range(cfg.n_experts):
+                for ours, theirs in {"gate": "w1", "up": "w3", "down": "w2"}.items():
+                    m[f"{us}moe.experts.{e}.{ours}.weight"] = Source(
+                        f"{moe}experts.{e}.{theirs}.weight")
+        elif kind == "phi3":
+            f = cfg.d_ff
+            m[f"{us}ffn.gate.weight"] = Source(f"{hf}mlp.gate_up_proj.weight",
+                                               rows=tuple(range(f)), stored_rows=2 * f)
+            m[f"{us}ffn.up.weight"] = Source(f"{hf}mlp.gate_up_proj.weight",
+                                             rows=tuple(range(f, 2 * f)), stored_rows=2 * f)
+            m[f"{us}ffn.down.weight"] = Source(f"{hf}mlp.down_proj.weight")
+        else:
+            for name in ("gate", "up", "down"):
+                m[f"{us}ffn.{name}.weight"] = Source(f"{hf}mlp.{name}_proj.weight")
+    return m
+
+
+#: The rope decoders loaded through :func:`unitscale_core.hf_config.from_hf`.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "gemma2", "olmo2", "phi3", "mixtral")
+MODERN = ("gpt_neox", *LLAMA_FAMILY)
+#: RMSNorm ε when config.json has no ``rms_norm_eps`` (transformers' defaults per family).
+RMS_EPS = {"llama": 1e-6, "mistral": 1e-6, "qwen2": 1e-6, "gemma2": 1e-6, "olmo2": 1e-5,
+           "phi3": 1e-5, "mixtral": 1e-5}
+
 #: model_type → (the tensor that anchors the name prefix, e.g. "bert." / "transformer.").
-ANCHORS = {"bert": "embeddings.word_embeddings.weight", "gpt2": "wte.weight"}
+ANCHORS = {"bert": "embeddings.word_embeddings.weight", "gpt2": "wte.weight",
+           "gpt_neox": "embed_in.weight",
+           **{kind: "embed_tokens.weight" for kind in LLAMA_FAMILY}}
 #: model_type → (layer i's tensor names before the index, config.json's layer, width and
-#: positions keys, the position table's tensor).
+#: positions keys, the position table's tensor; None for rope models).
 LAYER_NAMES = {"bert": ("encoder.layer.", "num_hidden_layers", "hidden_size",
                         "max_position_embeddings", "embeddings.position_embeddings.weight"),
-               "gpt2": ("h.", "n_layer", "n_embd", "n_positions", "wpe.weight")}
+               "gpt2": ("h.", "n_layer", "n_embd", "n_positions", "wpe.weight"),
+               **{kind: ("layers.", "num_hidden_layers", "hidden_size", None, None)
+                  for kind in MODERN}}
 
 
 # -- config ----------------------------------------------------------------------------------
@@ -258,6 +440,8 @@ class _Plan:
     eps: float
     type_vocab_size: int
     mapping: dict[str, Source]
+    #: the token embedding's multiplier at lookup (Gemma 2: √d_model; the tied head is not)
+    emb_scale: float = 1.0
 
 
 def _need(hf: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -374,11 +558,90 @@ def _plan(hf: dict[str, Any]) -> _Plan:
         return _Plan("gpt2", cfg, approximate, _number(hf, "layer_norm_epsilon", 1e-5,
                                                        maximum=MAX_EPS), 0,
                      _gpt2_mapping(cfg.n_layers))
+    if kind in MODERN:
+        return _modern_plan(hf, kind)
     archs = hf.get("architectures") or []
     named = f" ({quote(', '.join(map(quote, archs[:NAMES_SHOWN])))})" \
         if isinstance(archs, list) and archs else ""
     raise PretrainedError(f"model_type {quote(kind)}{named} is not supported; this program loads "
-                          "'bert' (BERT, MiniLM) and 'gpt2' checkpoints")
+                          f"'bert' (BERT, MiniLM), 'gpt2' and {', '.join(map(repr, MODERN))} "
+                          "checkpoints")
+
+
+class CheckpointConfigError(PretrainedError, ConfigError):
+    """A checkpoint whose ``config.json`` asks for something the program does not compute
+    (``errors``: field → reason, as a :class:`~unitscale_core.config.ConfigError`); the
+    message is one line naming each field."""
+
+    def __init__(self, kind: str, errors: dict[str, str]):
+        ConfigError.__init__(self, errors)
+        self.args = (f"{CONFIG_FILE} ({kind}): {'; '.join(self.errors.values())}",)
+
+
+def _sliding_window(hf: dict[str, Any], kind: str) -> int | None:
+    """The attention window a checkpoint's (some) layers use, or None for full causal."""
+    if kind == "qwen2" and not hf.get("use_sliding_window", False):
+        return None
+    if kind not in ("mistral", "mixtral", "phi3", "qwen2", "gemma2"):
+        return None
+    window = hf.get("sliding_window")
+    return None if window is None else _number(hf, "sliding_window", 0, int, minimum=1)
+
+
+def _modern_plan(hf: dict[str, Any], kind: str) -> _Plan:
+    """The plan of a GPT-NeoX or Llama-family checkpoint: the config from
+    :func:`~unitscale_core.hf_config.from_hf`, refused by field where the torch model cannot
+    compute it (:func:`~unitscale_core.model.unsupported_fields`), or where the checkpoint
+    computes something else (rope scaling); what the loader itself makes exact:
+
+    * sliding windows: ``max_len`` is cut to the window, so every sequence shown is one the
+      windowed layers see whole;
+    * Gemma 2: ``h₀ = √d_model · E[id]`` at lookup only (:class:`ScaledEmbeddingDecoder`),
+      ``1 + w`` norm gains stored as ours, and its logit scale ``query_pre_attn_scalar^-½``
+      folded into q (``W_q · √(d_head / scalar)``) since our scores use ``d_head^-½``.
+    """
+    from .hf_config import from_hf
+    from .model.transformer import unsupported_fields
+
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = hf.get(key)
+        rope_type = scaling.get("rope_type", scaling.get("type")) \
+            if isinstance(scaling, dict) else None
+        if rope_type not in (None, "default"):
+            raise CheckpointConfigError(kind, {key: f"{key} rope_type={quote(rope_type)} "
+                                                    "rescales the rope frequencies, which the "
+                                                    "program does not compute"})
+    if hf.get("use_bidirectional_attention"):  # Gemma-family option (EmbeddingGemma)
+        raise CheckpointConfigError(kind, {"use_bidirectional_attention": (
+            "use_bidirectional_attention=true (a non-causal decoder) is not computed")})
+    # transformers 5 writes it (false) into every Gemma 2 config; from_hf does not read it
+    hf = {k: v for k, v in hf.items() if k != "use_bidirectional_attention"}
+    try:
+        cfg, _ = from_hf(hf, batch_size=1)
+        max_len = cfg.max_len
+        window = _sliding_window(hf, kind)
+        if window is not None:
+            max_len = min(max_len, window)
+        cfg = cfg.replace(parametrization="standard", dtype="fp32", device="cpu", dropout=0.0,
+                          max_len=max_len, seq_len=min(DEFAULT_SEQ_LEN, max_len))
+    except ConfigError as exc:
+        raise CheckpointConfigError(kind, exc.errors) from None
+    except (TypeError, ValueError, OverflowError) as exc:  # from_hf's int() of a malformed value
+        raise PretrainedError(f"{CONFIG_FILE} has a malformed size: {_first_line(exc)}") from None
+    missing = unsupported_fields(cfg)
+    if missing:
+        raise CheckpointConfigError(kind, missing)
+    if kind == "gpt_neox":
+        activation, approximate = _activation(hf, "hidden_act", "gelu")
+        return _Plan(kind, cfg, approximate, _number(hf, "layer_norm_eps", 1e-5,
+                                                     maximum=MAX_EPS), 0, _neox_mapping(cfg))
+    query_scale, emb_scale = 1.0, 1.0
+    if kind == "gemma2":
+        scalar = _number(hf, "query_pre_attn_scalar", cfg.head_size, minimum=1e-30)
+        query_scale = math.sqrt(cfg.head_size / scalar)
+        emb_scale = math.sqrt(cfg.d_model)
+    return _Plan(kind, cfg, "tanh", _number(hf, "rms_norm_eps", RMS_EPS[kind], maximum=MAX_EPS),
+                 0, _llama_mapping(kind, cfg, query_scale), emb_scale)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -588,7 +851,7 @@ def _prefix(keys: set[str], anchor: str) -> str:
 def _check_tensors(weights: _Weights, mapping: dict[str, Source], prefix: str,
                    shapes: dict[str, tuple[int, ...]]) -> None:
     """Every tensor the mapping needs exists, is floating point and has the expected shape."""
-    needed = list(dict.fromkeys(prefix + s.key for s in mapping.values()))
+    needed = list(dict.fromkeys(s.name(prefix) for s in mapping.values()))
     missing = [k for k in needed if k not in weights.keys]
     if missing:
         shown = ", ".join(missing[:NAMES_SHOWN])
@@ -596,7 +859,7 @@ def _check_tensors(weights: _Weights, mapping: dict[str, Source], prefix: str,
         raise PretrainedError(f"{weights.name} lacks {len(missing)} tensor"
                               f"{'s' if len(missing) > 1 else ''} the model needs: {shown}{more}")
     for ours, src in mapping.items():
-        key = prefix + src.key
+        key = src.name(prefix)
         found, dtype = weights.header(key)
         expected = src.stored_shape(shapes[ours])
         if found != expected:
@@ -620,8 +883,9 @@ def _check_claims(plan: _Plan, weights: _Weights, prefix: str) -> None:
         raise PretrainedError(f"{CONFIG_FILE} claims {layers_key}={cfg.n_layers:,} but "
                               f"{weights.name} holds tensors for {len(present)} layer"
                               f"{'' if len(present) == 1 else 's'}")
-    expected = {ANCHORS[plan.kind]: ((cfg.vocab_size, cfg.d_model), f"vocab_size × {width_key}"),
-                positions: ((cfg.max_len, cfg.d_model), f"{positions_key} × {width_key}")}
+    expected = {ANCHORS[plan.kind]: ((cfg.vocab_size, cfg.d_model), f"vocab_size × {width_key}")}
+    if positions is not None:
+        expected[positions] = ((cfg.max_len, cfg.d_model), f"{positions_key} × {width_key}")
     if plan.kind == "bert":
         expected["embeddings.token_type_embeddings.weight"] = (
             (plan.type_vocab_size, cfg.d_model), f"type_vocab_size × {width_key}")
@@ -642,10 +906,12 @@ def _construct(plan: _Plan, device: torch.device | str) -> nn.Module:
         with torch.device(device):
             if plan.kind == "bert":
                 model = BertEncoder(plan.cfg, ops, plan.type_vocab_size)
+            elif plan.emb_scale != 1.0:
+                model = ScaledEmbeddingDecoder(plan.cfg, ops, plan.emb_scale)
             else:
                 model = ARCHITECTURE_CLASSES[plan.cfg.architecture](plan.cfg, ops)
     for module in model.modules():
-        if isinstance(module, nn.LayerNorm):
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__ == "RMSNorm":
             module.eps = plan.eps
     return model
 
@@ -659,10 +925,10 @@ def _load_weights(model: nn.Module, weights: _Weights, mapping: dict[str, Source
         raise RuntimeError(f"parameters with no source in the checkpoint: {uncovered}")
     with torch.no_grad():
         for ours, src in mapping.items():
-            stored = weights.tensor(prefix + src.key)
+            stored = weights.tensor(src.name(prefix))
             bad = int(stored.numel() - torch.isfinite(stored).sum())
             if bad:  # else every attention map of the model is NaN, silently
-                raise PretrainedError(f"{weights.name}: {prefix + src.key} holds {bad:,} NaN "
+                raise PretrainedError(f"{weights.name}: {src.name(prefix)} holds {bad:,} NaN "
                                       f"or infinite value{'s' if bad > 1 else ''} (of "
                                       f"{stored.numel():,}); the checkpoint is damaged")
             params[ours].copy_(src.convert(stored))
@@ -674,7 +940,8 @@ def _materialise(plan: _Plan, weights: _Weights, prefix: str) -> nn.Module:
     shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}
     _check_tensors(weights, plan.mapping, prefix, shapes)
     model = meta.to_empty(device="cpu")
-    model.head.weight = model.tok_emb.weight  # to_empty may re-create (and untie) Parameters
+    if plan.cfg.tie_embeddings:  # to_empty may re-create (and untie) Parameters
+        model.head.weight = model.tok_emb.weight
     _load_weights(model, weights, plan.mapping, prefix)
     return model.eval()
 
@@ -724,7 +991,7 @@ def load_checkpoint(folder: str | os.PathLike[str]) -> Pretrained:
     try:
         prefix = _prefix(weights.keys, ANCHORS[plan.kind])
         model = _materialise(plan, weights, prefix)
-        used = {prefix + s.key for s in plan.mapping.values()}
+        used = {s.name(prefix) for s in plan.mapping.values()}
         ignored = sorted(weights.keys - used)
     finally:
         weights.close()

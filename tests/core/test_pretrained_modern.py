@@ -1,8 +1,13 @@
-"""Checkpoints of issue 21: sharded safetensors folders (``model.safetensors.index.json``).
+"""Checkpoints of issue 21: modern families and sharded safetensors folders.
 
-A small random GPT-2 saved by transformers with a small ``max_shard_size`` is the reference;
-its attentions must equal transformers' eager ``output_attentions``. Index files that point
-outside the folder, at missing shards or at anything but safetensors are refused by name.
+Each family (gpt_neox, llama, mistral, qwen2, gemma2, olmo2, phi3, mixtral) is a small random
+model that transformers builds and saves (safetensors); loaded by our loader into our own
+modules, its attentions and logits must equal transformers' eager ``output_attentions``
+within 1e-4 — or, while the torch model does not build one of the family's features, the
+loader must refuse it with a ConfigError naming each such field.
+A small random GPT-2 saved with a small ``max_shard_size`` is the sharded reference. Index
+files that point outside the folder, at missing shards or at anything but safetensors are
+refused by name.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import pytest
 import torch
 
 from unitscale_core import pretrained as P
-from unitscale_core.config import quote
+from unitscale_core.config import ConfigError, quote
+from unitscale_core.hf_config import from_hf
+from unitscale_core.model import unsupported_fields
 from unitscale_core.pretrained import PretrainedError
 
 from .test_pretrained import GPT2_SIZES, TOL, _byte_level_tokenizer
@@ -162,8 +169,6 @@ def test_head_labels_name_each_query_heads_kv_group():
     assert kv_summary(8, None) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="GQA (n_kv_heads) is not built by the torch model yet "
-                   "(issue 21): build_model refuses it by name; strict, so this fails once built")
 def test_cli_attention_names_the_kv_group_of_each_head(tmp_path, capsys):
     from unitscale_core import cli
 
@@ -186,3 +191,111 @@ def test_cli_attention_names_the_kv_group_of_each_head(tmp_path, capsys):
     assert "K/V" not in capsys.readouterr().out
     with np.load(out) as data:
         assert "kv_head" not in data
+
+
+# -- modern families -----------------------------------------------------------------------------
+
+VOCAB = 300  # the byte-level test tokenizer's alphabet needs ≥ 257 ids
+#: Sizes every family shares: GQA (4 query heads over 2 K/V heads) where the family has it.
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.2)
+GQA = dict(num_key_value_heads=2)
+#: family id → (config class, model class, the family's options). Each exercises what the
+#: loader must map: NeoX's per-head fused qkv and partial rotary (parallel and sequential),
+#: Llama's rope permutation under GQA with θ 5e5, Mistral's window (max_len cut to 32),
+#: Qwen 2's q/k/v biases, Gemma 2's head_dim ≠ d/h, 1 + w gains, √d embedding, query scalar
+#: and both soft caps, OLMo 2's whole-projection q/k norms, Phi-3's fused qkv and gate_up
+#: with partial rotary, Mixtral's experts.
+FAMILIES = {
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.5)),
+    "gpt_neox_sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                            dict(rotary_pct=0.25, use_parallel_residual=False,
+                                 tie_word_embeddings=True)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(GQA, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(GQA, sliding_window=32)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(GQA, tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(GQA, head_dim=24, query_pre_attn_scalar=20, sliding_window=32,
+                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(GQA)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             dict(GQA, pad_token_id=0, sliding_window=None, partial_rotary_factor=0.5)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_transformers():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        module = pytest.importorskip("transformers")
+        module.logging.set_verbosity_error()
+        yield module
+
+
+@pytest.fixture(scope="module")
+def saved_families(hf_transformers, tmp_path_factory):
+    """family id → (folder, transformers' eager model read back from it), built lazily."""
+    made: dict[str, tuple[Path, object]] = {}
+    root = tmp_path_factory.mktemp("families")
+
+    def get(family: str):
+        if family not in made:
+            made[family] = _save_family(hf_transformers, family, root / family)
+        return made[family]
+
+    return get
+
+
+def _save_family(transformers, family: str, folder: Path):
+    config_class, model_class, extra = FAMILIES[family]
+    config = getattr(transformers, config_class)(**COMMON, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sum(map(ord, family)))
+        model = getattr(transformers, model_class)(config)
+        with torch.no_grad():  # norm gains and biases away from 1 and 0 (Gemma's w from 0)
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    _byte_level_tokenizer(VOCAB).save(str(folder / "tokenizer.json"))
+    ref = getattr(transformers, model_class).from_pretrained(
+        folder, attn_implementation="eager", local_files_only=True).eval()
+    return folder, ref
+
+
+def _unbuilt(folder: Path) -> dict[str, str]:
+    """The fields the torch model does not build yet for the saved family's config."""
+    data = json.loads((folder / "config.json").read_text())
+    data.pop("use_bidirectional_attention", None)
+    return unsupported_fields(from_hf(data)[0])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_checkpoint_matches_transformers_or_is_refused_by_field(saved_families, family):
+    folder, ref = saved_families(family)
+    unbuilt = _unbuilt(folder)
+    if unbuilt:  # the features the model lacks: a refusal naming each, never another model
+        with pytest.raises(ConfigError) as info:
+            P.load_checkpoint(folder)
+        assert isinstance(info.value, PretrainedError)
+        assert set(info.value.errors) == set(unbuilt)
+        message = str(info.value)
+        assert "\n" not in message and all(f in message for f in unbuilt)
+        return
+    loaded = P.load_checkpoint(folder)
+    cfg = loaded.config
+    assert loaded.kind == json.loads((folder / "config.json").read_text())["model_type"]
+    for length in (1, 13, cfg.max_len):
+        ids = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
+        ours = P.attention_probs(loaded, ids)
+        with torch.no_grad():
+            out = ref(input_ids=ids, output_attentions=True)
+            logits = loaded.model(ids)
+        theirs = torch.stack([a[0] for a in out.attentions]).numpy()
+        assert ours.shape == theirs.shape == (2, 4, length, length)
+        np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+        torch.testing.assert_close(logits, out.logits, atol=TOL, rtol=TOL)
