@@ -87,16 +87,31 @@ def cmd_params(args: argparse.Namespace) -> str:
         return json.dumps(report, indent=2)
     source = "built-in default (tiny preset)" if args.config is None else args.config
     rows = [("parameters", f"{report['total']:,}", f"({format_count(report['total'])})")]
+    if cfg.is_moe:  # a dense model's active count is its total
+        rows.append(("  active per token", f"{report['active']:,}",
+                     f"({format_count(report['active'])}: router + {cfg.experts_per_token} "
+                     f"of {cfg.n_experts} experts per layer; FLOPs use these)"))
     rows += [(f"  {name}", f"{count:,}", "") for name, count in report["components"].items()]
     flops = report["flops_per_token"]
-    rows += [("FLOPs/token, forward", format_count(flops["forward"]), ""),
-             ("FLOPs/token, training", format_count(flops["training"]), "")]
+    # PaLM's count (QKᵀ and A·V both) is the headline: MFU figures are quoted against it.
+    rows += [("FLOPs/token, forward (PaLM, headline)", format_count(flops["forward_palm"]),
+              "2·N + 4·L·s·a·d (N: the matmul weights a token uses)"),
+             ("FLOPs/token, training (PaLM, headline)", format_count(flops["training_palm"]),
+              "6·N + 12·L·s·a·d (QKᵀ and A·V counted)"),
+             ("  of which attention (PaLM)", format_count(flops["attention_palm"]), ""),
+             ("FLOPs/token, forward (Kaplan)", format_count(flops["forward"]),
+              "2·N + 2·L·s·a·d"),
+             ("FLOPs/token, training (Kaplan)", format_count(flops["training"]),
+              "6·N + 6·L·s·a·d (Kaplan et al. 2020)"),
+             ("  of which attention (Kaplan)", format_count(flops["attention"]), "")]
     mem = report["memory_bytes"]
     rows.append(("training memory", format_bytes(mem["total"]),
                  f"({cfg.dtype}, Adam, batch {cfg.batch_size} × {cfg.seq_len})"))
     rows += [(f"  {key}", format_bytes(mem[key]), "")
              for key in ("weights", "gradients", "optimizer", "activations")]
-    rows.append(("KV cache", format_bytes(mem["kv_cache"]), ""))
+    rows.append(("KV cache", format_bytes(mem["kv_cache"]),
+                 f"(inference, {cfg.dtype}, batch {cfg.batch_size} × {cfg.seq_len})"))
+    rows.append(("  per token", f"{mem['kv_cache_per_token']:,} B", ""))
     return f"config: {source}\n" + "\n".join(_table(rows))
 
 

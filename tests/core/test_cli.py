@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,34 @@ def test_params_json(capsys, tmp_path):
 def test_params_text(capsys):
     code, out, _ = run(capsys, "params")
     assert code == 0 and "parameters" in out and "KV cache" in out
+
+
+def test_params_text_has_both_flops_conventions_palm_headline_and_moe_active(capsys):
+    """Mixtral-8x7B's preset: PaLM's FLOPs (the headline) and Kaplan's, labelled, and the
+    parameters a token uses; a dense model has no active row (it would repeat the total)."""
+    from unitscale_core.presets import load_preset
+    from unitscale_core.sizing import flops_per_token, format_count
+
+    mixtral = str(Path(__file__).resolve().parents[2] / "resources/presets/mixtral-8x7b.json")
+    code, out, _ = run(capsys, "params", "--config", mixtral)
+    assert code == 0
+    rows = {line[:40].strip(): line[40:].split() for line in out.splitlines()[1:]}
+    assert rows["active per token"][0] == "12,879,925,248"
+    flops = flops_per_token(load_preset("mixtral-8x7b"))
+    for label, key in [("FLOPs/token, forward (PaLM, headline)", "forward_palm"),
+                       ("FLOPs/token, training (PaLM, headline)", "training_palm"),
+                       ("of which attention (PaLM)", "attention_palm"),
+                       ("FLOPs/token, forward (Kaplan)", "forward"),
+                       ("FLOPs/token, training (Kaplan)", "training"),
+                       ("of which attention (Kaplan)", "attention")]:
+        assert " ".join(rows[label][:2]) == format_count(flops[key]), label
+    assert flops["attention_palm"] == 2 * flops["attention"]
+    assert rows["per token"][0] == "262,144"  # 2 · 32 layers · 8 kv heads · 128 · 4 B (fp32)
+    code, out, _ = run(capsys, "params", "--config", mixtral, "--json")
+    data = json.loads(out)
+    assert data["active"] == 12_879_925_248 and data["flops_per_token"]["headline"] == "palm"
+    code, out, _ = run(capsys, "params")
+    assert code == 0 and "active per token" not in out and "(PaLM, headline)" in out
 
 
 @pytest.mark.parametrize(("content", "needle"), [
