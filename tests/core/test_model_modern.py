@@ -43,11 +43,8 @@ def scores_of(model, x) -> list[torch.Tensor]:
 # -- refused until built -------------------------------------------------------------------
 
 REFUSED = {
-    "norm_type": dict(norm_type="rmsnorm"),
-    "norm": dict(norm="sandwich"),
     "n_kv_heads": dict(n_kv_heads=2),
     "head_dim": dict(head_dim=16),
-    "qk_norm": dict(qk_norm="head"),
     "parallel_residual": dict(parallel_residual=True, parametrization="unit"),
     "activation": dict(activation="geglu"),
     "n_experts": dict(n_experts=4, experts_per_token=2),
@@ -62,11 +59,6 @@ def test_unbuilt_fields_are_refused_by_name(field):
         build_model(cfg)
     assert field in err.value.errors
     assert isinstance(err.value, ValueError)
-
-
-def test_branch_output_norm_refused_too():
-    with pytest.raises(ConfigError, match="branch_output"):
-        build_model(tiny(norm="branch_output"))
 
 
 def test_default_meaning_values_build():

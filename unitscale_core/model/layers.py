@@ -53,14 +53,56 @@ class Embedding(nn.Embedding):
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (gain 1, bias 0; bias only with ``cfg.bias``) through ``ops``."""
+    """``nn.LayerNorm`` over ``dim`` (default ``d_model``; gain 1, bias 0; bias only with
+    ``cfg.bias``; ε = 1e-5, torch's default) through ``ops``."""
 
-    def __init__(self, cfg: ModelConfig, ops: StandardOps):
-        super().__init__(cfg.d_model, bias=cfg.bias)
+    def __init__(self, cfg: ModelConfig, ops: StandardOps, dim: int | None = None):
+        super().__init__(cfg.d_model if dim is None else dim, bias=cfg.bias)
         self.ops = ops
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ops.layer_norm(x, self)
+
+
+#: RMSNorm's ε when a config does not say (ModelConfig has no ε field): Llama 2/3 checkpoints
+#: use 1e-5 or 1e-6, Gemma 1e-6, OLMo 2 1e-6; a checkpoint loader sets ``eps`` from its file.
+RMSNORM_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): ``y = x / √(mean(x²) + ε) · g`` over the last dim.
+
+    Gain ``g`` of size ``dim`` (initialised to 1), never a bias, no mean removal (Llama, Gemma,
+    OLMo 2). Computed by ``ops.rms_norm``: ``torch.nn.functional.rms_norm`` (standard) or
+    ``unit_scaling.functional.rms_norm`` (unit, u-μP), whose forward is the same — an RMSNorm
+    output already has RMS 1 at gain 1, whatever its input's scale, so nothing needs scaling —
+    and whose gain gradient (a sum over the b positions) is scaled by ``b^-½``.
+    """
+
+    def __init__(self, dim: int, ops: StandardOps, eps: float = RMSNORM_EPS):
+        super().__init__()
+        self.ops = ops
+        self.normalized_shape = (dim,)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ops.rms_norm(x, self)
+
+
+#: Every norm module class (what measurement records and u-μP tags as ``norm``).
+NORM_CLASSES = (LayerNorm, RMSNorm)
+
+
+def make_norm(cfg: ModelConfig, ops: StandardOps, dim: int | None = None) -> nn.Module:
+    """The config's norm (``cfg.norm_type``) over ``dim`` features (default ``d_model``):
+    :class:`LayerNorm` (with a bias when ``cfg.bias``) or :class:`RMSNorm` (gain only)."""
+    if cfg.norm_type == "rmsnorm":
+        return RMSNorm(cfg.d_model if dim is None else dim, ops)
+    return LayerNorm(cfg, ops, dim)
 
 
 @dataclass
@@ -119,6 +161,14 @@ class Attention(nn.Module):
         self.q = Linear(c, c, cfg.bias, ops)
         self.k = Linear(c, c, cfg.bias, ops)
         self.v = Linear(c, c, cfg.bias, ops)
+        #: QK-norm (``cfg.norm_type``) after the projections, before rope: "head" over each
+        #: head's D dims with one gain of size D shared by the heads (Qwen 3, Gemma 3);
+        #: "all_heads" over the whole projection, gains H·D and H_kv·D (OLMo 2)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            head = cfg.qk_norm == "head"
+            self.q_norm = make_norm(cfg, ops, cfg.head_size if head else cfg.attn_width)
+            self.k_norm = make_norm(cfg, ops, cfg.head_size if head else cfg.kv_width)
         self.scores = Tap()
         self.probs_tap = Tap()
         self.context = Tap()
@@ -142,7 +192,12 @@ class Attention(nn.Module):
                 key_padding_mask: Tensor | None = None) -> Tensor:
         ops = self.ops
         src = x if memory is None else memory
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(src)), self._heads(self.v(src))
+        q, k, v = self.q(x), self.k(src), self.v(src)
+        if self.qk_norm == "all_heads":  # (B, T, H·D) and (B, S, H_kv·D) as a whole
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.qk_norm == "head":  # each head's D dims, one gain shared by the heads
+            q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         q, k, v = ops.attention_in(q, k, v, ctx.causal)
@@ -199,8 +254,24 @@ class FeedForward(nn.Module):
 class EncoderLayer(nn.Module):
     """Self-attention then feed-forward, each in a τ-weighted residual branch.
 
-    pre-norm: ``x ← add(f(norm(x)), x)``; post-norm: ``x ← norm(add(f(x), x))`` (Vaswani et
-    al. 2017), where ``add`` is the parametrization's residual add (τ-weighted when unit-scaled).
+    Norm placements (``cfg.norm``; each norm is ``make_norm``'s, per ``cfg.norm_type``):
+
+    * pre: ``x ← add(f(norm(x)), x)`` (GPT-2, Llama);
+    * post: ``x ← norm(add(f(x), x))`` (Vaswani et al. 2017, BERT);
+    * sandwich: ``x ← add(out_norm(f(norm(x))), x)`` (Gemma 2);
+    * branch_output: ``x ← add(out_norm(f(x)), x)`` (OLMo 2; no input norm: ``norm1``,
+      ``norm2`` are absent),
+
+    where ``add`` is the parametrization's residual add (τ-weighted when unit-scaled) and
+    ``norm``/``out_norm`` are ``norm1``/``attn_out_norm`` for attention and ``norm2``/
+    ``ffn_out_norm`` for the feed-forward. Under unit and u-μP the split/add is the pre-norm
+    one for sandwich and branch_output too: ``residual_add`` assumes a unit-scaled branch, and
+    an output norm (gain 1) makes the branch exactly unit-RMS whatever ``f``'s own scale, so
+    the τ-weighted sum keeps the stream at the scale the depth rule plans for; the branch's
+    gradient passes the output norm's backward, which is scale-free (``∂(x/rms(x))`` is
+    ``1/rms(x)`` times a projection), so the split's backward scale still applies. For
+    branch_output the sub-block reads the raw stream, which the τ-weighted adds keep near
+    unit RMS (standard lets it grow, as OLMo 2 does).
     Tap ``after_attn`` is the residual stream between the two sub-blocks.
     """
 
@@ -208,24 +279,36 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.ops = ops
         self.taus = taus
-        self.pre_norm = cfg.norm == "pre"
+        #: "pre", "post", "sandwich" or "branch_output"
+        self.placement = cfg.norm
+        self.pre_norm = cfg.norm in ("pre", "sandwich")  # a norm on the sub-block's input
         #: GPT-NeoX's parallel block (standard parametrization only, so far)
         self.parallel = cfg.parallel_residual
         self.dropout = cfg.dropout
-        self.norm1 = LayerNorm(cfg, ops)
+        out_norms = cfg.norm in ("sandwich", "branch_output")
+        in_norms = cfg.norm != "branch_output"
+        self.norm1 = make_norm(cfg, ops) if in_norms else None
         self.attn = Attention(cfg, ops)
+        self.attn_out_norm = make_norm(cfg, ops) if out_norms else None
         self.after_attn = Tap()
-        self.norm2 = LayerNorm(cfg, ops)
+        self.norm2 = make_norm(cfg, ops) if in_norms else None
         self.ffn = FeedForward(cfg, ops)
+        self.ffn_out_norm = make_norm(cfg, ops) if out_norms else None
 
-    def _residual(self, x: Tensor, norm: nn.Module, branch: Callable[[Tensor], Tensor],
-                  tau: float) -> Tensor:
+    def _residual(self, x: Tensor, norm: nn.Module | None, branch: Callable[[Tensor], Tensor],
+                  tau: float, out_norm: nn.Module | None = None) -> Tensor:
+        """One sub-block ``branch`` with its norms (class docstring): ``norm`` before it
+        (pre, sandwich) or after the add (post), ``out_norm`` on its output (sandwich,
+        branch_output)."""
         ops = self.ops
         res, skip = ops.residual_split(x, tau)
         if self.pre_norm:
             res = norm(res)
-        y = ops.residual_add(ops.dropout(branch(res), self.dropout, self.training), skip, tau)
-        return y if self.pre_norm else norm(y)
+        h = branch(res)
+        if out_norm is not None:
+            h = out_norm(h)
+        y = ops.residual_add(ops.dropout(h, self.dropout, self.training), skip, tau)
+        return norm(y) if self.placement == "post" else y
 
     def forward(self, x: Tensor, ctx: PositionContext,
                 key_padding_mask: Tensor | None = None) -> Tensor:
@@ -236,21 +319,26 @@ class EncoderLayer(nn.Module):
             f = ops.dropout(self.ffn(self.norm2(x)), p, self.training)
             return ops.residual_add(f, ops.residual_add(a, x, self.taus[0]), self.taus[1])
         x = self._residual(x, self.norm1, lambda h: self.attn(h, ctx, None, key_padding_mask),
-                           self.taus[0])
-        return self._residual(self.after_attn(x), self.norm2, self.ffn, self.taus[1])
+                           self.taus[0], self.attn_out_norm)
+        return self._residual(self.after_attn(x), self.norm2, self.ffn, self.taus[1],
+                              self.ffn_out_norm)
 
 
 class DecoderLayer(EncoderLayer):
     """Masked self-attention, cross-attention over ``memory``, then feed-forward.
 
     ``taus`` = (self-attention, cross-attention, feed-forward); tap ``after_cross``.
+    Cross-attention's norms follow the same placement: ``cross_norm`` (absent for
+    branch_output) and ``cross_out_norm`` (sandwich, branch_output).
     """
 
     def __init__(self, cfg: ModelConfig, ops: StandardOps, taus: tuple[float, ...]):
         super().__init__(cfg, ops, (taus[0], taus[2]))
         self.cross_tau = taus[1]
-        self.cross_norm = LayerNorm(cfg, ops)
+        self.cross_norm = make_norm(cfg, ops) if cfg.norm != "branch_output" else None
         self.cross_attn = Attention(cfg, ops)
+        self.cross_out_norm = (make_norm(cfg, ops) if cfg.norm in ("sandwich", "branch_output")
+                               else None)
         self.after_cross = Tap()
 
     def forward(self, x: Tensor, ctx: PositionContext, memory: Tensor | None = None,
@@ -258,7 +346,10 @@ class DecoderLayer(EncoderLayer):
                 tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None) -> Tensor:
         x = self._residual(x, self.norm1,
-                           lambda h: self.attn(h, ctx, None, tgt_key_padding_mask), self.taus[0])
+                           lambda h: self.attn(h, ctx, None, tgt_key_padding_mask), self.taus[0],
+                           self.attn_out_norm)
         x = self._residual(self.after_attn(x), self.cross_norm, lambda h: self.cross_attn(
-            h, cross_ctx or PositionContext(), memory, memory_key_padding_mask), self.cross_tau)
-        return self._residual(self.after_cross(x), self.norm2, self.ffn, self.taus[1])
+            h, cross_ctx or PositionContext(), memory, memory_key_padding_mask), self.cross_tau,
+            self.cross_out_norm)
+        return self._residual(self.after_cross(x), self.norm2, self.ffn, self.taus[1],
+                              self.ffn_out_norm)

@@ -93,6 +93,11 @@ class StandardOps:
         """``(x − μ)/√(σ² + ε) · γ + β``."""
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
+    def rms_norm(self, x: Tensor, norm: torch.nn.Module) -> Tensor:
+        """``x / √(mean(x²) + ε) · g`` over the last dim (Zhang & Sennrich 2019): no mean
+        removal, no bias (``torch.nn.functional.rms_norm``)."""
+        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
     def activation(self, x: Tensor, kind: str) -> Tensor:
         """GELU (exact erf form) or ReLU."""
         return F.gelu(x) if kind == "gelu" else F.relu(x)
@@ -177,6 +182,12 @@ class UnitOps(StandardOps):
     def layer_norm(self, x: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
         """``unit_scaling.functional.layer_norm``: gain/bias gradients scaled by ``b^-½``."""
         return U.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+    def rms_norm(self, x: Tensor, norm: torch.nn.Module) -> Tensor:
+        """``unit_scaling.functional.rms_norm``: the forward is the plain RMSNorm (its output
+        already has RMS ≈ 1 at gain 1, whatever the input's scale), the gain's gradient is
+        scaled by ``b^-½`` (b = positions it is summed over), as ``layer_norm``'s."""
+        return U.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
 
     def activation(self, x: Tensor, kind: str) -> Tensor:
         """``unit_scaling.functional.gelu``; ReLU (absent from the library) scaled by √2 both

@@ -1,8 +1,9 @@
 """Encoder, decoder and encoder-decoder Transformers built from a ModelConfig.
 
 Structured as the seed document's §5.1 classes: an ``Encoder`` is a stack of layers then a
-final LayerNorm, ``forward(src, mask, src_key_padding_mask)``; a ``Decoder`` takes ``memory``
-and does cross-attention, ``forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+final norm (LayerNorm or RMSNorm, ``cfg.norm_type``; present for every ``cfg.norm``),
+``forward(src, mask, src_key_padding_mask)``; a ``Decoder`` takes ``memory`` and does
+cross-attention, ``forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
 memory_key_padding_mask)``. Masks follow PyTorch's convention: bool, True = *not* allowed.
 
 Module names are the tensor names the rest of the program uses: ``layers.{i}.attn.q`` in a
@@ -21,10 +22,10 @@ from .layers import (
     DecoderLayer,
     Embedding,
     EncoderLayer,
-    LayerNorm,
     Linear,
     PositionContext,
     Tap,
+    make_norm,
     softcap,
 )
 from .masks import allowed
@@ -110,7 +111,7 @@ def _stack_taus(ops: StandardOps, n_layers: int, per_layer: list[str]) -> list[t
 
 
 class Encoder(nn.Module):
-    """A stack of encoder layers then a final LayerNorm (the seed's §5.1.1 ``Encoder``).
+    """A stack of encoder layers then a final norm (the seed's §5.1.1 ``Encoder``).
 
     Tap ``embed``: token embeddings plus absolute positions, the residual stream's start.
     """
@@ -123,7 +124,7 @@ class Encoder(nn.Module):
         self.embed = Tap()
         taus = _stack_taus(ops, n_layers, ["attn", "mlp"])
         self.layers = nn.ModuleList([EncoderLayer(cfg, ops, taus[i]) for i in range(n_layers)])
-        self.norm = LayerNorm(cfg, ops)
+        self.norm = make_norm(cfg, ops)
 
     def forward(self, src: Tensor, mask: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None) -> Tensor:
@@ -136,7 +137,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Causal self-attention + cross-attention layers, then a final LayerNorm (§5.1.2)."""
+    """Causal self-attention + cross-attention layers, then a final norm (§5.1.2)."""
 
     def __init__(self, cfg: ModelConfig, n_layers: int, ops: StandardOps):
         super().__init__()
@@ -144,7 +145,7 @@ class Decoder(nn.Module):
         self.embed = Tap()
         taus = _stack_taus(ops, n_layers, ["attn", "attn", "mlp"])
         self.layers = nn.ModuleList([DecoderLayer(cfg, ops, taus[i]) for i in range(n_layers)])
-        self.norm = LayerNorm(cfg, ops)
+        self.norm = make_norm(cfg, ops)
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
                 memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
@@ -266,23 +267,19 @@ def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
     the reason; empty when the model computes everything ``cfg`` asks for.
 
     Implemented: ``rope_base``, ``rotary_fraction`` (partial rotary), ``attn_softcap``,
-    ``logit_softcap``, ``parallel_residual`` (standard parametrization, encoder or decoder);
-    values equal to the defaults' meaning (``n_kv_heads = n_heads``,
-    ``head_dim = d_model / n_heads``, ``qkv_bias = bias``, ``experts_per_token`` with one
-    expert) are accepted as the same model.
+    ``logit_softcap``, ``parallel_residual`` (standard parametrization, encoder or decoder),
+    ``norm_type`` (RMSNorm), ``norm`` sandwich / branch_output and ``qk_norm`` (head /
+    all_heads), all three under every parametrization and architecture
+    (``layers.EncoderLayer``, ``layers.RMSNorm``); values equal to the defaults' meaning
+    (``n_kv_heads = n_heads``, ``head_dim = d_model / n_heads``, ``qkv_bias = bias``,
+    ``experts_per_token`` with one expert) are accepted as the same model.
     """
     todo = "is not built by the torch model yet"
     out: dict[str, str] = {}
-    if cfg.norm_type != "layernorm":
-        out["norm_type"] = f"norm_type={cfg.norm_type!r} {todo}"
-    if cfg.norm not in ("pre", "post"):
-        out["norm"] = f"norm={cfg.norm!r} {todo}"
     if cfg.kv_heads != cfg.n_heads:
         out["n_kv_heads"] = f"n_kv_heads={cfg.n_kv_heads} (grouped-query attention) {todo}"
     if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.d_model:
         out["head_dim"] = (f"head_dim={cfg.head_dim} (n_heads × head_dim ≠ d_model) {todo}")
-    if cfg.qk_norm != "none":
-        out["qk_norm"] = f"qk_norm={cfg.qk_norm!r} {todo}"
     if cfg.parallel_residual and (cfg.parametrization != "standard"
                                   or cfg.architecture == "encoder-decoder"):
         out["parallel_residual"] = (f"parallel_residual=true with parametrization="
