@@ -43,12 +43,9 @@ def scores_of(model, x) -> list[torch.Tensor]:
 # -- refused until built -------------------------------------------------------------------
 
 REFUSED = {
-    "n_kv_heads": dict(n_kv_heads=2),
-    "head_dim": dict(head_dim=16),
     "parallel_residual": dict(parallel_residual=True, parametrization="unit"),
     "activation": dict(activation="geglu"),
     "n_experts": dict(n_experts=4, experts_per_token=2),
-    "qkv_bias": dict(bias=False, qkv_bias=True),
 }
 
 

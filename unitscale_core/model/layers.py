@@ -147,10 +147,17 @@ def softcap(z: Tensor, cap: float | None) -> Tensor:
 class Attention(nn.Module):
     """Multi-head attention: ``softmax(QKᵀ·m + bias + mask) V``, then an output projection.
 
-    ``m = 1/√D`` (standard, unit) or ``1/D`` (u-μP). Self-attention when ``memory`` is None,
-    cross-attention otherwise (keys and values from ``memory``). When ``capture`` is set, the
-    probabilities ``(B, H, T, S)`` are kept in ``self.probs`` without changing the output.
-    Taps: ``scores`` (logits before masking), ``probs``, ``context`` (``P V``, heads merged).
+    ``m = 1/√D`` (standard, unit) or ``1/D`` (u-μP), ``D = cfg.head_size`` (``head_dim``, or
+    ``d_model / n_heads``). Projections ``q: C → H·D``, ``k, v: C → H_kv·D`` (biases per
+    ``cfg.has_qkv_bias``), ``o: H·D → C`` (bias per ``cfg.bias``). Grouped-query attention
+    (Ainslie et al. 2023; MQA for ``H_kv = 1``): each of the ``H_kv`` key/value heads serves
+    its group of ``g = H / H_kv`` consecutive query heads (query head ``h`` reads kv head
+    ``h // g``, HF's ``repeat_kv``), repeated by ``ops.repeat_kv`` (see there for the unit
+    scaling of the repeat). Self-attention when ``memory`` is None, cross-attention otherwise
+    (keys and values from ``memory``). When ``capture`` is set, the probabilities
+    ``(B, H, T, S)`` — one map per query head — are kept in ``self.probs`` without changing
+    the output. Taps: ``scores`` (logits before masking), ``probs``, ``context`` (``P V``,
+    heads merged).
     """
 
     def __init__(self, cfg: ModelConfig, ops: StandardOps):
@@ -158,9 +165,12 @@ class Attention(nn.Module):
         c = cfg.d_model
         self.ops = ops
         self.n_heads = cfg.n_heads
-        self.q = Linear(c, c, cfg.bias, ops)
-        self.k = Linear(c, c, cfg.bias, ops)
-        self.v = Linear(c, c, cfg.bias, ops)
+        #: key/value heads (GQA: fewer than n_heads; MQA: 1) and the head size D
+        self.kv_heads = cfg.kv_heads
+        self.head_size = cfg.head_size
+        self.q = Linear(c, cfg.attn_width, cfg.has_qkv_bias, ops)
+        self.k = Linear(c, cfg.kv_width, cfg.has_qkv_bias, ops)
+        self.v = Linear(c, cfg.kv_width, cfg.has_qkv_bias, ops)
         #: QK-norm (``cfg.norm_type``) after the projections, before rope: "head" over each
         #: head's D dims with one gain of size D shared by the heads (Qwen 3, Gemma 3);
         #: "all_heads" over the whole projection, gains H·D and H_kv·D (OLMo 2)
@@ -172,7 +182,7 @@ class Attention(nn.Module):
         self.scores = Tap()
         self.probs_tap = Tap()
         self.context = Tap()
-        self.o = Linear(c, c, cfg.bias, ops)
+        self.o = Linear(cfg.attn_width, c, cfg.bias, ops)
         self.dropout = cfg.dropout
         self.softcap = cfg.attn_softcap
         self.capture = False
@@ -185,8 +195,9 @@ class Attention(nn.Module):
         self.probs_out: Tensor | None = None
 
     def _heads(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
-        return x.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)  # (B, H, T, D)
+        """``(B, T, heads·D) → (B, heads, T, D)`` for the query or the key/value heads."""
+        b, t, width = x.shape
+        return x.view(b, t, width // self.head_size, self.head_size).transpose(1, 2)
 
     def forward(self, x: Tensor, ctx: PositionContext, memory: Tensor | None = None,
                 key_padding_mask: Tensor | None = None) -> Tensor:
@@ -200,6 +211,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if self.kv_heads != self.n_heads:  # GQA/MQA: (B, H_kv, S, D) → (B, H, S, D)
+            group = self.n_heads // self.kv_heads
+            k, v = ops.repeat_kv(k, group), ops.repeat_kv(v, group)
         q, k, v = ops.attention_in(q, k, v, ctx.causal)
         # the soft cap acts on the scaled logits, before any bias or mask (Gemma 2)
         scores = self.scores(softcap(ops.scores(q, k), self.softcap))  # (B, H, T, S)

@@ -126,6 +126,13 @@ class StandardOps:
         """``P V``."""
         return self.q(probs) @ self.q(v)
 
+    def repeat_kv(self, x: Tensor, group: int) -> Tensor:
+        """Grouped-query attention's repeat ``(B, H_kv, S, D) → (B, H_kv·g, S, D)``: kv head
+        ``j`` becomes query heads ``j·g … j·g + g − 1`` (HF's ``repeat_kv``). Its backward
+        sums the ``g`` query heads' gradients into the shared key/value head."""
+        b, h, s, d = x.shape
+        return x[:, :, None].expand(b, h, group, s, d).reshape(b, h * group, s, d)
+
     def attention_in(self, q: Tensor, k: Tensor, v: Tensor, causal: bool):
         """Scale Q, K, V's gradients before attention (u-μP's attention model)."""
         return q, k, v
@@ -203,6 +210,29 @@ class UnitOps(StandardOps):
 
     def dropout(self, x: Tensor, p: float, training: bool) -> Tensor:
         return U.dropout(x, p, training)
+
+    def repeat_kv(self, x: Tensor, group: int) -> Tensor:
+        """The GQA repeat as a unit-scaled broadcast: forward scale 1 (a copy), grad-input
+        scale ``g^-½`` (its backward sums the gradients of ``g`` query heads, which are
+        uncorrelated — each head has its own queries — so the sum's RMS is ``√g`` times one
+        head's). This is ``unit_scaling.functional.add``'s rule for a broadcast input
+        (grad scale ``broadcast_size^-½``), constrained like every non-cut edge
+        (``apply_constraint``): ``unit`` (gmean) scales both ways by ``g^-¼``, which with the
+        k/v projection's own gmean (``(C·H_kv·D)^-¼``) makes projection + repeat scale
+        exactly as the multi-head projection ``C → H·D`` does (``(C·H·D)^-¼``): forward and
+        the input gradient unit as without GQA; ``umup`` (``to_output_scale``) keeps the copy
+        exact, so the attention's input is the same as in multi-head attention and the
+        shared head's gradient is ``√g`` larger (the forward-first choice u-μP makes for
+        every constrained op). Measured (d 256, 8 heads, T 64, 2 layers, 4 seeds; layer 0,
+        H_kv = 8/4/2/1): unit logits RMS 1.00/1.00/1.00/0.99, the attention input's gradient
+        1.76/1.83/1.97/1.78; without the ``g^-¼`` the logits grow as ``g^¼`` (1.19, 1.41, 1.67:
+        the softmax temperature would change with H_kv) and that gradient to 3.17 at MQA.
+        u-μP: the input gradient 1.24/1.22/1.32/1.21 with the exact copy, the shared v
+        gradient 1.22/1.70/2.57/3.41 (``√g``). Tests: ``tests/core/test_model_attention_ffn.py``
+        (GQA equals multi-head attention with the k/v heads' weights repeated, logits and
+        gradients, in every parametrization)."""
+        out_s, grad_s = apply_constraint(self.constraint, 1.0, group ** -0.5)
+        return scale_fwd(super().repeat_kv(scale_bwd(x, grad_s), group), out_s)
 
     def scores(self, q: Tensor, k: Tensor) -> Tensor:
         """``unit_scaling.functional.matmul`` with the forward scale kept (``d_head^-½``, the

@@ -268,18 +268,15 @@ def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
 
     Implemented: ``rope_base``, ``rotary_fraction`` (partial rotary), ``attn_softcap``,
     ``logit_softcap``, ``parallel_residual`` (standard parametrization, encoder or decoder),
-    ``norm_type`` (RMSNorm), ``norm`` sandwich / branch_output and ``qk_norm`` (head /
-    all_heads), all three under every parametrization and architecture
-    (``layers.EncoderLayer``, ``layers.RMSNorm``); values equal to the defaults' meaning
-    (``n_kv_heads = n_heads``, ``head_dim = d_model / n_heads``, ``qkv_bias = bias``,
-    ``experts_per_token`` with one expert) are accepted as the same model.
+    ``n_kv_heads`` (GQA/MQA), ``head_dim`` (``n_heads × head_dim`` need not be ``d_model``),
+    ``qkv_bias`` (q/k/v biases apart from ``bias``), ``norm_type`` (RMSNorm), ``norm``
+    sandwich / branch_output and ``qk_norm`` (head / all_heads), all three under every
+    parametrization and architecture (``layers.EncoderLayer``, ``layers.RMSNorm``);
+    values equal to the defaults' meaning
+    (``experts_per_token`` with one expert) are accepted as the same model.
     """
     todo = "is not built by the torch model yet"
     out: dict[str, str] = {}
-    if cfg.kv_heads != cfg.n_heads:
-        out["n_kv_heads"] = f"n_kv_heads={cfg.n_kv_heads} (grouped-query attention) {todo}"
-    if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.d_model:
-        out["head_dim"] = (f"head_dim={cfg.head_dim} (n_heads × head_dim ≠ d_model) {todo}")
     if cfg.parallel_residual and (cfg.parametrization != "standard"
                                   or cfg.architecture == "encoder-decoder"):
         out["parallel_residual"] = (f"parallel_residual=true with parametrization="
@@ -289,8 +286,6 @@ def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
         out["activation"] = f"activation='geglu' {todo}"
     if cfg.n_experts > 1:
         out["n_experts"] = f"n_experts={cfg.n_experts} (mixture of experts) {todo}"
-    if cfg.has_qkv_bias != cfg.bias:
-        out["qkv_bias"] = f"qkv_bias={cfg.qkv_bias} differing from bias={cfg.bias} {todo}"
     return out
 
 

