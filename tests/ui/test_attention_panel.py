@@ -377,8 +377,6 @@ def test_closing_the_views_after_fitting_is_safe(qtbot):
     assert grid.closed and heat.view.closed
 
 
-@pytest.mark.xfail(strict=True, reason="GQA (n_kv_heads) is not built by the torch model yet "
-                   "(issue 21): build_model refuses it by name; strict, so this fails once built")
 def test_gqa_heads_are_labelled_with_their_kv_group(qtbot, make_panel):
     panel = make_panel(ModelConfig(**SMALL, n_kv_heads=2))
     panel.select(1, 3)
