@@ -369,3 +369,43 @@ def _recorded():
     from unitscale_core import measure as m
 
     return m.RECORDED
+
+
+@pytest.mark.parametrize("norm_type", ("layernorm", "rmsnorm"))
+def test_umup_tags_every_norm_gain_as_norm(norm_type):
+    """u-μP's optimiser scales a norm gain's learning rate as a ``norm`` parameter, not as a
+    weight matrix: every gain of the new norms (output norms, QK-norms) is tagged so."""
+    from unitscale_core.training import mup_tags
+
+    cfg = tiny(norm="sandwich", norm_type=norm_type, qk_norm="all_heads", parametrization="umup")
+    model = build_model(cfg)
+    gains = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, NORM_CLASSES)}
+    assert {"layers.0.attn_out_norm.weight", "layers.0.attn.q_norm.weight",
+            "norm.weight"} <= gains
+    tags = mup_tags(cfg, model)
+    wrong = {g for g in gains if tags[g][0] != "norm"}
+    if wrong and norm_type == "rmsnorm" and RMSNorm not in _mup_norm_classes(model, tags):
+        pytest.xfail("training.mup_tags tags only LayerNorm gains as norm yet (H2b)")
+    assert not wrong, wrong
+
+
+def _mup_norm_classes(model, tags) -> set[type]:
+    return {type(m) for n, m in model.named_modules()
+            if f"{n}.weight" in tags and tags[f"{n}.weight"][0] == "norm"}
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_rmsnorm_sandwich_qk_norm_model_learns(param):
+    """A few optimiser steps on one batch lower the loss under each parametrization (the new
+    modules are trained, not only built)."""
+    cfg = tiny(norm="sandwich", norm_type="rmsnorm", qk_norm="head", parametrization=param)
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(15):
+        opt.zero_grad()
+        loss = run(model, cfg)
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    assert run(model, cfg).item() < first - 0.3
