@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .memory_budget import Budget, check_budget
 from .model import build_model
-from .model.layers import Embedding, EncoderLayer, LayerNorm, Linear, Tap
+from .model.layers import NORM_CLASSES, Embedding, EncoderLayer, Linear, Tap
 from .scaling.formats import FORMATS
 from .tensors import AGREEMENT_LOG2, REPORTED_FORMATS, TensorRow, headroom_log2
 
 log = logging.getLogger(__name__)
 
-RECORDED = (Tap, Linear, Embedding, LayerNorm, EncoderLayer)
+RECORDED = (Tap, Linear, Embedding, *NORM_CLASSES, EncoderLayer)
 #: Built models kept for reuse (key: everything that decides the weights, and the device).
 MODEL_CACHE_SIZE = 2
 _models: OrderedDict[tuple, nn.Module] = OrderedDict()

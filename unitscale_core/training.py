@@ -90,7 +90,7 @@ from .atomic import FileProblem, atomic_open, read_regular_file
 from .config import DTYPES, PARAMETRIZATIONS, ConfigError, ModelConfig, from_dict
 from .measure import record_tensors
 from .model import build_model
-from .model.layers import LayerNorm
+from .model.layers import NORM_CLASSES
 from .scaling.formats import FORMATS
 from .tasks import TASKS, Batch, batch_rng, make_batch, probe, required_vocab, toy_length
 from .tensors import KINDS
@@ -336,14 +336,15 @@ def mup_tags(config: ModelConfig, model: nn.Module) -> dict[str, tuple[str, int 
     """``name → (mup_type, mup_scaling_depth)`` for every parameter, as ``unit_scaling``'s own
     modules tag theirs (``unit_scaling._modules``):
 
-    * LayerNorm gains → ``norm``, every bias → ``bias``, the untied output head → ``output``;
-      T5 relative-position biases (an additive logit bias per head) → ``bias``;
+    * LayerNorm and RMSNorm gains (QK-norms too) → ``norm``, every bias → ``bias``, the
+      untied output head → ``output``; T5 relative-position biases (an additive logit bias
+      per head) → ``bias``;
     * everything else (linear weights, token and learned position tables, a tied
       embedding/head) → ``weight``;
     * depth: the number of layers of the stack a parameter sits in (``layers.*``,
       ``encoder.layers.*``, ``decoder.layers.*``), as ``DepthSequential`` sets it; None outside.
     """
-    norms = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LayerNorm)}
+    norms = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, NORM_CLASSES)}
     tags: dict[str, tuple[str, int | None]] = {}
     for name, _ in model.named_parameters():
         if name.endswith(".bias") or "rel_bias" in name:
