@@ -90,6 +90,19 @@ ROWS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
 )
 
 
+def _cell(text: str, tooltip: str, right: bool = False,
+          export: int | None = None) -> QTableWidgetItem:
+    """One table cell: ``text`` with the row's formula as tooltip; numbers right-aligned;
+    ``export`` is the value CSV export writes instead of the text."""
+    item = QTableWidgetItem(text)
+    item.setToolTip(tooltip)
+    if right:
+        item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+    if export is not None:
+        item.setData(EXPORT_ROLE, export)
+    return item
+
+
 class SizesPanel(QWidget):
     """A read-only table of :func:`unitscale_core.sizing.size_report`."""
 
@@ -119,10 +132,8 @@ class SizesPanel(QWidget):
         header.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
         self.table.setWordWrap(False)
         for row, (_, label, _, formula) in enumerate(ROWS):
-            for col, text in ((0, label), (3, formula)):
-                item = QTableWidgetItem(text)
-                item.setToolTip(formula)
-                self.table.setItem(row, col, item)
+            self.table.setItem(row, 0, _cell(label, formula))
+            self.table.setItem(row, 3, _cell(formula, formula))
         layout.addWidget(self.table, 1)
         attach_context_menu(self.table, self, self.export_items)
         self.report: dict = {}
@@ -151,13 +162,10 @@ class SizesPanel(QWidget):
             for key in path:
                 value = value[key]
             shown = format_bytes(value) if kind == "bytes" else format_count(value)
-            for col, text in ((1, shown), (2, f"{value:,}")):
-                item = QTableWidgetItem(text)
-                item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                item.setToolTip(formula)
-                if col == 2:  # CSV gets the integer, not "1,234"
-                    item.setData(EXPORT_ROLE, int(value))
-                self.table.setItem(row, col, item)
+            self.table.setItem(row, 1, _cell(shown, formula, right=True))
+            # CSV gets the integer, not "1,234"
+            self.table.setItem(row, 2, _cell(f"{value:,}", formula, right=True,
+                                             export=int(value)))
 
     # -- export --------------------------------------------------------------------------------
     def table_data(self) -> TableData:
