@@ -141,6 +141,7 @@ class MainWindow(QMainWindow):
         self._imported: Path | None = None
         self.import_warnings: list[str] = []  # what the last import does not compute faithfully
         self.import_box: QMessageBox | None = None  # the dialog listing them
+        self._import_notice = ""  # the notice line that names them, while shown
         self._clean = ModelConfig()  # that file's config (untitled: the defaults)
         self._recent: list[str] = []
         self.problems: list[str] = []  # what could not be restored, for the notice
@@ -307,6 +308,7 @@ class MainWindow(QMainWindow):
         self._path = self._imported = None
         self._clean = ModelConfig()
         self.set_config(ModelConfig())
+        self._announce_import([])
         self._update_title()
         return True
 
@@ -428,6 +430,9 @@ class MainWindow(QMainWindow):
         if self.import_box is not None:
             self.import_box.close()
             self.import_box = None
+        if self._import_notice and self.notice.text() == self._import_notice:
+            self.notice.clear()  # the previous import's line would name the wrong config
+        self._import_notice = ""
         if self.imported_from() is None:
             return
         name = _import_name(self._imported)
@@ -439,6 +444,7 @@ class MainWindow(QMainWindow):
         self.notify(f"Imported {name} with {count} not computed as the checkpoint's model "
                     f"does: {warnings[0]}" + (" (…)" if len(warnings) > 1 else ""))
         self.notice.setToolTip("\n".join(warnings))
+        self._import_notice = self.notice.text()
         box = QMessageBox(QMessageBox.Icon.Warning, "Imported with warnings",
                           f"{name} was imported. The program does not compute {count} as "
                           "the checkpoint's model does:", QMessageBox.StandardButton.Ok, self)

@@ -220,6 +220,11 @@ def test_opening_a_hf_config_json_imports_it_untitled_and_lists_its_warnings(win
     assert window.open_config(own)
     assert window.path == own.resolve() and window.imported_from() is None
     assert window.import_box is None and window.import_warnings == []
+    assert window.notice.text() == ""  # the import's line named the wrong config by then
+    assert window.open_config(hf_folder)  # File → New after an import: the same
+    assert warnings[0] in window.notice.text()
+    assert window.new_config()
+    assert window.notice.text() == "" and window.import_box is None
 
 
 def test_hf_folder_menu_entry_imports_and_save_never_overwrites_config_json(
