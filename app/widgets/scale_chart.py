@@ -23,7 +23,7 @@ import pyqtgraph as pg
 from pyqtgraph.graphicsItems.LegendItem import ItemSample
 from pyqtgraph.graphicsItems.ScatterPlotItem import drawSymbol
 from PySide6.QtCore import QCoreApplication, QPointF, QRectF, Qt, Signal
-from PySide6.QtGui import QColor, QImage, QPaintEngine, QPainter, QPixmap
+from PySide6.QtGui import QColor, QFont, QFontMetricsF, QImage, QPaintEngine, QPainter, QPixmap
 from PySide6.QtWidgets import QGraphicsView, QVBoxLayout, QWidget
 
 from unitscale_core.scaling.collapse import Collapse
@@ -52,6 +52,9 @@ EXPORT_MAX_ROWS = 400
 EXPORT_ROW_PX = 20  # ≥ NameAxis.LABEL_PX: every row named
 EXPORT_MARGIN_PX = 150  # the title, the x axis and the legend
 EXPORT_MIN_WIDTH = 900
+EXPORT_TITLE_PT = 10
+#: The title row's room beside the text: pyqtgraph's own title row is 30 px for one line.
+EXPORT_TITLE_PAD_PX = 12
 
 
 def _log2(x: float) -> float:
@@ -464,15 +467,31 @@ class ScaleChart(QWidget):
             y0, y1 = self.plot.getViewBox().viewRange()[1]
             lo, hi = max(0, math.ceil(y0)), min(n - 1, math.floor(y1))
             title += f" — rows {lo + 1}–{hi + 1} of {n}, as in the view"
-        chart.plot.setTitle(title, color="k", size="10pt")
+        width = max(self.width(), EXPORT_MIN_WIDTH)
+        font = QFont(chart.font())
+        font.setPointSize(EXPORT_TITLE_PT)
+        lines = wrap_title(title, QFontMetricsF(font), width - 4 * EXPORT_TITLE_PAD_PX)
+        # one line of the file's title per row of text: a single line ran past the image's
+        # edge (at 900 px the format and "range shaded" were cut off)
+        chart.plot.setTitle("<br>".join(map(_html_escape, lines)), color="k",
+                            size=f"{EXPORT_TITLE_PT}pt")
+        extra = math.ceil(QFontMetricsF(font).lineSpacing() * len(lines)) + EXPORT_TITLE_PAD_PX
+        title_px = max(30, extra)
+        chart.plot.titleLabel.setMaximumHeight(title_px)
+        chart.plot.layout.setRowFixedHeight(0, title_px)
         chart.plot.setYRange(lo - 0.5, hi + 0.5, padding=0)
         chart.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
-        chart.resize(max(self.width(), EXPORT_MIN_WIDTH),
-                     EXPORT_MARGIN_PX + EXPORT_ROW_PX * (hi - lo + 1))
+        chart.resize(width, EXPORT_MARGIN_PX + title_px - 30 + EXPORT_ROW_PX * (hi - lo + 1))
         chart.show()
         for _ in range(3):  # layout, then the axes' sizes
             QCoreApplication.processEvents()
         return chart.plot_widget
+
+    def export_title_lines(self) -> list[str]:
+        """The last exported chart's title, line by line (``[]`` before any export)."""
+        if self.exported is None:
+            return []
+        return self.exported.plot.titleLabel.text.split("<br>")
 
     def rows_that_fit(self) -> int:
         """Rows the view can show with every one named (one per ``NameAxis.LABEL_PX``);
@@ -593,3 +612,36 @@ class ScaleChart(QWidget):
 
     def _on_click(self, _item, pos: QPointF) -> None:
         self.picked.emit(self._name(pos.y()))
+
+
+def wrap_title(title: str, metrics: QFontMetricsF, width: float) -> list[str]:
+    """``title`` in lines at most ``width`` wide (as ``metrics`` measures them), broken at
+    its " · " separators, then at ", " inside a part still too wide; a single word wider
+    than ``width`` stays whole on its line."""
+    def fits(text: str) -> bool:
+        return metrics.horizontalAdvance(text) <= width
+
+    pieces: list[str] = []
+    for i, part in enumerate(title.split(" · ")):
+        sep = " · " if i else ""
+        if fits(part):
+            pieces.append(sep + part)
+            continue
+        for j, word in enumerate(part.split(", ")):
+            pieces.append((sep if j == 0 else ", ") + word)
+    lines: list[str] = []
+    for piece in pieces:
+        if not lines:
+            lines.append(piece)
+        elif fits(lines[-1] + piece):
+            lines[-1] += piece
+        else:  # the separator ends the line it follows; the next line starts on the word
+            sep = " · " if piece.startswith(" · ") else ", "
+            lines[-1] += sep.rstrip()
+            lines.append(piece[len(sep):])
+    return lines or [""]
+
+
+def _html_escape(text: str) -> str:
+    """pyqtgraph's title is rich text: ``<``, ``>`` and ``&`` in a name are shown as such."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 from PySide6.QtCore import QPoint, Qt
-from PySide6.QtGui import QContextMenuEvent, QGuiApplication, QImage
+from PySide6.QtGui import QContextMenuEvent, QFont, QFontMetricsF, QGuiApplication, QImage
 from PySide6.QtWidgets import QApplication, QFileDialog, QMessageBox, QToolButton
 
 from app import export
@@ -230,3 +230,27 @@ def test_right_click_on_a_table_opens_its_export_menu(qtbot, make_window, monkey
                               viewport.mapToGlobal(QPoint(5, 5)), Qt.KeyboardModifier.NoModifier)
     QApplication.sendEvent(viewport, event)
     assert shown == [["Sizes table as CSV…", "Sizes table as Markdown…"]]
+
+
+def test_exported_chart_title_wraps_within_the_image(qtbot, make_window):
+    """The file's title named the config, parametrization, dtype and format on one line that
+    ran past a 900 px image's edge (seen in a real window: '… · standard ·' then cut). Each
+    line now fits, nothing is dropped, and the title row is tall enough for them."""
+    from app.widgets.scale_chart import EXPORT_MIN_WIDTH, wrap_title
+
+    panel = make_window().scaling_panel
+    title = panel.chart_title()
+    assert title.endswith("range shaded")
+    panel.chart.resize(600, 400)  # narrower than the export's minimum width
+    widget = panel.export_items()[0].widget()
+    chart = panel.chart.exported
+    assert widget.width() == EXPORT_MIN_WIDTH
+    lines = panel.chart.export_title_lines()
+    assert len(lines) >= 2 and " ".join(lines) == title
+    text_item = chart.plot.titleLabel.item
+    assert text_item.boundingRect().width() <= widget.width()
+    assert text_item.boundingRect().height() <= chart.plot.titleLabel.maximumHeight() + 1
+    metrics = QFontMetricsF(QFont(chart.font().family(), 10))
+    assert wrap_title("a · b", metrics, 1000) == ["a · b"]
+    assert wrap_title("aaaa · bbbb", metrics, metrics.horizontalAdvance("aaaa ·")) == [
+        "aaaa ·", "bbbb"]
