@@ -82,6 +82,27 @@ def test_every_preset_is_sized_and_refused_only_by_field_name(name):
         assert set(refused) <= set(FIELD_NAMES), refused
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_model_built_on_meta_has_the_sized_count(name):
+    """The contract "sizing equals the model" on the real shapes: each preset the torch model
+    builds is built on the meta device (no memory) and its parameters counted; one it does not
+    build yet is refused naming exactly unsupported_fields' fields."""
+    torch = pytest.importorskip("torch")
+    from unitscale_core.config import ConfigError
+    from unitscale_core.model import build_model
+
+    cfg = load_preset(name)
+    refused = unsupported_fields(cfg)
+    if refused:
+        with pytest.raises(ConfigError) as caught:
+            build_model(cfg, device="meta")
+        assert set(caught.value.errors) == set(refused)
+        return
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
+
+
 def test_preset_notes_unknown_name():
     with pytest.raises(ValueError, match="preset='nope'"):
         preset_notes("nope")
