@@ -299,3 +299,41 @@ def test_family_checkpoint_matches_transformers_or_is_refused_by_field(saved_fam
         assert ours.shape == theirs.shape == (2, 4, length, length)
         np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
         torch.testing.assert_close(logits, out.logits, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_cli_attention_reads_a_family_checkpoint_folder(saved_families, family, tmp_path,
+                                                        capsys):
+    """``unitscale attention --model FOLDER``: one map per query head, each GQA head's K/V
+    head named (llama: 4 query heads over 2 K/V heads), or one line naming the unbuilt fields."""
+    from unitscale_core import cli
+
+    folder, ref = saved_families(family)
+    capsys.readouterr()  # (transformers' progress bars while saving)
+    out = tmp_path / "att.npz"
+    code = cli.main(["attention", "--model", str(folder), "--text", "hello world",
+                     "--out", str(out)])
+    captured = capsys.readouterr()
+    unbuilt = _unbuilt(folder)
+    if unbuilt:
+        assert code == 2 and not out.exists()
+        line = captured.err.strip()
+        assert line.startswith(f"unitscale attention: error: config.json ({family})")
+        assert "\n" not in line and all(f in line for f in unbuilt)
+        return
+    assert code == 0, captured.err
+    loaded = P.load_checkpoint(folder)
+    ids = P.encode(loaded, "hello world").ids
+    with torch.no_grad():
+        theirs = torch.stack([a[0] for a in ref(input_ids=ids, output_attentions=True)
+                              .attentions]).numpy()
+    with np.load(out) as data:
+        np.testing.assert_allclose(data["attentions"], theirs, atol=TOL, rtol=0)
+        assert "".join(data["tokens"].tolist()) == "hello world"
+        kv = data["kv_head"].tolist() if "kv_head" in data else None
+    if family == "llama":
+        assert kv == [0, 0, 1, 1]
+        assert "4 query heads share 2 K/V heads (kv 0: heads 0–1; kv 1: heads 2–3)" \
+            in captured.out
+    else:
+        assert kv is None and "K/V" not in captured.out

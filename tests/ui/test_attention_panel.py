@@ -388,3 +388,39 @@ def test_gqa_heads_are_labelled_with_their_kv_group(qtbot, make_panel):
     plain.select(1, 3)
     assert plain.head_view.title_text().replace("\n", " · ").endswith("layer 1, head 3")
     assert plain.model_view.boxes[1][2].toolTip() == "layer 1, head 2"
+
+
+def test_gqa_checkpoint_folder_shows_each_query_head_with_its_kv_head(qtbot, make_panel,
+                                                                       tmp_path):
+    """A random Llama checkpoint (4 query heads over 2 K/V heads) saved by transformers: the
+    panel shows transformers' eager map of each query head, titled with its K/V head — or,
+    while the torch model does not build the family, a one-line refusal naming the fields."""
+    transformers = pytest.importorskip("transformers")
+    from ..core.test_pretrained_modern import _save_family, _unbuilt
+
+    transformers.logging.set_verbosity_error()
+    folder, ref = _save_family(transformers, "llama", tmp_path / "llama")
+    panel = make_panel()
+    unbuilt = _unbuilt(folder)
+    if unbuilt:
+        with qtbot.waitSignal(panel.failed, timeout=TIMEOUT) as blocker:
+            panel.open_checkpoint(folder)
+        assert all(f in blocker.args[0] for f in unbuilt) and "\n" not in blocker.args[0]
+        assert "Traceback" not in panel.status.text()
+        return
+    with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):
+        panel.open_checkpoint(folder)
+    panel.select(1, 3)
+    assert panel.head_view.title_text().replace("\n", " · ").endswith("layer 1, head 3 · kv 1")
+    assert panel.model_view.boxes[0][1].toolTip() == "layer 0, head 1 · kv 0"
+    assert "(2 K/V heads)" in model_view_title(panel.current())
+    import torch
+
+    from unitscale_core.pretrained import encode, load_checkpoint
+
+    ids = encode(load_checkpoint(folder), TEXT).ids
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, output_attentions=True).attentions[1][0, 3].numpy()
+    shown = panel.head_view.data
+    assert np.isnan(shown[np.triu_indices(len(ids[0]), 1)]).all()  # causal: later keys blank
+    np.testing.assert_allclose(np.nan_to_num(shown, nan=0.0), theirs, atol=1e-4, rtol=0)
