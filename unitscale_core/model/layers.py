@@ -144,6 +144,10 @@ def softcap(z: Tensor, cap: float | None) -> Tensor:
     return z if cap is None else cap * torch.tanh(z / cap)
 
 
+#: activations with a gate projection (``ffn.gate``)
+GATED = ("swiglu", "geglu")
+
+
 class Attention(nn.Module):
     """Multi-head attention: ``softmax(QKᵀ·m + bias + mask) V``, then an output projection.
 
@@ -244,14 +248,15 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """``down(act(up(x)))``; SwiGLU: ``down(silu(gate(x)) ⊙ up(x))`` (Shazeer 2020)."""
+    """``down(act(up(x)))``; SwiGLU: ``down(silu(gate(x)) ⊙ up(x))``, GeGLU:
+    ``down(gelu_tanh(gate(x)) ⊙ up(x))`` (Shazeer 2020; Gemma's ``gelu_pytorch_tanh``)."""
 
     def __init__(self, cfg: ModelConfig, ops: StandardOps):
         super().__init__()
         c, f = cfg.d_model, cfg.d_ff
         self.ops = ops
         self.activation = cfg.activation
-        if cfg.activation == "swiglu":
+        if cfg.activation in GATED:
             self.gate = Linear(c, f, cfg.bias, ops, role="ffn")
         self.up = Linear(c, f, cfg.bias, ops, role="ffn")
         self.act = Tap()
@@ -260,6 +265,8 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":
             h = self.ops.swiglu(self.up(x), self.gate(x))  # (B, T, F)
+        elif self.activation == "geglu":
+            h = self.ops.geglu(self.up(x), self.gate(x))  # (B, T, F)
         else:
             h = self.ops.activation(self.up(x), self.activation)
         return self.down(self.act(h))  # (B, T, C); the residual branch applies dropout

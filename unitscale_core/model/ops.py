@@ -35,6 +35,9 @@ from unit_scaling.scale import scale_bwd, scale_fwd
 
 # ReLU of x ~ N(0, 1): E[relu(x)²] = 1/2 and E[relu'(x)²] = 1/2, so both scales are √2.
 RELU_OUTPUT_SCALE = RELU_GRAD_SCALE = math.sqrt(2.0)
+#: GeGLU's unit scale ``1/√E[gelu_tanh(g)²]``, g ~ N(0, 1): E = 0.425194 (Gauss–Hermite
+#: quadrature, 200 nodes; checked in tests/core/test_model_attention_ffn.py).
+GEGLU_SCALE = 1.5335805
 
 
 class _Fp8Round(torch.autograd.Function):
@@ -105,6 +108,11 @@ class StandardOps:
     def swiglu(self, up: Tensor, gate: Tensor) -> Tensor:
         """``silu(gate) ⊙ up`` (Shazeer 2020)."""
         return F.silu(gate) * up
+
+    def geglu(self, up: Tensor, gate: Tensor) -> Tensor:
+        """``gelu_tanh(gate) ⊙ up`` (Shazeer 2020; Gemma's ``gelu_pytorch_tanh``:
+        ``½g(1 + tanh(√(2/π)(g + 0.044715 g³)))``)."""
+        return F.gelu(gate, approximate="tanh") * up
 
     def dropout(self, x: Tensor, p: float, training: bool) -> Tensor:
         return F.dropout(x, p, training)
@@ -207,6 +215,19 @@ class UnitOps(StandardOps):
     def swiglu(self, up: Tensor, gate: Tensor) -> Tensor:
         """``unit_scaling.functional.silu_glu``."""
         return U.silu_glu(up, gate)
+
+    def geglu(self, up: Tensor, gate: Tensor) -> Tensor:
+        """GeGLU built as ``unit_scaling.functional.silu_glu`` is (the library has no GELU
+        gate): one scale ``s`` on the output (``scale_fwd``) and on both inputs' gradients
+        (``scale_bwd``), ``s = 1/√E[gelu_tanh(g)²]`` for ``g ~ N(0, 1)``
+        (:data:`GEGLU_SCALE`): with ``up`` and ``gate`` independent unit Gaussians the output
+        ``u·gelu(g)`` and the up-gradient ``δ·gelu(g)`` have RMS ``1/s`` exactly, the
+        gate-gradient ``δ·u·gelu'(g)`` has RMS ``√E[gelu'(g)²] = 1/1.4812``, so it leaves at
+        1.035. (silu_glu's empirical ``2^¾ = 1.682`` is the same rule for SiLU within 0.3%:
+        ``1/√E[silu(g)²] = 1.6765``.) One scale for all three, as silu_glu: no constraint
+        is needed, so unit and u-μP share it."""
+        up, gate = scale_bwd(up, GEGLU_SCALE), scale_bwd(gate, GEGLU_SCALE)
+        return scale_fwd(F.gelu(gate, approximate="tanh") * up, GEGLU_SCALE)
 
     def dropout(self, x: Tensor, p: float, training: bool) -> Tensor:
         return U.dropout(x, p, training)
