@@ -364,6 +364,10 @@ class MainWindow(QMainWindow):
             if hasattr(panel, "export_items"):
                 sub = export_menu.addMenu(title)
                 menu_for(panel, panel.export_items, sub)
+                # what is exported is what is on screen: a panel behind another tab is not
+                # laid out (its PNG came out 1636×162) and stops updating (the positional
+                # view still showed the previous config's rope), so its tab comes to the front
+                sub.aboutToShow.connect(lambda d=dock: self.show_dock(d))
         file_menu.addSeparator()
         action("&Quit", self.close, "Ctrl+Q", "quitAction")  # StandardKey.Quit: empty on some
 

@@ -310,3 +310,25 @@ def test_a_hf_config_given_at_launch_is_imported_not_the_session_file(qtbot, hf_
     assert win.import_warnings == warnings and win.import_box is not None
     assert win.suggested_save_path() == hf_folder.parent / "Llama-3.2-1B.json"
     win.close()
+
+
+def test_file_export_of_a_panel_behind_a_tab_brings_it_to_the_front(qtbot, window):
+    """Real window: File → Export → Positional with the Scaling tab in front wrote a
+    1636×162 PNG of a panel never laid out, showing the previous config's view."""
+    from PySide6.QtWidgets import QMenu
+
+    export_menu = window.findChild(QMenu, "exportMenu")
+    subs = {a.text(): a.menu() for a in export_menu.actions() if a.menu() is not None}
+    assert set(subs) >= {"Scaling", "Sizes", "Positional", "Attention"}
+    def on_screen(panel) -> bool:
+        return not panel.visibleRegion().isEmpty()
+
+    assert not on_screen(window.positional_panel)  # behind the Scaling tab
+    subs["Positional"].aboutToShow.emit()
+    qtbot.waitUntil(lambda: on_screen(window.positional_panel), timeout=5_000)
+    assert window.positional_panel._active  # noqa: SLF001 (it updates again)
+    figure = window.positional_panel.export_items()[0]
+    assert figure.widget().height() > 300
+    subs["Sizes"].aboutToShow.emit()
+    qtbot.waitUntil(lambda: on_screen(window.sizes_panel), timeout=5_000)
+    assert not on_screen(window.positional_panel)
