@@ -169,50 +169,82 @@ def flops_per_token(cfg: ModelConfig) -> dict:
             "attention_palm": 2 * attention, "headline": "palm"}
 
 
+#: Bytes per element an RMSNorm keeps for backward, whatever the dtype: torch's composite
+#: ``rms_norm`` (CPU) works in fp32 and keeps its input and the normalised output
+#: (``x·rsqrt(mean x² + ε)``, for the gain's gradient), 2 × 4 bytes. Measured with
+#: saved-tensor hooks (tests/core/test_sizing.py); a fused kernel keeps less (p + rstd), so
+#: there this is an upper bound, the side a memory budget should err on.
+RMSNORM_SAVED_BYTES = 8
+
+
+def _norm_bytes(cfg: ModelConfig, elements: int) -> int:
+    """What one norm over ``elements`` values keeps: its input (LayerNorm: p per element;
+    its mean and rstd are per row, left out) or RMSNorm's :data:`RMSNORM_SAVED_BYTES`."""
+    if cfg.norm_type == "rmsnorm":
+        return RMSNORM_SAVED_BYTES * elements
+    return BYTES_PER_ELEMENT[cfg.dtype] * elements
+
+
 def _layer_activation_bytes(cfg: ModelConfig, cross: bool) -> int:
     """Activations one layer keeps for backward, Korthikanti et al. 2022 §4.1 generalised.
 
     With s = seq_len, b = batch, h = d_model, a = heads, w = a·d_head (q width),
-    w_kv = kv_heads·d_head (k, v width), f = d_ff, p = bytes per element and dropout masks of
-    one byte when dropout > 0:
+    w_kv = kv_heads·d_head (k, v projections), f = d_ff, p = bytes per element and dropout
+    masks of one byte when dropout > 0:
 
-    * attention: p·(sbh [QKV input] + sb·w [Q] + 2·sb·w_kv [K, V] + as²b [softmax] + sb·w
-      [out-proj input]) (+ p·(sb·w + sb·w_kv) for the q/k norms' inputs) + dropout:
-      p·as²b [dropped probabilities] + as²b + sbh [masks];
+    * attention: p·(sbh [QKV input] + sb·w [Q] + 2·sb·w [K, V] + as²b [softmax] + sb·w
+      [out-proj input]) + the q/k norms' (``_norm_bytes`` of sb·(w + w_kv)) + dropout:
+      p·as²b [dropped probabilities] + as²b + sbh [masks]; + p·as²b with an attention soft
+      cap (its tanh's output). K and V are counted at the query width w: the attention's
+      matmuls keep them repeated to the query heads (HF's ``repeat_kv``, this model), so
+      grouped-query attention shrinks the KV cache and the k/v weights, not these;
     * feed-forward: p·(sbh + 2sbf) (GELU/ReLU input and output) or p·(sbh + 4sbf)
       (SwiGLU/GeGLU: gate, up, activation, product); a MoE keeps that for each of the k
-      experts a token runs, plus the router's probabilities p·sb·E; + sbh dropout mask;
-    * each norm (``_norms_per_layer``): p·sbh.
+      experts a token runs, plus the router's probabilities p·sb·E and, per expert a token
+      runs, the rows gathered for it and its output before the weighting by p̂ (2·p·k·sbh, as
+      HF's Mixtral keeps them too); + sbh dropout mask;
+    * each norm (``_norms_per_layer``): ``_norm_bytes(sbh)`` (p·sbh for LayerNorm); with a
+      parallel residual norm1 and norm2 read the same input, kept once (− p·sbh).
 
     For p = 2, f = 4h, w = w_kv = h and dropout this is the paper's ``sbh(34 + 5as/h)``.
+    Checked against the bytes the standard-parametrization model saves for backward
+    (``torch.autograd.graph.saved_tensors_hooks``), field by field, in tests/core/test_sizing.py.
     """
     s, b, h, a, f = cfg.seq_len, cfg.batch_size, cfg.d_model, cfg.n_heads, cfg.d_ff
     w, w_kv = cfg.attn_width, cfg.kv_width
     p = BYTES_PER_ELEMENT[cfg.dtype]
     drop = cfg.dropout > 0
-    attn = p * (s * b * h + 2 * s * b * w + 2 * s * b * w_kv + a * s * s * b)
+    attn = p * (s * b * h + 4 * s * b * w + a * s * s * b)
     if cfg.qk_norm != "none":
-        attn += p * s * b * (w + w_kv)
+        attn += _norm_bytes(cfg, s * b * (w + w_kv))
+    if cfg.attn_softcap is not None:
+        attn += p * a * s * s * b
     if drop:
         attn += p * a * s * s * b + a * s * s * b + s * b * h
     expert = (4 if cfg.activation in ("swiglu", "geglu") else 2) * s * b * f
     if cfg.is_moe:
-        ffn = p * (s * b * h + cfg.experts_per_token * expert + s * b * cfg.n_experts)
+        k = cfg.experts_per_token
+        ffn = p * (s * b * h + k * expert + s * b * cfg.n_experts + 2 * k * s * b * h)
     else:
         ffn = p * (s * b * h + expert)
     if drop:
         ffn += s * b * h
-    n_norms = _norms_per_layer(cfg, cross)
-    return (2 if cross else 1) * attn + ffn + n_norms * p * s * b * h
+    norms = _norms_per_layer(cfg, cross) * _norm_bytes(cfg, s * b * h)
+    if cfg.parallel_residual:
+        norms -= p * s * b * h
+    return (2 if cross else 1) * attn + ffn + norms
 
 
 def activation_bytes(cfg: ModelConfig) -> int:
-    """All layers' activations, plus the final norm input and fp32 logits (4·s·b·V)."""
-    s, b, h = cfg.seq_len, cfg.batch_size, cfg.d_model
+    """All layers' activations, plus each stack's final norm's and the fp32 logits
+    (4·s·b·V; + p·s·b·V, the tanh's output, with a final-logit soft cap)."""
+    s, b = cfg.seq_len, cfg.batch_size
     p = BYTES_PER_ELEMENT[cfg.dtype]
     total = sum(layers * _layer_activation_bytes(cfg, cross) for layers, cross in _stacks(cfg))
-    total += len(_stacks(cfg)) * p * s * b * h  # each stack's final norm input
+    total += len(_stacks(cfg)) * _norm_bytes(cfg, s * b * cfg.d_model)  # final norms
     total += 4 * s * b * cfg.vocab_size  # logits kept in fp32 for the cross-entropy
+    if cfg.logit_softcap is not None:
+        total += p * s * b * cfg.vocab_size
     return total
 
 

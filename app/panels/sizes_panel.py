@@ -78,7 +78,9 @@ ROWS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
      "8·P (two fp32 moments) + 4·P fp32 master weights unless fp32"),
     (("memory_bytes", "activations"), "Memory: activations", "bytes",
      "Korthikanti et al. 2022: per layer sbh(34 + 5as/h) at p=2, f=4h, with dropout; "
-     "generalised to p, f, SwiGLU; + final norm + fp32 logits 4sbV"),
+     "generalised to p, f, SwiGLU, MoE; K, V kept at the query width (repeated for GQA); "
+     "RMSNorm 8 B/element (fp32 input and output); soft caps + their tanh outputs; + final "
+     "norm + fp32 logits 4sbV"),
     (("memory_bytes", "total"), "Memory: training total", "bytes",
      "weights + gradients + Adam state + activations"),
     (("memory_bytes", "kv_cache"), "KV cache (inference)", "bytes",
