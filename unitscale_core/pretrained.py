@@ -1,4 +1,4 @@
-"""Real pretrained checkpoints in our own model classes: BERT-family encoders and GPT-2.
+"""Real pretrained checkpoints in our own model classes: BERT, GPT-2, GPT-NeoX, Llama family.
 
 A Hugging Face checkpoint folder holds ``config.json`` (the architecture), ``model.safetensors``
 (the weights) and ``tokenizer.json`` (the ``tokenizers`` library's single-file tokenizer).
@@ -8,7 +8,7 @@ A Hugging Face checkpoint folder holds ``config.json`` (the architecture), ``mod
 heatmaps of a real model come out of the same ``Attention`` modules (``capture`` / ``probs``)
 as every other model in the program.
 
-Two families are mapped (``config.json``'s ``model_type``):
+The families mapped (``config.json``'s ``model_type``):
 
 * ``bert`` (BERT, MiniLM, …): post-norm encoder, ``x ← LN(x + f(x))`` per sub-block; learned
   positions; the embeddings are ``LN(E_tok[id] + P[t] + E_type[0])`` (token type 0 for a single
@@ -25,6 +25,17 @@ Two families are mapped (``config.json``'s ``model_type``):
   (``y = x W + b``); ours are ``nn.Linear``, ``[out, in]`` (``y = x Wᵀ + b``), so each is
   transposed on copy, and the fused ``c_attn`` ``[C, 3C]`` is split along its output axis
   into Q, K, V (in that order).
+* ``gpt_neox`` (Pythia) and the Llama family ``llama``, ``mistral``, ``qwen2``, ``gemma2``,
+  ``olmo2``, ``phi3``, ``mixtral``: the config is :func:`unitscale_core.hf_config.from_hf`'s
+  (RMSNorm, GQA, head_dim, q/k/v biases, sandwich / branch-output norms, QK-norm, GeGLU,
+  MoE, parallel residual, partial rotary, soft caps), built by our
+  ``DecoderOnlyModel``; a field the torch model does not build yet
+  (:func:`~unitscale_core.model.unsupported_fields`) is refused by name
+  (:class:`CheckpointConfigError`, a ConfigError). Hugging Face rotates rope dims
+  ``(i, i + R/2)`` (``rotate_half``), ours ``(2i, 2i+1)``: q and k rows are permuted per head
+  on load (:func:`head_rows`). The rest of the mapping: :func:`_neox_mapping`,
+  :func:`_llama_mapping`, :func:`_modern_plan` (Gemma 2's ``1 + w`` gains, ``√d`` embedding,
+  query scalar; sliding windows; rope scaling ``linear`` / ``llama3``, others refused).
 
 Safety: weights are only ever read with ``safetensors`` (no code runs while loading); a folder
 that offers only pickled checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``, …) is refused
@@ -64,6 +75,7 @@ from .model.transformer import (
     CausalEncoder,
     DecoderOnlyModel,
     EncoderOnlyModel,
+    Positions,
 )
 
 log = logging.getLogger(__name__)
@@ -177,6 +189,24 @@ class ScaledEmbeddingDecoder(DecoderOnlyModel):
         """``idx: (B, T)`` token ids → logits ``(B, T, V)``."""
         return self.logits(CausalEncoder.forward(self, self._embed(idx), mask,
                                                  key_padding_mask))
+
+
+class ScaledRopePositions(Positions):
+    """Rope with a checkpoint's own inverse frequencies ``ω_i`` (rope scaling): pair i of the
+    first ``rotary_dims`` of each head at position t is rotated by ``t·ω_i`` instead of
+    ``t·θ^(−2i/R)`` (:func:`rope_frequencies`)."""
+
+    def __init__(self, cfg: ModelConfig, ops: StandardOps, causal: bool,
+                 inv_freq: np.ndarray):
+        super().__init__(cfg, ops, causal)
+        self.inv_freq = np.asarray(inv_freq, dtype=np.float64)  # (R/2,)
+
+    def context(self, t: int, device: torch.device, dtype: torch.dtype):
+        ctx = super().context(t, device, dtype)
+        theta = torch.from_numpy(np.arange(t, dtype=np.float64)[:, None]
+                                 * self.inv_freq[None, :]).to(device)  # (T, R/2)
+        ctx.rope = (theta.cos().to(dtype), theta.sin().to(dtype))
+        return ctx
 
 
 def hidden_states(model: nn.Module, idx: Tensor) -> Tensor:
@@ -442,6 +472,8 @@ class _Plan:
     mapping: dict[str, Source]
     #: the token embedding's multiplier at lookup (Gemma 2: √d_model; the tied head is not)
     emb_scale: float = 1.0
+    #: the rope inverse frequencies when the checkpoint scales them (Llama 3.1+), else None
+    inv_freq: np.ndarray | None = field(default=None, compare=False)
 
 
 def _need(hf: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -603,14 +635,7 @@ def _modern_plan(hf: dict[str, Any], kind: str) -> _Plan:
     from .hf_config import from_hf
     from .model.transformer import unsupported_fields
 
-    for key in ("rope_scaling", "rope_parameters"):
-        scaling = hf.get(key)
-        rope_type = scaling.get("rope_type", scaling.get("type")) \
-            if isinstance(scaling, dict) else None
-        if rope_type not in (None, "default"):
-            raise CheckpointConfigError(kind, {key: f"{key} rope_type={quote(rope_type)} "
-                                                    "rescales the rope frequencies, which the "
-                                                    "program does not compute"})
+    scaling = _rope_params(hf, kind)
     if hf.get("use_bidirectional_attention"):  # Gemma-family option (EmbeddingGemma)
         raise CheckpointConfigError(kind, {"use_bidirectional_attention": (
             "use_bidirectional_attention=true (a non-causal decoder) is not computed")})
@@ -631,17 +656,92 @@ def _modern_plan(hf: dict[str, Any], kind: str) -> _Plan:
     missing = unsupported_fields(cfg)
     if missing:
         raise CheckpointConfigError(kind, missing)
+    inv_freq = None if scaling is None else rope_frequencies(
+        scaling, cfg.rotary_dims, cfg.rope_base,
+        _number(hf, "max_position_embeddings", 2048, int, minimum=1))
     if kind == "gpt_neox":
         activation, approximate = _activation(hf, "hidden_act", "gelu")
         return _Plan(kind, cfg, approximate, _number(hf, "layer_norm_eps", 1e-5,
-                                                     maximum=MAX_EPS), 0, _neox_mapping(cfg))
+                                                     maximum=MAX_EPS), 0, _neox_mapping(cfg),
+                     inv_freq=inv_freq)
     query_scale, emb_scale = 1.0, 1.0
     if kind == "gemma2":
         scalar = _number(hf, "query_pre_attn_scalar", cfg.head_size, minimum=1e-30)
         query_scale = math.sqrt(cfg.head_size / scalar)
         emb_scale = math.sqrt(cfg.d_model)
     return _Plan(kind, cfg, "tanh", _number(hf, "rms_norm_eps", RMS_EPS[kind], maximum=MAX_EPS),
-                 0, _llama_mapping(kind, cfg, query_scale), emb_scale)
+                 0, _llama_mapping(kind, cfg, query_scale), emb_scale, inv_freq)
+
+
+#: rope_type values the loader computes (besides "default"): their parameters.
+ROPE_TYPES = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+
+
+def _rope_params(hf: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The checkpoint's rope scaling (``rope_parameters``, written by transformers 5, over the
+    older ``rope_scaling``) when its ``rope_type`` is not ``default``; one the loader does not
+    compute (dynamic, yarn, longrope, …) is refused by name."""
+    merged: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = hf.get(key)
+        if isinstance(value, dict):
+            merged.update(value)
+    rope_type = merged.get("rope_type", merged.get("type"))
+    if rope_type in (None, "default"):
+        return None
+    key = "rope_parameters" if isinstance(hf.get("rope_parameters"), dict) else "rope_scaling"
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointConfigError(kind, {key: f"{key} rope_type={quote(rope_type)} "
+                                                "rescales the rope frequencies in a way the "
+                                                f"program does not compute (it computes "
+                                                f"{', '.join(ROPE_TYPES)})"})
+    out: dict[str, Any] = {"rope_type": rope_type}
+    for name in ROPE_TYPES[rope_type]:
+        value = merged.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+                not math.isfinite(value) or value <= 0:
+            raise PretrainedError(f"{CONFIG_FILE}: {key} {name}={quote(value)} must be a "
+                                  f"positive number for rope_type {rope_type!r}")
+        out[name] = float(value)
+    if rope_type == "llama3":
+        if out["high_freq_factor"] <= out["low_freq_factor"]:
+            raise PretrainedError(f"{CONFIG_FILE}: {key} high_freq_factor="
+                                  f"{out['high_freq_factor']:g} must exceed low_freq_factor="
+                                  f"{out['low_freq_factor']:g}")
+        original = merged.get("original_max_position_embeddings",
+                              hf.get("original_max_position_embeddings"))
+        if original is not None:
+            out["original_max_position_embeddings"] = _number(
+                {"original_max_position_embeddings": original},
+                "original_max_position_embeddings", 0, int, minimum=1)
+    return out
+
+
+def rope_frequencies(scaling: dict[str, Any], rotary_dims: int, base: float,
+                     max_positions: int) -> np.ndarray:
+    """Rope's inverse frequencies ``ω_i`` (``i < R/2``) under a checkpoint's rope scaling.
+
+    Plain rope: ``ω_i = θ^(−2i/R)``. ``linear``: ``ω_i / factor`` (positions interpolated).
+    ``llama3`` (Llama 3.1): with wavelength ``λ_i = 2π/ω_i``, the original context ``L₀``,
+    ``λ_hi = L₀/high_freq_factor`` and ``λ_lo = L₀/low_freq_factor``: ``ω_i`` kept where
+    ``λ_i < λ_hi``, ``ω_i / factor`` where ``λ_i > λ_lo``, and in between
+    ``(1 − s)·ω_i/factor + s·ω_i`` with ``s = (L₀/λ_i − low_freq_factor)/(high_freq_factor −
+    low_freq_factor)`` — as transformers' ``_compute_llama3_parameters``, in float32 as it is.
+    """
+    i = np.arange(0, rotary_dims, 2, dtype=np.float32)
+    inv = (1.0 / (np.float32(base) ** (i / np.float32(rotary_dims)))).astype(np.float32)
+    factor = np.float32(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return (inv / factor).astype(np.float64)
+    low, high = np.float32(scaling["low_freq_factor"]), np.float32(scaling["high_freq_factor"])
+    old = np.float32(scaling.get("original_max_position_embeddings", max_positions))
+    wavelen = np.float32(2 * math.pi) / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float64)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -910,6 +1010,8 @@ def _construct(plan: _Plan, device: torch.device | str) -> nn.Module:
                 model = ScaledEmbeddingDecoder(plan.cfg, ops, plan.emb_scale)
             else:
                 model = ARCHITECTURE_CLASSES[plan.cfg.architecture](plan.cfg, ops)
+            if plan.inv_freq is not None:  # no parameters: a plain swap of the scheme
+                model.pos = ScaledRopePositions(plan.cfg, ops, model.pos.causal, plan.inv_freq)
     for module in model.modules():
         if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__ == "RMSNorm":
             module.eps = plan.eps

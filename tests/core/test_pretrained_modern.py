@@ -202,7 +202,9 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 GQA = dict(num_key_value_heads=2)
 #: family id → (config class, model class, the family's options). Each exercises what the
 #: loader must map: NeoX's per-head fused qkv and partial rotary (parallel and sequential),
-#: Llama's rope permutation under GQA with θ 5e5, Mistral's window (max_len cut to 32),
+#: Llama's rope permutation under GQA with θ 5e5 (and Llama 3.1's rope scaling, whose
+#: original context 16 puts one frequency in the smoothed band and the rest divided by 8;
+#: linear scaling on Qwen 2), Mistral's window (max_len cut to 32),
 #: Qwen 2's q/k/v biases, Gemma 2's head_dim ≠ d/h, 1 + w gains, √d embedding, query scalar
 #: and both soft caps, OLMo 2's whole-projection q/k norms, Phi-3's fused qkv and gate_up
 #: with partial rotary, Mixtral's experts.
@@ -213,8 +215,13 @@ FAMILIES = {
                                  tie_word_embeddings=True)),
     "llama": ("LlamaConfig", "LlamaForCausalLM",
               dict(GQA, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "llama_rope_llama3": ("LlamaConfig", "LlamaForCausalLM", dict(GQA, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(GQA, sliding_window=32)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(GQA, tie_word_embeddings=True)),
+    "qwen2_rope_linear": ("Qwen2Config", "Qwen2ForCausalLM", dict(GQA, rope_parameters={
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                dict(GQA, head_dim=24, query_pre_attn_scalar=20, sliding_window=32,
                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
@@ -337,3 +344,34 @@ def test_cli_attention_reads_a_family_checkpoint_folder(saved_families, family, 
             in captured.out
     else:
         assert kv is None and "K/V" not in captured.out
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0},
+                                  {"rope_type": "dynamic", "factor": 2.0}])
+def test_rope_scaling_the_loader_does_not_compute_is_refused_by_name(saved_families, rope,
+                                                                     tmp_path):
+    folder = Path(shutil.copytree(saved_families("llama")[0], tmp_path / "scaled"))
+    data = json.loads((folder / "config.json").read_text())
+    data["rope_parameters"] = {**data["rope_parameters"], **rope}
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as info:
+        P.load_checkpoint(folder)
+    assert set(info.value.errors) == {"rope_parameters"}
+    assert quote(rope["rope_type"]) in str(info.value) and "llama3" in str(info.value)
+
+
+def test_llama3_rope_frequencies_equal_transformers(hf_transformers):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}  # Llama 3.2 1B's
+    config = hf_transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32,
+                                         rope_parameters=params)
+    theirs, factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    ours = P.rope_frequencies(P._rope_params({"rope_parameters": params}, "llama"), 64,
+                              500000.0, 131072)
+    assert factor == 1.0
+    np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=1e-6, atol=0)
+    plain = 500000.0 ** (-np.arange(0, 64, 2) / 64)
+    assert (ours < plain * 0.999).any() and np.isclose(ours[0], plain[0], rtol=1e-6)
