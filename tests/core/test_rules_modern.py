@@ -237,3 +237,25 @@ def test_moe_rule(n_experts: int, top_k: int) -> None:
     seen = np.bincount(idx.flatten().numpy(), minlength=n_experts)
     check("moe.rows", per_expert, float(seen.mean()), CLOSED)
     assert seen.min() > 0.8 * per_expert
+
+
+@pytest.mark.parametrize("sz,cap", [(1.0, 30.0), (11.0, 30.0), (4.0, 2.0)])
+def test_softcap_softmax_moments_against_sampled_rows(sz: float, cap: float) -> None:
+    """``E Σp²``, ``E Σp²s²`` and ``E logsumexp`` of soft-capped logits over 512 keys against
+    sampled rows, and the cross-entropy gradient they give against autograd."""
+    torch.manual_seed(10)
+    v, rows = 512, 4000
+    z = gauss(rows, v, scale=sz)
+    y = softcap(z, cap)
+    p = torch.softmax(y, -1)
+    s = 1 - torch.tanh(z / cap) ** 2
+    mom = R.softcap_softmax_moments(sz, v, cap)
+    check("softcap_softmax.sum_p2", mom.sum_p2, p.pow(2).sum(-1).mean().item(), NUMERIC)
+    check("softcap_softmax.sum_p2_s2", mom.sum_p2_slope2,
+          (p * s).pow(2).sum(-1).mean().item(), NUMERIC)
+    lse = torch.logsumexp(y, -1).mean().item()
+    assert mom.logsumexp == pytest.approx(lse, rel=0.02, abs=0.02)
+    targets = torch.randint(0, v, (rows,))
+    F.cross_entropy(y, targets, reduction="sum").backward()
+    per_row = mom.slope2 * (1 - 2 / v) + mom.sum_p2_slope2
+    check("softcap_softmax.grad", math.sqrt(per_row / v), rms(z.grad), NUMERIC)

@@ -1158,3 +1158,16 @@ def product(a: Cov, b: Cov) -> Cov:
     var = a.var * b.var
     return Cov.of(a.g, np.maximum(var - S[0].diagonal(), 0.0) if n else np.maximum(var, 0.0),
                   S)
+
+
+def partially_rotated(x: Cov, head_dim: int, rotary_dims: int, base: float = 10000.0) -> Cov:
+    """``x`` with only the first ``rotary_dims`` of each head's ``head_dim`` features rotated
+    by position (partial RoPE, GPT-NeoX ``rotary_pct``): the rotated share ``f = R/D`` of the
+    features is :func:`rotated` over ``R`` dims, the rest is ``x`` unchanged, side by side
+    (:func:`mixture`), so two tokens' covariance is multiplied by
+    :func:`.rules.partial_rope_correlation` ``f ρ_R + (1 − f)``. Its own transpose (a
+    gradient goes back through it alike). ``rotary_dims == head_dim``: :func:`rotated`."""
+    if rotary_dims >= head_dim:
+        return rotated(x, head_dim, base)
+    f = rotary_dims / head_dim
+    return mixture([(rotated(x, rotary_dims, base), f), (x, 1.0 - f)])

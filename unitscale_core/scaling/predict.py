@@ -141,6 +141,16 @@ def _sinusoidal_cov(d_model: int, t: int) -> tuple[Cov, tuple[np.ndarray, np.nda
     return Cov(g, u, C, M), (FC, FM)
 
 
+def _softcapped(var: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per bin: the variance of ``c·tanh(z/c)`` and ``E sech⁴(z/c)`` (the squared gain of
+    its backward) for logits ``z`` of variance ``var`` (:func:`.rules.softcap_rule`)."""
+    out, grad2 = np.empty_like(var), np.empty_like(var)
+    for i, v in enumerate(np.maximum(var, 0.0).tolist()):
+        r = R.softcap_rule(math.sqrt(v), 1.0, cap=cap)
+        out[i], grad2[i] = r.output ** 2, r.grad_input ** 2
+    return out, grad2
+
+
 class UnpredictedFeature(ConfigError):
     """A config using a feature the analytic predictor has no rule for yet (issue 21's modern
     fields): refused by field name rather than predicted as if the feature were absent."""
@@ -166,18 +176,15 @@ def unpredicted_features(cfg: ModelConfig) -> dict[str, str]:
         no("head_dim", "head_dim × n_heads != d_model")
     if cfg.qk_norm != "none":
         no("qk_norm", f"qk_norm={cfg.qk_norm!r}")
-    if cfg.parallel_residual:
-        no("parallel_residual", "parallel attention and feed-forward")
-    if cfg.positional == "rope" and cfg.rotary_dims != cfg.head_size:
-        no("rotary_fraction", "partial rotary (rotary_fraction < 1)")
+    if cfg.parallel_residual and (cfg.parametrization != "standard"
+                                  or cfg.architecture == "encoder-decoder"):
+        no("parallel_residual", "parallel attention and feed-forward under unit scaling "
+           "or u-μP, or with cross-attention (checked against the torch model under "
+           "standard, one stack, only)")
     if cfg.activation == "geglu":
         no("activation", "activation='geglu'")
     if cfg.is_moe:
         no("n_experts", "a mixture of experts (n_experts > 1)")
-    if cfg.attn_softcap is not None:
-        no("attn_softcap", "attention logit soft-capping")
-    if cfg.logit_softcap is not None:
-        no("logit_softcap", "final logit soft-capping")
     return out
 
 
@@ -258,6 +265,9 @@ class _Predictor:
         self._track_align = cfg.tie_embeddings and not self.unit
         #: the tied self-logit's spread between tokens (``_p_self``), set with the logit
         self._self_logit_sd = 0.0
+        #: a final logit soft cap's backward gain on the logits' RMS (``√E sech⁴``; the tied
+        #: self-logit's is in ``_p_self``); 1 without a cap
+        self._logit_cap_grad = 1.0
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def act(self, name: str, x: Cov | float, formula: str = "", scales: dict | None = None):
@@ -465,11 +475,16 @@ class _Predictor:
         if positional == "rope":
             # rotated by position, what queries and keys share across positions decorrelates:
             # a shared part then moves the weights along a row like a token's own part
-            base = self.cfg.rope_base
-            q, k = covariance.rotated(q, dh, base), covariance.rotated(k, dh, base)
+            base, rot = self.cfg.rope_base, self.cfg.rotary_dims
+            q = covariance.partially_rotated(q, dh, rot, base)
+            k = covariance.partially_rotated(k, dh, rot, base)
         m = 1.0 / dh if self.p == "umup" else 1.0 / math.sqrt(dh)
-        self.act(prefix + ".scores", R.attention_logits_rms(q.rms, k.rms, dh, m),
-                 ("m·√d_head·σ_q·σ_k, m = {:.3g}, d_head = {}", (m, dh)))
+        cap = self.cfg.attn_softcap
+        raw = R.attention_logits_rms(q.rms, k.rms, dh, m)
+        self.act(prefix + ".scores", R.softcap_rule(raw, 1.0, cap=cap).output,
+                 ("m·√d_head·σ_q·σ_k, m = {:.3g}, d_head = {}", (m, dh)) if cap is None else
+                 ("c·√E tanh²(z/c), σ_z = m·√d_head·σ_q·σ_k = {:.3g}, m = {:.3g}, c = {}",
+                  (raw, m, cap)))
         is_causal = causal or pattern == "causal"
         if self.p == "unit":
             (out_scale, grad_qkv, grad_left, grad_right, sm_out, grad_sm_in,
@@ -494,6 +509,9 @@ class _Predictor:
             # of k shift a whole row, which softmax ignores); per query bin.
             rowvar_k = covariance.row_variance(amap, k)
             logit_var = m * m * dh * q.var * rowvar_k
+            cap_grad2 = 1.0
+            if cap is not None:  # the softmax reads c·tanh(z/c) (Gemma 2): per query bin
+                logit_var, cap_grad2 = _softcapped(logit_var, cap)
             sum_p2, grad_factor = self._row_stats(logit_var, amap.keys, bias_vars)
             if positional == "alibi":
                 # the row statistics are those of uniform rows of the effective length; the
@@ -533,7 +551,8 @@ class _Predictor:
                     self.independent(noise * self.drop_shared))
             parts.append((attended, share))
             groups.append({"amap": amap, "sum_p2": sum_p2, "gf": grad_factor,
-                           "excess": excess, "common": common, "share": share})
+                           "excess": excess, "common": common, "share": share,
+                           "cap_grad2": cap_grad2})
         self._e_branch, self._linear_share = e_branch, linear
         self.act(prefix + ".probs", math.sqrt(mean_p2 / t),
                  ("√(E Σp²/S), E Σp² = {:.3g}, S = {}", (mean_p2, t)))
@@ -547,6 +566,8 @@ class _Predictor:
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
                      "v": v, "groups": groups, "aniso_kv": 1.0 + e_kv,
                      "rope": positional == "rope",
+                     "rotary_share": (self.cfg.rotary_dims / dh if positional == "rope"
+                                      else 0.0),
                      "m": logit_grad, "m_fwd": m, "x_kv": xkv, "self": xkv is xq,
                      "grad_qkv": grad_qkv,
                      "grad_left": grad_left,
@@ -612,8 +633,8 @@ class _Predictor:
         # pairs of keys (shared_input_factor)
         gain = math.sqrt(a["m"] ** 2 * dh) * gl * a["grad_sm_in"] * s
         w = self.grid.w
-        gz2_mean, coherent = 0.0, 0.0
-        g_vs, g_qs, g_ks = [], [], []
+        gz2_mean, coherent, cap2 = 0.0, 0.0, 0.0
+        g_vs, g_qs, g_ks, g_ks_plain = [], [], [], []
         for grp in a["groups"]:
             amap, share = grp["amap"], grp["share"]
             # the softmax Jacobian removes what is constant along a row: only the values'
@@ -624,13 +645,22 @@ class _Predictor:
             g_vs.append((covariance.attend_transposed(amap, g_ctx, grp["excess"],
                                                       grp["common"]), share))
             sum_p2 = np.maximum(grp["sum_p2"], 1e-12)
+            gf_qk = grp["gf"]
+            # the soft cap's sech²(z/c) multiplies the logits' whole gradient on its way to
+            # q and k (as one gain: on the Jacobian's own part alone it unbalanced the keys'
+            # anti-correlation, and the key bias gradient came out negative)
+            cap2 += share * float(np.sum(w * grp["cap_grad2"]))
             g_qs.append((covariance.query_gradient(
-                amap, g_ctx, v, a["k"], sum_p2, grp["gf"],
+                amap, g_ctx, v, a["k"], sum_p2, gf_qk,
                 shared_input_factor(sum_p2, self.c, a["aniso_kv"]), a["aniso_kv"] / self.c),
                 share))
             g_ks.append((covariance.key_gradient(
-                amap, g_ctx, v, a["q"], sum_p2, grp["gf"], grp["excess"],
+                amap, g_ctx, v, a["q"], sum_p2, gf_qk, grp["excess"],
                 zero_sum=not a["rope"]), share))
+            if 0.0 < a["rotary_share"] < 1.0:  # partial rotary: the unrotated dims' sums vanish
+                g_ks_plain.append((covariance.key_gradient(
+                    amap, g_ctx, v, a["q"], sum_p2, gf_qk, grp["excess"], zero_sum=True),
+                    share))
             # K and V are projections of one input, so the gradient reaching a key (through
             # its value) and reaching a value (through its key's logits) both depend on that
             # input: the weight gradients have a mean part besides the products pair_sum
@@ -642,12 +672,19 @@ class _Predictor:
                 amap, a["x_kv"], g_ctx, a["q"], grp["sum_p2"]) * a["aniso_kv"]
         self.grad(f"{prefix}.scores", math.sqrt(max(gz2_mean, 0.0) / t),
                   "softmax Jacobian: g_P·√((EΣp² − 2EΣp³ + E(Σp²)²)/S), per query position")
+        gain *= math.sqrt(cap2)  # 1 without a soft cap
         g_v = covariance.mixture(g_vs).scaled(gain_v)
         g_q = covariance.mixture(g_qs).scaled(gain)
         g_k = covariance.mixture(g_ks).scaled(gain)
+        f_rot = a["rotary_share"]
         if a["rope"]:  # back through the rotation (its own transpose)
-            base = self.cfg.rope_base
-            g_q, g_k = covariance.rotated(g_q, dh, base), covariance.rotated(g_k, dh, base)
+            base, rot = self.cfg.rope_base, self.cfg.rotary_dims
+            g_q = covariance.partially_rotated(g_q, dh, rot, base)
+            g_k = covariance.rotated(g_k, rot, base)
+            if f_rot < 1.0:  # the rotated dims' key gradient beside the unrotated dims'
+                g_k_rot = g_k
+                g_k = covariance.mixture([(g_k_rot, f_rot), (
+                    covariance.mixture(g_ks_plain).scaled(gain), 1.0 - f_rot)])
         gq = self.linear_bwd(a["lq"], g_q)
         x_tot = max(a["x_kv"].total, 1e-300)
         kappa_v, kappa_k = v.total / (x_tot * self.c), a["k"].total / (x_tot * self.c)
@@ -658,6 +695,15 @@ class _Predictor:
         # (cross-attention is never rotated, whatever the config's self-attention uses)
         gk = self.linear_bwd(a["lk"], g_k, zero_bias_grad=not a["rope"],
                              extra=extra_k)
+        if a["rope"] and f_rot < 1.0 and a["lk"]["bias"]:
+            # partial rotary: only the rotated share of the key bias reaches the logits
+            # unevenly along a row (the rest is a shift softmax ignores)
+            bname = a["lk"]["name"] + ".bias"
+            var = f_rot * a["lk"]["f"].grad_weight ** 2 * pair_sum(self.b, g_k_rot, None)
+            self.wgrads[bname] = TensorRow(bname, "grad_weight", math.sqrt(max(var, 0.0)),
+                                           None, None, (), ("f_rot·α_w²·E[(Σ_rows g)²] of the "
+                                                            "rotated dims, f_rot = {:.3g}",
+                                                            (f_rot,)))
         gv = self.linear_bwd(a["lv"], g_v, extra=extra_v)
         return gq, gk, gv
 
@@ -879,6 +925,12 @@ class _Predictor:
         for i in range(n_layers):
             lp = f"{prefix}layers.{i}"
             tau = taus[i * len(kinds):(i + 1) * len(kinds)]
+            if cfg.parallel_residual:  # one block, both branches read x (no after_attn)
+                x, pb = self.parallel_block_fwd(x, lp, tau[0], tau[-1], causal)
+                self.act(lp, x, "layer output (residual stream): x + attn(norm1 x) + "
+                         "ffn(norm2 x)")
+                layers.append([("parallel", pb, lp)])
+                continue
             x, sa = self.block_fwd(x, f"{lp}.norm1", tau[0], lambda h, lp=lp: (
                 self.attention_fwd(f"{lp}.attn", h, h, causal, cfg.attention,
                                    cfg.positional)))
@@ -900,7 +952,9 @@ class _Predictor:
         for blocks in reversed(layers):
             for kind, blk, tap in reversed(blocks):
                 self.grad(tap, g)
-                if kind == "ffn":
+                if kind == "parallel":
+                    g = self.parallel_block_bwd(blk, g)
+                elif kind == "ffn":
                     g = self.block_bwd(blk, g, self.ffn_bwd)
                 elif kind == "attn":
                     g = self.block_bwd(blk, g, self._self_attn_bwd)
@@ -908,6 +962,50 @@ class _Predictor:
                     g = self.block_bwd(blk, g, lambda a, gy: self._cross_attn_bwd(
                         a, gy, memory_grads))
         return g
+
+    def parallel_block_fwd(self, x: Cov, lp: str, tau_attn: float, tau_ffn: float,
+                           causal: bool) -> tuple[Cov, dict]:
+        """GPT-J / GPT-NeoX's parallel layer ``add(f, add(a, x, τ_a), τ_f)``,
+        ``a = attn(norm1 x)``, ``f = ffn(norm2 x)`` (standard: ``x + a + f``;
+        :func:`.rules.parallel_residual_rule`): both norms read the stream as it is, the
+        branches are taken independent of each other and of the skip (as a sequential
+        block's branch and skip), and the stream's anisotropy mixes in one branch after
+        the other."""
+        self._check()
+        cfg = self.cfg
+        wra, wsa = self._residual_weights(tau_attn)
+        wrf, wsf = self._residual_weights(tau_ffn)
+        self._e_in = self.aniso
+        h1, n1 = self.norm_fwd(f"{lp}.norm1", x)
+        a, actx = self.attention_fwd(f"{lp}.attn", h1, h1, causal, cfg.attention,
+                                     cfg.positional)
+        e_attn, lin_attn = self._e_branch, self._linear_share
+        h2, n2 = self.norm_fwd(f"{lp}.norm2", x)
+        f, fctx = self.ffn_fwd(f"{lp}.ffn", h2)
+        mid = self.residual_add(self._dropout(a), x, tau_attn)
+        out = self.residual_add(self._dropout(f), mid, tau_ffn)
+        e_ffn, lin_ffn = self._e_branch, self._linear_share
+        self._e_branch, self._linear_share = e_attn, lin_attn
+        self._mix_aniso(a, x, tau_attn)
+        self._e_branch, self._linear_share = e_ffn, lin_ffn
+        self._mix_aniso(f, mid, tau_ffn)
+        self._scale_flat(wsa * wsf)
+        self.share *= wsa * wsf
+        self.branch_vars[f"{lp}.norm1"] = (wsf * wra * self.drop) ** 2 * a.total
+        self.branch_vars[f"{lp}.norm2"] = (wrf * self.drop) ** 2 * f.total
+        return out, {"n1": n1, "n2": n2, "attn": actx, "ffn": fctx, "taus": (tau_attn,
+                                                                             tau_ffn)}
+
+    def parallel_block_bwd(self, blk: dict, g_out: Cov) -> Cov:
+        """Backward of :meth:`parallel_block_fwd`: each branch gets the output's gradient
+        (the adds' backward passes it unscaled, as ``unit_scaling``'s ``residual_add``;
+        standard weights are 1), its input gradient comes back through its norm, and the
+        skip's, attention's and feed-forward's gradients add at ``x``."""
+        self._check()
+        g_branch = self._dropout(g_out)
+        g_f = self.norm_bwd(blk["n2"], self.ffn_bwd(blk["ffn"], g_branch))
+        g_a = self.norm_bwd(blk["n1"], self._self_attn_bwd(blk["attn"], g_branch))
+        return g_out.plus(g_a).plus(g_f)
 
     def _self_attn_bwd(self, a: dict, g: Cov) -> Cov:
         gq, gk, gv = self.attention_bwd(a, g)
@@ -1023,15 +1121,31 @@ class _Predictor:
             self.acts["head"] = TensorRow("head", "activation", rms, old.scales, None, (),
                                           ("{}; + self-logit {:.3g} (tied embedding)",
                                            (old._formula, self_logit)))
-        ce = R.cross_entropy_rule(logits.rms, vocab=cfg.vocab_size, n_tokens=self.rows,
-                                  unit=self.unit)
-        loss = float(np.logaddexp(ce.loss, self_logit)) if self_logit > 0 else ce.loss
+        cap, cap_mom = cfg.logit_softcap, None
+        if cap is None:
+            ce = R.cross_entropy_rule(logits.rms, vocab=cfg.vocab_size, n_tokens=self.rows,
+                                      unit=self.unit)
+        else:
+            # a final soft cap c·tanh(z/c) (Gemma 2): the loss reads the capped logits, and
+            # its gradient reaches the head's (uncapped) output through sech²(z/c)
+            v = cfg.vocab_size
+            cap_mom = R.softcap_softmax_moments(logits.rms, v, cap)
+            per_row = cap_mom.slope2 * (1.0 - 2.0 / v) + cap_mom.sum_p2_slope2
+            ce = R.CrossEntropyScales(cap_mom.logsumexp,
+                                      self._loss_grad_scale() * math.sqrt(per_row / v))
+            self._logit_cap_grad = math.sqrt(cap_mom.slope2)
+        loss_self = (self_logit if cfg.logit_softcap is None
+                     else cfg.logit_softcap * math.tanh(self_logit / cfg.logit_softcap))
+        loss = float(np.logaddexp(ce.loss, loss_self)) if self_logit > 0 else ce.loss
         self.act("loss", loss, "E[logsumexp(z)] − E[z_target] (exact quadrature)"
                  + ("; with the tied self-logit" if self_logit else ""))
         # ---- backward
         g = self.independent(ce.grad_logits**2)
+        if cap_mom is not None and self_logit > 0:
+            g = self.independent(self._capped_tied_head_grad2(ce, cap_mom, self_logit))
         self.grad("head", g, "(softmax(z) − onehot)/N"
-                  + (" × V/√(V−1), sum reduction" if self.unit else ""))
+                  + (" × V/√(V−1), sum reduction" if self.unit else "")
+                  + ("" if cap is None else " ⊙ sech²(z/c) of the capped softmax"))
         g_normed = self.linear_bwd(head, g)
         g = self.norm_bwd(n_final, g_normed)
         if self_logit > 0:
@@ -1059,13 +1173,28 @@ class _Predictor:
             self.tok_wgrad(self.embed_bwd(e, g))
         self._branch_scale_coherence(n_final, ce, self_logit)
 
+    def _capped_tied_head_grad2(self, ce, mom, self_logit: float) -> float:
+        """The head's output gradient's variance per logit with tied embeddings and a final
+        soft cap (``mom``: :func:`.rules.softcap_softmax_moments` of the other logits):
+        ``s²/V · [(E p_self sech²_self)² + E sech⁴ (1 − 2/V) + (1 − p_self)² EΣp² sech⁴]``
+        per row — the self entry (``p_self`` on the input token, through the cap's slope
+        there, ~0 once the self-logit saturates the cap), the target's ``(1 − p_t)²`` and the
+        other entries, whose weight the self-logit takes (``1 − p_self`` of it), each through
+        the cap's slope (``s``: :meth:`_loss_grad_scale`)."""
+        v = self.cfg.vocab_size
+        p_self = self._p_self(ce, self_logit)
+        p_slope = self._p_self(ce, self_logit, slope=True)
+        per_row = (p_slope**2 + mom.slope2 * (1.0 - 2.0 / v)
+                   + (1.0 - p_self) ** 2 * mom.sum_p2_slope2)
+        return self._loss_grad_scale() ** 2 * per_row / v
+
     def _loss_grad_scale(self) -> float:
         """The loss gradient's scale per logit: ``1/N`` (mean reduction), or unit scaling's
         ``V/√(V−1)``."""
         return (R.unit_cross_entropy_grad_scale(self.cfg.vocab_size) if self.unit
                 else 1.0 / self.rows)
 
-    def _p_self(self, ce, self_logit: float) -> float:
+    def _p_self(self, ce, self_logit: float, slope: bool = False) -> float:
         """The softmax weight on the input token's own (tied) logit, ``E σ(z_self − L)``
         over the self-logit's spread between tokens (Gauss–Hermite, 24 nodes).
 
@@ -1078,8 +1207,20 @@ class _Predictor:
         if self_logit <= 0:
             return 0.0
         nodes, weights = _GAUSS_HERMITE
-        z = self_logit + self._self_logit_sd * nodes - ce.loss
-        return float(weights @ (1.0 / (1.0 + np.exp(np.minimum(-z, 700.0)))))
+        z = self_logit + self._self_logit_sd * nodes
+        gain = 1.0
+        cap = self.cfg.logit_softcap
+        if cap is not None:
+            # the softmax reads the capped self-logit c·tanh(z/c), and (``slope``) what the
+            # self-logit sends back is its weight times the cap's slope sech²(z/c), both
+            # averaged over the spread (at the mean self-logit the slope is far from its
+            # average: the spread is ±√d against c)
+            th = np.tanh(z / cap)
+            z = cap * th
+            if slope:
+                gain = 1.0 - th * th
+        z = z - ce.loss
+        return float(weights @ (gain / (1.0 + np.exp(np.minimum(-z, 700.0)))))
 
     def _self_logit_lean(self, g: Cov, g_normed: Cov, final: Cov, head: dict, ce,
                          self_logit: float, x_var: np.ndarray) -> Cov:
@@ -1104,8 +1245,8 @@ class _Predictor:
         ``x_var`` (the final norm's input variance per position) turns the part's coefficient
         into one on that input's own shared parts, for :meth:`_aligned_cross`.
         """
-        lean = (head["f"].grad_input * self._loss_grad_scale() * self._p_self(ce, self_logit)
-                * self.share)
+        lean = (head["f"].grad_input * self._loss_grad_scale()
+                * self._p_self(ce, self_logit, slope=True) * self.share)
         if lean == 0 or not len(final.S):
             return g
         ok = g_normed.var > 0
@@ -1147,8 +1288,9 @@ class _Predictor:
         p_self = self._p_self(ce, self_logit)
         sum_p2 = R.softmax_moments(logits.rms, v).sum_p2
         w2 = head["w"] ** 2
-        kappa = f.grad_input * s * (p_self * self.share
-                                    + (1 - p_self) * w2 * f.output * (1 - sum_p2))
+        kappa = f.grad_input * s * (self._p_self(ce, self_logit, slope=True) * self.share
+                                    + (1 - p_self) * w2 * f.output * (1 - sum_p2)
+                                    * self._logit_cap_grad)
         alpha = R.unit_layer_norm_grad_param_scale(self.c, self.rows) if self.unit else 1.0
         coherent = (alpha * self.rows * kappa) ** 2
         old = self.wgrads[f"{norm}.weight"]
@@ -1175,7 +1317,7 @@ class _Predictor:
         if self.unit or self_logit <= 0 or self.cfg.norm != "pre":
             return
         sigma2 = max(n_final["x_rms"] ** 2, 1e-300)
-        p_self = self._p_self(ce, self_logit)
+        p_self = self._p_self(ce, self_logit, slope=True)  # (a soft cap: times its slope)
         prefix = "decoder." if self.cfg.architecture == "encoder-decoder" else ""
         for norm, var in self.branch_vars.items():
             if not norm.startswith(prefix) or norm.endswith("cross_norm"):
