@@ -148,6 +148,10 @@ def _llama_family(data: dict, model_type: str, seq_len: int | None,
             if float(data.get(key, 0.0) or 0.0) > 0:
                 fields["dropout"] = max(fields.get("dropout", 0.0), float(data[key]))
     if model_type == "gemma2":
+        if data.get("use_bidirectional_attention"):  # transformers 5 writes it (false)
+            raise ConfigError({"use_bidirectional_attention": "use_bidirectional_attention="
+                                                              "true (gemma2 without its causal "
+                                                              "mask) is not computed"})
         fields["norm"] = "sandwich"
         if data.get("attn_logit_softcapping") is not None:
             fields["attn_softcap"] = float(data["attn_logit_softcapping"])
@@ -270,7 +274,8 @@ _READ["qwen2"] = _READ["mistral"] | {"use_sliding_window"}
 _READ["olmo2"] = set(_READ["llama"])
 _READ["phi3"] = _READ["mistral"] | {"resid_pdrop", "embd_pdrop"}
 _READ["gemma2"] = _READ["mistral"] | {"hidden_activation", "attn_logit_softcapping",
-                                      "final_logit_softcapping", "query_pre_attn_scalar"}
+                                      "final_logit_softcapping", "query_pre_attn_scalar",
+                                      "use_bidirectional_attention"}
 _READ["gpt_neox"] = {"hidden_size", "num_attention_heads", "intermediate_size",
                      "num_hidden_layers", "vocab_size", "max_position_embeddings",
                      "tie_word_embeddings", "use_parallel_residual", "rotary_emb_base",

@@ -131,3 +131,42 @@ def test_cli_params_accepts_a_hf_folder_and_warns_on_stderr(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "1,235,814,400" in out
     assert "warning: rope_scaling" in err
+
+
+_SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96,
+              vocab_size=100, max_position_embeddings=128)
+
+
+@pytest.mark.parametrize(("model_type", "fields"), [
+    ("llama", dict(num_key_value_heads=2)),
+    ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    ("llama", dict(head_dim=32)),
+    ("mistral", dict(num_key_value_heads=2, sliding_window=64)),
+    ("mixtral", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    ("gemma2", dict(num_key_value_heads=2, head_dim=32)),
+    ("olmo2", dict(num_key_value_heads=2)),
+    ("phi3", dict(num_key_value_heads=2, pad_token_id=0)),
+    ("gpt_neox", dict(rotary_pct=0.5)),
+    ("gpt_neox", dict(use_parallel_residual=False, tie_word_embeddings=True)),
+])
+@pytest.mark.parametrize("diff", [True, False], ids=["saved", "full"])
+def test_a_config_transformers_writes_imports_with_its_count(model_type, fields, diff):
+    """A config.json as transformers itself writes it (save_pretrained's diff, or every key),
+    off the published shapes: imported, and counted as transformers counts it. (transformers
+    5 writes gemma2's use_bidirectional_attention=false, which was refused as unknown.)"""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.AutoConfig.for_model(model_type, **_SMALL, **fields)
+    data = {**json.loads(hf_cfg.to_json_string(use_diff=diff)), "model_type": model_type}
+    cfg, _ = from_hf(data)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert count_parameters(cfg)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_gemma2_bidirectional_attention_is_refused_by_name():
+    with pytest.raises(ConfigError, match="use_bidirectional_attention=true"):
+        from_hf({**_hf("gemma-2-2b"), "use_bidirectional_attention": True})
+    assert from_hf({**_hf("gemma-2-2b"), "use_bidirectional_attention": False})[0] == \
+        from_hf(_hf("gemma-2-2b"))[0]
