@@ -1036,11 +1036,32 @@ def _load_weights(model: nn.Module, weights: _Weights, mapping: dict[str, Source
             params[ours].copy_(src.convert(stored))
 
 
+def _check_memory(plan: _Plan, shapes: dict[str, tuple[int, ...]], weights: _Weights,
+                  prefix: str) -> None:
+    """Refuse, before any allocation, a checkpoint whose fp32 weights (4 bytes × parameters,
+    plus the largest stored tensor being read) exceed the host RAM free now: an 8B-parameter
+    model needs 32 GB; without this check the process would be killed mid-load."""
+    from .memory_budget import available_memory
+    from .sizing import format_bytes
+
+    need = 4 * sum(math.prod(shape) for shape in shapes.values())
+    largest = max((math.prod(weights.header(s.name(prefix))[0])
+                   for s in plan.mapping.values()), default=0)
+    need += 4 * largest
+    have, where = available_memory("cpu")
+    if need > have:
+        params = need // 4 - largest
+        raise PretrainedError(f"the {plan.kind} checkpoint has {params:,} parameters: loading "
+                              f"them in fp32 needs {format_bytes(need)}, more than the "
+                              f"{format_bytes(have)} of {where} free now")
+
+
 def _materialise(plan: _Plan, weights: _Weights, prefix: str) -> nn.Module:
     _check_claims(plan, weights, prefix)
     meta = _construct(plan, "meta")  # shapes only: no memory, no random init
     shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}
     _check_tensors(weights, plan.mapping, prefix, shapes)
+    _check_memory(plan, shapes, weights, prefix)
     model = meta.to_empty(device="cpu")
     if plan.cfg.tie_embeddings:  # to_empty may re-create (and untie) Parameters
         model.head.weight = model.tok_emb.weight
@@ -1056,7 +1077,9 @@ class Pretrained:
     """A loaded checkpoint: our model (eval mode, CPU, fp32), its config and tokenizer.
 
     ``config`` describes the base architecture (``build_model(config)`` gives the same shapes,
-    without BERT's token types and embedding LayerNorm); ``kind`` is ``"bert"`` or ``"gpt2"``.
+    without BERT's token types and embedding LayerNorm, Gemma 2's √d embedding multiplier and
+    a checkpoint's rope scaling); ``kind`` is config.json's ``model_type`` (``"bert"``,
+    ``"gpt2"``, ``"gpt_neox"``, ``"llama"``, …).
     """
 
     model: nn.Module = field(repr=False)
@@ -1077,7 +1100,8 @@ class Encoded:
 
 
 def load_checkpoint(folder: str | os.PathLike[str]) -> Pretrained:
-    """Load a Hugging Face BERT-family or GPT-2 checkpoint folder into our model classes.
+    """Load a Hugging Face checkpoint folder (BERT family, GPT-2, GPT-NeoX, Llama family) into
+    our model classes.
 
     Reads ``config.json``, ``model.safetensors`` (or the shards ``model.safetensors.index.json``
     names) and ``tokenizer.json``; raises

@@ -375,3 +375,57 @@ def test_llama3_rope_frequencies_equal_transformers(hf_transformers):
     np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=1e-6, atol=0)
     plain = 500000.0 ** (-np.arange(0, 64, 2) / 64)
     assert (ours < plain * 0.999).any() and np.isclose(ours[0], plain[0], rtol=1e-6)
+
+
+@pytest.fixture
+def llama_copy(saved_families, tmp_path) -> Path:
+    return Path(shutil.copytree(saved_families("llama")[0], tmp_path / "llama"))
+
+
+def _edit_tensors(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def test_family_checkpoint_lacking_tensors_is_refused_by_name(llama_copy):
+    _edit_tensors(llama_copy, lambda t: [t.pop("lm_head.weight"),
+                                         t.pop("model.layers.1.self_attn.q_proj.weight")])
+    message = _refusal(llama_copy)
+    assert "lacks 2 tensors" in message
+    assert "lm_head.weight" in message and "model.layers.1.self_attn.q_proj.weight" in message
+
+
+def test_family_config_claiming_other_kv_heads_is_refused_by_shape(llama_copy):
+    data = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.json").write_text(json.dumps({**data, "num_key_value_heads": 4}))
+    message = _refusal(llama_copy)
+    assert "model.layers.0.self_attn.k_proj.weight" in message
+    assert "[32, 64]" in message and "[64, 64]" in message
+
+
+def test_family_checkpoint_beyond_free_memory_is_refused_before_allocating(llama_copy,
+                                                                         monkeypatch):
+    import unitscale_core.memory_budget as budget
+
+    monkeypatch.setattr(budget, "available_memory", lambda device="cpu": (100_000, "host RAM"))
+    built = []
+    monkeypatch.setattr(torch.nn.Module, "to_empty",
+                        lambda self, **kw: built.append(self) or self)
+    from safetensors.torch import load_file
+
+    message = _refusal(llama_copy)
+    assert not built  # refused on the meta model's shapes, before any weight memory
+    params = sum(t.numel() for t in load_file(str(llama_copy / "model.safetensors")).values())
+    assert f"{params:,} parameters" in message and "host RAM" in message
+
+
+def test_nonfinite_weights_in_a_family_checkpoint_are_refused(llama_copy):
+    def poison(t):
+        t["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("nan")
+
+    _edit_tensors(llama_copy, poison)
+    message = _refusal(llama_copy)
+    assert "model.layers.0.self_attn.k_proj.weight" in message and "NaN" in message
