@@ -636,11 +636,6 @@ def _modern_plan(hf: dict[str, Any], kind: str) -> _Plan:
     from .model.transformer import unsupported_fields
 
     scaling = _rope_params(hf, kind)
-    if hf.get("use_bidirectional_attention"):  # Gemma-family option (EmbeddingGemma)
-        raise CheckpointConfigError(kind, {"use_bidirectional_attention": (
-            "use_bidirectional_attention=true (a non-causal decoder) is not computed")})
-    # transformers 5 writes it (false) into every Gemma 2 config; from_hf does not read it
-    hf = {k: v for k, v in hf.items() if k != "use_bidirectional_attention"}
     try:
         cfg, _ = from_hf(hf, batch_size=1)
         max_len = cfg.max_len

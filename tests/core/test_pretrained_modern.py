@@ -277,7 +277,6 @@ def _save_family(transformers, family: str, folder: Path):
 def _unbuilt(folder: Path) -> dict[str, str]:
     """The fields the torch model does not build yet for the saved family's config."""
     data = json.loads((folder / "config.json").read_text())
-    data.pop("use_bidirectional_attention", None)
     return unsupported_fields(from_hf(data)[0])
 
 
