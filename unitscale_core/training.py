@@ -88,7 +88,7 @@ from torch import Tensor, nn
 
 from .atomic import FileProblem, atomic_open, read_regular_file
 from .config import DTYPES, PARAMETRIZATIONS, ConfigError, ModelConfig, from_dict
-from .measure import record_tensors
+from .measure import RECORDED, record_tensors
 from .model import build_model
 from .model.layers import NORM_CLASSES
 from .scaling.formats import FORMATS
@@ -535,7 +535,8 @@ class TrainingRun:
 
     def _discover_names(self) -> tuple[list[str], list[str]]:
         """One forward/backward on step 1's batch recording only the tensors' names (no update,
-        no RNG consumed, gradients cleared): measure()'s rows and order."""
+        no RNG consumed, gradients cleared): measure()'s rows and order, then the tensors of
+        any MoE expert that step did not run."""
         names = _Names()
         self._sync_working()
         self.model.train()
@@ -543,8 +544,15 @@ class TrainingRun:
             torch.manual_seed(_step_seed(self.settings.seed, 1))
             self._loss(self._batch(1)).backward()
         self.model.zero_grad(set_to_none=True)
-        acts = [n for n, k in names.seen if k == "activation"] + ["loss"]
+        acts = [n for n, k in names.seen if k == "activation"]
         grads = {n for n, k in names.seen if k == "grad_activation"}
+        # MoE experts no token of step 1 chose ran on no tensor: their names still get rows
+        # (NaN at a step that does not run them), so a later step's tensors are kept
+        seen = set(acts)
+        unseen = [n for n, m in self.model.named_modules()
+                  if ".moe.experts." in n and isinstance(m, RECORDED) and n not in seen]
+        acts += unseen + ["loss"]
+        grads |= set(unseen)
         params = [n for n, _ in self.model.named_parameters()]
         with_grad = [n for n, p in self.model.named_parameters() if p.requires_grad]
         out = ([(n, "activation") for n in acts]

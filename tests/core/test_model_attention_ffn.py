@@ -16,8 +16,8 @@ from unitscale_core import positional
 from unitscale_core.config import ModelConfig
 from unitscale_core.measure import measure
 from unitscale_core.model import build_model
-from unitscale_core.model.layers import Attention, FeedForward, PositionContext
-from unitscale_core.model.ops import GEGLU_SCALE, make_ops
+from unitscale_core.model.layers import Attention, FeedForward, MoE, PositionContext
+from unitscale_core.model.ops import GEGLU_SCALE, make_ops, routed_weight_square
 from unitscale_core.sizing import count_parameters
 
 PARAMS = ("standard", "unit", "umup")
@@ -297,3 +297,167 @@ def test_geglu_builds_counts_and_trains(arch, param):
     model.loss(run(model, cfg, x), x).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# -- mixture of experts --------------------------------------------------------------------------
+
+def moe_cfg(**kw) -> ModelConfig:
+    return tiny(**{**dict(n_experts=4, experts_per_token=2, activation="swiglu", bias=False),
+                   **kw})
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_moe_equals_transformers_mixtral_block(k):
+    """Standard MoE equals transformers' MixtralSparseMoeBlock with our weights copied in
+    (router → gate.weight, [gate; up] → gate_up_proj[e], down → down_proj[e]) within 1e-5,
+    and so does its input gradient."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = moe_cfg(experts_per_token=k)
+    torch.manual_seed(0)
+    moe = MoE(cfg, make_ops("standard"))
+    hf = MixtralSparseMoeBlock(MixtralConfig(
+        hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_local_experts=cfg.n_experts,
+        num_experts_per_tok=k, hidden_act="silu", router_jitter_noise=0.0)).eval()
+    with torch.no_grad():
+        hf.gate.weight.copy_(moe.router.weight)
+        for e, ex in enumerate(moe.experts):
+            hf.experts.gate_up_proj[e].copy_(torch.cat((ex.gate.weight, ex.up.weight)))
+            hf.experts.down_proj[e].copy_(ex.down.weight)
+    x = torch.randn(3, 7, cfg.d_model, requires_grad=True)
+    x_hf = x.detach().clone().requires_grad_(True)
+    y, y_hf = moe(x), hf(x_hf)
+    torch.testing.assert_close(y, y_hf, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_hf * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_hf.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_routed_weight_square_against_quadrature():
+    """E[Σ p̂²] for 2 experts, both kept: p = σ(d), d = z₁ − z₂ ~ N(0, 2), so
+    E[σ(d)² + σ(−d)²] by Gauss–Hermite; one expert per token: exactly 1."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    s = 1 / (1 + np.exp(-math.sqrt(2) * nodes))
+    exact = float((weights / weights.sum() * (s ** 2 + (1 - s) ** 2)).sum())
+    assert routed_weight_square(2, 2) == pytest.approx(exact, rel=0.01)
+    assert routed_weight_square(8, 1) == 1.0
+    assert 1 / 2 < routed_weight_square(8, 2) < 1
+
+
+def _ffn_output_rms(cfg: ModelConfig) -> float:
+    """RMS of layer 0's feed-forward sub-block output (ffn or moe), 3 seeds."""
+    out = []
+    for seed in range(3):
+        model = build_model(cfg.replace(seed=seed))
+        layer = model.layers[0]
+        block = getattr(layer, layer.ffn_name)
+        got: list[torch.Tensor] = []
+        h = block.register_forward_hook(lambda _m, _i, o, got=got: got.append(o.detach()))
+        with torch.no_grad():
+            model(ids(cfg, seed))
+        h.remove()
+        out.append(float(got[0].pow(2).mean().sqrt()))
+    return math.exp(sum(map(math.log, out)) / len(out))
+
+
+@pytest.mark.parametrize("param", ("unit", "umup"))
+@pytest.mark.parametrize("experts,k", [(4, 2), (8, 2), (8, 4)])
+def test_moe_output_keeps_the_dense_feed_forwards_scale(param, experts, k):
+    """The MoE output (p̂-weighted sum of k experts) has the RMS ``ops.moe_combine`` plans:
+    the dense feed-forward output's under u-μP (forward scale ``m^-½``), ``k^¼`` times it
+    under unit (gmean of ``m^-½`` and the gradient's ``(m/k)^-½``), within 10% (d 64, T 32,
+    3 seeds); unscaled it would be ``√m`` (0.76 for 4 experts, top 2) times the dense one."""
+    base = moe_cfg(parametrization=param, d_model=64, d_ff=128, seq_len=32, max_len=32,
+                   batch_size=4, n_experts=1, experts_per_token=1)
+    dense = _ffn_output_rms(base)
+    moe = _ffn_output_rms(base.replace(n_experts=experts, experts_per_token=k))
+    planned = k ** 0.25 if param == "unit" else 1.0
+    assert abs(math.log(moe / dense / planned)) < math.log(1.10), (moe, dense, planned)
+    assert math.sqrt(routed_weight_square(experts, k)) < 0.87
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("activation", ("gelu", "geglu"))
+def test_moe_builds_counts_and_trains(arch, param, activation):
+    """Module names of the contract (``moe.router``, ``moe.experts.{e}.up/gate/down``, no
+    ``ffn``), parameter count == sizing's total, finite gradients on the router and every
+    expert that got a token."""
+    cfg = moe_cfg(architecture=arch, parametrization=param, activation=activation, bias=True)
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
+    names = {n for n, _ in model.named_modules()}
+    pre = "decoder.layers.0" if arch == "encoder-decoder" else "layers.0"
+    assert {f"{pre}.moe.router", f"{pre}.moe.experts.3.up", f"{pre}.moe.experts.3.down"} <= names
+    assert (f"{pre}.moe.experts.0.gate" in names) == (activation == "geglu")
+    assert f"{pre}.ffn" not in names and model.get_submodule(f"{pre}.moe.router").bias is None
+    x = ids(cfg)
+    model.loss(run(model, cfg, x), x).backward()
+    router = model.get_submodule(f"{pre}.moe.router").weight
+    assert router.grad is not None and torch.isfinite(router.grad).all()
+    assert float(router.grad.abs().sum()) > 0  # top-2: the renormalised weights carry a grad
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_moe_measurement_names_and_unused_experts():
+    """measure() names the router and each expert's modules in the layer scheme; an expert
+    no token chose (16 experts, top 1, 4 tokens) has weight rows but no activation or
+    gradient rows, and nothing crashes."""
+    cfg = moe_cfg(parametrization="unit", n_experts=16, experts_per_token=1, batch_size=1,
+                  seq_len=4)
+    rows = measure(cfg)
+    by = {(r.name, r.kind): r for r in rows}
+    assert ("layers.0.moe.router", "activation") in by
+    assert by[("layers.0.moe.router", "activation")].shape == (4, 16)
+    used = {n.split(".")[4] for n, k in by if n.startswith("layers.0.moe.experts.")
+            and k == "activation"}
+    assert 1 <= len(used) <= 4
+    unused = sorted(set(map(str, range(16))) - used)[0]
+    name = f"layers.0.moe.experts.{unused}.up"
+    assert (name + ".weight", "weight") in by
+    assert (name, "activation") not in by and (name + ".weight", "grad_weight") not in by
+    e = sorted(used)[0]
+    assert (f"layers.0.moe.experts.{e}.up.weight", "grad_weight") in by
+    assert all(math.isfinite(r.rms) for r in rows)
+
+
+# -- the training lab ----------------------------------------------------------------------------
+
+TRAINED = {
+    "gqa": dict(n_kv_heads=2, head_dim=12, qkv_bias=True, bias=False),
+    "mqa_geglu": dict(n_kv_heads=1, activation="geglu"),
+    "moe": dict(n_experts=8, experts_per_token=2, activation="swiglu", n_kv_heads=2),
+    # 8 tokens a step for 32 experts: most run on no token at step 1
+    "moe_top1": dict(n_experts=32, experts_per_token=1, batch_size=1, seq_len=8),
+}
+
+
+@pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("kind", sorted(TRAINED))
+def test_training_lab_trains_the_new_blocks(kind, param):
+    """A few copy-task steps of each new block under each parametrization: finite losses
+    that go down (with 4 × 16 tokens a step); the per-tensor rows name every expert of every
+    layer (an expert step 1 did not run is still a row, NaN at a step it does not run)."""
+    from unitscale_core.training import TrainingRun, TrainSettings
+
+    cfg = tiny(**{**dict(vocab_size=64, seq_len=16, max_len=16, batch_size=4), **TRAINED[kind]})
+    run = TrainingRun(cfg, TrainSettings(parametrization=param, task="copy", steps=6,
+                                         log_every=1))
+    run.run(6)
+    assert run.diverged is None and all(math.isfinite(x) for x in run.losses)
+    if kind != "moe_top1":  # (8 tokens a step: too few for the loss to fall in 6 steps)
+        assert min(run.losses[-2:]) < run.losses[0]
+    else:  # the rows of experts step 1 did not run are NaN there
+        first = run.records[0].tensor_rms
+        row = {key: i for i, key in enumerate(zip(run.tensor_names, run.tensor_kinds))}
+        idle = [e for e in range(32)
+                if math.isnan(first[row[(f"layers.0.moe.experts.{e}.up", "activation")]])]
+        assert len(idle) >= 32 - 8
+    if cfg.is_moe:
+        acts = {n for n, k in zip(run.tensor_names, run.tensor_kinds) if k == "activation"}
+        assert {f"layers.{i}.moe.experts.{e}.down" for i in range(2)
+                for e in range(cfg.n_experts)} <= acts
+        assert "layers.0.moe.router" in acts

@@ -44,7 +44,6 @@ def scores_of(model, x) -> list[torch.Tensor]:
 
 REFUSED = {
     "parallel_residual": dict(parallel_residual=True, parametrization="unit"),
-    "n_experts": dict(n_experts=4, experts_per_token=2),
 }
 
 

@@ -26,8 +26,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose product is the parametrization's (``ops.linear``).
 
     ``role`` is ``"hidden"``, ``"ffn"`` (feed-forward matrices, whose factors mirror each
-    other) or ``"readout"`` (the output head, which u-μP scales by ``1/fan_in``). Initialised
-    by ``ops.init_linear``.
+    other), ``"router"`` (a MoE router: forward-scaled under unit too) or ``"readout"`` (the
+    output head, which u-μP scales by ``1/fan_in``). Initialised by ``ops.init_linear``.
     """
 
     def __init__(self, fan_in: int, fan_out: int, bias: bool, ops: StandardOps,
@@ -272,6 +272,45 @@ class FeedForward(nn.Module):
         return self.down(self.act(h))  # (B, T, C); the residual branch applies dropout
 
 
+class MoE(nn.Module):
+    """Routed mixture-of-experts feed-forward (Mixtral, Jiang et al. 2024), named ``moe``.
+
+    ``p = softmax(router(x))`` over the E experts (``router: Linear(C, E)``, no bias, softmax
+    in fp32), the k largest kept and renormalised, ``p̂_i = p_i / Σ_top-k p``; the output is
+    ``Σ_k p̂_k · expert_k(x)``, each expert a dense :class:`FeedForward` (``experts.{e}``,
+    up/gate/down per the activation). An expert that no token of the batch chose is not run
+    (as transformers' ``MixtralExperts``): its modules record no tensor and its weights get no
+    gradient. The weighted sum is ``ops.moe_combine`` (unit scaling: see there); under
+    unit/u-μP the router is forward-scaled (``role="router"``) so its logits have unit RMS
+    whatever the constraint, as the attention logits do.
+    """
+
+    def __init__(self, cfg: ModelConfig, ops: StandardOps):
+        super().__init__()
+        self.ops = ops
+        self.n_experts, self.k = cfg.n_experts, cfg.experts_per_token
+        self.router = Linear(cfg.d_model, cfg.n_experts, False, ops, role="router")
+        self.experts = nn.ModuleList([FeedForward(cfg, ops) for _ in range(cfg.n_experts)])
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x: (N, C)`` → (renormalised top-k weights ``(N, k)`` fp32, expert ids ``(N, k)``)."""
+        probs = torch.softmax(self.router(x).float(), dim=-1)  # (N, E)
+        top, idx = probs.topk(self.k, dim=-1)
+        return top / top.sum(dim=-1, keepdim=True), idx
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, C)
+        weights, idx = self.route(flat)
+        slots = flat.new_zeros(flat.shape[0], self.k, shape[-1])  # expert outputs (N, k, C)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)
+            if tok.numel():
+                slots = slots.index_put((tok, slot), expert(flat[tok]))
+        y = self.ops.moe_combine(weights.to(x.dtype), slots, self.n_experts)
+        return y.view(shape)
+
+
 class EncoderLayer(nn.Module):
     """Self-attention then feed-forward, each in a τ-weighted residual branch.
 
@@ -313,8 +352,14 @@ class EncoderLayer(nn.Module):
         self.attn_out_norm = make_norm(cfg, ops) if out_norms else None
         self.after_attn = Tap()
         self.norm2 = make_norm(cfg, ops) if in_norms else None
-        self.ffn = FeedForward(cfg, ops)
+        #: the feed-forward sub-block: ``ffn`` (dense) or ``moe`` (n_experts > 1)
+        self.ffn_name = "moe" if cfg.is_moe else "ffn"
+        setattr(self, self.ffn_name, MoE(cfg, ops) if cfg.is_moe else FeedForward(cfg, ops))
         self.ffn_out_norm = make_norm(cfg, ops) if out_norms else None
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The layer's feed-forward sub-block (``ffn`` or ``moe``) on ``x``."""
+        return getattr(self, self.ffn_name)(x)
 
     def _residual(self, x: Tensor, norm: nn.Module | None, branch: Callable[[Tensor], Tensor],
                   tau: float, out_norm: nn.Module | None = None) -> Tensor:
@@ -337,11 +382,11 @@ class EncoderLayer(nn.Module):
             ops, p = self.ops, self.dropout
             a = ops.dropout(self.attn(self.norm1(x), ctx, None, key_padding_mask), p,
                             self.training)
-            f = ops.dropout(self.ffn(self.norm2(x)), p, self.training)
+            f = ops.dropout(self.feed_forward(self.norm2(x)), p, self.training)
             return ops.residual_add(f, ops.residual_add(a, x, self.taus[0]), self.taus[1])
         x = self._residual(x, self.norm1, lambda h: self.attn(h, ctx, None, key_padding_mask),
                            self.taus[0], self.attn_out_norm)
-        return self._residual(self.after_attn(x), self.norm2, self.ffn, self.taus[1],
+        return self._residual(self.after_attn(x), self.norm2, self.feed_forward, self.taus[1],
                               self.ffn_out_norm)
 
 
@@ -372,5 +417,5 @@ class DecoderLayer(EncoderLayer):
         x = self._residual(self.after_attn(x), self.cross_norm, lambda h: self.cross_attn(
             h, cross_ctx or PositionContext(), memory, memory_key_padding_mask), self.cross_tau,
             self.cross_out_norm)
-        return self._residual(self.after_cross(x), self.norm2, self.ffn, self.taus[1],
+        return self._residual(self.after_cross(x), self.norm2, self.feed_forward, self.taus[1],
                               self.ffn_out_norm)

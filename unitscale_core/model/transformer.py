@@ -269,11 +269,11 @@ def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
     Implemented: ``rope_base``, ``rotary_fraction`` (partial rotary), ``attn_softcap``,
     ``logit_softcap``, ``parallel_residual`` (standard parametrization, encoder or decoder),
     ``n_kv_heads`` (GQA/MQA), ``head_dim`` (``n_heads × head_dim`` need not be ``d_model``),
-    ``qkv_bias`` (q/k/v biases apart from ``bias``), ``activation='geglu'``, ``norm_type``
+    ``qkv_bias`` (q/k/v biases apart from ``bias``), ``activation='geglu'``, ``n_experts``
+    / ``experts_per_token`` (a routed MoE feed-forward, ``layers.MoE``), ``norm_type``
     (RMSNorm), ``norm`` sandwich / branch_output and ``qk_norm`` (head / all_heads), all
     under every parametrization and architecture (``layers.EncoderLayer``,
-    ``layers.RMSNorm``); values equal to the defaults' meaning (``experts_per_token`` with
-    one expert) are accepted as the same model.
+    ``layers.RMSNorm``).
     """
     todo = "is not built by the torch model yet"
     out: dict[str, str] = {}
@@ -282,8 +282,6 @@ def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
         out["parallel_residual"] = (f"parallel_residual=true with parametrization="
                                     f"{cfg.parametrization!r} and architecture="
                                     f"{cfg.architecture!r} {todo} (only standard, one stack)")
-    if cfg.n_experts > 1:
-        out["n_experts"] = f"n_experts={cfg.n_experts} (mixture of experts) {todo}"
     return out
 
 
