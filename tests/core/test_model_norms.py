@@ -350,25 +350,23 @@ def test_standard_branch_output_stream_grows_where_unit_keeps_it():
 # -- measurement names ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("norm_type", ("layernorm", "rmsnorm"))
-def test_measurement_reports_the_new_norms(norm_type):
-    cfg = tiny(norm="sandwich", norm_type=norm_type, qk_norm="head", seq_len=8,
-               batch_size=2)
-    rows = measure(cfg)
-    acts = {r.name for r in rows if r.kind == "activation"}
-    grads = {r.name for r in rows if r.kind == "grad_activation"}
-    weights = {r.name for r in rows if r.kind == "weight"}
-    for name in ("layers.0.attn_out_norm", "layers.0.ffn_out_norm", "layers.0.attn.q_norm",
-                 "layers.0.attn.k_norm", "layers.0.norm1", "norm"):
-        if norm_type == "rmsnorm" and RMSNorm not in _recorded():
-            pytest.xfail("measure.RECORDED does not include layers.RMSNorm yet (H2b)")
-        assert name in acts and name in grads, name
-    assert "layers.0.attn.q_norm.weight" in weights or "layers.0.attn.q_norm" in weights
-
-
-def _recorded():
-    from unitscale_core import measure as m
-
-    return m.RECORDED
+@pytest.mark.parametrize("norm", ("sandwich", "branch_output"))
+def test_measurement_reports_the_new_norms(norm_type, norm):
+    """measure() names the new modules in the existing scheme: activation and gradient rows
+    for each norm's output, weight and grad_weight rows for its gain (``….weight``)."""
+    cfg = tiny(norm=norm, norm_type=norm_type, qk_norm="head", seq_len=8, batch_size=2)
+    rows = {(r.name, r.kind) for r in measure(cfg)}
+    present = ["layers.0.attn_out_norm", "layers.0.ffn_out_norm", "layers.0.attn.q_norm",
+               "layers.0.attn.k_norm", "layers.1.ffn_out_norm", "norm"]
+    if norm == "sandwich":
+        present += ["layers.0.norm1", "layers.0.norm2"]
+    for name in present:
+        for kind in ("activation", "grad_activation"):
+            assert (name, kind) in rows, (name, kind)
+        for kind in ("weight", "grad_weight"):
+            assert (f"{name}.weight", kind) in rows, (name, kind)
+    if norm == "branch_output":
+        assert not any(n.startswith(("layers.0.norm1", "layers.0.norm2")) for n, _ in rows)
 
 
 @pytest.mark.parametrize("norm_type", ("layernorm", "rmsnorm"))
@@ -384,14 +382,7 @@ def test_umup_tags_every_norm_gain_as_norm(norm_type):
             "norm.weight"} <= gains
     tags = mup_tags(cfg, model)
     wrong = {g for g in gains if tags[g][0] != "norm"}
-    if wrong and norm_type == "rmsnorm" and RMSNorm not in _mup_norm_classes(model, tags):
-        pytest.xfail("training.mup_tags tags only LayerNorm gains as norm yet (H2b)")
     assert not wrong, wrong
-
-
-def _mup_norm_classes(model, tags) -> set[type]:
-    return {type(m) for n, m in model.named_modules()
-            if f"{n}.weight" in tags and tags[f"{n}.weight"][0] == "norm"}
 
 
 @pytest.mark.parametrize("param", PARAMS)
