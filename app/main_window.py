@@ -361,13 +361,20 @@ class MainWindow(QMainWindow):
         export_menu.setObjectName("exportMenu")
         for title, dock in self.docks.items():
             panel = dock.widget()
+            own = getattr(panel, "export_button", None)  # the training panel's own menu
             if hasattr(panel, "export_items"):
                 sub = export_menu.addMenu(title)
                 menu_for(panel, panel.export_items, sub)
-                # what is exported is what is on screen: a panel behind another tab is not
-                # laid out (its PNG came out 1636×162) and stops updating (the positional
-                # view still showed the previous config's rope), so its tab comes to the front
-                sub.aboutToShow.connect(lambda d=dock: self.show_dock(d))
+            elif own is not None and own.menu() is not None:
+                sub = export_menu.addMenu(title)  # the same actions as its Export button
+                sub.addActions(own.menu().actions())
+            else:
+                continue
+            sub.setObjectName(f"export{title}Menu")
+            # what is exported is what is on screen: a panel behind another tab is not
+            # laid out (its PNG came out 1636×162) and stops updating (the positional
+            # view still showed the previous config's rope), so its tab comes to the front
+            sub.aboutToShow.connect(lambda d=dock: self.show_dock(d))
         file_menu.addSeparator()
         action("&Quit", self.close, "Ctrl+Q", "quitAction")  # StandardKey.Quit: empty on some
 

@@ -319,7 +319,7 @@ def test_file_export_of_a_panel_behind_a_tab_brings_it_to_the_front(qtbot, windo
 
     export_menu = window.findChild(QMenu, "exportMenu")
     subs = {a.text(): a.menu() for a in export_menu.actions() if a.menu() is not None}
-    assert set(subs) >= {"Scaling", "Sizes", "Positional", "Attention"}
+    assert list(subs) == ["Scaling", "Sizes", "Positional", "Attention", "Training"]
     def on_screen(panel) -> bool:
         return not panel.visibleRegion().isEmpty()
 
@@ -332,3 +332,25 @@ def test_file_export_of_a_panel_behind_a_tab_brings_it_to_the_front(qtbot, windo
     subs["Sizes"].aboutToShow.emit()
     qtbot.waitUntil(lambda: on_screen(window.sizes_panel), timeout=5_000)
     assert not on_screen(window.positional_panel)
+
+
+def test_file_export_lists_the_training_panels_exports_too(qtbot, window, monkeypatch,
+                                                            tmp_path):
+    """File → Export had no Training entry (its exports lived only on the panel's button):
+    the same actions, and they say where they wrote or why not."""
+    from PySide6.QtWidgets import QMenu
+
+    sub = window.findChild(QMenu, "exportTrainingMenu")
+    own = window.training_panel.export_button.menu()
+    assert [a.text() for a in sub.actions()] == [a.text() for a in own.actions()]
+    path = tmp_path / "loss.png"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a: (str(path), "")))
+    sub.aboutToShow.emit()
+    qtbot.waitUntil(lambda: not window.training_panel.visibleRegion().isEmpty(), timeout=5_000)
+    by_text = {a.text(): a for a in sub.actions()}
+    by_text["Loss plot as PNG…"].trigger()
+    assert path.stat().st_size > 0
+    assert window.training_panel.status.text() == f"wrote {path}"
+    by_text["Records as CSV…"].trigger()  # no run yet: refused, said in the panel
+    assert "start a run first" in window.training_panel.status.text()
+
