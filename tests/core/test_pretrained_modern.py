@@ -428,3 +428,29 @@ def test_nonfinite_weights_in_a_family_checkpoint_are_refused(llama_copy):
     _edit_tensors(llama_copy, poison)
     message = _refusal(llama_copy)
     assert "model.layers.0.self_attn.k_proj.weight" in message and "NaN" in message
+
+
+def test_sharded_bf16_gemma2_checkpoint_matches_transformers_in_fp32(hf_transformers, tmp_path):
+    """Real checkpoints are bf16 and sharded: a Gemma 2 saved so (shards of ≤ 40 kB) loads
+    in fp32 (1 + w computed from the bf16 w in fp32, as Gemma does) and matches transformers'
+    fp32 model read from the same files."""
+    folder, _ = _save_family(hf_transformers, "gemma2", tmp_path / "fp32")
+    model = hf_transformers.Gemma2ForCausalLM.from_pretrained(folder, local_files_only=True)
+    sharded = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(sharded, safe_serialization=True,
+                                             max_shard_size="40KB")
+    shutil.copy(folder / "tokenizer.json", sharded / "tokenizer.json")
+    assert (sharded / INDEX).is_file()
+    if _unbuilt(sharded):
+        pytest.fail(f"gemma2 is expected to build: {_unbuilt(sharded)}")
+    ref = hf_transformers.Gemma2ForCausalLM.from_pretrained(
+        sharded, attn_implementation="eager", local_files_only=True, dtype=torch.float32).eval()
+    loaded = P.load_checkpoint(sharded)
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    ids = torch.randint(0, VOCAB, (1, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = ref(input_ids=ids, output_attentions=True)
+        logits = loaded.model(ids)
+    theirs = torch.stack([a[0] for a in out.attentions]).numpy()
+    np.testing.assert_allclose(P.attention_probs(loaded, ids), theirs, atol=TOL, rtol=0)
+    torch.testing.assert_close(logits, out.logits, atol=TOL, rtol=TOL)
