@@ -259,3 +259,19 @@ def test_softcap_softmax_moments_against_sampled_rows(sz: float, cap: float) -> 
     F.cross_entropy(y, targets, reduction="sum").backward()
     per_row = mom.slope2 * (1 - 2 / v) + mom.sum_p2_slope2
     check("softcap_softmax.grad", math.sqrt(per_row / v), rms(z.grad), NUMERIC)
+
+
+def test_unit_geglu_scale_is_the_models_and_unit_both_ways() -> None:
+    """The torch model's unit GeGLU (``UnitOps.geglu``) on unit Gaussians against
+    :func:`rules.geglu_rule` at :func:`rules.unit_geglu_scale`."""
+    from unitscale_core.model.ops import make_ops
+
+    torch.manual_seed(11)
+    up, gate = gauss(512, 256), gauss(512, 256)
+    y = make_ops("unit").geglu(up, gate)
+    y.backward(torch.randn_like(y))
+    r = R.geglu_rule(1.0, 1.0, 1.0, scale=R.unit_geglu_scale())
+    check("unit_geglu.out", r.output, rms(y), NUMERIC)
+    check("unit_geglu.grad_up", r.grad_up, rms(up.grad), NUMERIC)
+    check("unit_geglu.grad_gate", r.grad_gate, rms(gate.grad), NUMERIC)
+    assert r.output == pytest.approx(1.0, rel=1e-6)

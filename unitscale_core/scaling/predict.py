@@ -59,6 +59,8 @@ from .formats import FORMATS, gaussian_format_table, headroom_status_array
 from .hermite import hermite_coefficients
 
 LN_EPS = 1e-5
+#: RMSNorm's ε in the torch model (``unitscale_core.model.layers.RMSNORM_EPS``)
+RMS_EPS = 1e-6
 #: ALiBi heads are predicted in at most this many groups of consecutive slopes, each on its
 #: own attention map (the attention ops' cost times the number of groups).
 MAX_ALIBI_MAPS = 4
@@ -141,6 +143,18 @@ def _sinusoidal_cov(d_model: int, t: int) -> tuple[Cov, tuple[np.ndarray, np.nda
     return Cov(g, u, C, M), (FC, FM)
 
 
+#: gated feed-forwards' gate nonlinearity
+_GATES = {"swiglu": "silu", "geglu": "gelu_tanh"}
+#: a sub-block's output norm (sandwich, branch_output) by its input norm's name
+_OUT_NORMS = {"norm1": "attn_out_norm", "norm2": "ffn_out_norm", "cross_norm": "cross_out_norm"}
+
+
+def _out_norm_name(norm_name: str) -> str:
+    """``layers.0.norm1`` → ``layers.0.attn_out_norm`` (and ffn's, cross-attention's)."""
+    head, _, last = norm_name.rpartition(".")
+    return f"{head}.{_OUT_NORMS[last]}"
+
+
 def _softcapped(var: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:
     """Per bin: the variance of ``c·tanh(z/c)`` and ``E sech⁴(z/c)`` (the squared gain of
     its backward) for logits ``z`` of variance ``var`` (:func:`.rules.softcap_rule`)."""
@@ -166,23 +180,11 @@ def unpredicted_features(cfg: ModelConfig) -> dict[str, str]:
     def no(field: str, what: str) -> None:
         out[field] = f"{field}: the predictor has no rule for {what} yet"
 
-    if cfg.norm_type != "layernorm":
-        no("norm_type", f"norm_type={cfg.norm_type!r}")
-    if cfg.norm not in ("pre", "post"):
-        no("norm", f"norm={cfg.norm!r}")
-    if cfg.kv_heads != cfg.n_heads:
-        no("n_kv_heads", "grouped-query attention (n_kv_heads != n_heads)")
-    if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads != cfg.d_model:
-        no("head_dim", "head_dim × n_heads != d_model")
-    if cfg.qk_norm != "none":
-        no("qk_norm", f"qk_norm={cfg.qk_norm!r}")
     if cfg.parallel_residual and (cfg.parametrization != "standard"
                                   or cfg.architecture == "encoder-decoder"):
         no("parallel_residual", "parallel attention and feed-forward under unit scaling "
            "or u-μP, or with cross-attention (checked against the torch model under "
            "standard, one stack, only)")
-    if cfg.activation == "geglu":
-        no("activation", "activation='geglu'")
     if cfg.is_moe:
         no("n_experts", "a mixture of experts (n_experts > 1)")
     return out
@@ -349,26 +351,52 @@ class _Predictor:
                            ("α_w²·E[(Σ_rows g)²], α_w = {:.3g}", (f.grad_weight,)))
         return g.scaled(f.grad_input * math.sqrt(ctx["fan_out"]) * ctx["w"])
 
-    def norm_fwd(self, name: str, x: Cov) -> tuple[Cov, dict]:
+    def norm_fwd(self, name: str, x: Cov, d: int | None = None, stream: bool = True
+                 ) -> tuple[Cov, dict]:
         """LayerNorm of the residual stream: each token to unit RMS. It subtracts each row's
         mean, so the stream's flat part (``self.flat``) never reaches the output and does not
-        count in the variance it divides by."""
-        if self.flat is not None:
+        count in the variance it divides by.
+
+        RMSNorm (``cfg.norm_type``, :func:`.rules.rms_norm_rule`) removes no mean: what the
+        tokens share is kept — the flat part passes through (scaled with the token) and
+        counts in the variance it divides by — so downstream the normalised stream keeps
+        every shared part of the stream in its ``C``/``M``, exactly as a LayerNorm keeps the
+        shared parts in random directions (only the all-ones direction differs), and the
+        backward projects out one direction (``x̂``), not two.
+
+        ``d`` (default ``d_model``) is the normalised width and ``stream=False`` marks a norm
+        that does not read the residual stream (QK-norm, a sub-block's output norm): no flat
+        part to remove, nothing recorded for :mod:`.collapse` or the anisotropy."""
+        rms_norm = self.cfg.norm_type == "rmsnorm"
+        d = self.c if d is None else d
+        if self.flat is not None and stream and not rms_norm:
             x = x.minus_shared(*self.flat)
         total = x.total
-        self.own_shares.append((name, float(self.grid.w @ x.u) / total if total > 0 else 1.0))
-        self.anisotropies.append((name, 1.0 + self.aniso))
-        r = R.layer_norm_rule(x.rms, 1.0, d=self.c, b_rows=self.rows, eps=LN_EPS)
+        if stream:
+            self.own_shares.append((name, float(self.grid.w @ x.u) / total if total > 0
+                                    else 1.0))
+            self.anisotropies.append((name, 1.0 + self.aniso))
+        if rms_norm:
+            r = R.rms_norm_rule(x.rms, 1.0, d=d, b_rows=self.rows, eps=RMS_EPS)
+        else:
+            r = R.layer_norm_rule(x.rms, 1.0, d=d, b_rows=self.rows, eps=LN_EPS)
         y = x.normalised(r.output)
-        self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g} (row mean removed); the "
-                           "tokens' own share {:.3g}, their deviations' anisotropy S = {:.3g}",
-                           (x.rms, self.own_shares[-1][1], 1.0 + self.aniso)))
-        self.weight(name + ".weight", 1.0, "LayerNorm gain: ones")
-        if self.cfg.bias:
+        if rms_norm:
+            self.act(name, y, ("RMSNorm: √(ms/(ms+ε)), input σ = {:.3g} (no mean removed: "
+                               "what tokens share is kept), over {} features", (x.rms, d)))
+        elif stream:
+            self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g} (row mean removed); "
+                               "the tokens' own share {:.3g}, their deviations' anisotropy "
+                               "S = {:.3g}", (x.rms, self.own_shares[-1][1], 1.0 + self.aniso)))
+        else:
+            self.act(name, y, ("LayerNorm: √(v/(v+ε)), input σ = {:.3g}, over {} features",
+                               (x.rms, d)))
+        self.weight(name + ".weight", 1.0, "norm gain: ones")
+        if self.cfg.bias and not rms_norm:
             self.weight(name + ".bias", 0.0, "LayerNorm bias: zeros")
         # the input itself is not kept (a 96-layer forward would hold every stream state):
         # the backward needs only its variance per position
-        return y, {"name": name, "x_var": x.var, "x_rms": x.rms, "y": y}
+        return y, {"name": name, "x_var": x.var, "x_rms": x.rms, "y": y, "d": d}
 
     def norm_bwd(self, ctx: dict, g: Cov) -> Cov:
         """Per token ``g_x = (g − mean g − x̂ mean(g x̂))/σ``: :func:`.rules.layer_norm_rule`
@@ -376,11 +404,23 @@ class _Predictor:
         alpha = self.ln_alpha
         name = ctx["name"]
         self.grad(name, g)
-        self.wgrad(name + ".weight", alpha**2 * pair_sum(self.b, g, ctx["y"]),
-                   ("α²·E[(Σ_rows g·x̂)²], α = {:.3g}", (alpha,)))
-        if self.cfg.bias:
-            self.wgrad(name + ".bias", alpha**2 * pair_sum(self.b, g, None),
+        # a gain shared by ``heads`` independent heads (per-head QK-norm) sums their rows
+        heads = ctx.get("heads", 1)
+        if heads > 1 and self.unit:  # unit_scaling's (d/numel)^½ counts the heads' rows
+            alpha = alpha / math.sqrt(heads)
+        self.wgrad(name + ".weight", heads * alpha**2 * pair_sum(self.b, g, ctx["y"]),
+                   ("α²·E[(Σ_rows g·x̂)²], α = {:.3g}", (alpha,)) if heads == 1 else
+                   ("{}·α²·E[(Σ_rows g·x̂)²] (a gain shared by {} heads), α = {:.3g}",
+                    (heads, heads, alpha)))
+        rms_norm = self.cfg.norm_type == "rmsnorm"
+        if self.cfg.bias and not rms_norm:
+            self.wgrad(name + ".bias", heads * alpha**2 * pair_sum(self.b, g, None),
                        ("α²·E[(Σ_rows g)²], α = {:.3g}", (alpha,)))
+        if rms_norm or ctx["d"] != self.c:
+            # RMSNorm projects out x̂ only; a QK-norm's width is d_head or the projection's
+            ctx["bwd"] = factor = R.norm_backward_factor(
+                ctx["x_var"], ctx["d"], self.cfg.norm_type, RMS_EPS if rms_norm else LN_EPS)
+            return g.rescaled(factor)
         d = self.c
         var = np.maximum(ctx["x_var"], 0.0)
         var_bar = var * (d - 1) / d
@@ -468,10 +508,19 @@ class _Predictor:
     def attention_fwd(self, prefix: str, xq: Cov, xkv: Cov, causal: bool, pattern: str,
                       positional: str) -> tuple[Cov, dict]:
         c, dh, t = self.c, self.dh, self.t
-        qkv_bias = self.cfg.has_qkv_bias
-        q, lq = self.linear_fwd(f"{prefix}.q", xq, c, c, bias=qkv_bias)
-        k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, c, bias=qkv_bias)
-        v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, c, bias=qkv_bias)
+        cfg = self.cfg
+        qkv_bias = cfg.has_qkv_bias
+        # q: d → H·D, k and v: d → H_kv·D (grouped-query attention, decoupled head size)
+        q, lq = self.linear_fwd(f"{prefix}.q", xq, c, cfg.attn_width, bias=qkv_bias)
+        k, lk = self.linear_fwd(f"{prefix}.k", xkv, c, cfg.kv_width, bias=qkv_bias)
+        v, lv = self.linear_fwd(f"{prefix}.v", xkv, c, cfg.kv_width, bias=qkv_bias)
+        nq = nk = None
+        if cfg.qk_norm != "none":  # after the projections, before rope
+            q, nq = self._qk_norm(f"{prefix}.q_norm", q, cfg.n_heads)
+            k, nk = self._qk_norm(f"{prefix}.k_norm", k, cfg.kv_heads)
+        kv_fwd, kv_bwd = self._kv_repeat_scales()
+        if kv_fwd != 1.0:  # unit scaling's repeat: g^-¼ forward (ops.repeat_kv)
+            k, v = k.scaled(kv_fwd), v.scaled(kv_fwd)
         if positional == "rope":
             # rotated by position, what queries and keys share across positions decorrelates:
             # a shared part then moves the weights along a row like a token's own part
@@ -562,8 +611,9 @@ class _Predictor:
         self.act(prefix + ".context", ctx_cov,
                  ("α·Σ_j p_ij v_j: expected weights p̄ over the allowed keys, E Σp² = {:.3g}, "
                   "α = {:.3g}", (mean_p2, out_scale)), scales)
-        out, lo = self.linear_fwd(f"{prefix}.o", ctx_cov, c, c)
+        out, lo = self.linear_fwd(f"{prefix}.o", ctx_cov, cfg.attn_width, c)
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
+                     "nq": nq, "nk": nk, "kv_bwd": kv_bwd,
                      "v": v, "groups": groups, "aniso_kv": 1.0 + e_kv,
                      "rope": positional == "rope",
                      "rotary_share": (self.cfg.rotary_dims / dh if positional == "rope"
@@ -572,6 +622,33 @@ class _Predictor:
                      "grad_qkv": grad_qkv,
                      "grad_left": grad_left,
                      "grad_right": grad_right, "grad_sm_in": grad_sm_in, "sm_out": sm_out}
+
+    def _qk_norm(self, name: str, x: Cov, heads: int) -> tuple[Cov, dict]:
+        """QK-norm (OLMo 2 ``all_heads``: over the whole projection, ``heads·D`` wide; Qwen 3 /
+        Gemma 3 ``head``: over each head's ``D`` dims, one gain shared by the ``heads``):
+        :meth:`norm_fwd` of that width off the stream (each token to unit RMS; the gain's
+        gradient sums every head's rows, :func:`.rules.qk_norm_gain_grad_rows`)."""
+        per_head = self.cfg.qk_norm == "head"
+        y, n = self.norm_fwd(name, x, d=self.dh if per_head else heads * self.dh,
+                             stream=False)
+        n["heads"] = heads if per_head else 1
+        return y, n
+
+    def _kv_repeat_scales(self) -> tuple[float, float]:
+        """GQA's repeat of each K/V head to its ``G`` query heads (``ops.repeat_kv``):
+        ``(forward factor on k and v, factor on the K/V gradient)``. The backward sums the
+        ``G`` query heads' gradients, uncorrelated at initialisation, ``√G``
+        (:func:`.rules.gqa_kv_grad_gain`); unit scaling constrains the broadcast's
+        ``(1, G^-½)`` by the geometric mean, ``G^-¼`` both ways (so ``√G·G^-¼``); standard
+        and u-μP copy exactly. ``(1, 1)`` without GQA."""
+        g = self.cfg.n_heads // self.cfg.kv_heads
+        if g == 1:
+            return 1.0, 1.0
+        gain = R.gqa_kv_grad_gain(self.cfg.n_heads, self.cfg.kv_heads)
+        if self.p == "unit":
+            s = g ** -0.25
+            return s, gain * s
+        return 1.0, gain
 
     def _attention_aniso(self, amap, v: Cov, excess: np.ndarray, pairs: np.ndarray,
                          out: Cov, e_q: float, e_kv: float, own_input: bool) -> float:
@@ -685,11 +762,24 @@ class _Predictor:
                 g_k_rot = g_k
                 g_k = covariance.mixture([(g_k_rot, f_rot), (
                     covariance.mixture(g_ks_plain).scaled(gain), 1.0 - f_rot)])
+        kvb = a["kv_bwd"]
+        if kvb != 1.0:  # GQA: each K/V head's gradient sums its query heads' (√G)
+            g_k, g_v = g_k.scaled(kvb), g_v.scaled(kvb)
+            if f_rot < 1.0 and a["rope"]:
+                g_k_rot = g_k_rot.scaled(kvb)
+        fk = 1.0
+        if a["nq"] is not None:  # back through the QK-norms
+            g_q = self.norm_bwd(a["nq"], g_q)
+            g_k = self.norm_bwd(a["nk"], g_k)
+            fk = math.sqrt(float(self.grid.w @ (a["nk"]["bwd"] ** 2)))
+            if f_rot < 1.0 and a["rope"]:
+                g_k_rot = g_k_rot.rescaled(a["nk"]["bwd"])
         gq = self.linear_bwd(a["lq"], g_q)
         x_tot = max(a["x_kv"].total, 1e-300)
         kappa_v, kappa_k = v.total / (x_tot * self.c), a["k"].total / (x_tot * self.c)
-        extra_k = self.b * gain * gain * kappa_v * coherent
-        extra_v = self.b * gain_v * gain_v * a["m_fwd"] ** 2 * dh * kappa_k * coherent
+        extra_k = self.b * gain * gain * kappa_v * coherent * (kvb * fk) ** 2
+        extra_v = (self.b * gain_v * gain_v * a["m_fwd"] ** 2 * dh * kappa_k * coherent
+                   * kvb * kvb)
         # the key bias shifts every logit of a row equally, which softmax ignores — unless
         # RoPE rotates it differently at each position; this attention's own positional
         # (cross-attention is never rotated, whatever the config's self-attention uses)
@@ -712,11 +802,15 @@ class _Predictor:
         c, f, kind = self.c, self.cfg.d_ff, self.cfg.activation
         up, lu = self.linear_fwd(f"{prefix}.up", x, c, f, role="ffn")
         ctx: dict = {"prefix": prefix, "lu": lu, "up": up, "kind": kind}
-        if kind == "swiglu":
+        if kind in _GATES:
+            # SwiGLU silu(gate) ⊙ up; GeGLU gelu_tanh(gate) ⊙ up (:func:`.rules.geglu_rule`)
             gate, lg = self.linear_fwd(f"{prefix}.gate", x, c, f, role="ffn")
-            alpha = R.unit_silu_glu_scale() if self.unit else 1.0
-            h = covariance.gated(up, covariance.kernels("silu", gate)[0], alpha)
-            self.act(prefix + ".act", h, ("α·σ_up·rms(silu(gate)), α = {:.3g}", (alpha,)),
+            fn = _GATES[kind]
+            alpha = 1.0
+            if self.unit:
+                alpha = R.unit_silu_glu_scale() if kind == "swiglu" else R.unit_geglu_scale()
+            h = covariance.gated(up, covariance.kernels(fn, gate)[0], alpha)
+            self.act(prefix + ".act", h, ("α·σ_up·rms({}(gate)), α = {:.3g}", (fn, alpha)),
                      {"forward": alpha, "grad_input": alpha} if self.unit else None)
             ctx.update(lg=lg, gate=gate, alpha=alpha)
         else:
@@ -736,8 +830,7 @@ class _Predictor:
         # two random maps, d → d_ff → d (``_attention_aniso``), of the input's deviations,
         # of which the activation's first Hermite order is linear
         self._e_branch = self._e_in + 1.0 + c / f
-        coef = hermite_coefficients("silu" if kind == "swiglu" else kind,
-                                    R._key(max(up.rms, 1e-12)))[0]
+        coef = hermite_coefficients(_GATES.get(kind, kind), R._key(max(up.rms, 1e-12)))[0]
         energy = float(coef[1:] @ coef[1:])
         self._linear_share = float(coef[1] ** 2) / energy if energy > 0 else 0.0
         return out, ctx
@@ -745,9 +838,9 @@ class _Predictor:
     def ffn_bwd(self, a: dict, g: Cov) -> Cov:
         g_act = self.linear_bwd(a["ld"], g)
         self.grad(f"{a['prefix']}.act", g_act)
-        if a["kind"] == "swiglu":
+        if a["kind"] in _GATES:
             alpha = a["alpha"]
-            silu, dsilu = covariance.kernels("silu", a["gate"])
+            silu, dsilu = covariance.kernels(_GATES[a["kind"]], a["gate"])
             g_up = covariance.gated(g_act, silu, alpha)
             g_gate = covariance.gated(covariance.product(g_act, a["up"]), dsilu, alpha)
             return self.linear_bwd(a["lu"], g_up).plus(self.linear_bwd(a["lg"], g_gate))
@@ -763,15 +856,23 @@ class _Predictor:
     def block_fwd(self, x: Cov, norm_name: str, tau: float, branch_fwd) -> tuple[Cov, dict]:
         """One residual sub-block; returns (new stream, context for backward)."""
         self._check()
-        pre = self.cfg.norm == "pre"
+        placement = self.cfg.norm
+        pre = placement in ("pre", "sandwich", "branch_output")
         w_r, w_s = self._residual_weights(tau)
         self.share *= w_s
         self._e_in = self.aniso
+        n_out = None
         if pre:
             # the norm reads the stream as it is; the skip weight applies to the new stream
-            h, n = self.norm_fwd(norm_name, x)
+            # (branch_output: no input norm, the branch reads the stream itself)
+            h, n = (self.norm_fwd(norm_name, x) if placement != "branch_output"
+                    else (x, None))
             self._scale_flat(w_s)
             inner, ctx = branch_fwd(h)
+            if placement != "pre":
+                # Gemma 2 / OLMo 2: a norm on the branch's output before the add, each token
+                # to unit RMS (``_OUT_NORMS`` names it after the input norm's place)
+                inner, n_out = self.norm_fwd(_out_norm_name(norm_name), inner, stream=False)
             out = self.residual_add(self._dropout(inner), x, tau)
             self._mix_aniso(inner, x, tau)
             self.branch_vars[norm_name] = (w_r * self.drop) ** 2 * inner.total
@@ -783,8 +884,8 @@ class _Predictor:
             out, n = self.norm_fwd(norm_name, y)
             self.flat = None  # the stream is now a LayerNorm output
             self.share /= max(n["x_rms"], 1e-30)
-        blk = {"norm": n, "branch": ctx, "tau": tau, "pre": pre}
-        if self._track_align and len(x.S):
+        blk = {"norm": n, "branch": ctx, "tau": tau, "pre": pre, "out_norm": n_out}
+        if self._track_align and len(x.S) and placement in ("pre", "post"):
             gain = self._shared_gain(ctx) * self.drop_shared
             if pre:
                 # the branch reads the normed stream: x̄/σ, less its share ρ along each
@@ -859,8 +960,13 @@ class _Predictor:
         self._check()
         tau = blk["tau"]
         if blk["pre"]:
-            g_inner = branch_bwd(blk["branch"], self._dropout(g_out))
-            g = self.residual_split_bwd(self.norm_bwd(blk["norm"], g_inner), g_out, tau)
+            g_branch = self._dropout(g_out)
+            if blk["out_norm"] is not None:
+                g_branch = self.norm_bwd(blk["out_norm"], g_branch)
+            g_inner = branch_bwd(blk["branch"], g_branch)
+            if blk["norm"] is not None:  # (branch_output: no input norm)
+                g_inner = self.norm_bwd(blk["norm"], g_inner)
+            g = self.residual_split_bwd(g_inner, g_out, tau)
             return self._aligned_cross(blk, g)
         g_y = self.norm_bwd(blk["norm"], g_out)
         if self.align is not None:

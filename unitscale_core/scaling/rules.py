@@ -1650,6 +1650,14 @@ def geglu_rule(
                         scale * rms_up * df_rms * rms_grad_y)
 
 
+def unit_geglu_scale() -> float:
+    """The one factor of the torch model's unit-scaled GeGLU (built as
+    ``unit_scaling.functional.silu_glu`` is: on the output and both input gradients):
+    ``1/sqrt(E[gelu_tanh(g)²])``, ``g ~ N(0, 1)`` (≈ 1.5336), so a unit ``u ⊙ gelu_tanh(g)``
+    has unit RMS."""
+    return 1.0 / activation_moments("gelu_tanh", 1.0)[0]  # type: ignore[arg-type]
+
+
 def parallel_residual_rule(
     rms_x: float,
     rms_attn: float,
