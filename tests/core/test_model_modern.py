@@ -1,5 +1,6 @@
-"""Issue 21 fields in the torch model: what is built (rope_base, partial rotary, soft caps) is
-checked against independent references; what is not built yet is refused by name."""
+"""Issue 21 fields in the torch model: rope_base, partial rotary, soft caps and the parallel
+block checked against independent references, and a config using every new field builds (the
+others are tested in test_model_norms.py and test_model_attention_ffn.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from unitscale_core import positional
-from unitscale_core.config import ConfigError, ModelConfig
-from unitscale_core.model import build_model
+from unitscale_core.config import ModelConfig
+from unitscale_core.model import build_model, unsupported_fields
 from unitscale_core.model.layers import apply_rope
 from unitscale_core.sizing import count_parameters
 
@@ -40,20 +41,23 @@ def scores_of(model, x) -> list[torch.Tensor]:
     return out, logits
 
 
-# -- refused until built -------------------------------------------------------------------
+# -- every issue-21 field is built ---------------------------------------------------------
 
-REFUSED = {
-    "parallel_residual": dict(parallel_residual=True, parametrization="unit"),
-}
+EVERY_FIELD = dict(norm_type="rmsnorm", norm="pre", n_kv_heads=2, head_dim=12, qk_norm="head",
+                   parallel_residual=True, rotary_fraction=0.5, rope_base=5e5,
+                   activation="geglu", n_experts=4, experts_per_token=2, bias=False,
+                   qkv_bias=True, attn_softcap=50.0, logit_softcap=30.0)
 
 
-@pytest.mark.parametrize("field", sorted(REFUSED))
-def test_unbuilt_fields_are_refused_by_name(field):
-    cfg = tiny(**REFUSED[field])
-    with pytest.raises(ConfigError) as err:
-        build_model(cfg)
-    assert field in err.value.errors
-    assert isinstance(err.value, ValueError)
+@pytest.mark.parametrize("arch", ["encoder", "decoder", "encoder-decoder"])
+@pytest.mark.parametrize("param", PARAMS)
+def test_a_config_using_every_new_field_builds(arch, param):
+    """Nothing is refused any more (unsupported_fields is empty) and the model's size is
+    sizing's, in every architecture and parametrization."""
+    cfg = tiny(architecture=arch, parametrization=param, **EVERY_FIELD)
+    assert unsupported_fields(cfg) == {}
+    model = build_model(cfg)
+    assert count_parameters(cfg)["total"] == sum(p.numel() for p in model.parameters())
 
 
 def test_default_meaning_values_build():
@@ -155,13 +159,6 @@ def test_new_fields_forward_backward_and_count(parametrization, arch):
 
 # -- parallel residual -----------------------------------------------------------------------
 
-def test_parallel_residual_refused_where_not_built():
-    for kw in (dict(parametrization="umup"), dict(architecture="encoder-decoder")):
-        with pytest.raises(ConfigError) as err:
-            build_model(tiny(parallel_residual=True, **kw))
-        assert "parallel_residual" in err.value.errors
-
-
 @pytest.mark.parametrize("arch", ["decoder", "encoder"])
 def test_parallel_residual_is_x_plus_both_branches_of_the_same_input(arch):
     """Each layer's output is x + attn(norm1(x)) + ffn(norm2(x)) (GPT-NeoX), recomputed
@@ -189,14 +186,14 @@ def test_parallel_residual_is_x_plus_both_branches_of_the_same_input(arch):
 
 @pytest.mark.parametrize("parametrization", PARAMS)
 def test_modern_fields_train(parametrization):
-    """15 copy-task steps of a NeoX-like decoder (partial rotary, θ = 5e5, soft caps; parallel
-    block under standard): the loss of the last 3 steps is 0.3 nats below the first 3's."""
+    """15 copy-task steps of a NeoX-like decoder (partial rotary, θ = 5e5, soft caps, parallel
+    block): the loss of the last 3 steps is 0.3 nats below the first 3's."""
     from unitscale_core.training import TrainingRun, TrainSettings
 
     cfg = ModelConfig(d_model=32, n_heads=2, d_ff=64, n_layers=2, vocab_size=256, max_len=64,
                       seq_len=32, batch_size=4, positional="rope", rotary_fraction=0.25,
                       rope_base=5e5, attn_softcap=50.0, logit_softcap=30.0,
-                      parallel_residual=parametrization == "standard")
+                      parallel_residual=True)
     run = TrainingRun(cfg, TrainSettings(parametrization=parametrization, task="copy",
                                          steps=15, log_every=5))
     run.run(15)

@@ -342,7 +342,7 @@ class EncoderLayer(nn.Module):
         #: "pre", "post", "sandwich" or "branch_output"
         self.placement = cfg.norm
         self.pre_norm = cfg.norm in ("pre", "sandwich")  # a norm on the sub-block's input
-        #: GPT-NeoX's parallel block (standard parametrization only, so far)
+        #: GPT-J / GPT-NeoX's parallel block (every sub-block reads the layer's input)
         self.parallel = cfg.parallel_residual
         self.dropout = cfg.dropout
         out_norms = cfg.norm in ("sandwich", "branch_output")
@@ -376,14 +376,36 @@ class EncoderLayer(nn.Module):
         y = ops.residual_add(ops.dropout(h, self.dropout, self.training), skip, tau)
         return norm(y) if self.placement == "post" else y
 
+    def _parallel(self, x: Tensor,
+                  branches: list[tuple[nn.Module, Callable[[Tensor], Tensor], float]]) -> Tensor:
+        """Parallel sub-blocks ``(norm, f, τ)`` all reading ``x`` (GPT-J, GPT-NeoX):
+        standard ``x + Σ_i f_i(norm_i(x))``.
+
+        Unit scaling: the branches are added to the skip one after another in the order
+        given, ``s ← residual_add(f_i, s, τ_i)``, with the same τ's the depth rule gives the
+        sequential sub-blocks; with unit, uncorrelated branches the output has unit RMS and
+        branch i the weight ``c_i = τ_i/√(1 + τ_i²) · Π_{j>i} 1/√(1 + τ_j²)`` (the skip
+        ``Π_j 1/√(1 + τ_j²)``; ``Σ c² = 1``), exactly the share of the stream it has after a
+        sequential layer. The splits are taken in the reverse order,
+        ``(r_i, x) ← residual_split(x, τ_i)`` from the last branch to the first, which gives
+        each branch input the backward scale ``c_i`` and the skip the skip's: every
+        forward weight meets its own backward scale, so the gradient is the true one (the
+        sequential split/add pair's "delayed" branch scaling, three ways)."""
+        ops, p = self.ops, self.dropout
+        inputs = []
+        for _norm, _f, tau in reversed(branches):
+            res, x = ops.residual_split(x, tau)
+            inputs.append(res)
+        for (norm, f, tau), res in zip(branches, reversed(inputs)):
+            x = ops.residual_add(ops.dropout(f(norm(res)), p, self.training), x, tau)
+        return x
+
     def forward(self, x: Tensor, ctx: PositionContext,
                 key_padding_mask: Tensor | None = None) -> Tensor:
-        if self.parallel:  # x + attn(norm1(x)) + ffn(norm2(x)) (GPT-J, GPT-NeoX): no after_attn
-            ops, p = self.ops, self.dropout
-            a = ops.dropout(self.attn(self.norm1(x), ctx, None, key_padding_mask), p,
-                            self.training)
-            f = ops.dropout(self.feed_forward(self.norm2(x)), p, self.training)
-            return ops.residual_add(f, ops.residual_add(a, x, self.taus[0]), self.taus[1])
+        if self.parallel:  # x + attn(norm1(x)) + ffn(norm2(x)): no after_attn
+            return self._parallel(x, [
+                (self.norm1, lambda h: self.attn(h, ctx, None, key_padding_mask), self.taus[0]),
+                (self.norm2, self.feed_forward, self.taus[1])])
         x = self._residual(x, self.norm1, lambda h: self.attn(h, ctx, None, key_padding_mask),
                            self.taus[0], self.attn_out_norm)
         return self._residual(self.after_attn(x), self.norm2, self.feed_forward, self.taus[1],
@@ -393,7 +415,9 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(EncoderLayer):
     """Masked self-attention, cross-attention over ``memory``, then feed-forward.
 
-    ``taus`` = (self-attention, cross-attention, feed-forward); tap ``after_cross``.
+    ``taus`` = (self-attention, cross-attention, feed-forward); tap ``after_cross``. With
+    ``parallel_residual`` all three read the layer's input (``_parallel``; no published model
+    does this, it is the parallel block's rule applied to the decoder's three sub-blocks).
     Cross-attention's norms follow the same placement: ``cross_norm`` (absent for
     branch_output) and ``cross_out_norm`` (sandwich, branch_output).
     """
@@ -411,6 +435,14 @@ class DecoderLayer(EncoderLayer):
                 cross_ctx: PositionContext | None = None,
                 tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None) -> Tensor:
+        if self.parallel:  # x + attn(norm1 x) + cross(cross_norm x, memory) + ffn(norm2 x)
+            return self._parallel(x, [
+                (self.norm1, lambda h: self.attn(h, ctx, None, tgt_key_padding_mask),
+                 self.taus[0]),
+                (self.cross_norm, lambda h: self.cross_attn(
+                    h, cross_ctx or PositionContext(), memory, memory_key_padding_mask),
+                 self.cross_tau),
+                (self.norm2, self.feed_forward, self.taus[1])])
         x = self._residual(x, self.norm1,
                            lambda h: self.attn(h, ctx, None, tgt_key_padding_mask), self.taus[0],
                            self.attn_out_norm)

@@ -42,12 +42,14 @@ GEGLU_SCALE = 1.5335805
 
 
 @functools.lru_cache(maxsize=64)
-def routed_weight_square(n_experts: int, k: int, draws: int = 1 << 15) -> float:
+def routed_weight_square(n_experts: int, k: int) -> float:
     """``E[Σ_k p̂_k²]`` of the top-k renormalised softmax of ``n_experts`` unit Gaussian router
-    logits (seeded Monte Carlo, ``draws`` tokens; 1 for k = 1, ``1/k`` only for equal
-    weights): the mean square of a MoE token's combination weights at initialisation."""
+    logits (seeded Monte Carlo over 2¹⁵ tokens, fewer for thousands of experts so the draw
+    stays ~32 MB; 1 for k = 1, ``1/k`` only for equal weights): the mean square of a MoE
+    token's combination weights at initialisation."""
     if k == 1:
         return 1.0
+    draws = max(1 << 10, min(1 << 15, (1 << 22) // n_experts))
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(draws, n_experts, generator=gen, dtype=torch.float64)
     top = torch.softmax(z, dim=-1).topk(k, dim=-1).values

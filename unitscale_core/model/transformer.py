@@ -267,7 +267,7 @@ def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
     the reason; empty when the model computes everything ``cfg`` asks for.
 
     Implemented: ``rope_base``, ``rotary_fraction`` (partial rotary), ``attn_softcap``,
-    ``logit_softcap``, ``parallel_residual`` (standard parametrization, encoder or decoder),
+    ``logit_softcap``, ``parallel_residual`` (``layers.EncoderLayer._parallel``),
     ``n_kv_heads`` (GQA/MQA), ``head_dim`` (``n_heads × head_dim`` need not be ``d_model``),
     ``qkv_bias`` (q/k/v biases apart from ``bias``), ``activation='geglu'``, ``n_experts``
     / ``experts_per_token`` (a routed MoE feed-forward, ``layers.MoE``), ``norm_type``
@@ -275,14 +275,7 @@ def unsupported_fields(cfg: ModelConfig) -> dict[str, str]:
     under every parametrization and architecture (``layers.EncoderLayer``,
     ``layers.RMSNorm``).
     """
-    todo = "is not built by the torch model yet"
-    out: dict[str, str] = {}
-    if cfg.parallel_residual and (cfg.parametrization != "standard"
-                                  or cfg.architecture == "encoder-decoder"):
-        out["parallel_residual"] = (f"parallel_residual=true with parametrization="
-                                    f"{cfg.parametrization!r} and architecture="
-                                    f"{cfg.architecture!r} {todo} (only standard, one stack)")
-    return out
+    return {}
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> nn.Module:
