@@ -525,3 +525,28 @@ def test_parallel_decoder_layer_adds_three_branches_of_the_same_input():
                + layer.cross_attn(layer.cross_norm(h), cross, memory)
                + layer.ffn(layer.norm2(h)))
     torch.testing.assert_close(out, ref)
+
+
+# -- measurement names ---------------------------------------------------------------------------
+
+def test_measure_names_the_new_tensors():
+    """One measurement of a config with GQA, QK-norm, sandwich norms and MoE names every new
+    tensor in the layer scheme, with the contract's shapes (k: kv_width; probs per query
+    head; router logits per token)."""
+    cfg = tiny(parametrization="umup", n_kv_heads=2, head_dim=12, qk_norm="head",
+               norm_type="rmsnorm", norm="sandwich", n_experts=4, experts_per_token=2,
+               activation="geglu", bias=False, seq_len=16, max_len=16, batch_size=2)
+    by = {(r.name, r.kind): r for r in measure(cfg)}
+    b, t = cfg.batch_size, cfg.seq_len
+    assert by[("layers.0.attn.k", "activation")].shape == (b, t, 24)
+    assert by[("layers.0.attn.q", "activation")].shape == (b, t, 48)
+    assert by[("layers.0.attn.probs", "activation")].shape == (b, 4, t, t)
+    assert by[("layers.1.moe.router", "activation")].shape == (b * t, 4)
+    for name in ("layers.0.attn.q_norm", "layers.0.attn.k_norm", "layers.0.attn_out_norm",
+                 "layers.1.ffn_out_norm", "layers.1.moe.router"):
+        assert (name, "activation") in by and (name, "grad_activation") in by, name
+    for name in ("layers.0.attn.q_norm.weight", "layers.1.moe.router.weight",
+                 "layers.1.moe.experts.3.gate.weight"):
+        assert (name, "weight") in by, name
+    experts = {n for n, k in by if ".moe.experts." in n and k == "grad_weight"}
+    assert experts and all(math.isfinite(by[(n, "grad_weight")].rms) for n in experts)
