@@ -5,7 +5,10 @@ that reaches it in the backward pass; weights and their ``.grad`` are read after
 second copy of the model is made. Names are module paths (``layers.0.attn.q``,
 ``layers.0.attn.probs``, ``layers.0`` for a layer's output, ``head`` for the logits); a module
 that runs twice in one pass (the shared token embedding of an encoder-decoder) reports its
-second call as ``name@2``.
+second call as ``name@2``. A mixture-of-experts layer's tensors are ``layers.{i}.moe.router``
+(the router's logits, one row per token) and ``layers.{i}.moe.experts.{e}.up`` / ``.gate`` /
+``.down``; an expert no token of the batch chose does not run, so it has weight rows only (no
+activation, activation-gradient or weight-gradient rows), as any tensor the pass never made.
 
 Format columns are counted on the actual values: ``underflow`` is the fraction of the
 tensor's elements that are non-zero but round to zero in the format (``0 < |x| ≤ s/2``),
