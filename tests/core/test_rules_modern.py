@@ -275,3 +275,25 @@ def test_unit_geglu_scale_is_the_models_and_unit_both_ways() -> None:
     check("unit_geglu.grad_up", r.grad_up, rms(up.grad), NUMERIC)
     check("unit_geglu.grad_gate", r.grad_gate, rms(gate.grad), NUMERIC)
     assert r.output == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("n_experts,top_k,sr", [(8, 2, 1.0), (4, 2, 0.5), (8, 1, 1.0)])
+def test_routed_weight_moments_against_the_router_gradient(n_experts, top_k, sr) -> None:
+    """``m = E Σp̂²`` and the router logits' gradient ``r·A`` of Mixtral's softmax → top-k →
+    renormalise, through autograd (fresh torch draws, not the rule's own)."""
+    torch.manual_seed(12)
+    rows, d = 8192, 16
+    z = gauss(rows, n_experts, scale=sr)
+    p = torch.softmax(z, -1)
+    top, idx = p.topk(top_k, -1)
+    top = top / top.sum(-1, keepdim=True)
+    y = torch.randn(rows, top_k, d, dtype=torch.float64)
+    g = torch.randn(rows, d, dtype=torch.float64)
+    ((top[..., None] * y).sum(1) * g).sum().backward()
+    m, r = R.routed_weight_moments(n_experts, top_k, sr)
+    check("moe.m", m, top.pow(2).sum(-1).mean().item(), CLOSED)
+    meas = z.grad.pow(2).sum(-1).mean().item() / d  # A = d (unit g, y)
+    if top_k == 1:
+        assert r == 0.0 and meas < 1e-20
+    else:
+        check("moe.router_grad", r, meas, CLOSED)

@@ -1831,3 +1831,31 @@ def softcap_softmax_moments(sigma: float, n: int, cap: float) -> SoftcapSoftmaxM
     _check_positive("cap", cap)
     _check_positive("n", n)
     return _softcap_softmax_cached(_key(max(sigma, 1e-6)), int(n), float(cap))
+
+
+@lru_cache(maxsize=256)
+def _routed_moments(n_experts: int, k: int, sigma_key: float) -> tuple[float, float]:
+    rng = np.random.default_rng(0)  # fixed draws: a deterministic expectation
+    z = rng.standard_normal((1 << 14, n_experts)) * sigma_key
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    top = -np.sort(-p, axis=1)[:, :k]
+    top /= top.sum(1, keepdims=True)
+    s2 = (top * top).sum(1)
+    jac = (top * top * (1.0 - 2.0 * top + s2[:, None])).sum(1)
+    return float(s2.mean()), float(jac.mean())
+
+
+def routed_weight_moments(n_experts: int, top_k: int, router_rms: float) -> tuple[float, float]:
+    """Mixtral's routing weights at initialisation, router logits i.i.d. ``N(0, σ_r²)``:
+    ``(m, r)`` with ``m = E Σ_k p̂_k²`` (the output's variance over one expert's, with
+    independent experts) and ``r = E Σ_k p̂_k² (1 − 2p̂_k + Σ_l p̂_l²)``, the router
+    gradient's: ``∂L/∂z_e = p̂_e (a_e − Σ_l p̂_l a_l)`` for a chosen expert (``a_e = g·y_e``,
+    i.i.d. of variance ``A``; 0 for the others: the renormalised top-k ignores them), so
+    ``E Σ_e (∂L/∂z_e)² = r A``. By 2¹⁴ fixed (seeded) draws; ``k = 1``: ``(1, 0)``."""
+    _check_positive("n_experts", n_experts)
+    if not 0 < top_k <= n_experts:
+        raise ValueError(f"top_k must be in [1, {n_experts}]: {top_k}")
+    if top_k == 1:
+        return 1.0, 0.0
+    return _routed_moments(int(n_experts), int(top_k), _key(max(router_rms, 1e-6)))
