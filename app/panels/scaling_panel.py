@@ -810,9 +810,19 @@ class ScalingPanel(QWidget):
         self._offer = result
         budget, smaller = result.budget, result.budget.smaller
         text = f"⚠ {html.escape(budget.describe())}."
+        # A run whose weights and gradients alone exceed what is free cannot finish: the
+        # system would swap for minutes, then kill the program and the user's session with
+        # it. The GUI does not offer it (the CLI's --ignore-memory-budget still can).
+        self.measure_anyway.setEnabled(smaller is not None)
+        self.measure_anyway.setToolTip(
+            "Measure the config as it is, whatever the estimate (the machine may start "
+            "swapping or run out)" if smaller is not None else
+            "Not offered: the weights and their gradients alone need more than is free, so "
+            "the run could not finish. Measure fewer layers or a narrower width instead")
         if smaller is None:
             text += (" Even batch 1 × sequence 1 would not fit: the weights and their "
-                     "gradients alone are too many.")
+                     "gradients alone are too many. Measure fewer layers or a narrower "
+                     "width instead (the predictor covers this size).")
         else:
             size = f"{smaller.batch_size} × {smaller.seq_len}"
             need = format_bytes(measurement_memory(smaller, budget.memory.resident > 0,
@@ -851,8 +861,6 @@ class ScalingPanel(QWidget):
         if channel == CHANNEL and request_id == self._measure_id:
             self.measure_button.setEnabled(True)
             self._show_status(None)
-            self._show_summary()  # say so: a silent cancel looked like nothing had happened
-            self.summary.setText(self.summary.text() + "<br>measurement cancelled")
             self._show_summary()
             self.summary.setText(self.summary.text() + f"<br>⚠ measurement failed: {message}")
 

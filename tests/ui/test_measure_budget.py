@@ -69,16 +69,33 @@ def test_over_budget_says_both_numbers_and_measures_a_smaller_batch(qtbot, windo
 
 def test_measure_anyway_ignores_the_budget(qtbot, window, monkeypatch):
     panel = window.scaling_panel
+    fake_free(monkeypatch, free_for_batch_4(panel.shown_config()))  # batch 8 does not fit
+    with qtbot.waitSignal(window.worker.finished_job, timeout=30_000):
+        panel.measure()
+    qtbot.waitUntil(lambda: panel.findChild(QWidget, "memoryBudgetBox").isVisible())
+    anyway = panel.findChild(QWidget, "measureAnyway")
+    assert anyway.isEnabled()
+    with qtbot.waitSignal(panel.measured_ready, timeout=60_000):
+        anyway.click()
+    assert any(r.kind == "grad_weight" for r in panel.measured)
+    assert "to fit in memory" not in panel.summary.text()  # measured at batch 8 as shown
+
+
+def test_a_run_whose_weights_alone_do_not_fit_is_not_offered(qtbot, window, monkeypatch):
+    """Even batch 1 × sequence 1 over the budget (a Llama-3-8B preset on a laptop: 64 GB of
+    fp32 weights and gradients): the run could not finish, so 'Measure anyway' is disabled
+    and says why, instead of swapping until the system kills the program."""
+    panel = window.scaling_panel
     fake_free(monkeypatch, 1024)  # nothing fits
     with qtbot.waitSignal(window.worker.finished_job, timeout=30_000):
         panel.measure()
     qtbot.waitUntil(lambda: panel.findChild(QWidget, "memoryBudgetBox").isVisible())
     assert not panel.findChild(QWidget, "measureSmaller").isVisible()  # no batch would fit
     assert "Even batch 1 × sequence 1 would not fit" in panel.budget_label.text()
-    with qtbot.waitSignal(panel.measured_ready, timeout=60_000):
-        panel.findChild(QWidget, "measureAnyway").click()
-    assert any(r.kind == "grad_weight" for r in panel.measured)
-    assert "to fit in memory" not in panel.summary.text()
+    assert "fewer layers or a narrower width" in panel.budget_label.text()
+    anyway = panel.findChild(QWidget, "measureAnyway")
+    assert not anyway.isEnabled() and "could not finish" in anyway.toolTip()
+    assert not panel.measured
 
 
 def test_a_config_change_withdraws_the_offer(qtbot, window, monkeypatch):

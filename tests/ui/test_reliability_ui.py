@@ -128,6 +128,7 @@ def test_measurement_faults_then_a_good_measurement(qtbot, make_window, monkeypa
         panel.measure()
     assert failed.args[2] == "out of memory"
     qtbot.waitUntil(lambda: "measurement failed: out of memory" in panel.summary.text())
+    assert "cancelled" not in panel.summary.text()  # a failure is not a cancel
 
     def poisoned(cfg, device):  # a fresh model (the cache stays clean) with one NaN weight
         model = build_model(cfg, device=device)
