@@ -1029,9 +1029,17 @@ class _Predictor:
         self.act("loss", loss, "E[logsumexp(z)] − E[z_target] (exact quadrature)"
                  + ("; with the tied self-logit" if self_logit else ""))
         # ---- backward
-        g = self.independent(ce.grad_logits**2)
-        self.grad("head", g, "(softmax(z) − onehot)/N"
-                  + (" × V/√(V−1), sum reduction" if self.unit else ""))
+        grad_logits, formula = ce.grad_logits, "(softmax(z) − onehot)/N"
+        if self_logit > 0:
+            # the input token's own logit takes p_self of each row's softmax (its p_self²
+            # in the gradient's square, the other logits only the rest)
+            p1, p2 = self._p_self_moments(ce, self_logit)
+            grad_logits = R.tied_cross_entropy_grad(logits.rms, vocab=cfg.vocab_size,
+                                                    n_tokens=self.rows, p_self=p1,
+                                                    p_self_sq=p2, unit=self.unit)
+            formula += f"; tied: the own logit's p_self = {p1:.3g} (E p_self² = {p2:.3g})"
+        g = self.independent(grad_logits**2)
+        self.grad("head", g, formula + (" × V/√(V−1), sum reduction" if self.unit else ""))
         g_normed = self.linear_bwd(head, g)
         g = self.norm_bwd(n_final, g_normed)
         if self_logit > 0:
@@ -1075,11 +1083,16 @@ class _Predictor:
         at its mean. Measured on a tied 24-layer decoder at d 64 (6 seeds): ``p_self`` 0.83,
         where ``σ`` at the mean self-logit (32.7 against ``L`` ≈ 28) gave 0.9997 — the
         spread, ±7 here, matters at narrow widths (it grows as √d, the mean as d)."""
+        return self._p_self_moments(ce, self_logit)[0]
+
+    def _p_self_moments(self, ce, self_logit: float) -> tuple[float, float]:
+        """``(E p_self, E p_self²)`` over the self-logit's spread (:meth:`_p_self`)."""
         if self_logit <= 0:
-            return 0.0
+            return 0.0, 0.0
         nodes, weights = _GAUSS_HERMITE
         z = self_logit + self._self_logit_sd * nodes - ce.loss
-        return float(weights @ (1.0 / (1.0 + np.exp(np.minimum(-z, 700.0)))))
+        p = 1.0 / (1.0 + np.exp(np.minimum(-z, 700.0)))
+        return float(weights @ p), float(weights @ (p * p))
 
     def _self_logit_lean(self, g: Cov, g_normed: Cov, final: Cov, head: dict, ce,
                          self_logit: float, x_var: np.ndarray) -> Cov:
@@ -1094,36 +1107,38 @@ class _Predictor:
         tokens and sequences (positions, biases, attention averages), so the gradient gets
         pair covariances ``(κ c)² D_a D_b (C, M)[x̂]`` (``D`` the norm's per-position
         backward factor) — small per token, but weight and bias gradients sum them over all
-        rows. The token's own variance loses ``lean²·D²`` (``|κ e_t − κ c x̂_t|² =
-        κ²(1 − c²)``, ``lean = κ c``): without a position table ``c`` is large and leaving
-        that out put the tied ALiBi/no-position decoders' stream gradients +0.35 log2 high
-        (``test_tied_final_norm_takes_the_self_logit_part_out_of_the_stream_gradient``); with
-        a learned or sinusoidal table it is left out (measured better without, unexplained).
-        Measured (standard, tied, 4 layers, d 128, t 128): the bias gradients were 0.5–0.8
-        log2 low.
+        rows. The token's own variance loses ``E p_self²·(α_gx s c D)²`` (``|κ e_t − κ c x̂_t|²
+        = κ²(1 − c²)``) of the ``κ²`` the head's gradient puts in
+        (:func:`.rules.tied_cross_entropy_grad`: the own logit's ``p_self²``): with the head
+        rule's ``EΣp̂²`` of i.i.d. logits in its place and nothing taken out, the tied
+        ALiBi/no-position decoders' stream gradients were +0.35 log2 high (``c`` ≈ 0.92), and
+        subtracting ``c²`` of that put learned-position ones (``c`` ≈ 0.68) 0.1 log2 low
+        (``test_tied_final_norm_takes_the_self_logit_part_out_of_the_stream_gradient``,
+        ``tests/core/test_predict_tied_rope.py``). Measured (standard, tied, 4 layers, d 128,
+        t 128): without the pair covariances the bias gradients were 0.5–0.8 log2 low.
         ``x_var`` (the final norm's input variance per position) turns the part's coefficient
         into one on that input's own shared parts, for :meth:`_aligned_cross`.
         """
         lean = (head["f"].grad_input * self._loss_grad_scale() * self._p_self(ce, self_logit)
                 * self.share)
-        if lean == 0 or not len(final.S):
+        if lean == 0:
             return g
         ok = g_normed.var > 0
         D = np.sqrt(np.where(ok, g.var / np.where(ok, g_normed.var, 1.0), 0.0))
+        # the norm's backward takes κ c x̂ out with the projection on x̂: per element
+        # ``|κ e − κ c x̂|²/d = κ²(1 − c²)`` of the ``κ²`` (``E p_self²`` of it: the head's
+        # gradient, R.tied_cross_entropy_grad) the gradient held, ``c²`` of it less
+        own = head["f"].grad_input * self._loss_grad_scale() * self.share
+        var = np.maximum(g.var - own * own * self._p_self_moments(ce, self_logit)[1] * D * D,
+                         0.0)
+        if not len(final.S):
+            return Cov.of(g.g, np.maximum(var - (g.S[0].diagonal() if len(g.S) else 0.0),
+                                          0.0), g.S)
         DD = lean * lean * (D[:, None] * D)
         S = np.concatenate((g.S, np.zeros((2 - len(g.S), *DD.shape)))) if len(g.S) < 2 \
             else g.S.copy()
         S[0] += DD * final.C
         S[1] += DD * final.M
-        # the norm's backward takes κ c x̂ out with the projection on x̂: per element
-        # ``|κ e − κ c x̂|²/d = κ²(1 − c²)`` of the ``κ²`` the gradient held, ``lean²`` less.
-        # Only without an added position table: with one (learned, sinusoidal) the stream
-        # gradients were within 0.15 log2 without it and it put them 0.1 log2 lower
-        # (d 256, 4 layers, pre-norm: the norm gains' gradients to −0.36), a gap not
-        # explained yet (see the docstring)
-        var = g.var
-        if self.cfg.positional not in ("learned", "sinusoidal"):
-            var = np.maximum(var - (lean * D) ** 2, 0.0)
         if self._track_align:
             # that part, −lean·D ⊙ x̂̄, on the final norm's input's own shared parts
             # (x̂ = x/σ per position): :meth:`_aligned_cross` carries it down the stack
