@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -893,7 +894,10 @@ def test_params_text_is_aligned_and_says_which_config(capsys, tmp_path):
     assert lines[0] == "config: built-in default (tiny preset)"
     ends = {len(line) for line in lines[1:] if "(" not in line}  # value columns end together
     assert len(ends) == 1, lines
-    starts = {line.index("(") for line in lines[1:] if "(" in line}
+    # a note in brackets starts in one column; labels may carry their own ("(PaLM, headline)")
+    labels = {line: re.split(r"\s{2,}", line.strip())[0] for line in lines[1:]}
+    starts = {line.index("(", line.index(label) + len(label)) for line, label in labels.items()
+              if "(" in line and "(" not in label}
     assert len(starts) == 1, lines
     path = tmp_path / "m.json"
     save(ModelConfig(), path)
