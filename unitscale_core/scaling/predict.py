@@ -1094,7 +1094,7 @@ class _Predictor:
             b, ctx = fwd(h)
             done.append((kind, n, b, ctx, self._e_branch, self._linear_share))
         out = x
-        for (kind, n, b, ctx, e_b, lin), (_k, norm_name, tau, _f), c in zip(
+        for (_kind, _n, b, _ctx, e_b, lin), (_k, norm_name, tau, _f), c in zip(
                 done, branches, weights.branch_weights):
             skip = out
             out = self.residual_add(self._dropout(b), skip, tau)
