@@ -29,9 +29,6 @@ TINY = dict(d_model=32, n_heads=2, d_ff=64, n_layers=1, vocab_size=64, seq_len=8
 
 #: (field named in the refusal, the change that uses the feature)
 UNPREDICTED = [
-    ("parallel_residual", dict(parallel_residual=True, parametrization="unit")),
-    ("parallel_residual", dict(parallel_residual=True, parametrization="umup")),
-    ("parallel_residual", dict(parallel_residual=True, architecture="encoder-decoder")),
     ("n_experts", dict(n_experts=4, experts_per_token=2)),
 ]
 
@@ -57,11 +54,12 @@ def test_an_unpredicted_feature_is_refused_naming_its_field(field, change):
 
 
 def test_every_unpredicted_feature_is_named_at_once():
+    """Only the refused fields are named (parallel_residual under unit is predicted)."""
     cfg = ModelConfig(**{**TINY, "parallel_residual": True, "parametrization": "unit",
                          "n_experts": 4, "experts_per_token": 2})
     with pytest.raises(UnpredictedFeature) as info:
         predict(cfg)
-    assert set(info.value.errors) == {"parallel_residual", "n_experts"}
+    assert set(info.value.errors) == {"n_experts"}
 
 
 @pytest.mark.parametrize("change", [
@@ -167,9 +165,9 @@ HELD_OUT_MODERN = {
                              n_layers=3, vocab_size=384, seq_len=48, batch_size=4,
                              max_len=64),
 }
-#: parametrizations a held-out config is checked under (the others are refused until the
-#: torch model builds them: parallel_residual under unit / u-μP)
-HELD_OUT_PARAMS = {"neox-parallel-partial-rope": ("standard",)}
+#: parametrizations a held-out config is checked under where not all three (the others are
+#: refused until the predictor has their rules)
+HELD_OUT_PARAMS: dict[str, tuple[str, ...]] = {}
 SEEDS = (100, 101, 102, 103)
 
 
@@ -192,3 +190,47 @@ def test_modern_held_out_configs_over_seeds(param, name):
     worst = sorted(((abs(e), k) for k, e in mean.items()), reverse=True)[:5]
     print(f"{name} {param}: {share:.1%} of {len(mean)} within 25%; worst {worst}")
     assert share >= 0.9, worst
+
+
+#: A parallel encoder-decoder: the decoder's self-attention, cross-attention and feed-forward
+#: all read the layer's input (``DecoderLayer``; no published model, the parallel rule on
+#: three sub-blocks). Measured once before this test was written (seeds 100–101: standard
+#: 100%, unit 97.0%, u-μP 97.9% of 331 tensors), nothing tuned on it.
+PARALLEL_ENC_DEC = dict(architecture="encoder-decoder", parallel_residual=True,
+                        positional="rope", rotary_fraction=0.25, activation="gelu", bias=True,
+                        tie_embeddings=False, d_model=96, n_heads=4, d_ff=384, n_layers=2,
+                        vocab_size=384, seq_len=48, batch_size=4, max_len=64)
+
+
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+def test_parallel_residual_with_cross_attention_over_seeds(param):
+    """≥ 90% of tensors within 25%, seed-averaged over seeds 100–101, and the decoder's
+    parallel layers have no intermediate stream taps (``log2_errors`` checks the names)."""
+    errors: dict = {}
+    for seed in SEEDS[:2]:
+        cfg = ModelConfig(**{**PARALLEL_ENC_DEC, "parametrization": param, "seed": seed})
+        for key, (err, _p, _m) in log2_errors(cfg).items():
+            errors.setdefault(key, []).append(err)
+    assert ("decoder.layers.0.cross_attn.q", "activation") in errors
+    assert not any(name.endswith(("after_attn", "after_cross")) for name, _k in errors)
+    mean = {k: sum(v) / len(v) for k, v in errors.items()}
+    share = sum(abs(e) <= 0.32 for e in mean.values()) / len(mean)
+    worst = sorted(((abs(e), k) for k, e in mean.items()), reverse=True)[:5]
+    print(f"parallel encoder-decoder {param}: {share:.1%} of {len(mean)} within 25%; "
+          f"worst {worst}")
+    assert share >= 0.9, worst
+
+
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+def test_parallel_residual_without_biases_is_predicted(param):
+    """With rope and no biases the first layer's feed-forward reads a stream with no shared
+    part at all (no positions added, no bias; in a sequential layer attention's averaging
+    gives it one): predicted, not a crash in the covariance kernels (it raised a reshape
+    ValueError under standard before). Seed 100: 100% of 141 tensors within 25% under each
+    parametrization when this test was written; asserted ≥ 90%."""
+    cfg = ModelConfig(**{**HELD_OUT_MODERN["neox-parallel-partial-rope"], "bias": False,
+                         "parametrization": param, "seed": SEEDS[0]})
+    errors = log2_errors(cfg)
+    share = sum(abs(e) <= 0.32 for e, _p, _m in errors.values()) / len(errors)
+    assert share >= 0.9, sorted(((abs(e), k) for k, (e, _p, _m) in errors.items()),
+                                reverse=True)[:5]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 import unit_scaling.functional as U
 from torch import Tensor
 
-from unitscale_core.model.layers import apply_rope, softcap
+from unitscale_core.model.layers import EncoderLayer, apply_rope, softcap
+from unitscale_core.model.ops import make_ops
 from unitscale_core.positional import rope_angles
 from unitscale_core.scaling import rules as R
 
@@ -132,28 +134,51 @@ def test_geglu_rule(su: float, sg: float) -> None:
 # =========================================================================== parallel block
 
 
-@pytest.mark.parametrize("unit", [False, True])
-def test_parallel_residual_rule(unit: bool) -> None:
-    """``add(f, add(a, x, τ_a), τ_f)`` with the model's own ops (standard sums; unit
-    ``unit_scaling``'s residual_add, whose backward leaves gradients unscaled: the split
-    scales them, so here the gradients reaching each operand are the add's weights)."""
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+@pytest.mark.parametrize("n_branches", [2, 3])
+def test_parallel_residual_rule(param: str, n_branches: int) -> None:
+    """The model's own parallel block (``EncoderLayer._parallel`` with the parametrization's
+    ops: ``unit_scaling``'s residual_split/residual_add under unit and u-μP) on Gaussian
+    draws, with linear branches ``b_i = h W_i`` of different gains (two: attention and
+    feed-forward; three: a decoder's self-, cross-attention and feed-forward) and τ's that
+    give each branch its own weight (so one put on the wrong branch shows): the output's RMS,
+    the gradient each branch's output receives, and the input's gradient, from the measured
+    RMS of each branch's output and of the gradient it returns at its input."""
     torch.manual_seed(5)
-    x, a, f = gauss(256, 128, scale=1.3), gauss(256, 128, scale=0.4), gauss(256, 128, scale=2.0)
-    ta, tf = 0.6, 0.5
-    if unit:
-        wra, wsa = R.residual_weights(ta)
-        wrf, wsf = R.residual_weights(tf)
-        y = wrf * f + wsf * (wra * a + wsa * x)
-    else:
-        y = x + a + f
-    gy = torch.randn_like(y)
+    rows, d = 4096, 64
+    taus = [1.0, 0.3, 0.6][:n_branches]  # (u-μP's depth τ's give each branch about one c)
+    gains = [0.4, 2.0, 0.9][:n_branches]
+    x = gauss(rows, d, scale=1.3)
+    ws = [torch.randn(d, d, dtype=torch.float64) * (gain / math.sqrt(d)) for gain in gains]
+    outs, ins = [], []
+
+    def branch(w: Tensor):
+        def f(h: Tensor) -> Tensor:
+            h.retain_grad()
+            ins.append(h)
+            b = h @ w
+            b.retain_grad()
+            outs.append(b)
+            return b
+        return f
+
+    layer = SimpleNamespace(ops=make_ops(param), dropout=0.0, training=False)
+    # the norm: a fresh tensor per branch (standard's split returns x itself)
+    y = EncoderLayer._parallel(layer, x, [(lambda t: t * 1.0, branch(w), tau)
+                                          for w, tau in zip(ws, taus)])
+    gy = torch.randn_like(y) * 0.7
     y.backward(gy)
-    out, gx, ga, gf = R.parallel_residual_rule(1.3, 0.4, 2.0, 1.0, tau_attn=ta, tau_ffn=tf,
-                                               unit=unit)
-    check("parallel.out", out, rms(y), CLOSED)
-    check("parallel.grad_x", gx, rms(x.grad), CLOSED)
-    check("parallel.grad_attn", ga, rms(a.grad), CLOSED)
-    check("parallel.grad_ffn", gf, rms(f.grad), CLOSED)
+    assert len(outs) == len(ins) == n_branches  # (in forward order: the adds')
+    r = R.parallel_residual_rule(1.3, [rms(b) for b in outs], 0.7, [rms(h.grad) for h in ins],
+                                 taus=taus, unit=param != "standard")
+    check("parallel.out", r.output, rms(y), CLOSED)
+    for i, b in enumerate(outs):
+        check(f"parallel.grad_branch_{i}", r.grad_output, rms(b.grad), CLOSED)
+    check("parallel.grad_x", r.grad_x, rms(x.grad), CLOSED)
+    if param == "standard":
+        assert r.skip_weight == 1.0 and r.branch_weights == (1.0,) * n_branches
+    else:  # unit RMS out of unit parts: the weights' squares sum to one
+        assert r.skip_weight**2 + sum(c * c for c in r.branch_weights) == pytest.approx(1.0)
 
 
 # =========================================================================== partial rotary

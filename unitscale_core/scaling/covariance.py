@@ -1103,7 +1103,9 @@ def _half_correlations(x: Cov) -> tuple[np.ndarray, np.ndarray]:
     sd = np.sqrt(np.maximum(x.var, 1e-300))
     inv = 1.0 / np.take(sd[:, None] * sd, g.upper_flat)  # 1/(σ_a σ_b)
     S = x.S
-    half = np.take(S.reshape(len(S), -1), g.upper_flat, axis=1)
+    # (K·K, not −1: a stream with no shared part, S of shape (0, K, K), as the first
+    # parallel block's feed-forward reads with no additive positions)
+    half = np.take(S.reshape(len(S), len(sd) * len(sd)), g.upper_flat, axis=1)
     if len(S) == 2:
         rho = np.multiply(half, inv, out=half)
     else:  # the missing matrices' correlations are zeros

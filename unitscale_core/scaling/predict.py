@@ -180,11 +180,6 @@ def unpredicted_features(cfg: ModelConfig) -> dict[str, str]:
     def no(field: str, what: str) -> None:
         out[field] = f"{field}: the predictor has no rule for {what} yet"
 
-    if cfg.parallel_residual and (cfg.parametrization != "standard"
-                                  or cfg.architecture == "encoder-decoder"):
-        no("parallel_residual", "parallel attention and feed-forward under unit scaling "
-           "or u-μP, or with cross-attention (checked against the torch model under "
-           "standard, one stack, only)")
     if cfg.is_moe:
         no("n_experts", "a mixture of experts (n_experts > 1)")
     return out
@@ -1031,10 +1026,20 @@ class _Predictor:
         for i in range(n_layers):
             lp = f"{prefix}layers.{i}"
             tau = taus[i * len(kinds):(i + 1) * len(kinds)]
-            if cfg.parallel_residual:  # one block, both branches read x (no after_attn)
-                x, pb = self.parallel_block_fwd(x, lp, tau[0], tau[-1], causal)
+            if cfg.parallel_residual:  # one block, every branch reads x (no after_attn)
+                branches = [("attn", f"{lp}.norm1", tau[0], lambda h, lp=lp: (
+                    self.attention_fwd(f"{lp}.attn", h, h, causal, cfg.attention,
+                                       cfg.positional)))]
+                if memory is not None:  # the model's order: self, cross, feed-forward
+                    branches.append(("cross", f"{lp}.cross_norm", tau[1], lambda h, lp=lp: (
+                        self.attention_fwd(f"{lp}.cross_attn", h, memory, False, "full",
+                                           "none"))))
+                branches.append(("ffn", f"{lp}.norm2", tau[-1], lambda h, lp=lp: (
+                    self.ffn_fwd(f"{lp}.ffn", h))))
+                x, pb = self.parallel_block_fwd(x, branches)
                 self.act(lp, x, "layer output (residual stream): x + attn(norm1 x) + "
-                         "ffn(norm2 x)")
+                         + ("cross(cross_norm x) + " if memory is not None else "")
+                         + "ffn(norm2 x)")
                 layers.append([("parallel", pb, lp)])
                 continue
             x, sa = self.block_fwd(x, f"{lp}.norm1", tau[0], lambda h, lp=lp: (
@@ -1059,7 +1064,7 @@ class _Predictor:
             for kind, blk, tap in reversed(blocks):
                 self.grad(tap, g)
                 if kind == "parallel":
-                    g = self.parallel_block_bwd(blk, g)
+                    g = self.parallel_block_bwd(blk, g, memory_grads)
                 elif kind == "ffn":
                     g = self.block_bwd(blk, g, self.ffn_bwd)
                 elif kind == "attn":
@@ -1069,49 +1074,58 @@ class _Predictor:
                         a, gy, memory_grads))
         return g
 
-    def parallel_block_fwd(self, x: Cov, lp: str, tau_attn: float, tau_ffn: float,
-                           causal: bool) -> tuple[Cov, dict]:
-        """GPT-J / GPT-NeoX's parallel layer ``add(f, add(a, x, τ_a), τ_f)``,
-        ``a = attn(norm1 x)``, ``f = ffn(norm2 x)`` (standard: ``x + a + f``;
-        :func:`.rules.parallel_residual_rule`): both norms read the stream as it is, the
-        branches are taken independent of each other and of the skip (as a sequential
-        block's branch and skip), and the stream's anisotropy mixes in one branch after
-        the other."""
+    def parallel_block_fwd(self, x: Cov, branches: list) -> tuple[Cov, dict]:
+        """GPT-J / GPT-NeoX's parallel layer: branches ``(kind, norm name, τ, fwd)`` (kind
+        ``attn``, ``cross`` or ``ffn``), each ``b_i = f_i(norm_i x)`` reading the stream as
+        it is, added to it one after another in the given order,
+        ``s ← add(b_i, s, τ_i)`` (``layers.EncoderLayer._parallel``; standard
+        ``x + Σ b_i``). :func:`.rules.parallel_residual_rule` gives the weights: the skip
+        ``Π w_s,i``, branch i ``c_i = w_r,i Π_{j>i} w_s,j``. The branches are taken
+        independent of each other and of the skip (as a sequential block's branch and
+        skip); the stream's anisotropy mixes in one branch after the other."""
         self._check()
-        cfg = self.cfg
-        wra, wsa = self._residual_weights(tau_attn)
-        wrf, wsf = self._residual_weights(tau_ffn)
+        taus = [tau for _k, _n, tau, _f in branches]
+        ones = [1.0] * len(taus)
+        weights = R.parallel_residual_rule(1.0, ones, 1.0, ones, taus=taus, unit=self.unit)
         self._e_in = self.aniso
-        h1, n1 = self.norm_fwd(f"{lp}.norm1", x)
-        a, actx = self.attention_fwd(f"{lp}.attn", h1, h1, causal, cfg.attention,
-                                     cfg.positional)
-        e_attn, lin_attn = self._e_branch, self._linear_share
-        h2, n2 = self.norm_fwd(f"{lp}.norm2", x)
-        f, fctx = self.ffn_fwd(f"{lp}.ffn", h2)
-        mid = self.residual_add(self._dropout(a), x, tau_attn)
-        out = self.residual_add(self._dropout(f), mid, tau_ffn)
-        e_ffn, lin_ffn = self._e_branch, self._linear_share
-        self._e_branch, self._linear_share = e_attn, lin_attn
-        self._mix_aniso(a, x, tau_attn)
-        self._e_branch, self._linear_share = e_ffn, lin_ffn
-        self._mix_aniso(f, mid, tau_ffn)
-        self._scale_flat(wsa * wsf)
-        self.share *= wsa * wsf
-        self.branch_vars[f"{lp}.norm1"] = (wsf * wra * self.drop) ** 2 * a.total
-        self.branch_vars[f"{lp}.norm2"] = (wrf * self.drop) ** 2 * f.total
-        return out, {"n1": n1, "n2": n2, "attn": actx, "ffn": fctx, "taus": (tau_attn,
-                                                                             tau_ffn)}
+        done = []  # (kind, norm ctx, branch output, branch ctx, e_branch, linear share)
+        for kind, norm_name, _tau, fwd in branches:
+            h, n = self.norm_fwd(norm_name, x)
+            b, ctx = fwd(h)
+            done.append((kind, n, b, ctx, self._e_branch, self._linear_share))
+        out = x
+        for (_kind, _n, b, _ctx, e_b, lin), (_k, norm_name, tau, _f), c in zip(
+                done, branches, weights.branch_weights):
+            skip = out
+            out = self.residual_add(self._dropout(b), skip, tau)
+            self._e_branch, self._linear_share = e_b, lin
+            self._mix_aniso(b, skip, tau)
+            self.branch_vars[norm_name] = (c * self.drop) ** 2 * b.total
+        self._scale_flat(weights.skip_weight)
+        self.share *= weights.skip_weight
+        return out, {"branches": [(kind, n, ctx) for kind, n, _b, ctx, _e, _l in done],
+                     "weights": weights}
 
-    def parallel_block_bwd(self, blk: dict, g_out: Cov) -> Cov:
+    def parallel_block_bwd(self, blk: dict, g_out: Cov, memory_grads: list) -> Cov:
         """Backward of :meth:`parallel_block_fwd`: each branch gets the output's gradient
-        (the adds' backward passes it unscaled, as ``unit_scaling``'s ``residual_add``;
-        standard weights are 1), its input gradient comes back through its norm, and the
-        skip's, attention's and feed-forward's gradients add at ``x``."""
+        unscaled (unit scaling's ``residual_add`` weighs with ``scale_fwd``; standard weights
+        are 1), its input gradient comes back through its norm, and the splits (taken in
+        the reverse order, ``layers.EncoderLayer._parallel``) weigh it by the branch's own
+        forward weight ``c_i`` and the skip's gradient by ``Π w_s``
+        (:func:`.rules.parallel_residual_rule`): the true gradient of the weighted sum."""
         self._check()
+        w = blk["weights"]
         g_branch = self._dropout(g_out)
-        g_f = self.norm_bwd(blk["n2"], self.ffn_bwd(blk["ffn"], g_branch))
-        g_a = self.norm_bwd(blk["n1"], self._self_attn_bwd(blk["attn"], g_branch))
-        return g_out.plus(g_a).plus(g_f)
+        g = g_out.scaled(w.skip_weight)
+        for (kind, n, ctx), c in zip(reversed(blk["branches"]), reversed(w.branch_weights)):
+            if kind == "ffn":
+                gi = self.ffn_bwd(ctx, g_branch)
+            elif kind == "attn":
+                gi = self._self_attn_bwd(ctx, g_branch)
+            else:
+                gi = self._cross_attn_bwd(ctx, g_branch, memory_grads)
+            g = g.plus(self.norm_bwd(n, gi).scaled(c))
+        return g
 
     def _self_attn_bwd(self, a: dict, g: Cov) -> Cov:
         gq, gk, gv = self.attention_bwd(a, g)

@@ -1658,31 +1658,56 @@ def unit_geglu_scale() -> float:
     return 1.0 / activation_moments("gelu_tanh", 1.0)[0]  # type: ignore[arg-type]
 
 
+class ParallelResidualScales(NamedTuple):
+    """:func:`parallel_residual_rule`'s result."""
+
+    output: float  #: RMS of the layer's output ``y``
+    grad_output: float  #: the gradient each branch's output (and the skip's add) receives
+    grad_x: float  #: RMS of the gradient at the layer's input ``x``
+    skip_weight: float  #: ``Π_i w_s,i``: the skip's weight, forward and backward
+    branch_weights: tuple[float, ...]  #: ``c_i``, each branch's, forward and backward
+
+
 def parallel_residual_rule(
     rms_x: float,
-    rms_attn: float,
-    rms_ffn: float,
+    rms_branches: Sequence[float],
     rms_grad_y: float,
+    rms_grad_branches: Sequence[float],
     *,
-    tau_attn: float = 1.0,
-    tau_ffn: float = 1.0,
+    taus: Sequence[float],
     unit: bool = False,
-) -> tuple[float, float, float, float]:
-    """GPT-J / GPT-NeoX's parallel block ``y = add(f, add(a, x, τ_a), τ_f)`` with
-    ``a = attn(norm1 x)``, ``f = ffn(norm2 x)`` (standard: ``x + a + f``; unit-scaled ``add``
-    is :func:`residual_weights`' ``w_r·branch + w_s·skip``). With independent parts:
+) -> ParallelResidualScales:
+    """GPT-J / GPT-NeoX's parallel block: branches ``b_i = f_i(norm_i x)`` all reading
+    ``x`` (attention, then cross-attention in a decoder, then the feed-forward), added to it
+    one after another, ``s ← add(b_i, s, τ_i)`` from ``s = x``
+    (``layers.EncoderLayer._parallel``). Standard ``y = x + Σ b_i``; unit-scaled ``add`` is
+    ``unit_scaling``'s ``residual_add`` (:func:`residual_weights`: ``w_r``, ``w_s``), so
 
-    * ``rms_y² = (w_s,f w_s,a σ_x)² + (w_s,f w_r,a σ_a)² + (w_r,f σ_f)²``;
-    * the gradient reaching the skip, the attention and the feed-forward branch:
-      ``w_s,f w_s,a σ_gy``, ``w_s,f w_r,a σ_gy`` and ``w_r,f σ_gy`` (each branch's own
-      backward then adds its input gradient to the skip's: both read ``x``).
+        y = Π_i w_s,i · x + Σ_i c_i b_i,    c_i = w_r,i · Π_{j>i} w_s,j
 
-    Returns ``(rms_y, grad_skip, grad_attn, grad_ffn)``."""
-    wra, wsa = residual_weights(tau_attn) if unit else (1.0, 1.0)
-    wrf, wsf = residual_weights(tau_ffn) if unit else (1.0, 1.0)
-    out = math.sqrt((wsf * wsa * rms_x) ** 2 + (wsf * wra * rms_attn) ** 2
-                    + (wrf * rms_ffn) ** 2)
-    return out, wsf * wsa * rms_grad_y, wsf * wra * rms_grad_y, wrf * rms_grad_y
+    (``Σ c_i² + Π w_s² = 1``). With independent parts:
+
+    * ``rms_y² = (Π w_s σ_x)² + Σ (c_i σ_b,i)²``;
+    * ``residual_add`` weighs with ``scale_fwd``, so every branch's output receives the
+      output's gradient unscaled, ``σ_gy``; the model takes the splits in the reverse
+      order, which gives branch i's input the backward scale ``c_i`` and the skip
+      ``Π w_s``: with ``σ_g,i`` the gradient branch i's backward returns at its input,
+      ``grad_x² = (Π w_s σ_gy)² + Σ (c_i σ_g,i)²`` (the true gradient of the weighted sum).
+
+    Standard: every weight 1 (``taus`` ignored)."""
+    if not (len(rms_branches) == len(rms_grad_branches) == len(taus)):
+        raise ValueError("parallel_residual_rule: one rms, gradient and tau per branch, got "
+                         f"{len(rms_branches)}, {len(rms_grad_branches)} and {len(taus)}")
+    pairs = [residual_weights(t) if unit else (1.0, 1.0) for t in taus]
+    weights = []
+    for i, (w_r, _w_s) in enumerate(pairs):
+        weights.append(w_r * math.prod(w_s for _r, w_s in pairs[i + 1:]))
+    skip = math.prod(w_s for _r, w_s in pairs)
+    out = math.sqrt((skip * rms_x) ** 2 + sum((c * b) ** 2 for c, b in zip(weights,
+                                                                          rms_branches)))
+    grad_x = math.sqrt((skip * rms_grad_y) ** 2
+                       + sum((c * g) ** 2 for c, g in zip(weights, rms_grad_branches)))
+    return ParallelResidualScales(out, rms_grad_y, grad_x, skip, tuple(weights))
 
 
 def partial_rope_correlation(delta: np.ndarray | float, head_size: int, rotary_dims: int,
