@@ -1859,3 +1859,103 @@ def routed_weight_moments(n_experts: int, top_k: int, router_rms: float) -> tupl
     if top_k == 1:
         return 1.0, 0.0
     return _routed_moments(int(n_experts), int(top_k), _key(max(router_rms, 1e-6)))
+
+
+# ======================================================================= mixture of experts
+# (end to end: the predictor's MoE feed-forward, ``_Predictor.moe_fwd`` / ``moe_bwd``)
+
+#: correlations at which :func:`routed_pair_overlap` is tabulated (interpolated between)
+_OVERLAP_RHOS = np.linspace(-1.0, 1.0, 41)
+
+
+def _top_k_weights(z: np.ndarray, k: int) -> np.ndarray:
+    """Mixtral's routing weights of logits ``z (n, E)``: softmax, top-k, renormalised over the
+    k; zero for the experts not chosen (ties have probability 0)."""
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    kth = -np.partition(-p, k - 1, axis=1)[:, k - 1:k]
+    p = np.where(p >= kth, p, 0.0)
+    return p / p.sum(1, keepdims=True)
+
+
+@lru_cache(maxsize=128)
+def _overlap_table(n_experts: int, k: int, sigma_key: float) -> np.ndarray:
+    rng = np.random.default_rng(0)  # fixed draws: a deterministic expectation
+    n = max(1 << 10, min(1 << 14, (1 << 21) // n_experts))
+    a = rng.standard_normal((n, n_experts))
+    b = rng.standard_normal((n, n_experts))
+    pa = _top_k_weights(a * sigma_key, k)
+    out = np.empty(len(_OVERLAP_RHOS))
+    for i, rho in enumerate(_OVERLAP_RHOS):
+        z = (rho * a + math.sqrt(max(1.0 - rho * rho, 0.0)) * b) * sigma_key
+        out[i] = float((pa * _top_k_weights(z, k)).sum(1).mean())
+    out.setflags(write=False)
+    return out
+
+
+def routed_pair_overlap(n_experts: int, top_k: int, router_rms: float,
+                        rho: np.ndarray | float) -> np.ndarray | float:
+    """The routing overlap of two tokens whose router logits (i.i.d. over the experts,
+    ``N(0, σ_r²)``, ``σ_r = router_rms``) have correlation ``rho`` (the correlation of the
+    tokens' router inputs: the router is one linear map)::
+
+        Q(ρ) = E Σ_e p̂_ie p̂_je        (p̂_e = 0 for an expert not chosen)
+
+    ``Q(1) = m = E Σ_k p̂_k²`` (:func:`routed_weight_moments`), ``Q(0) = 1/E`` (each expert
+    chosen by both with probability ``(k/E)²``, at weight ``1/k`` on average: ``Σ p̂ = 1``).
+    What two tokens of a mixture's output share is ``Q(ρ)`` times what two tokens of one
+    expert's output share (different experts' weights are independent), and what an expert's
+    routed gradients share ``Q(ρ)/E`` of what the output gradients share (its own rows:
+    ``m/E``). By 2¹⁴ fixed (seeded) pairs of draws (fewer for thousands of experts) on 41
+    correlations, linearly interpolated."""
+    _check_positive("n_experts", n_experts)
+    if not 0 < top_k <= n_experts:
+        raise ValueError(f"top_k must be in [1, {n_experts}]: {top_k}")
+    table = _overlap_table(int(n_experts), int(top_k), _key(max(router_rms, 1e-6)))
+    out = np.interp(np.clip(rho, -1.0, 1.0), _OVERLAP_RHOS, table)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def unit_moe_combine_scales(n_experts: int, top_k: int, d: int,
+                            constraint: str | None) -> tuple[float, float, float]:
+    """``unitscale_core.model.ops.UnitOps.moe_combine``'s factors: ``(output, routed outputs'
+    gradient, routing weights' gradient)`` = ``apply_constraint(m^-½, (m/k)^-½)`` and
+    ``d^-½``, with ``m = E Σ_k p̂_k²`` of unit Gaussian router logits
+    (:func:`routed_weight_moments` at ``σ_r = 1``; the model draws its own, within 1%)."""
+    m = routed_weight_moments(n_experts, top_k, 1.0)[0]
+    out, grad = apply_constraint(constraint, m ** -0.5, (m / top_k) ** -0.5)
+    return out, grad, d ** -0.5
+
+
+class MoECombine(NamedTuple):
+    """RMS of a mixture's output and gradients (:func:`moe_combine_rule`)."""
+
+    output: float  # y = Σ_k p̂_k o_k
+    grad_expert: float  # the gradient reaching one expert's output, on the rows it chose
+    grad_logits: float  # the router logits' gradient, per element of (rows, E)
+    m: float  # E Σ_k p̂_k²
+    r: float  # E Σ_k p̂_k² (1 − 2p̂_k + Σ_l p̂_l²)
+
+
+def moe_combine_rule(rms_expert: float, rms_grad_y: float, *, n_experts: int, top_k: int,
+                     d: int, router_rms: float,
+                     scales: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> MoECombine:
+    """The routed combine ``y = s_o Σ_k p̂_k o_k`` (Mixtral; ``scales = (s_o, s_g, s_w)``, the
+    unit factors of :func:`unit_moe_combine_scales`, ones in a standard model) of independent
+    expert outputs ``o`` (RMS ``σ_o``) with routing weights from router logits of RMS
+    ``σ_r`` (:func:`routed_weight_moments`: ``m``, ``r``), output gradient of RMS ``σ_g``::
+
+        rms_y          = s_o √m σ_o
+        grad_expert    = s_g √(m/k) σ_g                   (E[p̂² | chosen] = m/k)
+        grad_logits    = √(r A / E),   A = s_w² d σ_g² σ_o²
+
+    ``A`` is the variance of ``a_e = s_w Σ_c g_c o_ec`` (``∂L/∂p̂_e``); the renormalised top-k
+    is a softmax over the chosen logits, so ``∂L/∂z_e = p̂_e (a_e − Σ_l p̂_l a_l)`` for a chosen
+    expert and 0 for the others, ``E Σ_e (∂L/∂z_e)² = r A``; with one expert (k = 1) p̂ = 1
+    and the router gets no gradient."""
+    m, r = routed_weight_moments(n_experts, top_k, router_rms)
+    s_o, s_g, s_w = scales
+    a = s_w * s_w * d * rms_grad_y ** 2 * rms_expert ** 2
+    return MoECombine(s_o * math.sqrt(m) * rms_expert,
+                      s_g * math.sqrt(m / top_k) * rms_grad_y,
+                      math.sqrt(r * a / n_experts), m, r)
