@@ -942,9 +942,13 @@ class _Predictor:
         self._copy_expert_rows(self.wgrads, [n for n in self.wgrads if n not in seen[1]],
                                prefix)
         gx = gx.scaled(math.sqrt(n_e))
-        # router logits: a_e = s_w g·o_e per token, p̂_e(a_e − Σ p̂ a) for the chosen
-        o = a["o"]
-        g_z = self.independent(rule.r / n_e * s_w * s_w * self.c * g.var * o.var)
+        # router logits: a_e = s_w g·o_e per token, p̂_e(a_e − Σ p̂ a) for the chosen; two
+        # tokens' a_e share s_w² c C^g C^o, counted as far as they chose alike (Q(ρ)/m of r)
+        o, scale = a["o"], rule.r / n_e * s_w * s_w * self.c
+        n_s = min(len(g.S), len(o.S))
+        S = g.S[:n_s] * o.S[:n_s] * overlap[:n_s] * (scale / rule.m) if n_s else g.S[:0]
+        var = g.var * o.var * scale
+        g_z = Cov.of(self.grid, np.maximum(var - S[0].diagonal(), 0.0) if n_s else var, S)
         return gx.plus(self.linear_bwd(a["lr"], g_z))
 
     # -- layers --------------------------------------------------------------------------------
