@@ -391,3 +391,50 @@ def test_an_experts_weight_gradient_sums_its_own_rows(n_experts, top_k, shared) 
     q = R.routed_pair_overlap(n_experts, top_k, 1.0, shared)
     pred = math.sqrt(m / n_experts * rows + q / n_experts * rows * (rows - 1) * shared ** 2)
     check("moe.expert_wgrad", pred, meas, 0.08)
+
+
+@pytest.mark.parametrize("n_experts,top_k,rho", [(8, 2, 0.85), (4, 2, 0.5), (8, 1, 0.7),
+                                                 (8, 2, 0.0)])
+@pytest.mark.parametrize("unit", [False, True])
+def test_each_experts_rows_against_sampled_batches(n_experts, top_k, rho, unit) -> None:
+    """Batches of 4 sequences × 48 tokens whose router inputs share ``ρ`` per sequence
+    (one vector per sequence, as a causal stack's tokens do), routed as the model routes,
+    expert by expert: the geometric mean over experts of the RMS of ``p̂·g`` on each
+    expert's rows (:func:`rules.routed_row_gain`) and of its weight gradient
+    ``α_e Σ_{i∈e} p̂_i g_i x_iᵀ`` (``α_e = n_e^-½`` under unit scaling, 1 otherwise;
+    :func:`rules.routed_weight_grad_gain` on the expectation from
+    :func:`rules.routed_pair_overlap`), ``g`` sharing ``ρ_g = 0.5`` per sequence. Fresh torch
+    draws and router weights; an expert no row chose is left out, as measurement does."""
+    torch.manual_seed(16)
+    b, t, d, rho_g, trials = 4, 48, 256, 0.5, 24
+    rows = b * t
+    row_logs, w_logs = [], []
+    for _ in range(trials):
+        w_r = torch.randn(d, n_experts, dtype=torch.float64) / math.sqrt(d)  # unit logits
+
+        def draw(share: float) -> Tensor:
+            return (math.sqrt(share) * torch.randn(b, 1, d, dtype=torch.float64)
+                    + math.sqrt(1 - share) * torch.randn(b, t, d, dtype=torch.float64)
+                    ).reshape(rows, d)
+        x, g = draw(rho), draw(rho_g)
+        p = _route(x @ w_r, top_k)
+        for e in range(n_experts):
+            chosen = p[:, e] > 0
+            n = int(chosen.sum())
+            if not n:
+                continue
+            row_logs.append(0.5 * math.log(p[chosen, e].pow(2).mean().item()))
+            wg = (p[:, e:e + 1] * g).T @ x / (math.sqrt(n) if unit else 1.0)
+            w_logs.append(0.5 * math.log(wg.pow(2).mean().item()))
+    m = R.routed_weight_moments(n_experts, top_k, 1.0)[0]
+    loads = R.routed_loads(n_experts, top_k, 1.0, b, t, rho, 0.0)
+    check("moe.row_gain", R.routed_row_gain(loads, m, top_k) * math.sqrt(m / top_k),
+          math.exp(float(np.mean(row_logs))), 0.03)
+    own = rows * m / n_experts
+    pair = R.routed_pair_overlap(n_experts, top_k, 1.0, rho) / n_experts * b * t * (t - 1) \
+        * rho * rho_g
+    if unit:  # α² = 1/(mean rows per expert) at the mean routing
+        own, pair = own / float(loads.n.mean()), pair / float(loads.n.mean())
+    gain = R.routed_weight_grad_gain(loads, own, pair, 0.0, unit)
+    check("moe.weight_grad_gain", math.sqrt(own + pair) * gain,
+          math.exp(float(np.mean(w_logs))), 0.08)

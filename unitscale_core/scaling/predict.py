@@ -876,6 +876,17 @@ class _Predictor:
                 if self.keep is not None and (name, row.kind) in self.keep:
                     self.keep[(other, row.kind)] = self.keep[(name, row.kind)]
 
+    def _expert_wgrads(self, ctx: dict, routed: Cov) -> dict[str, float]:
+        """The weight-gradient variances an expert's backward (``ctx``) makes of ``routed``,
+        without recording anything."""
+        kept = self.grads, self.wgrads, self.keep
+        self.grads, self.wgrads, self.keep = {}, {}, None
+        try:
+            self.ffn_bwd(ctx, routed)
+            return {n: r.rms ** 2 for n, r in self.wgrads.items()}
+        finally:
+            self.grads, self.wgrads, self.keep = kept
+
     def moe_fwd(self, prefix: str, x: Cov) -> tuple[Cov, dict]:
         """Mixtral's routed feed-forward (``unitscale_core.model.layers.MoE``): router logits
         ``z = router(x)`` (``Linear(C, E)``, no bias; forward-scaled under unit / u-μP),
@@ -913,8 +924,12 @@ class _Predictor:
         S = o.S * overlap[:n_s] * s_o2 if n_s else o.S
         var = o.var * (rule.m * s_o2)
         y = Cov.of(self.grid, np.maximum(var - S[0].diagonal(), 0.0) if n_s else var, S)
+        # how unevenly the rows fall to the experts, from what the router inputs share
+        total = max(x.total, 1e-300)
+        loads = R.routed_loads(n_e, k, sigma_r, self.b, self.t, x.same / total,
+                               x.m / total)
         return y, {"prefix": prefix, "experts": fctx, "lr": lr, "o": o, "rule": rule,
-                   "scales": scales, "overlap": overlap, "rows_e": rows_e}
+                   "scales": scales, "overlap": overlap, "rows_e": rows_e, "loads": loads}
 
     def moe_bwd(self, a: dict, g: Cov) -> Cov:
         """Backward of :meth:`moe_fwd`. Expert ``e``'s routed gradient ``s_g p̂_e g`` over all
@@ -936,11 +951,29 @@ class _Predictor:
         routed = Cov.of(self.grid, np.maximum(var - S[0].diagonal(), 0.0) if n_s else var, S)
         seen = (set(self.grads), set(self.wgrads))
         gx = self.ffn_bwd(a["experts"], routed)
+        new_w = [n for n in self.wgrads if n not in seen[1]]
+        # the same backward with only the rows' own products, and without what two
+        # sequences share: each weight gradient's sum split into own / pairs of one
+        # sequence / of two, which each expert's own rows weigh (routed_weight_grad_gain)
+        parts = [self._expert_wgrads(a["experts"], Cov.of(self.grid, routed.var,
+                                                          self.grid.none))]
+        parts.append(self._expert_wgrads(a["experts"], Cov.of(
+            self.grid, routed.u, routed.S[:1])) if n_s > 1 else
+            {n: self.wgrads[n].rms ** 2 for n in new_w})
+        loads, unit = a["loads"], self.unit
+        for name in new_w:
+            row = self.wgrads[name]
+            own, no_m, full = parts[0][name], parts[1][name], row.rms ** 2
+            gain = R.routed_weight_grad_gain(loads, own, max(no_m - own, 0.0),
+                                             max(full - no_m, 0.0), unit)
+            row.rms *= gain
+            row._formula = ("{} × {:.3g} (summed over each expert's own rows: "
+                            "routed_weight_grad_gain)", (row._formula, gain))
         share = k / n_e
+        row_gain = R.routed_row_gain(loads, rule.m, k)
         self._copy_expert_rows(self.grads, [n for n in self.grads if n not in seen[0]],
-                               prefix, rescale=1.0 / math.sqrt(share))
-        self._copy_expert_rows(self.wgrads, [n for n in self.wgrads if n not in seen[1]],
-                               prefix)
+                               prefix, rescale=row_gain / math.sqrt(share))
+        self._copy_expert_rows(self.wgrads, new_w, prefix)
         gx = gx.scaled(math.sqrt(n_e))
         # router logits: a_e = s_w g·o_e per token, p̂_e(a_e − Σ p̂ a) for the chosen; two
         # tokens' a_e share s_w² c C^g C^o, counted as far as they chose alike (Q(ρ)/m of r)

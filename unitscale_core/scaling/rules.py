@@ -1960,3 +1960,109 @@ def moe_combine_rule(rms_expert: float, rms_grad_y: float, *, n_experts: int, to
     return MoECombine(s_o * math.sqrt(m) * rms_expert,
                       s_g * math.sqrt(m / top_k) * rms_grad_y,
                       math.sqrt(r * a / n_experts), m, r)
+
+
+class RoutedLoads(NamedTuple):
+    """Per expert of simulated batches (:func:`routed_loads`), its rows' routing: ``n`` the
+    rows that chose it, ``p2 = Σ p̂²`` over them, ``pair_seq = Σ p̂_i p̂_j`` over its ordered
+    pairs of distinct rows of one sequence, ``pair_batch`` over pairs of two sequences;
+    experts no row chose are left out (they do not run)."""
+
+    n: np.ndarray
+    p2: np.ndarray
+    pair_seq: np.ndarray
+    pair_batch: np.ndarray
+
+
+#: rows at most in one simulated batch of :func:`routed_loads` (longer sequences are cut)
+ROUTED_MAX_ROWS = 4096
+
+
+@lru_cache(maxsize=64)
+def _routed_loads(n_experts: int, k: int, sigma_key: float, b: int, t: int, rho_seq: float,
+                  rho_batch: float) -> RoutedLoads:
+    rng = np.random.default_rng(0)  # fixed draws: a deterministic expectation
+    t = max(1, min(t, ROUTED_MAX_ROWS // b))
+    trials = int(min(256, max(16, (1 << 16) // (b * t))))
+    out: list[list[np.ndarray]] = [[], [], [], []]
+    a_b, a_s = math.sqrt(rho_batch), math.sqrt(max(rho_seq - rho_batch, 0.0))
+    a_own = math.sqrt(max(1.0 - rho_seq, 0.0))
+    for _ in range(trials):
+        z = (a_b * rng.standard_normal((1, 1, n_experts))
+             + a_s * rng.standard_normal((b, 1, n_experts))
+             + a_own * rng.standard_normal((b, t, n_experts))) * sigma_key
+        p = _top_k_weights(z.reshape(b * t, n_experts), k).reshape(b, t, n_experts)
+        n = (p > 0).sum((0, 1))
+        p2 = (p * p).sum((0, 1))
+        per_seq = p.sum(1)  # (b, E)
+        seq2 = (per_seq * per_seq).sum(0)
+        total = per_seq.sum(0)
+        keep = n > 0
+        for lst, v in zip(out, (n, p2, seq2 - p2, total * total - seq2)):
+            lst.append(v[keep].astype(np.float64))
+    arrays = [np.concatenate(v) for v in out]
+    for v in arrays:
+        v.setflags(write=False)
+    return RoutedLoads(*arrays)
+
+
+def routed_loads(n_experts: int, top_k: int, router_rms: float, batch: int, seq: int,
+                 rho_seq: float, rho_batch: float) -> RoutedLoads:
+    """How unevenly a batch's rows fall to the experts when its tokens share parts of the
+    router input: logits ``z_bte = σ_r (√ρ_B g_e + √(ρ_S − ρ_B) h_be + √(1 − ρ_S) ε_bte)``
+    (``ρ_S``, ``ρ_B``: the mean correlation of two tokens' router inputs in one sequence and
+    in two; ``g`` shared by the batch, ``h`` by a sequence), routed as the model routes
+    (softmax, top-k, renormalised), per expert of each simulated batch
+    (:class:`RoutedLoads`). Tokens that share much choose alike: a few experts take most
+    rows, at large weights, the others few rows at small ones (rows per expert and
+    ``E[p̂² | chosen]`` then differ between experts, which each expert's measured RMS
+    shows). Fixed (seeded) draws, ``batch × seq`` rows per batch (at most
+    :data:`ROUTED_MAX_ROWS`: longer sequences are cut), 2¹⁶ rows over 16–256 batches."""
+    _check_positive("n_experts", n_experts)
+    if not 0 < top_k <= n_experts:
+        raise ValueError(f"top_k must be in [1, {n_experts}]: {top_k}")
+    rho_seq = min(max(round(rho_seq, 2), 0.0), 1.0)
+    rho_batch = min(max(round(rho_batch, 2), 0.0), rho_seq)
+    return _routed_loads(int(n_experts), int(top_k), _key(max(router_rms, 1e-6)), int(batch),
+                         int(seq), rho_seq, rho_batch)
+
+
+def routed_row_gain(loads: RoutedLoads, m: float, top_k: int) -> float:
+    """The factor on :func:`moe_combine_rule`'s ``grad_expert`` (``√(m/k)`` of the output
+    gradient) that each expert's own rows give, as their RMS is measured expert by
+    expert::
+
+        exp E_e[½ ln(Σ_{i∈e} p̂_i² / n_e)] / √(m/k)
+
+    (the geometric mean over experts of :func:`routed_loads`; 1 when routing is even and
+    many rows fall to each expert, below it when a few experts take most rows at large
+    weights: the others' rows carry small ``p̂``)."""
+    return float(np.exp(0.5 * np.mean(np.log(loads.p2 / loads.n))) / math.sqrt(m / top_k))
+
+
+def routed_weight_grad_gain(loads: RoutedLoads, own: float, pair_seq: float,
+                            pair_batch: float, unit: bool) -> float:
+    """The factor on an expert's weight-gradient RMS predicted from the expectation
+    ``own + pair_seq + pair_batch`` (its sum over its rows' own products, over pairs of one
+    sequence and of two, each at the mean routing), for each expert's gradient as it
+    comes out of its own rows (:func:`routed_loads`)::
+
+        V_e = w_e (own · P2_e/E P2 + pair_seq · S_e/E S + pair_batch · B_e/E B)
+        gain = √(exp E_e[ln V_e] / (own + pair_seq + pair_batch))
+
+    ``w_e = E n / n_e`` under unit scaling (the weight gradient is scaled by
+    ``n_e^-½``, its own rows), 1 otherwise. What rows share is summed over the pairs of
+    each expert's own rows: the experts that take most rows hold most of it."""
+    total = own + pair_seq + pair_batch
+    if total <= 0:
+        return 1.0
+    v = np.zeros_like(loads.p2)
+    for part, arr in ((own, loads.p2), (pair_seq, loads.pair_seq),
+                      (pair_batch, loads.pair_batch)):
+        mean = float(arr.mean())
+        if part and mean > 0:
+            v = v + part * arr / mean
+    if unit:
+        v = v * (float(loads.n.mean()) / loads.n)
+    v = np.maximum(v, 1e-300 * total)
+    return float(math.sqrt(math.exp(float(np.mean(np.log(v)))) / total))
