@@ -7,7 +7,8 @@ from unitscale_core.scaling.predict import unpredicted_features
 
 GQA = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, n_layers=2, vocab_size=64,
                   max_len=32, seq_len=16, batch_size=2, positional="rope", norm_type="rmsnorm",
-                  n_experts=4, experts_per_token=2)  # (MoE: still refused by the predictor)
+                  n_experts=4, experts_per_token=2, architecture="encoder-decoder",
+                  parallel_residual=True)  # (parallel + cross-attention: still refused)
 TINY = ModelConfig(d_model=64, n_heads=4, d_ff=128, n_layers=2, vocab_size=64, max_len=32,
                    seq_len=16, batch_size=2)
 
