@@ -232,3 +232,30 @@ def test_modern_held_out_configs_over_seeds(param, name):
     worst = sorted(((abs(e), k) for k, e in mean.items()), reverse=True)[:5]
     print(f"{name} {param}: {share:.1%} of {len(mean)} within 25%; worst {worst}")
     assert share >= 0.9, worst
+
+
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+def test_a_mixture_of_experts_is_predicted_at_every_entry_point(param):
+    """A routed MoE (4 experts, top 2; and top 1) goes through every entry point; every
+    expert gets the same rows (they are alike in distribution); with top 1 the router gets no
+    gradient (p̂ = 1 whatever its logits) and the model's own gradient there is ~0 too."""
+    cfg = ModelConfig(**{**TINY, "parametrization": param, "n_experts": 4,
+                         "experts_per_token": 2, "n_layers": 2, "batch_size": 4,
+                         "seq_len": 16})
+    for entry in ENTRY_POINTS:
+        entry(cfg)
+    rows = {(r.name, r.kind): r.rms for r in predict(cfg)}
+    expert = {(re.sub(r"experts\.\d+", "experts.*", n), k): v for (n, k), v in rows.items()
+              if ".experts." in n}
+    for (n, k), v in rows.items():
+        if ".experts." in n:
+            assert expert[(re.sub(r"experts\.\d+", "experts.*", n), k)] == v
+    assert {n for n, _k in rows if ".experts." in n and n.endswith("down.weight")} == {
+        f"layers.{i}.moe.experts.{e}.down.weight" for i in range(2) for e in range(4)}
+    assert all(math.isfinite(v) and v > 0 for (n, k), v in rows.items()
+               if ".moe." in n and k != "weight" or n.endswith("router.weight"))
+    top1 = {(r.name, r.kind): r.rms for r in predict(cfg.replace(experts_per_token=1))}
+    assert top1[("layers.0.moe.router.weight", "grad_weight")] == 0.0
+    assert top1[("layers.0.moe.router", "grad_activation")] == 0.0
+    errors = routed_log2_errors(cfg.replace(experts_per_token=1))
+    assert errors[("layers.0.moe.router.weight", "grad_weight")][0] == 0.0  # measured ~0
