@@ -75,7 +75,7 @@ def run(name: str, base: dict, param: str, seeds: int) -> dict:
     errors: dict = {}
     per_seed = []
     for i in range(seeds):
-        errs = tp.log2_errors(cfg.replace(seed=100 + i))
+        errs = _tm.routed_log2_errors(cfg.replace(seed=100 + i))  # (empty experts)
         per_seed.append(float(np.mean([abs(e) <= TOLERANCE for e, _p, _m in errs.values()])))
         for key, (e, _p, _m) in errs.items():
             errors.setdefault(key, []).append(e)

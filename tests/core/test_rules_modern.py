@@ -322,3 +322,144 @@ def test_routed_weight_moments_against_the_router_gradient(n_experts, top_k, sr)
         assert r == 0.0 and meas < 1e-20
     else:
         check("moe.router_grad", r, meas, CLOSED)
+
+
+# =========================================================================== MoE end to end
+
+def _route(z: Tensor, k: int) -> Tensor:
+    """The torch model's routing (``layers.MoE.route``) as a dense (rows, E) weight matrix:
+    softmax, top-k, renormalised, 0 for the experts not chosen."""
+    top, idx = torch.softmax(z, -1).topk(k, -1)
+    return torch.zeros_like(z).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("n_experts,top_k,sr", [(4, 2, 1.0), (8, 1, 0.58), (8, 2, 0.58),
+                                                (16, 4, 1.0)])
+def test_routed_pair_overlap_against_sampled_pairs(n_experts, top_k, sr) -> None:
+    """``Q(ρ) = E Σ_e p̂_ie p̂_je`` of two tokens whose router logits have correlation ρ,
+    against fresh torch draws routed as the model routes; the ends ``Q(1) = m``,
+    ``Q(0) = 1/E``."""
+    torch.manual_seed(13)
+    rows = 1 << 17
+    a = torch.randn(rows, n_experts, dtype=torch.float64)
+    pa = _route(a * sr, top_k)
+    m = R.routed_weight_moments(n_experts, top_k, sr)[0]
+    for rho in (-0.6, 0.0, 0.35, 0.75, 0.97, 1.0):  # (between the rule's table points)
+        z = (rho * a + math.sqrt(1 - rho * rho) * torch.randn_like(a)) * sr
+        meas = (pa * _route(z, top_k)).sum(-1).mean().item()
+        got = R.routed_pair_overlap(n_experts, top_k, sr, rho)
+        if rho < 0:  # rare coincidences, a few % of m: sampling noise, on the scale of m
+            assert abs(got - meas) < 0.02 * m
+        else:
+            check("moe.overlap", got, meas, 0.05)  # the rule's 2¹⁵ draws: ±2% at 1/E
+    assert R.routed_pair_overlap(n_experts, top_k, sr, 0.0) == pytest.approx(
+        1 / n_experts, rel=0.03)
+    assert R.routed_pair_overlap(n_experts, top_k, sr, 1.0) == pytest.approx(m, rel=0.01)
+    got = R.routed_pair_overlap(n_experts, top_k, sr, np.array([[0.0, 1.0], [0.5, 2.0]]))
+    assert got.shape == (2, 2) and got[1, 1] == got[0, 1]  # clipped to ρ ≤ 1
+
+
+@pytest.mark.parametrize("param", ["standard", "unit", "umup"])
+@pytest.mark.parametrize("n_experts,top_k,sr", [(4, 2, 1.0), (8, 2, 0.58), (8, 1, 1.0)])
+def test_moe_combine_rule_against_the_models_combine(param, n_experts, top_k, sr) -> None:
+    """The torch model's routing and ``ops.moe_combine`` (the parametrization's) on Gaussian
+    router logits, expert outputs and output gradient, through autograd: the output, the
+    gradient reaching each routed output, and the router logits' gradient."""
+    from unitscale_core.model.ops import make_ops, routed_weight_square
+
+    torch.manual_seed(14)
+    rows, d, so, sg = 8192, 32, 0.8, 1.3
+    ops = make_ops(param)
+    z = gauss(rows, n_experts, scale=sr)
+    top, idx = torch.softmax(z, -1).topk(top_k, -1)
+    weights = top / top.sum(-1, keepdim=True)
+    outputs = gauss(rows, top_k, d, scale=so)
+    y = ops.moe_combine(weights, outputs, n_experts)
+    y.backward(torch.randn_like(y) * sg)
+    scales = (1.0, 1.0, 1.0) if param == "standard" else R.unit_moe_combine_scales(
+        n_experts, top_k, d, "gmean" if param == "unit" else "to_output_scale")
+    if param != "standard":  # the rule's m against the model's own draw
+        assert R.routed_weight_moments(n_experts, top_k, 1.0)[0] == pytest.approx(
+            routed_weight_square(n_experts, top_k), rel=0.01)
+    r = R.moe_combine_rule(so, sg, n_experts=n_experts, top_k=top_k, d=d, router_rms=sr,
+                           scales=scales)
+    check("moe_combine.out", r.output, rms(y), 0.03)
+    check("moe_combine.grad_expert", r.grad_expert, rms(outputs.grad), 0.03)
+    if top_k == 1:  # p̂ = 1 whatever the logits
+        assert r.grad_logits == 0.0 and rms(z.grad) < 1e-12
+    else:
+        check("moe_combine.grad_logits", r.grad_logits, rms(z.grad), 0.05)
+
+
+@pytest.mark.parametrize("n_experts,top_k", [(4, 2), (8, 1)])
+@pytest.mark.parametrize("shared", [0.0, 0.6])
+def test_an_experts_weight_gradient_sums_its_own_rows(n_experts, top_k, shared) -> None:
+    """An expert's weight gradient ``Σ_{i chose e} p̂_ie g_i x_iᵀ`` over rows that share a
+    part (variance ``s`` of x's and of g's, one vector per batch) — what the predictor's
+    ``moe_bwd`` sums: per token ``m/E`` of ``σ_g² σ_x²``, per pair ``Q(ρ)/E`` of
+    ``C^g C^x`` (ρ = s, :func:`rules.routed_pair_overlap`), rather than a mask of π on
+    both."""
+    torch.manual_seed(15)
+    trials, rows, d = 48, 256, 64
+    w_r = torch.randn(d, n_experts, dtype=torch.float64) / math.sqrt(d)  # unit logits
+    sq = []
+    for _ in range(trials):
+        def draw():
+            return (math.sqrt(shared) * torch.randn(1, d, dtype=torch.float64)
+                    + math.sqrt(1 - shared) * torch.randn(rows, d, dtype=torch.float64))
+        x, g = draw(), draw()
+        p = _route(x @ w_r, top_k)
+        for e in range(n_experts):
+            sq.append(((p[:, e:e + 1] * g).T @ x).pow(2).mean().item())
+    meas = math.sqrt(sum(sq) / len(sq))
+    m = R.routed_weight_moments(n_experts, top_k, 1.0)[0]
+    q = R.routed_pair_overlap(n_experts, top_k, 1.0, shared)
+    pred = math.sqrt(m / n_experts * rows + q / n_experts * rows * (rows - 1) * shared ** 2)
+    check("moe.expert_wgrad", pred, meas, 0.08)
+
+
+@pytest.mark.parametrize("n_experts,top_k,rho", [(8, 2, 0.85), (4, 2, 0.5), (8, 1, 0.7),
+                                                 (8, 2, 0.0)])
+@pytest.mark.parametrize("unit", [False, True])
+def test_each_experts_rows_against_sampled_batches(n_experts, top_k, rho, unit) -> None:
+    """Batches of 4 sequences × 48 tokens whose router inputs share ``ρ`` per sequence
+    (one vector per sequence, as a causal stack's tokens do), routed as the model routes,
+    expert by expert: the geometric mean over experts of the RMS of ``p̂·g`` on each
+    expert's rows (:func:`rules.routed_row_gain`) and of its weight gradient
+    ``α_e Σ_{i∈e} p̂_i g_i x_iᵀ`` (``α_e = n_e^-½`` under unit scaling, 1 otherwise;
+    :func:`rules.routed_weight_grad_gain` on the expectation from
+    :func:`rules.routed_pair_overlap`), ``g`` sharing ``ρ_g = 0.5`` per sequence. Fresh torch
+    draws and router weights; an expert no row chose is left out, as measurement does."""
+    torch.manual_seed(16)
+    b, t, d, rho_g, trials = 4, 48, 256, 0.5, 24
+    rows = b * t
+    row_logs, w_logs = [], []
+    for _ in range(trials):
+        w_r = torch.randn(d, n_experts, dtype=torch.float64) / math.sqrt(d)  # unit logits
+
+        def draw(share: float) -> Tensor:
+            return (math.sqrt(share) * torch.randn(b, 1, d, dtype=torch.float64)
+                    + math.sqrt(1 - share) * torch.randn(b, t, d, dtype=torch.float64)
+                    ).reshape(rows, d)
+        x, g = draw(rho), draw(rho_g)
+        p = _route(x @ w_r, top_k)
+        for e in range(n_experts):
+            chosen = p[:, e] > 0
+            n = int(chosen.sum())
+            if not n:
+                continue
+            row_logs.append(0.5 * math.log(p[chosen, e].pow(2).mean().item()))
+            wg = (p[:, e:e + 1] * g).T @ x / (math.sqrt(n) if unit else 1.0)
+            w_logs.append(0.5 * math.log(wg.pow(2).mean().item()))
+    m = R.routed_weight_moments(n_experts, top_k, 1.0)[0]
+    loads = R.routed_loads(n_experts, top_k, 1.0, b, t, rho, 0.0)
+    check("moe.row_gain", R.routed_row_gain(loads, m, top_k) * math.sqrt(m / top_k),
+          math.exp(float(np.mean(row_logs))), 0.03)
+    own = rows * m / n_experts
+    pair = R.routed_pair_overlap(n_experts, top_k, 1.0, rho) / n_experts * b * t * (t - 1) \
+        * rho * rho_g
+    if unit:  # α² = 1/(mean rows per expert) at the mean routing
+        own, pair = own / float(loads.n.mean()), pair / float(loads.n.mean())
+    gain = R.routed_weight_grad_gain(loads, own, pair, 0.0, unit)
+    check("moe.weight_grad_gain", math.sqrt(own + pair) * gain,
+          math.exp(float(np.mean(w_logs))), 0.08)

@@ -1884,3 +1884,210 @@ def routed_weight_moments(n_experts: int, top_k: int, router_rms: float) -> tupl
     if top_k == 1:
         return 1.0, 0.0
     return _routed_moments(int(n_experts), int(top_k), _key(max(router_rms, 1e-6)))
+
+
+# ======================================================================= mixture of experts
+# (end to end: the predictor's MoE feed-forward, ``_Predictor.moe_fwd`` / ``moe_bwd``)
+
+#: correlations at which :func:`routed_pair_overlap` is tabulated (interpolated between)
+_OVERLAP_RHOS = np.array([-1.0, -0.5, -0.25, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                          0.9, 0.95, 0.98, 1.0])
+
+
+def _top_k_weights(z: np.ndarray, k: int) -> np.ndarray:
+    """Mixtral's routing weights of logits ``z (n, E)``: softmax, top-k, renormalised over the
+    k; zero for the experts not chosen (ties have probability 0)."""
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    kth = -np.partition(-p, k - 1, axis=1)[:, k - 1:k]
+    p = np.where(p >= kth, p, 0.0)
+    return p / p.sum(1, keepdims=True)
+
+
+@lru_cache(maxsize=128)
+def _overlap_table(n_experts: int, k: int, sigma_key: float) -> np.ndarray:
+    rng = np.random.default_rng(0)  # fixed draws: a deterministic expectation
+    n = max(1 << 10, min(1 << 15, (1 << 21) // n_experts))
+    a = rng.standard_normal((n, n_experts))
+    b = rng.standard_normal((n, n_experts))
+    pa = _top_k_weights(a * sigma_key, k)
+    out = np.empty(len(_OVERLAP_RHOS))
+    for i, rho in enumerate(_OVERLAP_RHOS):
+        z = (rho * a + math.sqrt(max(1.0 - rho * rho, 0.0)) * b) * sigma_key
+        out[i] = float((pa * _top_k_weights(z, k)).sum(1).mean())
+    out.setflags(write=False)
+    return out
+
+
+def routed_pair_overlap(n_experts: int, top_k: int, router_rms: float,
+                        rho: np.ndarray | float) -> np.ndarray | float:
+    """The routing overlap of two tokens whose router logits (i.i.d. over the experts,
+    ``N(0, σ_r²)``, ``σ_r = router_rms``) have correlation ``rho`` (the correlation of the
+    tokens' router inputs: the router is one linear map)::
+
+        Q(ρ) = E Σ_e p̂_ie p̂_je        (p̂_e = 0 for an expert not chosen)
+
+    ``Q(1) = m = E Σ_k p̂_k²`` (:func:`routed_weight_moments`), ``Q(0) = 1/E`` (each expert
+    chosen by both with probability ``(k/E)²``, at weight ``1/k`` on average: ``Σ p̂ = 1``).
+    What two tokens of a mixture's output share is ``Q(ρ)`` times what two tokens of one
+    expert's output share (different experts' weights are independent), and what an expert's
+    routed gradients share ``Q(ρ)/E`` of what the output gradients share (its own rows:
+    ``m/E``). By 2¹⁵ fixed (seeded) pairs of draws (fewer for over 64 experts) on 16
+    correlations (denser towards 1), linearly interpolated."""
+    _check_positive("n_experts", n_experts)
+    if not 0 < top_k <= n_experts:
+        raise ValueError(f"top_k must be in [1, {n_experts}]: {top_k}")
+    table = _overlap_table(int(n_experts), int(top_k), _key(max(router_rms, 1e-6)))
+    out = np.interp(np.clip(rho, -1.0, 1.0), _OVERLAP_RHOS, table)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def unit_moe_combine_scales(n_experts: int, top_k: int, d: int,
+                            constraint: str | None) -> tuple[float, float, float]:
+    """``unitscale_core.model.ops.UnitOps.moe_combine``'s factors: ``(output, routed outputs'
+    gradient, routing weights' gradient)`` = ``apply_constraint(m^-½, (m/k)^-½)`` and
+    ``d^-½``, with ``m = E Σ_k p̂_k²`` of unit Gaussian router logits
+    (:func:`routed_weight_moments` at ``σ_r = 1``; the model draws its own, within 1%)."""
+    m = routed_weight_moments(n_experts, top_k, 1.0)[0]
+    out, grad = apply_constraint(constraint, m ** -0.5, (m / top_k) ** -0.5)
+    return out, grad, d ** -0.5
+
+
+class MoECombine(NamedTuple):
+    """RMS of a mixture's output and gradients (:func:`moe_combine_rule`)."""
+
+    output: float  # y = Σ_k p̂_k o_k
+    grad_expert: float  # the gradient reaching one expert's output, on the rows it chose
+    grad_logits: float  # the router logits' gradient, per element of (rows, E)
+    m: float  # E Σ_k p̂_k²
+    r: float  # E Σ_k p̂_k² (1 − 2p̂_k + Σ_l p̂_l²)
+
+
+def moe_combine_rule(rms_expert: float, rms_grad_y: float, *, n_experts: int, top_k: int,
+                     d: int, router_rms: float,
+                     scales: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> MoECombine:
+    """The routed combine ``y = s_o Σ_k p̂_k o_k`` (Mixtral; ``scales = (s_o, s_g, s_w)``, the
+    unit factors of :func:`unit_moe_combine_scales`, ones in a standard model) of independent
+    expert outputs ``o`` (RMS ``σ_o``) with routing weights from router logits of RMS
+    ``σ_r`` (:func:`routed_weight_moments`: ``m``, ``r``), output gradient of RMS ``σ_g``::
+
+        rms_y          = s_o √m σ_o
+        grad_expert    = s_g √(m/k) σ_g                   (E[p̂² | chosen] = m/k)
+        grad_logits    = √(r A / E),   A = s_w² d σ_g² σ_o²
+
+    ``A`` is the variance of ``a_e = s_w Σ_c g_c o_ec`` (``∂L/∂p̂_e``); the renormalised top-k
+    is a softmax over the chosen logits, so ``∂L/∂z_e = p̂_e (a_e − Σ_l p̂_l a_l)`` for a chosen
+    expert and 0 for the others, ``E Σ_e (∂L/∂z_e)² = r A``; with one expert (k = 1) p̂ = 1
+    and the router gets no gradient."""
+    m, r = routed_weight_moments(n_experts, top_k, router_rms)
+    s_o, s_g, s_w = scales
+    a = s_w * s_w * d * rms_grad_y ** 2 * rms_expert ** 2
+    return MoECombine(s_o * math.sqrt(m) * rms_expert,
+                      s_g * math.sqrt(m / top_k) * rms_grad_y,
+                      math.sqrt(r * a / n_experts), m, r)
+
+
+class RoutedLoads(NamedTuple):
+    """Per expert of simulated batches (:func:`routed_loads`), its rows' routing: ``n`` the
+    rows that chose it, ``p2 = Σ p̂²`` over them, ``pair_seq = Σ p̂_i p̂_j`` over its ordered
+    pairs of distinct rows of one sequence, ``pair_batch`` over pairs of two sequences;
+    experts no row chose are left out (they do not run)."""
+
+    n: np.ndarray
+    p2: np.ndarray
+    pair_seq: np.ndarray
+    pair_batch: np.ndarray
+
+
+#: rows at most in one simulated batch of :func:`routed_loads` (longer sequences are cut)
+ROUTED_MAX_ROWS = 4096
+
+
+@lru_cache(maxsize=64)
+def _routed_loads(n_experts: int, k: int, sigma_key: float, b: int, t: int, rho_seq: float,
+                  rho_batch: float) -> RoutedLoads:
+    rng = np.random.default_rng(0)  # fixed draws: a deterministic expectation
+    t = max(1, min(t, ROUTED_MAX_ROWS // b))
+    trials = int(min(256, max(16, (1 << 16) // (b * t))))
+    out: list[list[np.ndarray]] = [[], [], [], []]
+    a_b, a_s = math.sqrt(rho_batch), math.sqrt(max(rho_seq - rho_batch, 0.0))
+    a_own = math.sqrt(max(1.0 - rho_seq, 0.0))
+    for _ in range(trials):
+        z = (a_b * rng.standard_normal((1, 1, n_experts))
+             + a_s * rng.standard_normal((b, 1, n_experts))
+             + a_own * rng.standard_normal((b, t, n_experts))) * sigma_key
+        p = _top_k_weights(z.reshape(b * t, n_experts), k).reshape(b, t, n_experts)
+        n = (p > 0).sum((0, 1))
+        p2 = (p * p).sum((0, 1))
+        per_seq = p.sum(1)  # (b, E)
+        seq2 = (per_seq * per_seq).sum(0)
+        total = per_seq.sum(0)
+        keep = n > 0
+        for lst, v in zip(out, (n, p2, seq2 - p2, total * total - seq2)):
+            lst.append(v[keep].astype(np.float64))
+    arrays = [np.concatenate(v) for v in out]
+    for v in arrays:
+        v.setflags(write=False)
+    return RoutedLoads(*arrays)
+
+
+def routed_loads(n_experts: int, top_k: int, router_rms: float, batch: int, seq: int,
+                 rho_seq: float, rho_batch: float) -> RoutedLoads:
+    """How unevenly a batch's rows fall to the experts when its tokens share parts of the
+    router input: logits ``z_bte = σ_r (√ρ_B g_e + √(ρ_S − ρ_B) h_be + √(1 − ρ_S) ε_bte)``
+    (``ρ_S``, ``ρ_B``: the mean correlation of two tokens' router inputs in one sequence and
+    in two; ``g`` shared by the batch, ``h`` by a sequence), routed as the model routes
+    (softmax, top-k, renormalised), per expert of each simulated batch
+    (:class:`RoutedLoads`). Tokens that share much choose alike: a few experts take most
+    rows, at large weights, the others few rows at small ones (rows per expert and
+    ``E[p̂² | chosen]`` then differ between experts, which each expert's measured RMS
+    shows). Fixed (seeded) draws, ``batch × seq`` rows per batch (at most
+    :data:`ROUTED_MAX_ROWS`: longer sequences are cut), 2¹⁶ rows over 16–256 batches."""
+    _check_positive("n_experts", n_experts)
+    if not 0 < top_k <= n_experts:
+        raise ValueError(f"top_k must be in [1, {n_experts}]: {top_k}")
+    rho_seq = min(max(round(rho_seq, 2), 0.0), 1.0)
+    rho_batch = min(max(round(rho_batch, 2), 0.0), rho_seq)
+    return _routed_loads(int(n_experts), int(top_k), _key(max(router_rms, 1e-6)), int(batch),
+                         int(seq), rho_seq, rho_batch)
+
+
+def routed_row_gain(loads: RoutedLoads, m: float, top_k: int) -> float:
+    """The factor on :func:`moe_combine_rule`'s ``grad_expert`` (``√(m/k)`` of the output
+    gradient) that each expert's own rows give, as their RMS is measured expert by
+    expert::
+
+        exp E_e[½ ln(Σ_{i∈e} p̂_i² / n_e)] / √(m/k)
+
+    (the geometric mean over experts of :func:`routed_loads`; 1 when routing is even and
+    many rows fall to each expert, below it when a few experts take most rows at large
+    weights: the others' rows carry small ``p̂``)."""
+    return float(np.exp(0.5 * np.mean(np.log(loads.p2 / loads.n))) / math.sqrt(m / top_k))
+
+
+def routed_weight_grad_gain(loads: RoutedLoads, own: float, pair_seq: float,
+                            pair_batch: float, unit: bool) -> float:
+    """The factor on an expert's weight-gradient RMS predicted from the expectation
+    ``own + pair_seq + pair_batch`` (its sum over its rows' own products, over pairs of one
+    sequence and of two, each at the mean routing), for each expert's gradient as it
+    comes out of its own rows (:func:`routed_loads`)::
+
+        V_e = w_e (own · P2_e/E P2 + pair_seq · S_e/E S + pair_batch · B_e/E B)
+        gain = √(exp E_e[ln V_e] / (own + pair_seq + pair_batch))
+
+    ``w_e = E n / n_e`` under unit scaling (the weight gradient is scaled by
+    ``n_e^-½``, its own rows), 1 otherwise. What rows share is summed over the pairs of
+    each expert's own rows: the experts that take most rows hold most of it."""
+    total = own + pair_seq + pair_batch
+    if total <= 0:
+        return 1.0
+    v = np.zeros_like(loads.p2)
+    for part, arr in ((own, loads.p2), (pair_seq, loads.pair_seq),
+                      (pair_batch, loads.pair_batch)):
+        mean = float(arr.mean())
+        if part and mean > 0:
+            v = v + part * arr / mean
+    if unit:
+        v = v * (float(loads.n.mean()) / loads.n)
+    v = np.maximum(v, 1e-300 * total)
+    return float(math.sqrt(math.exp(float(np.mean(np.log(v)))) / total))
