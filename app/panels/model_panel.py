@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QValidator
 from PySide6.QtWidgets import (
     QAbstractSpinBox,
@@ -38,7 +38,7 @@ from PySide6.QtWidgets import (
 from superqt import QCollapsible
 
 from unitscale_core.config import CHOICES, DEFAULTS, FIELD_HELP, ConfigError, ModelConfig
-from unitscale_core.presets import PRESETS, load_preset
+from unitscale_core.presets import PRESETS, load_preset, preset_notes
 
 INT_MAX = 2**31 - 1
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -88,6 +88,8 @@ CHECKBOX_TEXT = {
     "parallel_residual": "attention ‖ feed-forward",
 }
 MODIFIED = " — modified"
+#: The preset's note: grey, small, like a caption under the menu.
+PRESET_NOTE_STYLE = "color: palette(mid); font-size: 9pt;"
 #: An invalid field's cell: a red frame and a pale background. Set through a property
 #: selector on the cell and the editor, so the editor keeps its own style (a style sheet set
 #: on a spin box itself replaces the whole box's drawing and loses its arrows).
@@ -207,6 +209,14 @@ class ModelPanel(QWidget):
         self.preset.activated.connect(self._on_preset)
         preset_row.addWidget(self.preset, 1)
         outer.addLayout(preset_row)
+        # what the chosen preset computes differently from the published model
+        # (unitscale_core.presets.PRESET_NOTES), while the fields are the preset's
+        self.preset_note = QLabel(objectName="presetNote")
+        self.preset_note.setWordWrap(True)
+        self.preset_note.setStyleSheet(PRESET_NOTE_STYLE)
+        self.preset_note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.preset_note.hide()
+        outer.addWidget(self.preset_note)
 
         body = QWidget()
         body_layout = QVBoxLayout(body)
@@ -359,15 +369,44 @@ class ModelPanel(QWidget):
         self.preset.setCurrentIndex(index)
         self._preset = (index, config)
         self.set_config(config)
+        self._show_note(self._preset_note_text())
         self.edited.emit(config)
 
     def _forget_preset(self) -> None:
-        """Back to "Choose a preset…", the chosen preset's label restored."""
+        """Back to "Choose a preset…", the chosen preset's label restored, its note gone."""
         if self._preset is not None:
             index = self._preset[0]
             self.preset.setItemText(index, PRESETS[self.preset.itemData(index)])
             self._preset = None
         self.preset.setCurrentIndex(0)
+        self._show_note("")
+
+    def preset_key(self) -> str | None:
+        """The preset the fields are now (its key), or None: none chosen, or edited since."""
+        if self._preset is None:
+            return None
+        index, preset = self._preset
+        try:
+            same = ModelConfig(**self._draft) == preset
+        except ConfigError:
+            return None
+        return self.preset.itemData(index) if same else None
+
+    def note(self) -> str:
+        """The preset note shown ("" when none is)."""
+        return self.preset_note.text() if not self.preset_note.isHidden() else ""
+
+    def _show_note(self, text: str) -> None:
+        self.preset_note.setText(text)
+        self.preset_note.setToolTip(text)
+        self.preset_note.setVisible(bool(text))
+
+    def _preset_note_text(self) -> str:
+        """The chosen preset's notes, one line each ("" when it has none)."""
+        if self._preset is None:
+            return ""
+        notes = preset_notes(self.preset.itemData(self._preset[0]))
+        return "\n".join(f"Note: {n}" for n in notes)
 
     def _show_preset_state(self, config: ModelConfig | None) -> None:
         """"GPT-2 small (124M) — modified" while the fields differ from the chosen preset
@@ -377,6 +416,8 @@ class ModelPanel(QWidget):
         index, preset = self._preset
         label = PRESETS[self.preset.itemData(index)]
         self.preset.setItemText(index, label if config == preset else label + MODIFIED)
+        # the note describes the preset as published: edited away, it may no longer hold
+        self._show_note(self._preset_note_text() if config == preset else "")
 
     def _on_typed(self, name: str, reason: str) -> None:
         """Typed input a number box did not take (``reason``), or "" once it is fine."""
