@@ -16,6 +16,7 @@ the configured pattern forbids (causal, local, strided) are drawn grey, not as z
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -88,6 +89,8 @@ SELECTED_PEN = pg.mkPen("#d62728", width=3)
 LAYER_PEN = pg.mkPen("#ff7f0e", width=2)
 CMAP = "viridis"
 ENTROPY_CMAP = "magma"
+#: The model view's title ends with this on screen, never in an exported picture.
+SELECT_HINT = "click to select"
 
 SOURCES = [("configured model", "configured"), ("all-MiniLM-L6-v2 (bundled)", "minilm"),
            ("Open checkpoint folder…", "open")]
@@ -386,9 +389,14 @@ class _ThumbBox(pg.ViewBox):
 class ModelView(pg.GraphicsLayoutWidget):
     """Every layer × head as a thumbnail (one ImageItem per cell in a grid of ViewBoxes)."""
 
-    def __init__(self, on_click: Callable[[int, int], None], parent: QWidget | None = None):
+    def __init__(self, on_click: Callable[[int, int], None], parent: QWidget | None = None,
+                 hint: str = ""):
+        """``hint``: a last title part for the screen only ("click to select"), left out
+        of exported pictures (:meth:`exporting`)."""
         super().__init__(parent)
         self.setObjectName("attnModelView")
+        self.hint = hint
+        self._hint_shown = True
         self.setBackground("w")
         self.ci.layout.setSpacing(2)
         self.ci.setContentsMargins(2, 2, 2, 2)
@@ -440,12 +448,25 @@ class ModelView(pg.GraphicsLayoutWidget):
         if hasattr(self, "_title_parts"):  # (pyqtgraph calls this inside __init__)
             self._fit()
 
+    @contextlib.contextmanager
+    def exporting(self):
+        """The grid as a picture (PNG, SVG, clipboard, report): its title without the
+        screen's hint; restored afterwards."""
+        self._hint_shown = False
+        self._fit()
+        try:
+            yield
+        finally:
+            self._hint_shown = True
+            self._fit()
+
     def _fit(self) -> None:
         if getattr(self, "closed", False):
             return  # GraphicsView.close cleared the scene (its labels are gone), then resizes
         heads = self._shape[1]
         if self.title is not None and self._title_parts:
-            fit_label(self.title, self._title_parts, self.width() - 12, "9pt")
+            hint = [self.hint] if self.hint and self._hint_shown else []
+            fit_label(self.title, self._title_parts + hint, self.width() - 12, "9pt")
         # the grid's own least width (the title fits any): the "L5" column, then per head
         # the wider of its "H11" label and a box's 8 px, 2 px spacing between columns
         if not self._shape[1]:
@@ -521,7 +542,7 @@ def colour_values(matrix: np.ndarray, mask: np.ndarray | None, log: bool) -> np.
 def model_view_title(km: KindMaps, log: bool = False) -> str:
     kv = f" ({km.kv_heads} K/V heads)" if km.kv_heads and km.kv_heads < km.heads else ""
     return (f"{km.layers} layers × {km.heads} heads{kv} "
-            f"({'log₁₀ ' if log else ''}weight) · click to select")
+            f"({'log₁₀ ' if log else ''}weight)")
 
 
 def _linear_levels(data: np.ndarray) -> tuple[float, float]:
@@ -637,7 +658,7 @@ class AttentionPanel(QWidget):
         plot.vb.setBackgroundColor(MASKED_COLOUR)
         plot.vb.sigResized.connect(self._update_ticks)
         _black_colorbar(self.head_view)
-        self.model_view = ModelView(self.select)
+        self.model_view = ModelView(self.select, hint=SELECT_HINT)
         self.entropy_view = Heatmap(cmap=ENTROPY_CMAP)
         self.entropy_view.setObjectName("attnEntropy")
         _black_colorbar(self.entropy_view)

@@ -424,3 +424,26 @@ def test_gqa_checkpoint_folder_shows_each_query_head_with_its_kv_head(qtbot, mak
     shown = panel.head_view.data
     assert np.isnan(shown[np.triu_indices(len(ids[0]), 1)]).all()  # causal: later keys blank
     np.testing.assert_allclose(np.nan_to_num(shown, nan=0.0), theirs, atol=1e-4, rtol=0)
+
+
+def test_exported_model_view_has_no_click_hint(qtbot, make_panel, tmp_path, monkeypatch):
+    """The grid's title ends "click to select" on screen only: the PNG, SVG and clipboard
+    pictures of it (and the report's) are titled without it, and the screen keeps it."""
+    from app import export
+
+    panel = make_panel()
+    items = {i.key: i for i in panel.export_items()}
+    grid = panel.model_view
+    assert "click to select" in grid.title.text
+    export.save_item(items["attentionModelView"], tmp_path / "grid.svg")
+    svg = (tmp_path / "grid.svg").read_text(encoding="utf-8")
+    assert "layers" in svg and "heads" in svg  # the title is drawn as text
+    assert "click to select" not in svg
+    painted = []
+    original = export._paint_widget
+    monkeypatch.setattr(export, "_paint_widget",
+                        lambda w, d: (painted.append(w.title.text), original(w, d)))
+    export.save_item(items["attentionModelView"], tmp_path / "grid.png")
+    export.copy_image(grid)
+    assert len(painted) == 2 and all("layers" in t and "click" not in t for t in painted)
+    assert "click to select" in grid.title.text  # back on screen
