@@ -43,6 +43,7 @@ from unitscale_core.hf_config import is_hf_config
 from .export import (
     EXPORT_FOLDER_KEY,
     copy_image,
+    default_export_folder,
     first_figure,
     menu_for,
     remember_folders_in,
@@ -529,9 +530,13 @@ class MainWindow(QMainWindow):
         return self.save_config(self._path)
 
     def _dialog_folder(self) -> str:
+        """Where Open and Save As start: this session's file's folder, the last recent
+        file's, else the Documents folder (never the working directory)."""
         if self._path is not None:
             return str(self._path.parent)
-        return str(Path(self._recent[0]).parent) if self._recent else ""
+        if self._recent:
+            return str(Path(self._recent[0]).parent)
+        return str(default_export_folder())
 
     def _open_dialog(self) -> bool:
         if not self.maybe_save("open another config"):
@@ -556,7 +561,7 @@ class MainWindow(QMainWindow):
             return self._path
         source = self.imported_from()
         if source is None:
-            return Path(self._dialog_folder() or ".") / "model.json"
+            return Path(self._dialog_folder()) / f"{self.export_config_name()}.json"
         if source.name == "config.json":
             return source.parent.parent / f"{source.parent.name}.json"
         return source.with_name(f"{source.stem}.unitscale.json")

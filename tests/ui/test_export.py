@@ -352,3 +352,17 @@ def test_last_export_folder_is_remembered_between_sessions(qtbot, tmp_path, dial
     menu_actions(again.sizes_panel, "sizesExport")["export_sizes_csv"].trigger()
     assert Path(starts[-1]).parent == out
     again.close()
+
+
+def test_untitled_save_as_proposes_documents_and_the_config_name(qtbot, make_window,
+                                                                 tmp_path, monkeypatch):
+    import platformdirs
+
+    monkeypatch.setattr(platformdirs, "user_documents_dir", lambda: str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    win = make_window(SMALL)
+    assert win.suggested_save_path() == tmp_path / "decoder-2x64.json"
+    box = win.model_panel.preset
+    box.setCurrentIndex(box.findData("gpt2-small"))
+    box.activated.emit(box.currentIndex())
+    assert win.suggested_save_path() == tmp_path / "gpt2-small.json"
