@@ -689,7 +689,8 @@ class AttentionPanel(QWidget):
             self.source.addItem(label, data)
         self.source.setToolTip("Whose attention: the configured model at initialisation, the "
                                "bundled all-MiniLM-L6-v2, or a Hugging Face checkpoint folder "
-                               "(BERT family or GPT-2, safetensors)")
+                               "(safetensors: BERT family, GPT-2, GPT-NeoX, Llama, Mistral, "
+                               "Qwen 2, Gemma 2, OLMo 2, Phi-3, Mixtral)")
         self.source.currentIndexChanged.connect(self._on_source)
         self.text = QLineEdit(DEFAULT_TEXT, objectName="attnText")
         self.text.setToolTip("Text to run through the model (recomputed as you type)")
