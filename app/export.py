@@ -539,11 +539,12 @@ def first_figure(items: Sequence[Item]) -> Figure | None:
 
 
 __all__ = [
-    "EXPORT_FOLDER_KEY", "EXPORT_ROLE", "ExportError", "ask_save_path", "config_name",
-    "default_export_folder", "export_file_name", "export_folder", "note_exported",
-    "panel_name", "remember_folders_in", "set_export_folder", "suggested_export_path", "Figure", "Table", "TableData", "attach_context_menu",
-    "copy_image", "csv_text", "export_button", "export_with_dialog", "fill_menu",
-    "first_figure", "markdown_escape", "markdown_text", "menu_for", "png_bytes", "render_image",
-    "save_figure", "save_item", "save_npy", "save_png", "save_table", "svg_bytes",
-    "table_from_model", "write_bytes", "write_text",
+    "EXPORT_FOLDER_KEY", "EXPORT_ROLE", "ExportError", "Figure", "Table", "TableData",
+    "ask_save_path", "attach_context_menu", "config_name", "copy_image", "csv_text",
+    "default_export_folder", "export_button", "export_file_name", "export_folder",
+    "export_with_dialog", "fill_menu", "first_figure", "markdown_escape", "markdown_text",
+    "menu_for", "note_exported", "panel_name", "png_bytes", "remember_folders_in",
+    "render_image", "save_figure", "save_item", "save_npy", "save_png", "save_table",
+    "set_export_folder", "suggested_export_path", "svg_bytes", "table_from_model",
+    "write_bytes", "write_text",
 ]

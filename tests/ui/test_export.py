@@ -275,8 +275,9 @@ def test_export_dialog_starts_in_documents_then_the_last_export_folder(
     """Never the working directory: the first export proposes the Documents folder (home
     when there is none), named after the panel, the item and the config; the next starts
     where the last one went, also from another panel and the training panel's own menu."""
-    import platformdirs
     from pathlib import Path
+
+    import platformdirs
 
     documents = tmp_path / "Documents"
     documents.mkdir()
