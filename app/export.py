@@ -16,6 +16,7 @@ sharp; the image is ``round(width·scale) × round(height·scale)`` pixels. SVG:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -186,16 +187,26 @@ def markdown_text(table: TableData) -> str:
 
 
 # -- figures -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _as_exported(widget: QWidget):
+    """While a widget is drawn for a file or the clipboard: a widget with an ``exporting()``
+    context manager hides what only the screen needs (the model view's "click to select")."""
+    exporting = getattr(widget, "exporting", None)
+    with exporting() if callable(exporting) else contextlib.nullcontext():
+        yield
+
+
 def render_image(widget: QWidget, scale: float = DEFAULT_SCALE) -> QImage:
     """``widget`` drawn into a white image of ``round(w·scale) × round(h·scale)`` pixels."""
-    for _ in range(3):  # pending relayouts (axis sizes after a redraw) happen first
-        QCoreApplication.sendPostedEvents()
-    size = widget.size()
-    image = QImage(max(1, round(size.width() * scale)), max(1, round(size.height() * scale)),
-                   QImage.Format.Format_ARGB32)
-    image.setDevicePixelRatio(scale)
-    image.fill(Qt.GlobalColor.white)
-    _paint_widget(widget, image)
+    with _as_exported(widget):
+        for _ in range(3):  # pending relayouts (axis sizes after a redraw) happen first
+            QCoreApplication.sendPostedEvents()
+        size = widget.size()
+        image = QImage(max(1, round(size.width() * scale)),
+                       max(1, round(size.height() * scale)), QImage.Format.Format_ARGB32)
+        image.setDevicePixelRatio(scale)
+        image.fill(Qt.GlobalColor.white)
+        _paint_widget(widget, image)
     return image
 
 
@@ -235,19 +246,20 @@ def svg_bytes(widget: QWidget, title: str = "") -> bytes:
     from PySide6.QtCore import QRect
     from PySide6.QtSvg import QSvgGenerator
 
-    for _ in range(3):
-        QCoreApplication.sendPostedEvents()
-    data = QByteArray()
-    buffer = QBuffer(data)
-    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
-    generator = QSvgGenerator()
-    generator.setOutputDevice(buffer)
-    generator.setSize(widget.size())
-    generator.setViewBox(QRect(0, 0, widget.width(), widget.height()))
-    generator.setTitle(title or widget.objectName())
-    generator.setDescription("Unit Scaling Explorer")
-    _paint_widget(widget, generator)
-    buffer.close()
+    with _as_exported(widget):
+        for _ in range(3):
+            QCoreApplication.sendPostedEvents()
+        data = QByteArray()
+        buffer = QBuffer(data)
+        buffer.open(QIODevice.OpenModeFlag.WriteOnly)
+        generator = QSvgGenerator()
+        generator.setOutputDevice(buffer)
+        generator.setSize(widget.size())
+        generator.setViewBox(QRect(0, 0, widget.width(), widget.height()))
+        generator.setTitle(title or widget.objectName())
+        generator.setDescription("Unit Scaling Explorer")
+        _paint_widget(widget, generator)
+        buffer.close()
     return bytes(data)
 
 
@@ -315,7 +327,107 @@ def copy_image(widget: QWidget, scale: float = DEFAULT_SCALE) -> QImage:
 
 
 # -- menus and dialogs -------------------------------------------------------------------------
-_last_folder: dict[str, str] = {"": ""}  # the folder of the last export, for the next dialog
+#: Settings key of the folder the user last exported to (a text: the folder's path).
+EXPORT_FOLDER_KEY = "export_folder"
+#: The folder of the last export, and the settings store it is written to at once (the
+#: program's session registers its QSettings through :func:`remember_folders_in`; tests and
+#: ``unitscale report`` leave it None, so nothing is written).
+_export_state: dict[str, Any] = {"folder": "", "store": None}
+
+
+def default_export_folder() -> Path:
+    """Where the first export of a user goes: the Documents folder (platformdirs), else the
+    home folder — never the working directory, which for a program started from a menu is
+    wherever the launcher ran."""
+    try:
+        import platformdirs
+
+        documents = Path(platformdirs.user_documents_dir())
+    except Exception:  # noqa: BLE001 - any platform lookup failure falls back to home
+        documents = None
+    if documents is not None and documents.is_dir():
+        return documents
+    return Path.home()
+
+
+def export_folder() -> Path:
+    """The folder an export dialog opens in: the last one exported to while it still exists,
+    else :func:`default_export_folder`."""
+    last = _export_state["folder"]
+    if last and Path(last).is_dir():
+        return Path(last)
+    return default_export_folder()
+
+
+def set_export_folder(folder: str | Path | None, *, store: bool = True) -> None:
+    """Remember ``folder`` as the last export folder ("" or None: forget it); written to the
+    registered settings store at once unless ``store`` is False (restoring from it)."""
+    _export_state["folder"] = str(folder) if folder else ""
+    settings = _export_state["store"]
+    if store and settings is not None:
+        settings.setValue(EXPORT_FOLDER_KEY, _export_state["folder"])
+
+
+def remember_folders_in(settings) -> None:
+    """Write each export's folder to ``settings`` (a QSettings; None: nowhere) from now on."""
+    _export_state["store"] = settings
+
+
+#: Characters kept in a proposed file name; runs of anything else become one "-".
+_NAME_UNSAFE = re.compile(r"[^\w.+]+")
+
+
+def export_file_name(parts: Sequence[str], suffix: str) -> str:
+    """A file name made of ``parts`` (config name, panel, what is exported): lower case,
+    "-" between words, a word repeating the one before dropped ("sizes", "sizes table" →
+    ``sizes-table``), at most 120 characters before ``suffix``."""
+    words: list[str] = []
+    for part in parts:
+        for word in _NAME_UNSAFE.sub("-", str(part).replace("_", "-")).lower().split("-"):
+            word = word.strip(".")
+            if word and (not words or words[-1] != word):
+                words.append(word)
+    return ("-".join(words)[:120].strip("-.") or "export") + suffix
+
+
+def panel_name(parent: QWidget) -> str:
+    """The panel an export comes from, in words: its objectName without "Panel"
+    ("attentionPanel" → "attention")."""
+    name = parent.objectName() or ""
+    return name[:-len("Panel")] if name.endswith("Panel") else name
+
+
+def config_name(parent: QWidget) -> str:
+    """The config an export is of: what the window calls it (:meth:`export_config_name` of
+    the main window: file, import or preset name), "" outside a window."""
+    window = parent.window()
+    name = getattr(window, "export_config_name", None)
+    return name() if callable(name) else ""
+
+
+def suggested_export_path(parent: QWidget, what: str, suffix: str) -> Path:
+    """Where an export dialog starts: :func:`export_folder`, with a name saying which panel,
+    what and which config (``llama-3-8b-attention-model-view.png``)."""
+    return export_folder() / export_file_name(
+        [config_name(parent), panel_name(parent), what], suffix)
+
+
+def ask_save_path(parent: QWidget, title: str, what: str, suffix: str, filt: str) -> str | None:
+    """The save dialog every export uses: starts at :func:`suggested_export_path`; the
+    answer gets ``suffix`` when it has none of its own. None when cancelled."""
+    start = str(suggested_export_path(parent, what, suffix))
+    path, _ = QFileDialog.getSaveFileName(parent, title, start, filt)
+    if not path:
+        return None
+    if Path(path).suffix.lower() != suffix:
+        path += suffix
+    return path
+
+
+def note_exported(path: str | Path) -> None:
+    """An export was written to ``path``: the next dialog starts in its folder (and so does
+    the next session's, through the registered settings)."""
+    set_export_folder(Path(path).resolve().parent)
 
 
 def _notify(parent: QWidget, text: str) -> None:
@@ -329,13 +441,10 @@ def export_with_dialog(parent: QWidget, item: Item, suffix: str) -> str | None:
     (nothing is left behind). Returns the path written, or None."""
     filters = {".png": PNG_FILTER, ".svg": SVG_FILTER, ".npy": NPY_FILTER, ".csv": CSV_FILTER,
                ".md": MD_FILTER}
-    start = str(Path(_last_folder[""]) / f"{item.key}{suffix}")
-    path, _ = QFileDialog.getSaveFileName(parent, f"Export {item.label} as {suffix[1:].upper()}",
-                                          start, filters[suffix])
-    if not path:
+    path = ask_save_path(parent, f"Export {item.label} as {suffix[1:].upper()}", item.label,
+                         suffix, filters[suffix])
+    if path is None:
         return None
-    if Path(path).suffix.lower() != suffix:
-        path += suffix
     try:
         save_item(item, path)
     except (OSError, ValueError) as exc:
@@ -343,7 +452,7 @@ def export_with_dialog(parent: QWidget, item: Item, suffix: str) -> str | None:
         log.warning("export to %s failed: %s", path, reason)
         QMessageBox.warning(parent, "Export failed", f"Could not write {path}: {reason}")
         return None
-    _last_folder[""] = str(Path(path).parent)
+    note_exported(path)
     _notify(parent, f"wrote {path}")
     return path
 
@@ -430,9 +539,12 @@ def first_figure(items: Sequence[Item]) -> Figure | None:
 
 
 __all__ = [
-    "EXPORT_ROLE", "ExportError", "Figure", "Table", "TableData", "attach_context_menu",
-    "copy_image", "csv_text", "export_button", "export_with_dialog", "fill_menu",
-    "first_figure", "markdown_escape", "markdown_text", "menu_for", "png_bytes", "render_image",
-    "save_figure", "save_item", "save_npy", "save_png", "save_table", "svg_bytes",
-    "table_from_model", "write_bytes", "write_text",
+    "EXPORT_FOLDER_KEY", "EXPORT_ROLE", "ExportError", "Figure", "Table", "TableData",
+    "ask_save_path", "attach_context_menu", "config_name", "copy_image", "csv_text",
+    "default_export_folder", "export_button", "export_file_name", "export_folder",
+    "export_with_dialog", "fill_menu", "first_figure", "markdown_escape", "markdown_text",
+    "menu_for", "note_exported", "panel_name", "png_bytes", "remember_folders_in",
+    "render_image", "save_figure", "save_item", "save_npy", "save_png", "save_table",
+    "set_export_folder", "suggested_export_path", "svg_bytes", "table_from_model",
+    "write_bytes", "write_text",
 ]

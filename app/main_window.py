@@ -40,7 +40,15 @@ from unitscale_core.config import (
 )
 from unitscale_core.hf_config import is_hf_config
 
-from .export import copy_image, first_figure, menu_for
+from .export import (
+    EXPORT_FOLDER_KEY,
+    copy_image,
+    default_export_folder,
+    first_figure,
+    menu_for,
+    remember_folders_in,
+    set_export_folder,
+)
 from .panels.attention_panel import AttentionPanel
 from .panels.model_panel import ModelPanel
 from .panels.positional_panel import PositionalPanel
@@ -285,6 +293,20 @@ class MainWindow(QMainWindow):
         """The Hugging Face config.json of this (untitled) session, if it was imported."""
         return self._imported if self._path is None else None
 
+    def export_config_name(self) -> str:
+        """What an export's proposed file name calls the config: this session's file, the
+        imported model, the preset the fields still equal, else its shape
+        ("decoder-2x64": architecture, layers × d_model)."""
+        if self._path is not None:
+            return self._path.stem
+        if self.imported_from() is not None:
+            return Path(_import_name(self._imported)).stem
+        preset = self.model_panel.preset_key()
+        if preset is not None:
+            return preset
+        cfg = self._config
+        return f"{cfg.architecture}-{cfg.n_layers}x{cfg.d_model}"
+
     def _update_title(self) -> None:
         name = self._path.name if self._path is not None else "untitled"
         if self.imported_from() is not None:
@@ -508,9 +530,13 @@ class MainWindow(QMainWindow):
         return self.save_config(self._path)
 
     def _dialog_folder(self) -> str:
+        """Where Open and Save As start: this session's file's folder, the last recent
+        file's, else the Documents folder (never the working directory)."""
         if self._path is not None:
             return str(self._path.parent)
-        return str(Path(self._recent[0]).parent) if self._recent else ""
+        if self._recent:
+            return str(Path(self._recent[0]).parent)
+        return str(default_export_folder())
 
     def _open_dialog(self) -> bool:
         if not self.maybe_save("open another config"):
@@ -535,7 +561,7 @@ class MainWindow(QMainWindow):
             return self._path
         source = self.imported_from()
         if source is None:
-            return Path(self._dialog_folder() or ".") / "model.json"
+            return Path(self._dialog_folder()) / f"{self.export_config_name()}.json"
         if source.name == "config.json":
             return source.parent.parent / f"{source.parent.name}.json"
         return source.with_name(f"{source.stem}.unitscale.json")
@@ -805,6 +831,10 @@ class MainWindow(QMainWindow):
                 self._recent = items[:MAX_RECENT]
             else:
                 self.problems.append("recent_files: not a list of file names")
+        folder = self._setting_text(EXPORT_FOLDER_KEY)
+        if folder:  # where the last export went (a folder gone since is passed over)
+            set_export_folder(folder, store=False)
+        remember_folders_in(self._settings())  # each new export folder is written at once
         current = self._setting_text("current_file")
         if current and self._restored:
             # load() reads only a regular file of bounded size, never blocking (a FIFO here
@@ -903,6 +933,7 @@ class MainWindow(QMainWindow):
             return
         if self._remember:
             self.save_settings()
+            remember_folders_in(None)  # this session's store is done with
         # A running job is cancelled and the thread normally ends within a second. A job stuck
         # in something uncancellable (torch's first import, a model build, a long tokenisation)
         # is left to die with the process where the program exits with os._exit right after

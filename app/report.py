@@ -258,8 +258,7 @@ def _figures(cfg, predicted, measured, fmt, maps, collapse=None
         def attention(km=km):
             view = ModelView(lambda _layer, _head: None)
             view.set_maps(colour_values(km.thumbs, km.thumb_allowed, False), _linear_levels)
-            view.set_title(f"{maps.source} · {km.label} · "
-                           + model_view_title(km).replace(" · click to select", ""))
+            view.set_title(f"{maps.source} · {km.label} · {model_view_title(km)}")
             return view, FIGURE_SIZE, None
 
         name = "attention_model_view.png" if i == 0 else f"attention_model_view_{km.name}.png"

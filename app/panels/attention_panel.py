@@ -16,8 +16,10 @@ the configured pattern forbids (causal, local, strided) are drawn grey, not as z
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +90,8 @@ SELECTED_PEN = pg.mkPen("#d62728", width=3)
 LAYER_PEN = pg.mkPen("#ff7f0e", width=2)
 CMAP = "viridis"
 ENTROPY_CMAP = "magma"
+#: The model view's title ends with this on screen, never in an exported picture.
+SELECT_HINT = "click to select"
 
 SOURCES = [("configured model", "configured"), ("all-MiniLM-L6-v2 (bundled)", "minilm"),
            ("Open checkpoint folder…", "open")]
@@ -139,6 +143,16 @@ class KindMaps:
     #: K/V heads under grouped-query attention (None: one per query head); maps stay one
     #: per query head, labelled "head 5 · kv 1"
     kv_heads: int | None = None
+    #: The tokenizer's own pieces ("▁the", "Ġthe", "<0x0A>") behind the readable
+    #: ``query_tokens``/``key_tokens`` (None: the same); shown in the hover text only
+    query_pieces: list[str] | None = None
+    key_pieces: list[str] | None = None
+
+    def query_piece(self, i: int) -> str:
+        return (self.query_pieces or self.query_tokens)[i]
+
+    def key_piece(self, j: int) -> str:
+        return (self.key_pieces or self.key_tokens)[j]
 
     def head_name(self, head: int) -> str:
         return head_label(head, self.heads, self.kv_heads)
@@ -229,12 +243,84 @@ def compute_maps(source: str, text: str, config: ModelConfig, folder: str | None
         name = "all-MiniLM-L6-v2" if source == "minilm" else _short(Path(folder).name)
     if not result.tokens:
         raise ValueError("the text has no tokens")
+    pieces = None if source == "configured" else token_pieces(loaded, text, result.tokens)
     kinds = _kinds(result, config if source == "configured" else None, max_side, check)
     for km in kinds.values():
         km.kv_heads = result.kv_heads
+        if pieces is not None:  # a checkpoint's one stack: queries and keys are the text
+            readable = readable_tokens(pieces, result.tokens, _byte_level(loaded.tokenizer))
+            km.query_tokens, km.key_tokens = list(readable), list(readable)
+            km.query_pieces, km.key_pieces = list(pieces), list(pieces)
     return AttentionMaps(source=name, kinds=kinds,
                          n_tokens=len(result.tokens), truncated=result.truncated, limit=limit,
                          note=result.note, seconds=time.perf_counter() - start)
+
+
+#: A SentencePiece byte-fallback token: one byte of text the vocabulary has no piece for.
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+#: SentencePiece's word-start mark (Llama 2, Mistral, Gemma, Phi-3), a space in the text.
+METASPACE = "\u2581"
+
+
+def readable_token(piece: str) -> str:
+    """The text a SentencePiece piece stands for: "▁the" → " the"; a byte-fallback token
+    "<0x0A>" → its character when it is printable ASCII, a tab or a newline, else the
+    escape "\\x0d" (one byte of a multi-byte character such as "<0xE2>" is no character of
+    its own). Other pieces (WordPiece "##ing", specials "[CLS]", "<s>") are left as they are."""
+    match = BYTE_TOKEN.fullmatch(piece)
+    if match:
+        byte = int(match.group(1), 16)
+        return chr(byte) if 0x20 <= byte < 0x7F or byte in (0x09, 0x0A) else f"\\x{byte:02x}"
+    return piece.replace(METASPACE, " ")
+
+
+def byte_level_text(piece: str) -> str:
+    """A byte-level BPE piece (GPT-2's "Ġthe", "Ċ", "Ã©") as the text of its bytes (" the",
+    a newline, "é"); bytes that end mid-character as "\\xc3" escapes; a piece outside the
+    byte alphabet (an added special token such as "<|endoftext|>") as it is."""
+    from unitscale_core.pretrained import _byte_decoder  # GPT-2's alphabet, the core's own
+
+    table = _byte_decoder()
+    if not piece or not all(ch in table for ch in piece):
+        return piece
+    return bytes(table[ch] for ch in piece).decode("utf-8", "backslashreplace")
+
+
+def readable_tokens(pieces: list[str], labels: list[str], byte_level: bool) -> list[str]:
+    """Axis and export labels for a checkpoint's ``pieces``: byte-level tokenizers' pieces
+    decoded to text (whatever the core's ``labels`` did), SentencePiece pieces through
+    :func:`readable_token`; ``labels`` where the pieces do not line up with them."""
+    if len(pieces) != len(labels):
+        return [readable_token(t) for t in labels]
+    if byte_level:
+        return [byte_level_text(p) for p in pieces]
+    return [readable_token(p) for p in pieces]
+
+
+def _byte_level(tokenizer: Any) -> bool:
+    """Whether a ``tokenizers`` tokenizer maps bytes to GPT-2's alphabet (a ByteLevel
+    pre-tokenizer or decoder, alone or in a Sequence)."""
+    for part in (getattr(tokenizer, "pre_tokenizer", None), getattr(tokenizer, "decoder", None)):
+        try:
+            state = part.__getstate__() if part is not None else b""
+        except Exception:  # noqa: BLE001 - a tokenizer part without a serialised form
+            continue
+        if b'"ByteLevel"' in (state if isinstance(state, bytes) else str(state).encode()):
+            return True
+    return False
+
+
+def token_pieces(loaded: Any, text: str, labels: list[str]) -> list[str] | None:
+    """The tokenizer's own pieces for ``text`` as the checkpoint saw it (its ids, again
+    through :func:`unitscale_core.pretrained.encode`); None when they do not line up with
+    the ``labels`` the attention came with."""
+    from unitscale_core import pretrained
+
+    ids = pretrained.encode(loaded, text).ids[0].tolist()
+    pieces = [loaded.tokenizer.id_to_token(int(i)) for i in ids]
+    if len(pieces) != len(labels) or any(p is None for p in pieces):
+        return None
+    return pieces
 
 
 def reduced_kind_maps(result: AttentionResult, kind: str = "self",
@@ -386,9 +472,14 @@ class _ThumbBox(pg.ViewBox):
 class ModelView(pg.GraphicsLayoutWidget):
     """Every layer × head as a thumbnail (one ImageItem per cell in a grid of ViewBoxes)."""
 
-    def __init__(self, on_click: Callable[[int, int], None], parent: QWidget | None = None):
+    def __init__(self, on_click: Callable[[int, int], None], parent: QWidget | None = None,
+                 hint: str = ""):
+        """``hint``: a last title part for the screen only ("click to select"), left out
+        of exported pictures (:meth:`exporting`)."""
         super().__init__(parent)
         self.setObjectName("attnModelView")
+        self.hint = hint
+        self._hint_shown = True
         self.setBackground("w")
         self.ci.layout.setSpacing(2)
         self.ci.setContentsMargins(2, 2, 2, 2)
@@ -440,12 +531,25 @@ class ModelView(pg.GraphicsLayoutWidget):
         if hasattr(self, "_title_parts"):  # (pyqtgraph calls this inside __init__)
             self._fit()
 
+    @contextlib.contextmanager
+    def exporting(self):
+        """The grid as a picture (PNG, SVG, clipboard, report): its title without the
+        screen's hint; restored afterwards."""
+        self._hint_shown = False
+        self._fit()
+        try:
+            yield
+        finally:
+            self._hint_shown = True
+            self._fit()
+
     def _fit(self) -> None:
         if getattr(self, "closed", False):
             return  # GraphicsView.close cleared the scene (its labels are gone), then resizes
         heads = self._shape[1]
         if self.title is not None and self._title_parts:
-            fit_label(self.title, self._title_parts, self.width() - 12, "9pt")
+            hint = [self.hint] if self.hint and self._hint_shown else []
+            fit_label(self.title, self._title_parts + hint, self.width() - 12, "9pt")
         # the grid's own least width (the title fits any): the "L5" column, then per head
         # the wider of its "H11" label and a box's 8 px, 2 px spacing between columns
         if not self._shape[1]:
@@ -491,10 +595,20 @@ def _outline(box: pg.ViewBox, pen: QPen | None) -> None:
 
 
 def _label(token: str) -> str:
+    """A token as an axis shows it: newline and tab as ⏎ and ⇥, a token of spaces only as
+    "␣" each (other blank text quoted), at most MAX_LABEL characters."""
     token = token.replace("\n", "⏎").replace("\t", "⇥")
+    if not token.strip():
+        token = token.replace(" ", "␣")
     if not token.strip():
         token = repr(token)
     return token if len(token) <= MAX_LABEL else token[: MAX_LABEL - 1] + "…"
+
+
+def _hover_token(token: str, piece: str) -> str:
+    """A token in the hover text: quoted as read, the tokenizer's raw piece beside it when
+    that differs ("' the' (piece 'Ġthe')")."""
+    return f"'{token}'" if piece == token else f"'{token}' (piece '{piece}')"
 
 
 def _data(combo: QComboBox) -> str | None:
@@ -521,7 +635,7 @@ def colour_values(matrix: np.ndarray, mask: np.ndarray | None, log: bool) -> np.
 def model_view_title(km: KindMaps, log: bool = False) -> str:
     kv = f" ({km.kv_heads} K/V heads)" if km.kv_heads and km.kv_heads < km.heads else ""
     return (f"{km.layers} layers × {km.heads} heads{kv} "
-            f"({'log₁₀ ' if log else ''}weight) · click to select")
+            f"({'log₁₀ ' if log else ''}weight)")
 
 
 def _linear_levels(data: np.ndarray) -> tuple[float, float]:
@@ -575,7 +689,8 @@ class AttentionPanel(QWidget):
             self.source.addItem(label, data)
         self.source.setToolTip("Whose attention: the configured model at initialisation, the "
                                "bundled all-MiniLM-L6-v2, or a Hugging Face checkpoint folder "
-                               "(BERT family or GPT-2, safetensors)")
+                               "(safetensors: BERT family, GPT-2, GPT-NeoX, Llama, Mistral, "
+                               "Qwen 2, Gemma 2, OLMo 2, Phi-3, Mixtral)")
         self.source.currentIndexChanged.connect(self._on_source)
         self.text = QLineEdit(DEFAULT_TEXT, objectName="attnText")
         self.text.setToolTip("Text to run through the model (recomputed as you type)")
@@ -637,7 +752,7 @@ class AttentionPanel(QWidget):
         plot.vb.setBackgroundColor(MASKED_COLOUR)
         plot.vb.sigResized.connect(self._update_ticks)
         _black_colorbar(self.head_view)
-        self.model_view = ModelView(self.select)
+        self.model_view = ModelView(self.select, hint=SELECT_HINT)
         self.entropy_view = Heatmap(cmap=ENTROPY_CMAP)
         self.entropy_view.setObjectName("attnEntropy")
         _black_colorbar(self.entropy_view)
@@ -935,13 +1050,15 @@ class AttentionPanel(QWidget):
             q0, k0 = i * f, j * f
             q1 = min(q0 + f, len(km.query_tokens)) - 1
             k1 = min(k0 + f, len(km.key_tokens)) - 1
-            where = (f"queries '{km.query_tokens[q0]}'… ({q0}–{q1}) → keys "
-                     f"'{km.key_tokens[k0]}'… ({k0}–{k1})")
+            where = (f"queries {_hover_token(km.query_tokens[q0], km.query_piece(q0))}… "
+                     f"({q0}–{q1}) → keys {_hover_token(km.key_tokens[k0], km.key_piece(k0))}… "
+                     f"({k0}–{k1})")
             noun = f"mean {noun}"
         else:
             key = "input" if self._view == "rollout" else "key"
-            where = (f"query '{km.query_tokens[row]}' ({row}) → {key} "
-                     f"'{km.key_tokens[col]}' ({col})")
+            where = (f"query {_hover_token(km.query_tokens[row], km.query_piece(row))} "
+                     f"({row}) → {key} {_hover_token(km.key_tokens[col], km.key_piece(col))} "
+                     f"({col})")
         if self._mask is not None and not self._mask[i, j]:
             return f"{where}: masked by the attention pattern"
         return f"{where}: {noun} {weight:.3g}"

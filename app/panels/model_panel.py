@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtCore import Signal
-from PySide6.QtGui import QValidator
+from PySide6.QtCore import QPoint, Qt, Signal
+from PySide6.QtGui import QPalette, QValidator
 from PySide6.QtWidgets import (
     QAbstractSpinBox,
     QCheckBox,
@@ -38,7 +38,7 @@ from PySide6.QtWidgets import (
 from superqt import QCollapsible
 
 from unitscale_core.config import CHOICES, DEFAULTS, FIELD_HELP, ConfigError, ModelConfig
-from unitscale_core.presets import PRESETS, load_preset
+from unitscale_core.presets import PRESETS, load_preset, preset_notes
 
 INT_MAX = 2**31 - 1
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -85,7 +85,7 @@ QKV_BIAS_ITEMS = (("same as bias", None), ("on", True), ("off", False))
 CHECKBOX_TEXT = {
     "bias": "linear and norm biases",
     "tie_embeddings": "head = embedding",
-    "parallel_residual": "attention ‖ feed-forward",
+    "parallel_residual": "attention ‖ FFN",  # short: it must fit the sections' column
 }
 MODIFIED = " — modified"
 #: An invalid field's cell: a red frame and a pale background. Set through a property
@@ -97,6 +97,8 @@ INVALID_STYLE = (
     'QSpinBox[invalid="true"], QDoubleSpinBox[invalid="true"], QComboBox[invalid="true"] '
     '{ background: #ffebee; }'
 )
+#: Least width of a number box (px): room for about ten digits and the arrows.
+NUMBER_MIN_WIDTH = 100
 #: Characters a number box takes, besides ASCII digits (the locale's separators are C's).
 NUMBER_EXTRA = set(" ,.+-eE")
 
@@ -129,6 +131,16 @@ def typed_problem(text: str, box: QAbstractSpinBox, label: str) -> str:
     if value < box.minimum():
         return f"'{text}' is below {box.minimum():g}, the smallest {label}"
     return f"'{text}' is not a valid {label}"
+
+
+def _native_spin_height() -> int:
+    """A spin box's height in the application's own style, no style sheet applied."""
+    probe = QSpinBox()
+    probe.setSpecialValueText("d_model / heads")
+    try:
+        return probe.sizeHint().height()
+    finally:
+        probe.deleteLater()
 
 
 class _Checked:
@@ -193,6 +205,7 @@ class ModelPanel(QWidget):
         self._typed: dict[str, str] = {}  # typed input not taken, by field
         self._invalid_reason = ""  # what draft_invalid last said
         self._preset: tuple[int, ModelConfig] | None = None  # the last preset chosen
+        self._row_labels: dict[str, QLabel] = {}
         self.setStyleSheet(INVALID_STYLE)
 
         outer = QVBoxLayout(self)
@@ -207,6 +220,15 @@ class ModelPanel(QWidget):
         self.preset.activated.connect(self._on_preset)
         preset_row.addWidget(self.preset, 1)
         outer.addLayout(preset_row)
+        # what the chosen preset computes differently from the published model
+        # (unitscale_core.presets.PRESET_NOTES), while the fields are the preset's
+        self.preset_note = QLabel(objectName="presetNote")
+        self.preset_note.setWordWrap(True)
+        # grey as placeholder text is, in any theme (palette(mid) was too faint to read)
+        self.preset_note.setForegroundRole(QPalette.ColorRole.PlaceholderText)
+        self.preset_note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.preset_note.hide()
+        outer.addWidget(self.preset_note)
 
         body = QWidget()
         body_layout = QVBoxLayout(body)
@@ -231,11 +253,30 @@ class ModelPanel(QWidget):
                 self._add_row(form, name)
             body_layout.addWidget(widget)
         body_layout.addStretch(1)
+        self._body = body
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(body)
         outer.addWidget(scroll, 1)
+        self._align_columns()
         self.set_config(config)
+
+    def _align_columns(self) -> None:
+        """One editor column for the groups and one for the (indented) sections: each form
+        sized its label column to its own labels, so the editors started at five different
+        x positions. Every label of a kind gets the width of the widest of that kind (the
+        forms of a kind sit at the same offset with the same margins). One column for all
+        would widen the groups by the sections' indent, past the dock's 340 px."""
+        in_sections = {n for names in SECTIONS.values() for n in names}
+        for kind in (in_sections, set(self._row_labels) - in_sections):
+            labels = [lab for n, lab in self._row_labels.items() if n in kind]
+            width = max(lab.sizeHint().width() for lab in labels)
+            for label in labels:
+                label.setMinimumWidth(width)
+
+    def editor_columns(self) -> dict[str, int]:
+        """Each field's editor cell's left edge in the panel's body (a test's view)."""
+        return {n: cell.mapTo(self._body, QPoint(0, 0)).x() for n, cell in self._cells.items()}
 
     # -- editors ---------------------------------------------------------------------------
     def _add_row(self, form: QFormLayout, name: str) -> None:
@@ -252,7 +293,11 @@ class ModelPanel(QWidget):
         cell_layout.addWidget(error)
         label = QLabel(LABELS.get(name, name.replace("_", " ")))
         label.setToolTip(FIELD_HELP[name])
+        # as tall as the editor in its cell (1 px margin and 1 px frame above and below), so
+        # the label's text is centred on the editor's, not 5 px above it
+        label.setMinimumHeight(editor.sizeHint().height() + 4)
         form.addRow(label, cell)
+        self._row_labels[name] = label
         self._editors[name] = editor
         self._errors[name] = error
         self._cells[name] = cell
@@ -306,6 +351,14 @@ class ModelPanel(QWidget):
             else:
                 editor.valueChanged.connect(lambda v, n=name: self._on_edit(n, int(v)))
         if isinstance(editor, _Checked):
+            # the panel's style sheet (the invalid-cell rules) has Qt's style-sheet style
+            # size the number boxes 4 px below their native height, a line edit shorter than
+            # a line of text: the descenders of "d_model / heads" and "same as layers" were cut
+            editor.setMinimumHeight(_native_spin_height())
+            # Qt's least width fits the largest value (2147483647, 1e12 for rope_base): wider
+            # than the dock gives a box in the sections' column, so the panel scrolled
+            # sideways at its default 340 px; the form still grows them to the dock's width
+            editor.setMinimumWidth(min(editor.minimumSizeHint().width(), NUMBER_MIN_WIDTH))
             editor.label = LABELS.get(name, name.replace("_", " "))
             editor._watch_typing()
             editor.typing.connect(lambda reason, n=name: self._on_typed(n, reason))
@@ -359,15 +412,44 @@ class ModelPanel(QWidget):
         self.preset.setCurrentIndex(index)
         self._preset = (index, config)
         self.set_config(config)
+        self._show_note(self._preset_note_text())
         self.edited.emit(config)
 
     def _forget_preset(self) -> None:
-        """Back to "Choose a preset…", the chosen preset's label restored."""
+        """Back to "Choose a preset…", the chosen preset's label restored, its note gone."""
         if self._preset is not None:
             index = self._preset[0]
             self.preset.setItemText(index, PRESETS[self.preset.itemData(index)])
             self._preset = None
         self.preset.setCurrentIndex(0)
+        self._show_note("")
+
+    def preset_key(self) -> str | None:
+        """The preset the fields are now (its key), or None: none chosen, or edited since."""
+        if self._preset is None:
+            return None
+        index, preset = self._preset
+        try:
+            same = ModelConfig(**self._draft) == preset
+        except ConfigError:
+            return None
+        return self.preset.itemData(index) if same else None
+
+    def note(self) -> str:
+        """The preset note shown ("" when none is)."""
+        return self.preset_note.text() if not self.preset_note.isHidden() else ""
+
+    def _show_note(self, text: str) -> None:
+        self.preset_note.setText(text)
+        self.preset_note.setToolTip(text)
+        self.preset_note.setVisible(bool(text))
+
+    def _preset_note_text(self) -> str:
+        """The chosen preset's notes, one line each ("" when it has none)."""
+        if self._preset is None:
+            return ""
+        notes = preset_notes(self.preset.itemData(self._preset[0]))
+        return "\n".join(f"Note: {n}" for n in notes)
 
     def _show_preset_state(self, config: ModelConfig | None) -> None:
         """"GPT-2 small (124M) — modified" while the fields differ from the chosen preset
@@ -377,6 +459,8 @@ class ModelPanel(QWidget):
         index, preset = self._preset
         label = PRESETS[self.preset.itemData(index)]
         self.preset.setItemText(index, label if config == preset else label + MODIFIED)
+        # the note describes the preset as published: edited away, it may no longer hold
+        self._show_note(self._preset_note_text() if config == preset else "")
 
     def _on_typed(self, name: str, reason: str) -> None:
         """Typed input a number box did not take (``reason``), or "" once it is fine."""

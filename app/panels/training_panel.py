@@ -29,7 +29,6 @@ from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QFileDialog,
     QGridLayout,
     QHBoxLayout,
     QLabel,
@@ -50,6 +49,7 @@ from PySide6.QtWidgets import (
 from unitscale_core.atomic import atomic_open
 from unitscale_core.config import PARAMETRIZATIONS, ModelConfig
 
+from ..export import ask_save_path, note_exported
 from ..widgets.training_plots import RUN_COLOURS, RUN_STYLES, LossPlot, export_scene_png
 from ..widgets.training_views import (
     KINDS,
@@ -339,10 +339,10 @@ class TrainingPanel(QWidget):
         self.export_button.setToolTip("Export every run's records (CSV) or a plot (PNG)")
         menu = QMenu(self.export_button)
         for text, slot, name, filt in (
-                ("Records as CSV…", self.export_csv, "training.csv", "CSV table (*.csv)"),
-                ("Loss plot as PNG…", self.export_loss_png, "training_loss.png",
+                ("Records as CSV…", self.export_csv, "records.csv", "CSV table (*.csv)"),
+                ("Loss plot as PNG…", self.export_loss_png, "loss plot.png",
                  "PNG image (*.png)"),
-                ("Current view as PNG…", self.export_view_png, "training_view.png",
+                ("Current view as PNG…", self.export_view_png, "view.png",
                  "PNG image (*.png)")):
             action = menu.addAction(text)
             action.triggered.connect(
@@ -861,14 +861,18 @@ class TrainingPanel(QWidget):
             export_scene_png(self.attention_view.model_view.ci, path)
 
     def _export(self, export, title: str, name: str, filt: str) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, title, name, filt)
-        if not path:
+        """Ask where (the last export folder, a name saying training, what and which
+        config: ``llama-3-8b-training-loss-plot.png``), then write."""
+        what, suffix = name.rsplit(".", 1)
+        path = ask_save_path(self, title, what, "." + suffix, filt)
+        if path is None:
             return
         try:
             export(path)
         except (OSError, ValueError) as exc:
             self._fail(f"export failed: {exc}")
         else:
+            note_exported(path)
             self._set_status(f"wrote {path}")
 
 

@@ -23,3 +23,16 @@ def make_window(qtbot):
     yield make
     for win in windows:
         win.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_export_folder():
+    """Each test starts with no remembered export folder and no settings store for it (the
+    module keeps the last export's folder for the session)."""
+    from app import export
+
+    saved = dict(export._export_state)
+    export._export_state.update(folder="", store=None)
+    yield
+    export._export_state.clear()
+    export._export_state.update(saved)

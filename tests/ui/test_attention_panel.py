@@ -424,3 +424,88 @@ def test_gqa_checkpoint_folder_shows_each_query_head_with_its_kv_head(qtbot, mak
     shown = panel.head_view.data
     assert np.isnan(shown[np.triu_indices(len(ids[0]), 1)]).all()  # causal: later keys blank
     np.testing.assert_allclose(np.nan_to_num(shown, nan=0.0), theirs, atol=1e-4, rtol=0)
+
+
+def test_exported_model_view_has_no_click_hint(qtbot, make_panel, tmp_path, monkeypatch):
+    """The grid's title ends "click to select" on screen only: the PNG, SVG and clipboard
+    pictures of it (and the report's) are titled without it, and the screen keeps it."""
+    from app import export
+
+    panel = make_panel()
+    items = {i.key: i for i in panel.export_items()}
+    grid = panel.model_view
+    assert "click to select" in grid.title.text
+    export.save_item(items["attentionModelView"], tmp_path / "grid.svg")
+    svg = (tmp_path / "grid.svg").read_text(encoding="utf-8")
+    assert "layers" in svg and "heads" in svg  # the title is drawn as text
+    assert "click to select" not in svg
+    painted = []
+    original = export._paint_widget
+    monkeypatch.setattr(export, "_paint_widget",
+                        lambda w, d: (painted.append(w.title.text), original(w, d)))
+    export.save_item(items["attentionModelView"], tmp_path / "grid.png")
+    export.copy_image(grid)
+    assert len(painted) == 2 and all("layers" in t and "click" not in t for t in painted)
+    assert "click to select" in grid.title.text  # back on screen
+
+
+def _sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer: BPE over "▁"-marked words with byte fallback ("<0x0A>")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(["the quick the quick the quick dog"] * 8, trainer)
+    return tok
+
+
+def _raw_byte_level_tokenizer():
+    """GPT-2's byte-level BPE behind a Sequence decoder: the core labels its pieces as they
+    are ("Ġthe"), so readable text is the panel's to make."""
+    from tokenizers import decoders
+
+    from ..core.test_pretrained import _byte_level_tokenizer
+
+    tok = _byte_level_tokenizer()
+    tok.decoder = decoders.Sequence([decoders.ByteLevel()])
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte_level"])
+def test_checkpoint_tokens_are_shown_readable_with_the_raw_piece_in_the_tooltip(
+        qtbot, make_panel, tmp_path, kind):
+    """Axes and the exported table show " the", "⏎", "\\xe2" — not "▁the", "Ġthe",
+    "<0x0A>" — and the hover text keeps the tokenizer's piece."""
+    from ..core.test_pretrained import _write_tiny_gpt2
+
+    folder = _write_tiny_gpt2(tmp_path / kind)
+    tok = _sentencepiece_tokenizer() if kind == "sentencepiece" else _raw_byte_level_tokenizer()
+    tok.save(str(folder / "tokenizer.json"))
+    text = "the quick the\n€ dog"
+    pieces = tok.encode(text).tokens
+    marker = "▁" if kind == "sentencepiece" else "Ġ"
+    assert any(marker in p for p in pieces)  # the raw pieces the panel must not show
+    assert kind != "sentencepiece" or {"<0x0A>", "<0xE2>"} <= set(pieces)
+    panel = make_panel()
+    panel.text.setText(text)
+    with qtbot.waitSignal(panel.computed, timeout=TIMEOUT):
+        panel.open_checkpoint(folder)
+    queries, keys = panel.axis_labels()
+    assert queries == keys and len(queries) == len(pieces)
+    assert not any(marker in q or "<0x" in q for q in queries), queries
+    assert "⏎" in queries  # the newline, visible
+    assert " the" in queries  # the word after a space: the space kept, no marker
+    if kind == "sentencepiece":
+        assert "\\xe2" in queries  # one byte of "€": its escape
+    else:
+        assert "€" in "".join(queries) or "\\xe2" in "".join(queries)
+    header = panel.matrix_table().header[2:]
+    assert len(header) == len(pieces) and not any(marker in h or "<0x" in h for h in header)
+    assert "".join(header).replace("\\xe2\\x82\\xac", "€").lstrip() == text
+    at = pieces.index(marker + "the")
+    hover = panel.head_view.describe(at, at)  # what hovering the cell shows
+    assert f"' the' (piece '{marker}the')" in hover, hover

@@ -254,3 +254,116 @@ def test_exported_chart_title_wraps_within_the_image(qtbot, make_window):
     assert wrap_title("a · b", metrics, 1000) == ["a · b"]
     assert wrap_title("aaaa · bbbb", metrics, metrics.horizontalAdvance("aaaa ·")) == [
         "aaaa ·", "bbbb"]
+
+
+@pytest.fixture
+def dialog_starts(monkeypatch):
+    """Each save dialog's starting path, recorded; the dialog answers the queued paths."""
+    starts: list[str] = []
+    answers: list[str] = []
+
+    def ask(parent, title, start, *rest, **kw):
+        starts.append(start)
+        return answers.pop(0), ""
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(ask))
+    return starts, answers
+
+
+def test_export_dialog_starts_in_documents_then_the_last_export_folder(
+        qtbot, make_window, dialog_starts, tmp_path, monkeypatch):
+    """Never the working directory: the first export proposes the Documents folder (home
+    when there is none), named after the panel, the item and the config; the next starts
+    where the last one went, also from another panel and the training panel's own menu."""
+    from pathlib import Path
+
+    import platformdirs
+
+    documents = tmp_path / "Documents"
+    documents.mkdir()
+    monkeypatch.setattr(platformdirs, "user_documents_dir", lambda: str(documents))
+    monkeypatch.chdir(tmp_path)
+    starts, answers = dialog_starts
+    win = make_window(SMALL)
+    assert win.save_config(tmp_path / "my model.json")
+    sizes = menu_actions(win.sizes_panel, "sizesExport")
+    answers.append("")  # cancelled: nothing written, nothing remembered
+    sizes["export_sizes_csv"].trigger()
+    assert Path(starts[-1]) == documents / "my-model-sizes-table.csv"
+    out = tmp_path / "figures"
+    out.mkdir()
+    answers.append(str(out / "s.csv"))
+    sizes["export_sizes_csv"].trigger()
+    assert (out / "s.csv").exists()
+    answers.append("")
+    menu_actions(win.attention_panel, "attnExport")["export_attentionModelView_png"].trigger()
+    assert Path(starts[-1]) == out / "my-model-attention-model-view.png"
+    answers.append("")
+    win.training_panel.export_button.menu().actions()[1].trigger()
+    assert Path(starts[-1]) == out / "my-model-training-loss-plot.png"
+    (out / "s.csv").unlink()
+    out.rmdir()
+    answers.append("")  # the folder is gone: back to Documents
+    sizes["export_sizes_csv"].trigger()
+    assert Path(starts[-1]).parent == documents
+    monkeypatch.setattr(platformdirs, "user_documents_dir", lambda: str(tmp_path / "none"))
+    assert export.default_export_folder() == Path.home()
+
+
+def test_export_name_follows_preset_and_shape(qtbot, make_window):
+    win = make_window(SMALL)
+    assert win.export_config_name() == "decoder-2x64"  # untitled: its shape
+    box = win.model_panel.preset
+    box.setCurrentIndex(box.findData("gpt2-small"))
+    box.activated.emit(box.currentIndex())
+    assert win.export_config_name() == "gpt2-small"
+    assert export.suggested_export_path(win.scaling_panel, "scale chart", ".png").name == \
+        "gpt2-small-scaling-scale-chart.png"
+    assert export.export_file_name(["a/b: c", "", "Modèle", "modèle"], ".svg") == \
+        "a-b-c-modèle.svg"
+    assert export.export_file_name(["..", "/"], ".csv") == "export.csv"
+
+
+def test_last_export_folder_is_remembered_between_sessions(qtbot, tmp_path, dialog_starts):
+    """The folder is written to the session's settings as soon as an export succeeds, and the
+    next session's first export dialog starts there."""
+    from pathlib import Path
+
+    from PySide6.QtCore import QSettings
+
+    from app.main_window import MainWindow
+
+    starts, answers = dialog_starts
+    ini = str(tmp_path / "session.ini")
+    out = tmp_path / "exports"
+    out.mkdir()
+    win = MainWindow(SMALL, restore_settings=True, confirm_unsaved=False,
+                     settings=QSettings(ini, QSettings.Format.IniFormat))
+    qtbot.addWidget(win)
+    answers.append(str(out / "sizes.md"))
+    menu_actions(win.sizes_panel, "sizesExport")["export_sizes_md"].trigger()
+    assert (out / "sizes.md").exists()
+    assert QSettings(ini, QSettings.Format.IniFormat).value(export.EXPORT_FOLDER_KEY) == str(out)
+    win.close()
+    export._export_state.update(folder="", store=None)  # a new process remembers nothing
+    again = MainWindow(restore_settings=True, confirm_unsaved=False,
+                       settings=QSettings(ini, QSettings.Format.IniFormat))
+    qtbot.addWidget(again)
+    answers.append("")
+    menu_actions(again.sizes_panel, "sizesExport")["export_sizes_csv"].trigger()
+    assert Path(starts[-1]).parent == out
+    again.close()
+
+
+def test_untitled_save_as_proposes_documents_and_the_config_name(qtbot, make_window,
+                                                                 tmp_path, monkeypatch):
+    import platformdirs
+
+    monkeypatch.setattr(platformdirs, "user_documents_dir", lambda: str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    win = make_window(SMALL)
+    assert win.suggested_save_path() == tmp_path / "decoder-2x64.json"
+    box = win.model_panel.preset
+    box.setCurrentIndex(box.findData("gpt2-small"))
+    box.activated.emit(box.currentIndex())
+    assert win.suggested_save_path() == tmp_path / "gpt2-small.json"

@@ -165,3 +165,35 @@ def test_positional_view_follows_rope_base_and_rotary_fraction():
     spec = spec_for_config(cfg)
     assert spec.base == 500000.0 and spec.d_model == 16  # 0.25 of a 64-dim head
     assert spec_for_config(ModelConfig(positional="sinusoidal")).base == 10000.0
+
+
+def test_model_panel_fits_its_dock_with_aligned_columns_and_whole_text(qtbot, make_window):
+    """At the default layout (1366 × 768 screen or larger, model dock 340 px) with
+    Mixtral-8x7B's fields: no sideways scrolling, the editors in one column for the groups and
+    one for the sections, each label centred on its editor, and every number box's text
+    line a full line tall (the descenders of "d_model / heads" were cut)."""
+    from PySide6.QtCore import QPoint
+    from PySide6.QtGui import QFontMetrics
+    from PySide6.QtWidgets import QAbstractSpinBox, QScrollArea
+
+    win = make_window()
+    panel = win.model_panel
+    box = panel.preset
+    box.setCurrentIndex(box.findData("mixtral-8x7b"))
+    box.activated.emit(box.currentIndex())
+    qtbot.wait(50)  # the columns are aligned once the forms are laid out
+    scroll = panel.findChild(QScrollArea)
+    assert not scroll.horizontalScrollBar().isVisible()
+    assert panel._body.minimumSizeHint().width() <= scroll.viewport().width()
+    columns = panel.editor_columns()
+    in_sections = {n for names in SECTIONS.values() for n in names}
+    assert len({x for n, x in columns.items() if n in in_sections}) == 1, columns
+    assert len({x for n, x in columns.items() if n not in in_sections}) == 1, columns
+    for name, editor in panel._editors.items():
+        label = panel._row_labels[name]
+        middle = label.mapTo(panel, QPoint(0, label.height() // 2)).y()
+        centre = editor.mapTo(panel, QPoint(0, editor.height() // 2)).y()
+        assert abs(middle - centre) <= 2, (name, middle, centre)
+        if isinstance(editor, QAbstractSpinBox):
+            line = editor.lineEdit()
+            assert line.height() >= QFontMetrics(line.font()).height(), name

@@ -51,3 +51,40 @@ def test_measure_on_mixtral_offers_instead_of_building(make_window, qtbot):
     assert "needs about" in text and "GiB" in text, text
     assert panel.measure_button.isEnabled() and panel.measured == []
     assert "Traceback" not in panel.summary.text()
+
+
+def test_a_preset_note_is_shown_until_a_field_leaves_the_preset(qtbot):
+    """Gemma-2-2B's note (the embedding scale the program does not apply) is shown, grey and
+    wrapped, under the menu; editing a field away hides it, editing it back shows it again;
+    a preset without notes (Llama-3-8B) shows none, nor does another file's config."""
+    from PySide6.QtGui import QPalette
+
+    from app.panels.model_panel import ModelPanel
+    from unitscale_core.config import ModelConfig
+    from unitscale_core.presets import preset_notes
+
+    panel = ModelPanel(ModelConfig())
+    qtbot.addWidget(panel)
+    panel.show()
+    note = panel.preset_note
+    assert panel.note() == "" and note.isHidden()
+    box = panel.preset
+    box.setCurrentIndex(box.findData("gemma-2-2b"))
+    box.activated.emit(box.currentIndex())
+    (expected,) = preset_notes("gemma-2-2b")
+    assert expected in panel.note() and note.isVisible()
+    assert note.wordWrap() and note.foregroundRole() == QPalette.ColorRole.PlaceholderText
+    assert panel.preset_key() == "gemma-2-2b"
+    layers = panel._editors["n_layers"]
+    layers.setValue(layers.value() + 1)
+    assert panel.note() == "" and note.isHidden() and panel.preset_key() is None
+    layers.setValue(layers.value() - 1)  # back to the preset's fields: its note holds again
+    assert expected in panel.note() and panel.preset_key() == "gemma-2-2b"
+    box.setCurrentIndex(box.findData("llama-3-8b"))
+    box.activated.emit(box.currentIndex())
+    assert preset_notes("llama-3-8b") == () and panel.note() == ""
+    box.setCurrentIndex(box.findData("phi-3-mini-4k"))
+    box.activated.emit(box.currentIndex())
+    assert "sliding_window" in panel.note()
+    panel.set_config(ModelConfig())  # a file opened: no preset, no note
+    assert panel.note() == "" and panel.preset_key() is None
