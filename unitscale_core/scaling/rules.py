@@ -1431,6 +1431,33 @@ def cross_entropy_rule(
     return CrossEntropyScales(mom.logsumexp, grad)
 
 
+def tied_cross_entropy_grad(
+    rms_logits: float, *, vocab: int, n_tokens: int, p_self: float, p_self_sq: float,
+    unit: bool = False, mult: float = 1.0
+) -> float:
+    """RMS of the ``[N, V]`` logits gradient when one logit of each row is the input token's
+    own (a tied head: ``z_t = α e_t·x̂``, large wherever ``x̂`` keeps much of ``e_t``) and takes
+    the softmax weight ``p_self`` (``E p_self`` and ``E p_self²`` over the rows given), the
+    other ``V − 1`` logits i.i.d. ``N(0, σ_z²)`` sharing ``1 − p_self`` as their own softmax
+    ``p̂`` would. Per row::
+
+        Σ_v (p_v − y_v)² = 1 − 2 p_y + p_self² + (1 − p_self)² Σ_{v≠t} p̂_v²
+
+    and ``E p_y = 1/V`` (a random target is the input token with probability ``1/V``, else
+    one of the others, which hold ``1 − p_self``), so the RMS is
+    ``sqrt((1 + E p_self² + E(1 − p_self)²·EΣp̂² − 2/V)/V)/N`` (unit-scaled: ×
+    :func:`unit_cross_entropy_grad_scale` instead of ``/N``). :func:`cross_entropy_rule`
+    with all ``V`` logits i.i.d. has ``EΣp̂²`` in place of the self-logit's ``p_self²`` term:
+    at d 512, where ``p_self ≈ 1`` and ``EΣp̂² = 0.85``, 0.057 log2 low, and the norm below
+    then projects most of that ``p_self e_t`` out again (``_self_logit_lean``)."""
+    _check_positive("n_tokens", n_tokens)
+    sigma = (mult if unit else 1.0) * rms_logits
+    others = softmax_moments(sigma, max(vocab - 1, 1)).sum_p2
+    rest_sq = max(1.0 - 2.0 * p_self + p_self_sq, 0.0)  # E(1 − p_self)²
+    per_row = math.sqrt(max(1.0 + p_self_sq + rest_sq * others - 2.0 / vocab, 0.0) / vocab)
+    return per_row * unit_cross_entropy_grad_scale(vocab) if unit else per_row / n_tokens
+
+
 # =========================================================================== positions & biases
 
 
