@@ -1346,8 +1346,13 @@ class _Predictor:
 
     def _p_self_moments(self, ce, self_logit: float, slope: bool = False
                         ) -> tuple[float, float]:
-        """``(E p_self, E p_self²)`` over the self-logit's spread (:meth:`_p_self`; with
-        ``slope`` and a logit soft cap the first is ``E p_self·sech²(z/c)``)."""
+        """``(E q, E q²)`` over the self-logit's spread, ``q = p_self`` (:meth:`_p_self`), or
+        with ``slope`` and a logit soft cap ``q = p_self·sech²(z/c)``: the self entry of the
+        gradient reaching the head's (uncapped) output. Both moments take the same ``q``:
+        under the cap the self-logit saturates (``sech² → 0``) while ``p_self → 1``, so the
+        uncapped ``E p_self²`` in place of ``E (p_self sech²)²`` took out of the stream
+        gradient what the head never sent (``_self_logit_lean``: gemma-softcaps' stream
+        gradients 8.3 log2 low)."""
         if self_logit <= 0:
             return 0.0, 0.0
         nodes, weights = _GAUSS_HERMITE
@@ -1364,8 +1369,8 @@ class _Predictor:
             if slope:
                 gain = 1.0 - th * th
         z = z - ce.loss
-        p = 1.0 / (1.0 + np.exp(np.minimum(-z, 700.0)))
-        return float(weights @ (gain * p)), float(weights @ (p * p))
+        q = gain / (1.0 + np.exp(np.minimum(-z, 700.0)))
+        return float(weights @ q), float(weights @ (q * q))
 
     def _self_logit_lean(self, g: Cov, g_normed: Cov, final: Cov, head: dict, ce,
                          self_logit: float, x_var: np.ndarray) -> Cov:
@@ -1400,10 +1405,11 @@ class _Predictor:
         D = np.sqrt(np.where(ok, g.var / np.where(ok, g_normed.var, 1.0), 0.0))
         # the norm's backward takes κ c x̂ out with the projection on x̂: per element
         # ``|κ e − κ c x̂|²/d = κ²(1 − c²)`` of the ``κ²`` (``E p_self²`` of it: the head's
-        # gradient, R.tied_cross_entropy_grad) the gradient held, ``c²`` of it less
+        # gradient, R.tied_cross_entropy_grad) the gradient held, ``c²`` of it less; under a
+        # logit soft cap the self entry the head sent is p_self·sech²(z/c), so E (p_self·sech²)²
         own = head["f"].grad_input * self._loss_grad_scale() * self.share
-        var = np.maximum(g.var - own * own * self._p_self_moments(ce, self_logit)[1] * D * D,
-                         0.0)
+        p_sq = self._p_self_moments(ce, self_logit, slope=True)[1]
+        var = np.maximum(g.var - own * own * p_sq * D * D, 0.0)
         if not len(final.S):
             return Cov.of(g.g, np.maximum(var - (g.S[0].diagonal() if len(g.S) else 0.0),
                                           0.0), g.S)
