@@ -1313,18 +1313,14 @@ class _Predictor:
 
     def _capped_tied_head_grad2(self, ce, mom, self_logit: float) -> float:
         """The head's output gradient's variance per logit with tied embeddings and a final
-        soft cap (``mom``: :func:`.rules.softcap_softmax_moments` of the other logits):
-        ``s²/V · [(E p_self sech²_self)² + E sech⁴ (1 − 2/V) + (1 − p_self)² EΣp² sech⁴]``
-        per row — the self entry (``p_self`` on the input token, through the cap's slope
-        there, ~0 once the self-logit saturates the cap), the target's ``(1 − p_t)²`` and the
-        other entries, whose weight the self-logit takes (``1 − p_self`` of it), each through
-        the cap's slope (``s``: :meth:`_loss_grad_scale`)."""
-        v = self.cfg.vocab_size
-        p_self = self._p_self(ce, self_logit)
-        p_slope = self._p_self(ce, self_logit, slope=True)
-        per_row = (p_slope**2 + mom.slope2 * (1.0 - 2.0 / v)
-                   + (1.0 - p_self) ** 2 * mom.sum_p2_slope2)
-        return self._loss_grad_scale() ** 2 * per_row / v
+        soft cap: :func:`.rules.capped_tied_cross_entropy_grad` squared, of the self-logit's
+        ``E p_self``, ``E p_self²`` and ``E (p_self sech²(z/c))²`` (:meth:`_p_self_moments`)
+        and ``mom`` (:func:`.rules.softcap_softmax_moments` of the other logits)."""
+        p1, p2 = self._p_self_moments(ce, self_logit)
+        q2 = self._p_self_moments(ce, self_logit, slope=True)[1]
+        return R.capped_tied_cross_entropy_grad(mom, vocab=self.cfg.vocab_size,
+                                                n_tokens=self.rows, p_self=p1, p_self_sq=p2,
+                                                q_self_sq=q2, unit=self.unit) ** 2
 
     def _loss_grad_scale(self) -> float:
         """The loss gradient's scale per logit: ``1/N`` (mean reduction), or unit scaling's

@@ -1458,6 +1458,33 @@ def tied_cross_entropy_grad(
     return per_row * unit_cross_entropy_grad_scale(vocab) if unit else per_row / n_tokens
 
 
+def capped_tied_cross_entropy_grad(
+    mom: SoftcapSoftmaxMoments, *, vocab: int, n_tokens: int, p_self: float,
+    p_self_sq: float, q_self_sq: float, unit: bool = False
+) -> float:
+    """RMS of the ``[N, V]`` gradient reaching a tied head's (uncapped) output ``z`` through a
+    final soft cap ``y = c·tanh(z/c)`` (Gemma 2), the input token's own logit taking the
+    capped softmax's weight ``p_self`` (``E p_self``, ``E p_self²``), the other ``V − 1``
+    i.i.d. with the capped-softmax moments ``mom`` (:func:`softcap_softmax_moments`). Every
+    entry passes the cap's slope ``s = sech²(z/c)``; per row::
+
+        Σ_v (p_v − y_v)² s_v² = q_self² + E s² (1 − 2/V) + (1 − p_self)² EΣ_{v≠t} p̂_v² s_v²
+
+    ``q_self = p_self·sech²(z_self/c)`` (``E q_self²`` over the rows: ≈ 0 once the self-logit
+    saturates the cap, while ``p_self → 1``), the target's ``(1 − p_y)² s_y²`` taken as
+    ``s²(1 − 2p_y)`` with ``E p_y`` small, the others sharing ``1 − p_self`` as their own
+    softmax ``p̂`` would. RMS ``sqrt(per_row/V)/N`` (unit-scaled: ×
+    :func:`unit_cross_entropy_grad_scale` instead of ``/N``); without the cap (``s = 1``)
+    it is :func:`tied_cross_entropy_grad` less its ``E p_y`` terms."""
+    _check_positive("n_tokens", n_tokens)
+    _check_positive("vocab", vocab)
+    rest_sq = max(1.0 - 2.0 * p_self + p_self_sq, 0.0)  # E(1 − p_self)²
+    per_row = max(q_self_sq + mom.slope2 * (1.0 - 2.0 / vocab)
+                  + rest_sq * mom.sum_p2_slope2, 0.0)
+    rms = math.sqrt(per_row / vocab)
+    return rms * unit_cross_entropy_grad_scale(vocab) if unit else rms / n_tokens
+
+
 # =========================================================================== positions & biases
 
 
