@@ -267,9 +267,6 @@ class _Predictor:
         self._track_align = cfg.tie_embeddings and not self.unit
         #: the tied self-logit's spread between tokens (``_p_self``), set with the logit
         self._self_logit_sd = 0.0
-        #: a final logit soft cap's backward gain on the logits' RMS (``√E sech⁴``; the tied
-        #: self-logit's is in ``_p_self``); 1 without a cap
-        self._logit_cap_grad = 1.0
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def act(self, name: str, x: Cov | float, formula: str = "", scales: dict | None = None):
@@ -732,16 +729,12 @@ class _Predictor:
                 amap, g_ctx, v, a["k"], sum_p2, gf_qk,
                 shared_input_factor(sum_p2, self.c, a["aniso_kv"]), a["aniso_kv"] / self.c),
                 share))
-            if a["rope"] and a["rotary_share"] >= 1.0:  # band by band, rotated back
-                g_ks.append((self._key_gradient(a, amap, g_ctx, sum_p2, grp, gf_qk), share))
-            else:
-                g_ks.append((covariance.key_gradient(
-                    amap, g_ctx, v, a["q"], sum_p2, gf_qk, grp["excess"],
-                    zero_sum=not a["rope"]), share))
-                if 0.0 < a["rotary_share"] < 1.0:  # partial rotary: the unrotated dims' sums vanish
-                    g_ks_plain.append((covariance.key_gradient(
-                        amap, g_ctx, v, a["q"], sum_p2, gf_qk, grp["excess"], zero_sum=True),
-                        share))
+            # (under RoPE band by band over the rotated dims, rotated back)
+            g_ks.append((self._key_gradient(a, amap, g_ctx, sum_p2, grp, gf_qk), share))
+            if a["rope"] and a["rotary_share"] < 1.0:  # partial: the unrotated dims' sums vanish
+                g_ks_plain.append((covariance.key_gradient(
+                    amap, g_ctx, v, a["q"], sum_p2, gf_qk, grp["excess"], zero_sum=True),
+                    share))
             # K and V are projections of one input, so the gradient reaching a key (through
             # its value) and reaching a value (through its key's logits) both depend on that
             # input: the weight gradients have a mean part besides the products pair_sum
@@ -758,12 +751,9 @@ class _Predictor:
         g_q = covariance.mixture(g_qs).scaled(gain)
         g_k = covariance.mixture(g_ks).scaled(gain)
         f_rot = a["rotary_share"]
-        full_bands = a["rope"] and f_rot >= 1.0  # _key_gradient rotated g_k back
-        if a["rope"]:  # back through the rotation (its own transpose)
+        if a["rope"]:  # back through the rotation (its own transpose; _key_gradient's g_k is)
             base, rot = self.cfg.rope_base, self.cfg.rotary_dims
             g_q = covariance.partially_rotated(g_q, dh, rot, base)
-            if not full_bands:
-                g_k = covariance.rotated(g_k, rot, base)
             if f_rot < 1.0:  # the rotated dims' key gradient beside the unrotated dims'
                 g_k_rot = g_k
                 g_k = covariance.mixture([(g_k_rot, f_rot), (
@@ -811,13 +801,19 @@ class _Predictor:
         and back on its own). With one mean rotation of all frequencies the encoder
         self-attentions' key-bias gradients of a RoPE encoder-decoder (d 128, 3 layers,
         64 tokens, 4 seeds) were +0.2…0.3 (standard), +0.45…0.53 (unit), +0.8…0.9 (u-μP)
-        log2 high: the low frequencies' part, which softmax ignores, was left in them."""
+        log2 high: the low frequencies' part, which softmax ignores, was left in them.
+        Partial rotary (the rotated dims' own frequencies θ_f = base^(−2f/R)): a unit d 256
+        decoder's key-bias gradients, a quarter of each head rotated (2 seeds), were
+        +0.06/+0.61/+0.39/+0.01 with one mean rotation, −0.12/−0.06/−0.09/−0.03 band by
+        band (u-μP +0.26/+0.19 → +0.04/+0.05 in layers 1/2; standard +0.19 → +0.13 there,
+        layer 0 −0.18 → −0.24)."""
         if not a["rope"]:
             return covariance.key_gradient(amap, g_ctx, a["v"], a["q"], sum_p2, gf,
                                            grp["excess"])
-        # (full rotary only: partial rotary keeps the mean rotation of its rotated share)
+        # partial rotary: the rotated dims' own frequencies θ_f = base^(−2f/R) (the
+        # unrotated dims' key gradient is taken beside it)
         return covariance.rope_key_gradient(amap, g_ctx, a["v"], a["q_plain"], sum_p2,
-                                            gf, grp["excess"], self.cfg.head_size,
+                                            gf, grp["excess"], self.cfg.rotary_dims,
                                             self.cfg.rope_base)
 
     # -- feed-forward --------------------------------------------------------------------------
@@ -1262,7 +1258,6 @@ class _Predictor:
             per_row = cap_mom.slope2 * (1.0 - 2.0 / v) + cap_mom.sum_p2_slope2
             ce = R.CrossEntropyScales(cap_mom.logsumexp,
                                       self._loss_grad_scale() * math.sqrt(per_row / v))
-            self._logit_cap_grad = math.sqrt(cap_mom.slope2)
         loss_self = (self_logit if cfg.logit_softcap is None
                      else cfg.logit_softcap * math.tanh(self_logit / cfg.logit_softcap))
         loss = float(np.logaddexp(ce.loss, loss_self)) if self_logit > 0 else ce.loss
@@ -1429,17 +1424,24 @@ class _Predictor:
         rows aligned with ``x̂``), and a tied head adds ``p_self · e_in``, of which a share
         ``c`` is in ``x̂``. Per element ``E[g ⊙ x̂] = κ = α_gx s [p_self c + (1 − p_self) σ_w²
         α (1 − E Σp²)]`` (``s`` the loss-gradient scale: 1/N, or V/√(V−1) unit-scaled), which
-        adds ``(α_n N κ)²`` to the gradient's variance over ``N`` rows.
+        adds ``(α_n N κ)²`` to the gradient's variance over ``N`` rows. Under a final soft cap
+        ``1 − EΣp²`` is :func:`.rules.softcap_softmax_moments`' ``lean`` (``p_self`` times the
+        slope: :meth:`_p_self`): with ``(1 − EΣp²)·√E sech⁴`` in its place (one logit's slope,
+        where the softmax's weight sits on the top logits, whose slope is small) the tied
+        Gemma-like final ``norm.weight`` gradients were +1.03 (gemma-like-wide, cap 30) and
+        +1.79 log2 (gemma-softcaps at cap 10) high.
         """
         cfg, f = self.cfg, head["f"]
         v = cfg.vocab_size
         s = self._loss_grad_scale()
         p_self = self._p_self(ce, self_logit)
-        sum_p2 = R.softmax_moments(logits.rms, v).sum_p2
+        if cfg.logit_softcap is None:
+            lean = 1.0 - R.softmax_moments(logits.rms, v).sum_p2
+        else:  # through the cap: E Σ ∂(p s)/∂z, the top logits' small slope (rules)
+            lean = R.softcap_softmax_moments(logits.rms, v, cfg.logit_softcap).lean
         w2 = head["w"] ** 2
         kappa = f.grad_input * s * (self._p_self(ce, self_logit, slope=True) * self.share
-                                    + (1 - p_self) * w2 * f.output * (1 - sum_p2)
-                                    * self._logit_cap_grad)
+                                    + (1 - p_self) * w2 * f.output * lean)
         alpha = R.unit_layer_norm_grad_param_scale(self.c, self.rows) if self.unit else 1.0
         coherent = (alpha * self.rows * kappa) ** 2
         old = self.wgrads[f"{norm}.weight"]
