@@ -563,6 +563,77 @@ def rotated(x: Cov, head_dim: int, base: float = 10000.0) -> Cov:
     return out
 
 
+#: RoPE's frequencies are taken in at most this many bands of consecutive ones where one
+#: frequency's rotation must not be averaged with the others' (:func:`rope_bands`).
+ROPE_BANDS = 8
+
+
+@lru_cache(maxsize=64)
+def rope_bands(t: int, head_dim: int, base: float = 10000.0, bands: int = ROPE_BANDS
+               ) -> tuple[tuple[np.ndarray, np.ndarray, float], ...]:
+    """:func:`rope_correlations` per band of consecutive frequencies ``θ_f = base^(−2f/D)``
+    (at most ``bands`` of them, as equal in size as they can be): ``(distinct, every,
+    share of the head's features)`` per band, ``ρ_b(Δ)`` the mean of ``cos(θ_f Δ)`` over the
+    band's own frequencies.
+
+    One frequency's rotation composes with itself: a query rotated by ``θi`` against a key
+    by ``θj`` and back gives ``cos θ((i − k) − (j − l))`` for two pairs of positions, which
+    over the head's features averages to ``E_f[cos θ_f(i − k) cos θ_f(j − l)]`` (the sines'
+    product cancels for queries spread evenly over positions), not to the product
+    ``ρ(i − k)·ρ(j − l)`` of the means: where the key gradient's rows sum to zero (softmax
+    ignores a shift), the low frequencies, which barely turn along a row, cancel in the
+    key bias's gradient on their own, but a product of means lets the high ones' part
+    survive in them."""
+    theta = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    pos, onehot, cnt = sampled_positions(t)
+    lag = np.abs(pos[:, None] - pos[None, :])
+    steps = np.arange(t, dtype=np.float64)[:, None]
+    out = []
+    for chunk in np.array_split(theta, min(len(theta), bands)):
+        rho = np.cos(steps * chunk).mean(1)
+        distinct, every, _var = binned_pairs(rho[lag], onehot, cnt)
+        for arr in (distinct, every):
+            arr.setflags(write=False)
+        out.append((distinct, every, len(chunk) / len(theta)))
+    return tuple(out)
+
+
+def rotated_band(x: Cov, band: tuple[np.ndarray, np.ndarray, float]) -> Cov:
+    """``x`` rotated by one band's frequencies (:func:`rope_bands`), as :func:`rotated` does
+    with all of them: covariances times the band's ``ρ_b``, what a token no longer shares
+    with the others of its bin its own."""
+    S = x.S
+    if not len(S):
+        return x
+    distinct, every, _share = band
+    R = np.stack((distinct, every))[:len(S)]
+    return Cov.of(x.g, x.u + np.diagonal(S[0]) * (1.0 - np.diagonal(distinct)), S * R)
+
+
+def rope_key_gradient(amap: AttentionMap, g: Cov, v: Cov, q: Cov, sum_p2: np.ndarray,
+                      jacobian: np.ndarray, excess: np.ndarray, head_dim: int,
+                      base: float = 10000.0) -> Cov:
+    """:func:`key_gradient` under RoPE, with respect to the keys before their rotation, for
+    queries ``q`` before theirs: per band of frequencies (:func:`rope_bands`) the queries
+    rotated by the band, the key gradient (whose rows sum to zero in every sequence: those
+    of the rotated keys do, ``Σ_j gZ_ij = 0``), rotated back by the same band; the bands
+    mixed by their shares of the features.
+
+    The key bias's gradient is ``Σ_ij gZ_ij R_θ(i−j) q_i`` per frequency: only how the
+    rotation differs across a row's keys reaches it. With near-uniform weights over ``T``
+    keys, what queries and gradients share across a sequence gives it
+    ``Σ_jl Cov(ṽ_j, ṽ_l)|S_θ|² cos θ(j − l) ∝ T|S_θ|² − |S_θ|⁴/T`` (``S_θ = Σ_i e^{iθi}``,
+    ``ṽ`` the values centred on the row), zero for the low frequencies (``|S_θ|² ≈ T²``);
+    one mean rotation over all frequencies gives ``T·E|S|² − (E|S|²)²/T`` instead, which
+    the high frequencies leave large. Checked against sampled attention with the model's
+    own ``apply_rope`` (``tests/core/test_predict_tied_rope.py``)."""
+    parts = []
+    for band in rope_bands(g.g.t, head_dim, base):
+        gk = key_gradient(amap, g, v, rotated_band(q, band), sum_p2, jacobian, excess)
+        parts.append((rotated_band(gk, band), band[2]))
+    return mixture(parts)
+
+
 def mixture(parts: list[tuple[Cov, float]]) -> Cov:
     """Heads of different attention patterns side by side: each ``(Cov, share)`` holds that
     share of the features, so the variances and covariances average with those weights.

@@ -259,9 +259,6 @@ class _Predictor:
         self._track_align = cfg.tie_embeddings and not self.unit
         #: the tied self-logit's spread between tokens (``_p_self``), set with the logit
         self._self_logit_sd = 0.0
-        #: a final logit soft cap's backward gain on the logits' RMS (``√E sech⁴``; the tied
-        #: self-logit's is in ``_p_self``); 1 without a cap
-        self._logit_cap_grad = 1.0
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def act(self, name: str, x: Cov | float, formula: str = "", scales: dict | None = None):
@@ -516,6 +513,7 @@ class _Predictor:
         kv_fwd, kv_bwd = self._kv_repeat_scales()
         if kv_fwd != 1.0:  # unit scaling's repeat: g^-¼ forward (ops.repeat_kv)
             k, v = k.scaled(kv_fwd), v.scaled(kv_fwd)
+        q_plain = q  # before the rotation: the key gradient rotates it band by band
         if positional == "rope":
             # rotated by position, what queries and keys share across positions decorrelates:
             # a shared part then moves the weights along a row like a token's own part
@@ -608,7 +606,7 @@ class _Predictor:
                   "α = {:.3g}", (mean_p2, out_scale)), scales)
         out, lo = self.linear_fwd(f"{prefix}.o", ctx_cov, cfg.attn_width, c)
         return out, {"prefix": prefix, "lq": lq, "lk": lk, "lv": lv, "lo": lo, "q": q, "k": k,
-                     "nq": nq, "nk": nk, "kv_bwd": kv_bwd,
+                     "q_plain": q_plain, "nq": nq, "nk": nk, "kv_bwd": kv_bwd,
                      "v": v, "groups": groups, "aniso_kv": 1.0 + e_kv,
                      "rope": positional == "rope",
                      "rotary_share": (self.cfg.rotary_dims / dh if positional == "rope"
@@ -726,10 +724,9 @@ class _Predictor:
                 amap, g_ctx, v, a["k"], sum_p2, gf_qk,
                 shared_input_factor(sum_p2, self.c, a["aniso_kv"]), a["aniso_kv"] / self.c),
                 share))
-            g_ks.append((covariance.key_gradient(
-                amap, g_ctx, v, a["q"], sum_p2, gf_qk, grp["excess"],
-                zero_sum=not a["rope"]), share))
-            if 0.0 < a["rotary_share"] < 1.0:  # partial rotary: the unrotated dims' sums vanish
+            # (under RoPE band by band over the rotated dims, rotated back)
+            g_ks.append((self._key_gradient(a, amap, g_ctx, sum_p2, grp, gf_qk), share))
+            if a["rope"] and a["rotary_share"] < 1.0:  # partial: the unrotated dims' sums vanish
                 g_ks_plain.append((covariance.key_gradient(
                     amap, g_ctx, v, a["q"], sum_p2, gf_qk, grp["excess"], zero_sum=True),
                     share))
@@ -749,10 +746,9 @@ class _Predictor:
         g_q = covariance.mixture(g_qs).scaled(gain)
         g_k = covariance.mixture(g_ks).scaled(gain)
         f_rot = a["rotary_share"]
-        if a["rope"]:  # back through the rotation (its own transpose)
+        if a["rope"]:  # back through the rotation (its own transpose; _key_gradient's g_k is)
             base, rot = self.cfg.rope_base, self.cfg.rotary_dims
             g_q = covariance.partially_rotated(g_q, dh, rot, base)
-            g_k = covariance.rotated(g_k, rot, base)
             if f_rot < 1.0:  # the rotated dims' key gradient beside the unrotated dims'
                 g_k_rot = g_k
                 g_k = covariance.mixture([(g_k_rot, f_rot), (
@@ -791,6 +787,29 @@ class _Predictor:
                                                             (f_rot,)))
         gv = self.linear_bwd(a["lv"], g_v, extra=extra_v)
         return gq, gk, gv
+
+    def _key_gradient(self, a: dict, amap, g_ctx: Cov, sum_p2: np.ndarray, grp: dict,
+                      gf: np.ndarray) -> Cov:
+        """The gradient reaching the keys before their rotation (per unit of the
+        attention's gain): :func:`.covariance.key_gradient`, or under RoPE
+        :func:`.covariance.rope_key_gradient` (each band of frequencies rotates the queries
+        and back on its own). With one mean rotation of all frequencies the encoder
+        self-attentions' key-bias gradients of a RoPE encoder-decoder (d 128, 3 layers,
+        64 tokens, 4 seeds) were +0.2…0.3 (standard), +0.45…0.53 (unit), +0.8…0.9 (u-μP)
+        log2 high: the low frequencies' part, which softmax ignores, was left in them.
+        Partial rotary (the rotated dims' own frequencies θ_f = base^(−2f/R)): a unit d 256
+        decoder's key-bias gradients, a quarter of each head rotated (2 seeds), were
+        +0.06/+0.61/+0.39/+0.01 with one mean rotation, −0.12/−0.06/−0.09/−0.03 band by
+        band (u-μP +0.26/+0.19 → +0.04/+0.05 in layers 1/2; standard +0.19 → +0.13 there,
+        layer 0 −0.18 → −0.24)."""
+        if not a["rope"]:
+            return covariance.key_gradient(amap, g_ctx, a["v"], a["q"], sum_p2, gf,
+                                           grp["excess"])
+        # partial rotary: the rotated dims' own frequencies θ_f = base^(−2f/R) (the
+        # unrotated dims' key gradient is taken beside it)
+        return covariance.rope_key_gradient(amap, g_ctx, a["v"], a["q_plain"], sum_p2,
+                                            gf, grp["excess"], self.cfg.rotary_dims,
+                                            self.cfg.rope_base)
 
     # -- feed-forward --------------------------------------------------------------------------
     def ffn_fwd(self, prefix: str, x: Cov, rows: int | None = None) -> tuple[Cov, dict]:
@@ -1388,17 +1407,25 @@ class _Predictor:
             per_row = cap_mom.slope2 * (1.0 - 2.0 / v) + cap_mom.sum_p2_slope2
             ce = R.CrossEntropyScales(cap_mom.logsumexp,
                                       self._loss_grad_scale() * math.sqrt(per_row / v))
-            self._logit_cap_grad = math.sqrt(cap_mom.slope2)
         loss_self = (self_logit if cfg.logit_softcap is None
                      else cfg.logit_softcap * math.tanh(self_logit / cfg.logit_softcap))
         loss = float(np.logaddexp(ce.loss, loss_self)) if self_logit > 0 else ce.loss
         self.act("loss", loss, "E[logsumexp(z)] − E[z_target] (exact quadrature)"
                  + ("; with the tied self-logit" if self_logit else ""))
         # ---- backward
-        g = self.independent(ce.grad_logits**2)
+        grad_logits, formula = ce.grad_logits, "(softmax(z) − onehot)/N"
+        if self_logit > 0 and cap_mom is None:
+            # the input token's own logit takes p_self of each row's softmax (its p_self²
+            # in the gradient's square, the other logits only the rest)
+            p1, p2 = self._p_self_moments(ce, self_logit)
+            grad_logits = R.tied_cross_entropy_grad(logits.rms, vocab=cfg.vocab_size,
+                                                    n_tokens=self.rows, p_self=p1,
+                                                    p_self_sq=p2, unit=self.unit)
+            formula += f"; tied: the own logit's p_self = {p1:.3g} (E p_self² = {p2:.3g})"
+        g = self.independent(grad_logits**2)
         if cap_mom is not None and self_logit > 0:
             g = self.independent(self._capped_tied_head_grad2(ce, cap_mom, self_logit))
-        self.grad("head", g, "(softmax(z) − onehot)/N"
+        self.grad("head", g, formula
                   + (" × V/√(V−1), sum reduction" if self.unit else "")
                   + ("" if cap is None else " ⊙ sech²(z/c) of the capped softmax"))
         g_normed = self.linear_bwd(head, g)
@@ -1430,18 +1457,14 @@ class _Predictor:
 
     def _capped_tied_head_grad2(self, ce, mom, self_logit: float) -> float:
         """The head's output gradient's variance per logit with tied embeddings and a final
-        soft cap (``mom``: :func:`.rules.softcap_softmax_moments` of the other logits):
-        ``s²/V · [(E p_self sech²_self)² + E sech⁴ (1 − 2/V) + (1 − p_self)² EΣp² sech⁴]``
-        per row — the self entry (``p_self`` on the input token, through the cap's slope
-        there, ~0 once the self-logit saturates the cap), the target's ``(1 − p_t)²`` and the
-        other entries, whose weight the self-logit takes (``1 − p_self`` of it), each through
-        the cap's slope (``s``: :meth:`_loss_grad_scale`)."""
-        v = self.cfg.vocab_size
-        p_self = self._p_self(ce, self_logit)
-        p_slope = self._p_self(ce, self_logit, slope=True)
-        per_row = (p_slope**2 + mom.slope2 * (1.0 - 2.0 / v)
-                   + (1.0 - p_self) ** 2 * mom.sum_p2_slope2)
-        return self._loss_grad_scale() ** 2 * per_row / v
+        soft cap: :func:`.rules.capped_tied_cross_entropy_grad` squared, of the self-logit's
+        ``E p_self``, ``E p_self²`` and ``E (p_self sech²(z/c))²`` (:meth:`_p_self_moments`)
+        and ``mom`` (:func:`.rules.softcap_softmax_moments` of the other logits)."""
+        p1, p2 = self._p_self_moments(ce, self_logit)
+        q2 = self._p_self_moments(ce, self_logit, slope=True)[1]
+        return R.capped_tied_cross_entropy_grad(mom, vocab=self.cfg.vocab_size,
+                                                n_tokens=self.rows, p_self=p1, p_self_sq=p2,
+                                                q_self_sq=q2, unit=self.unit) ** 2
 
     def _loss_grad_scale(self) -> float:
         """The loss gradient's scale per logit: ``1/N`` (mean reduction), or unit scaling's
@@ -1459,8 +1482,19 @@ class _Predictor:
         at its mean. Measured on a tied 24-layer decoder at d 64 (6 seeds): ``p_self`` 0.83,
         where ``σ`` at the mean self-logit (32.7 against ``L`` ≈ 28) gave 0.9997 — the
         spread, ±7 here, matters at narrow widths (it grows as √d, the mean as d)."""
+        return self._p_self_moments(ce, self_logit, slope)[0]
+
+    def _p_self_moments(self, ce, self_logit: float, slope: bool = False
+                        ) -> tuple[float, float]:
+        """``(E q, E q²)`` over the self-logit's spread, ``q = p_self`` (:meth:`_p_self`), or
+        with ``slope`` and a logit soft cap ``q = p_self·sech²(z/c)``: the self entry of the
+        gradient reaching the head's (uncapped) output. Both moments take the same ``q``:
+        under the cap the self-logit saturates (``sech² → 0``) while ``p_self → 1``, so the
+        uncapped ``E p_self²`` in place of ``E (p_self sech²)²`` took out of the stream
+        gradient what the head never sent (``_self_logit_lean``: gemma-softcaps' stream
+        gradients 8.3 log2 low)."""
         if self_logit <= 0:
-            return 0.0
+            return 0.0, 0.0
         nodes, weights = _GAUSS_HERMITE
         z = self_logit + self._self_logit_sd * nodes
         gain = 1.0
@@ -1475,7 +1509,8 @@ class _Predictor:
             if slope:
                 gain = 1.0 - th * th
         z = z - ce.loss
-        return float(weights @ (gain / (1.0 + np.exp(np.minimum(-z, 700.0)))))
+        q = gain / (1.0 + np.exp(np.minimum(-z, 700.0)))
+        return float(weights @ q), float(weights @ (q * q))
 
     def _self_logit_lean(self, g: Cov, g_normed: Cov, final: Cov, head: dict, ce,
                          self_logit: float, x_var: np.ndarray) -> Cov:
@@ -1490,36 +1525,39 @@ class _Predictor:
         tokens and sequences (positions, biases, attention averages), so the gradient gets
         pair covariances ``(κ c)² D_a D_b (C, M)[x̂]`` (``D`` the norm's per-position
         backward factor) — small per token, but weight and bias gradients sum them over all
-        rows. The token's own variance loses ``lean²·D²`` (``|κ e_t − κ c x̂_t|² =
-        κ²(1 − c²)``, ``lean = κ c``): without a position table ``c`` is large and leaving
-        that out put the tied ALiBi/no-position decoders' stream gradients +0.35 log2 high
-        (``test_tied_final_norm_takes_the_self_logit_part_out_of_the_stream_gradient``); with
-        a learned or sinusoidal table it is left out (measured better without, unexplained).
-        Measured (standard, tied, 4 layers, d 128, t 128): the bias gradients were 0.5–0.8
-        log2 low.
+        rows. The token's own variance loses ``E p_self²·(α_gx s c D)²`` (``|κ e_t − κ c x̂_t|²
+        = κ²(1 − c²)``) of the ``κ²`` the head's gradient puts in
+        (:func:`.rules.tied_cross_entropy_grad`: the own logit's ``p_self²``): with the head
+        rule's ``EΣp̂²`` of i.i.d. logits in its place and nothing taken out, the tied
+        ALiBi/no-position decoders' stream gradients were +0.35 log2 high (``c`` ≈ 0.92), and
+        subtracting ``c²`` of that put learned-position ones (``c`` ≈ 0.68) 0.1 log2 low
+        (``test_tied_final_norm_takes_the_self_logit_part_out_of_the_stream_gradient``,
+        ``tests/core/test_predict_tied_rope.py``). Measured (standard, tied, 4 layers, d 128,
+        t 128): without the pair covariances the bias gradients were 0.5–0.8 log2 low.
         ``x_var`` (the final norm's input variance per position) turns the part's coefficient
         into one on that input's own shared parts, for :meth:`_aligned_cross`.
         """
         lean = (head["f"].grad_input * self._loss_grad_scale()
                 * self._p_self(ce, self_logit, slope=True) * self.share)
-        if lean == 0 or not len(final.S):
+        if lean == 0:
             return g
         ok = g_normed.var > 0
         D = np.sqrt(np.where(ok, g.var / np.where(ok, g_normed.var, 1.0), 0.0))
+        # the norm's backward takes κ c x̂ out with the projection on x̂: per element
+        # ``|κ e − κ c x̂|²/d = κ²(1 − c²)`` of the ``κ²`` (``E p_self²`` of it: the head's
+        # gradient, R.tied_cross_entropy_grad) the gradient held, ``c²`` of it less; under a
+        # logit soft cap the self entry the head sent is p_self·sech²(z/c), so E (p_self·sech²)²
+        own = head["f"].grad_input * self._loss_grad_scale() * self.share
+        p_sq = self._p_self_moments(ce, self_logit, slope=True)[1]
+        var = np.maximum(g.var - own * own * p_sq * D * D, 0.0)
+        if not len(final.S):
+            return Cov.of(g.g, np.maximum(var - (g.S[0].diagonal() if len(g.S) else 0.0),
+                                          0.0), g.S)
         DD = lean * lean * (D[:, None] * D)
         S = np.concatenate((g.S, np.zeros((2 - len(g.S), *DD.shape)))) if len(g.S) < 2 \
             else g.S.copy()
         S[0] += DD * final.C
         S[1] += DD * final.M
-        # the norm's backward takes κ c x̂ out with the projection on x̂: per element
-        # ``|κ e − κ c x̂|²/d = κ²(1 − c²)`` of the ``κ²`` the gradient held, ``lean²`` less.
-        # Only without an added position table: with one (learned, sinusoidal) the stream
-        # gradients were within 0.15 log2 without it and it put them 0.1 log2 lower
-        # (d 256, 4 layers, pre-norm: the norm gains' gradients to −0.36), a gap not
-        # explained yet (see the docstring)
-        var = g.var
-        if self.cfg.positional not in ("learned", "sinusoidal"):
-            var = np.maximum(var - (lean * D) ** 2, 0.0)
         if self._track_align:
             # that part, −lean·D ⊙ x̂̄, on the final norm's input's own shared parts
             # (x̂ = x/σ per position): :meth:`_aligned_cross` carries it down the stack
@@ -1535,17 +1573,24 @@ class _Predictor:
         rows aligned with ``x̂``), and a tied head adds ``p_self · e_in``, of which a share
         ``c`` is in ``x̂``. Per element ``E[g ⊙ x̂] = κ = α_gx s [p_self c + (1 − p_self) σ_w²
         α (1 − E Σp²)]`` (``s`` the loss-gradient scale: 1/N, or V/√(V−1) unit-scaled), which
-        adds ``(α_n N κ)²`` to the gradient's variance over ``N`` rows.
+        adds ``(α_n N κ)²`` to the gradient's variance over ``N`` rows. Under a final soft cap
+        ``1 − EΣp²`` is :func:`.rules.softcap_softmax_moments`' ``lean`` (``p_self`` times the
+        slope: :meth:`_p_self`): with ``(1 − EΣp²)·√E sech⁴`` in its place (one logit's slope,
+        where the softmax's weight sits on the top logits, whose slope is small) the tied
+        Gemma-like final ``norm.weight`` gradients were +1.03 (gemma-like-wide, cap 30) and
+        +1.79 log2 (gemma-softcaps at cap 10) high.
         """
         cfg, f = self.cfg, head["f"]
         v = cfg.vocab_size
         s = self._loss_grad_scale()
         p_self = self._p_self(ce, self_logit)
-        sum_p2 = R.softmax_moments(logits.rms, v).sum_p2
+        if cfg.logit_softcap is None:
+            lean = 1.0 - R.softmax_moments(logits.rms, v).sum_p2
+        else:  # through the cap: E Σ ∂(p s)/∂z, the top logits' small slope (rules)
+            lean = R.softcap_softmax_moments(logits.rms, v, cfg.logit_softcap).lean
         w2 = head["w"] ** 2
         kappa = f.grad_input * s * (self._p_self(ce, self_logit, slope=True) * self.share
-                                    + (1 - p_self) * w2 * f.output * (1 - sum_p2)
-                                    * self._logit_cap_grad)
+                                    + (1 - p_self) * w2 * f.output * lean)
         alpha = R.unit_layer_norm_grad_param_scale(self.c, self.rows) if self.unit else 1.0
         coherent = (alpha * self.rows * kappa) ** 2
         old = self.wgrads[f"{norm}.weight"]

@@ -1431,6 +1431,60 @@ def cross_entropy_rule(
     return CrossEntropyScales(mom.logsumexp, grad)
 
 
+def tied_cross_entropy_grad(
+    rms_logits: float, *, vocab: int, n_tokens: int, p_self: float, p_self_sq: float,
+    unit: bool = False, mult: float = 1.0
+) -> float:
+    """RMS of the ``[N, V]`` logits gradient when one logit of each row is the input token's
+    own (a tied head: ``z_t = α e_t·x̂``, large wherever ``x̂`` keeps much of ``e_t``) and takes
+    the softmax weight ``p_self`` (``E p_self`` and ``E p_self²`` over the rows given), the
+    other ``V − 1`` logits i.i.d. ``N(0, σ_z²)`` sharing ``1 − p_self`` as their own softmax
+    ``p̂`` would. Per row::
+
+        Σ_v (p_v − y_v)² = 1 − 2 p_y + p_self² + (1 − p_self)² Σ_{v≠t} p̂_v²
+
+    and ``E p_y = 1/V`` (a random target is the input token with probability ``1/V``, else
+    one of the others, which hold ``1 − p_self``), so the RMS is
+    ``sqrt((1 + E p_self² + E(1 − p_self)²·EΣp̂² − 2/V)/V)/N`` (unit-scaled: ×
+    :func:`unit_cross_entropy_grad_scale` instead of ``/N``). :func:`cross_entropy_rule`
+    with all ``V`` logits i.i.d. has ``EΣp̂²`` in place of the self-logit's ``p_self²`` term:
+    at d 512, where ``p_self ≈ 1`` and ``EΣp̂² = 0.85``, 0.057 log2 low, and the norm below
+    then projects most of that ``p_self e_t`` out again (``_self_logit_lean``)."""
+    _check_positive("n_tokens", n_tokens)
+    sigma = (mult if unit else 1.0) * rms_logits
+    others = softmax_moments(sigma, max(vocab - 1, 1)).sum_p2
+    rest_sq = max(1.0 - 2.0 * p_self + p_self_sq, 0.0)  # E(1 − p_self)²
+    per_row = math.sqrt(max(1.0 + p_self_sq + rest_sq * others - 2.0 / vocab, 0.0) / vocab)
+    return per_row * unit_cross_entropy_grad_scale(vocab) if unit else per_row / n_tokens
+
+
+def capped_tied_cross_entropy_grad(
+    mom: SoftcapSoftmaxMoments, *, vocab: int, n_tokens: int, p_self: float,
+    p_self_sq: float, q_self_sq: float, unit: bool = False
+) -> float:
+    """RMS of the ``[N, V]`` gradient reaching a tied head's (uncapped) output ``z`` through a
+    final soft cap ``y = c·tanh(z/c)`` (Gemma 2), the input token's own logit taking the
+    capped softmax's weight ``p_self`` (``E p_self``, ``E p_self²``), the other ``V − 1``
+    i.i.d. with the capped-softmax moments ``mom`` (:func:`softcap_softmax_moments`). Every
+    entry passes the cap's slope ``s = sech²(z/c)``; per row::
+
+        Σ_v (p_v − y_v)² s_v² = q_self² + E s² (1 − 2/V) + (1 − p_self)² EΣ_{v≠t} p̂_v² s_v²
+
+    ``q_self = p_self·sech²(z_self/c)`` (``E q_self²`` over the rows: ≈ 0 once the self-logit
+    saturates the cap, while ``p_self → 1``), the target's ``(1 − p_y)² s_y²`` taken as
+    ``s²(1 − 2p_y)`` with ``E p_y`` small, the others sharing ``1 − p_self`` as their own
+    softmax ``p̂`` would. RMS ``sqrt(per_row/V)/N`` (unit-scaled: ×
+    :func:`unit_cross_entropy_grad_scale` instead of ``/N``); without the cap (``s = 1``)
+    it is :func:`tied_cross_entropy_grad` less its ``E p_y`` terms."""
+    _check_positive("n_tokens", n_tokens)
+    _check_positive("vocab", vocab)
+    rest_sq = max(1.0 - 2.0 * p_self + p_self_sq, 0.0)  # E(1 − p_self)²
+    per_row = max(q_self_sq + mom.slope2 * (1.0 - 2.0 / vocab)
+                  + rest_sq * mom.sum_p2_slope2, 0.0)
+    rms = math.sqrt(per_row / vocab)
+    return rms * unit_cross_entropy_grad_scale(vocab) if unit else rms / n_tokens
+
+
 # =========================================================================== positions & biases
 
 
@@ -1812,6 +1866,7 @@ class SoftcapSoftmaxMoments(NamedTuple):
     sum_p2_slope2: float  # E Σ_j p_j² s_j², s = sech²(z_j/c) the cap's slope
     logsumexp: float  # E logsumexp(y)
     slope2: float  # E s² = E sech⁴(z/c) of one logit
+    lean: float  # E Σ_j ∂(p_j s_j)/∂z_j = E[Σ_j p_j s_j z_j]/σ² (Stein): the pull towards x̂
 
 
 @lru_cache(maxsize=256)
@@ -1835,7 +1890,12 @@ def _softcap_softmax_cached(sigma_key: float, n: int, cap: float) -> SoftcapSoft
     sum_p2 = float(n * du * np.sum(m2 * pow0))
     sum_p2_s = float(n * du * np.sum(m2s * pow0))
     lse = float(du * np.sum(np.exp(-np.exp(np.minimum(u, 700.0))) - pow0 * m0))
-    return SoftcapSoftmaxMoments(sum_p2, sum_p2_s, lse, float(wz @ s2))
+    # E Σ p_j f(z_j) = n ∫ E[f a e^{−a}] m_0^{n−1} du: f = s² and f = s·tanh(z/c)
+    slope = 1.0 - th * th
+    m1 = (a * e) @ np.stack((wz * s2, wz * slope * th), axis=1)
+    sum_p_s2, sum_p_s_tanh = (float(n * du * (pow0 @ m1[:, i])) for i in (0, 1))
+    lean = sum_p_s2 - sum_p2_s - 2.0 / cap * sum_p_s_tanh
+    return SoftcapSoftmaxMoments(sum_p2, sum_p2_s, lse, float(wz @ s2), lean)
 
 
 def softcap_softmax_moments(sigma: float, n: int, cap: float) -> SoftcapSoftmaxMoments:
@@ -1851,8 +1911,16 @@ def softcap_softmax_moments(sigma: float, n: int, cap: float) -> SoftcapSoftmaxM
 
     A cross-entropy's logits gradient per row is then
     ``Σ_v (p_v − y_v)² s_v² = E s² (1 − 2/V) + E Σ p² s²`` (the target's slope taken
-    independent of its small weight). Trapezoid rules (``z`` step 0.01 over ±9σ, ``u`` step
-    0.02); ``σ`` keyed to 3 digits."""
+    independent of its small weight). ``lean``, what the softmax's pull ``Σ_j p_j s_j w_j``
+    on a head's rows ``w_j`` (``z_j = w_j·x``) keeps along ``x`` (Stein's lemma,
+    ``E[z_j h(z)] = σ² E ∂h/∂z_j``; ``1 − EΣp²`` uncapped)::
+
+        E Σ_j ∂(p_j s_j)/∂z_j = E Σ p s² − E Σ p² s² − (2/c) E Σ p s tanh(z/c)
+
+    (``∂p_j/∂z_j = p_j(1 − p_j) s_j``, ``∂s_j/∂z_j = −(2/c) s_j tanh(z_j/c)``), the
+    first and last ``n ∫ E[f a e^{−a}] m_0(u)^{n−1} du``: the softmax's weight sits on the
+    top logits, where the cap's slope is smallest, so ``E s²`` of one logit overstates it.
+    Trapezoid rules (``z`` step 0.01 over ±9σ, ``u`` step 0.02); ``σ`` keyed to 3 digits."""
     _check_positive("cap", cap)
     _check_positive("n", n)
     return _softcap_softmax_cached(_key(max(sigma, 1e-6)), int(n), float(cap))
