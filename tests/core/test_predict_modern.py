@@ -324,3 +324,19 @@ def test_a_mixture_of_experts_is_predicted_at_every_entry_point(param):
     assert top1[("layers.0.moe.router", "grad_activation")] == 0.0
     errors = routed_log2_errors(cfg.replace(experts_per_token=1))
     assert errors[("layers.0.moe.router.weight", "grad_weight")][0] == 0.0  # measured ~0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_experts_are_listed_expert_by_expert_as_measured(activation):
+    """The predicted rows come in the measurement's order: expert 0's up, gate, act, down,
+    then expert 1's… (the Scaling panel lists them so; they were every expert's ``up``, then
+    the rest of expert 0, in the window of a Mixtral-8x7B preset)."""
+    cfg = ModelConfig(**{**TINY, "n_experts": 3, "experts_per_token": 2,
+                         "activation": activation})
+    def moe(rows):  # activations and their gradients (weights follow each side's own order)
+        return [(r.name, r.kind) for r in rows
+                if ".moe." in r.name and r.kind in ("activation", "grad_activation")]
+
+    predicted, measured = moe(predict(cfg)), moe(measure(cfg))
+    assert len(predicted) > 3 * 3 * 2
+    assert predicted == measured

@@ -875,11 +875,14 @@ class _Predictor:
         alike in distribution, so their predictions are one; ``rescale`` multiplies RMSs
         (expert 0's included)."""
         head = f"{prefix}.experts.0."
-        for name in names:
-            row = store[name]
-            if rescale != 1.0:
-                row.rms *= rescale
-            for e in range(1, self.cfg.n_experts):
+        if rescale != 1.0:
+            for name in names:
+                store[name].rms *= rescale
+        # expert by expert, each in its own order (as the model runs them and the
+        # measurement lists them), not every expert's `up`, then every expert's `gate`…
+        for e in range(1, self.cfg.n_experts):
+            for name in names:
+                row = store[name]
                 other = f"{prefix}.experts.{e}." + name[len(head):]
                 store[other] = TensorRow(other, row.kind, row.rms, row.scales, None, (),
                                          row._formula)
