@@ -69,8 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from PySide6.QtWidgets import QApplication
 
+    from unitscale_core.blas_threads import use_one_blas_thread
+
     from .main_window import MainWindow
 
+    use_one_blas_thread()  # the predictor's small products: see unitscale_core.blas_threads
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("Unit Scaling Explorer")
     app.setStyle("Fusion")

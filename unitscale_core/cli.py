@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .atomic import FileProblem, check_destination
+from .blas_threads import use_one_blas_thread
 from .config import DEVICES, DTYPES, PARAMETRIZATIONS, ModelConfig, load_with_warnings
 from .formatting import number
 from .sizing import format_bytes, format_count, size_report
@@ -491,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed its one-line usage error
         return int(exc.code or 0) and EXIT_USER_ERROR
     func: Callable[[argparse.Namespace], str] = args.func
+    use_one_blas_thread()  # the predictor's small products: see unitscale_core.blas_threads
     try:
         out = func(args)
     except ResultsNotSaved as exc:  # the work is done: its results first, then why no file
