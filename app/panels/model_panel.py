@@ -16,6 +16,7 @@ included): only its cell's frame and background change, through the ``invalid`` 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from PySide6.QtCore import QPoint, Qt, Signal
@@ -184,6 +185,12 @@ class CheckedSpinBox(_Checked, QSpinBox):
 class CheckedDoubleSpinBox(_Checked, QDoubleSpinBox):
     typing = Signal(str)
     refused = Signal(str)
+
+
+@functools.lru_cache(maxsize=1)
+def _preset_configs() -> dict[str, ModelConfig]:
+    """Every preset's config by key, read once (the package's own files)."""
+    return {key: load_preset(key) for key in PRESETS}
 
 
 class ModelPanel(QWidget):
@@ -398,6 +405,19 @@ class ModelPanel(QWidget):
                 self.sections[title].expand(animate=False)
         if self._preset is not None and config != self._preset[1]:
             self._forget_preset()  # another file or config: the preset no longer applies
+        if self._preset is None:
+            self._recognise_preset(config)
+
+    def _recognise_preset(self, config: ModelConfig) -> None:
+        """A config equal to a preset (a saved preset opened, undo back to it, the README's
+        Llama-3-8B screenshot) shows that preset chosen, with its note."""
+        for index in range(1, self.preset.count()):
+            key = self.preset.itemData(index)
+            if _preset_configs().get(key) == config:
+                self.preset.setCurrentIndex(index)
+                self._preset = (index, config)
+                self._show_note(self._preset_note_text())
+                return
 
     def errors(self) -> dict[str, str]:
         """The reasons currently shown, by field (empty when the draft is valid)."""

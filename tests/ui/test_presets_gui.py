@@ -86,5 +86,28 @@ def test_a_preset_note_is_shown_until_a_field_leaves_the_preset(qtbot):
     box.setCurrentIndex(box.findData("phi-3-mini-4k"))
     box.activated.emit(box.currentIndex())
     assert "sliding_window" in panel.note()
-    panel.set_config(ModelConfig())  # a file opened: no preset, no note
+    panel.set_config(ModelConfig(n_layers=3))  # another file opened: no preset, no note
     assert panel.note() == "" and panel.preset_key() is None
+    panel.set_config(ModelConfig())  # the default config is the Tiny preset's
+    assert panel.preset_key() == "tiny" and panel.note() == ""
+
+
+def test_a_config_equal_to_a_preset_shows_that_preset(make_window, tmp_path):
+    """Opening a saved preset (or a window started on one, as the README's Llama-3-8B
+    screenshot is) shows the preset chosen in the menu, with its note; a changed copy does
+    not."""
+    from unitscale_core.config import dumps_json
+    from unitscale_core.presets import preset_notes
+
+    gemma = load_preset("gemma-2-2b")
+    win = make_window(gemma)
+    panel = win.model_panel
+    assert panel.preset.currentData() == "gemma-2-2b" and panel.preset_key() == "gemma-2-2b"
+    assert preset_notes("gemma-2-2b")[0] in panel.note()
+    path = tmp_path / "llama.json"
+    path.write_text(dumps_json(load_preset("llama-3-8b")))
+    assert win.open_config(path)
+    assert panel.preset.currentData() == "llama-3-8b" and panel.note() == ""
+    path.write_text(dumps_json(load_preset("llama-3-8b").replace(n_layers=31)))
+    assert win.open_config(path)
+    assert panel.preset.currentData() is None and panel.preset_key() is None
