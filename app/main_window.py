@@ -11,6 +11,7 @@ import logging
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,9 @@ CONFIG_FILTER = "Configs and Hugging Face config.json (*.json *.toml);;All files
 SAVE_FILTERS = {"JSON (*.json)": ".json", "TOML (*.toml)": ".toml"}
 
 log = logging.getLogger(__name__)
+
+#: how long a job's failure stays on the status bar (seconds)
+FAILURE_SHOWN_S = 10.0
 
 
 def hf_source(path: str | Path) -> Path | None:
@@ -223,6 +227,9 @@ class MainWindow(QMainWindow):
             w.hide()
             self.statusBar().addPermanentWidget(w)
         self._running_text = ""  # the "running …" message this window shows, if any
+        # the last job failure's message and when its 10 s on the status bar end: a job that
+        # starts meanwhile shows "running …" over it, and its end brings the failure back
+        self._failure: tuple[str, float] | None = None
         # the indicator follows the worker's own activity (any route: finished, failed,
         # cancelled, stopped, replaced or dropped before it started), never a count of signals
         self.worker.activity_changed.connect(self._on_activity)
@@ -713,7 +720,11 @@ class MainWindow(QMainWindow):
             self._running_text = text
         else:
             if self._running_text and bar.currentMessage() == self._running_text:
-                bar.clearMessage()  # a newer message (e.g. a failure) stays
+                left = 0.0 if self._failure is None else self._failure[1] - time.monotonic()
+                if left > 0.2:  # a failure the running text covered: shown again
+                    bar.showMessage(self._failure[0], int(left * 1000))
+                else:
+                    bar.clearMessage()  # a newer message (e.g. a failure) stays
             self._running_text = ""
 
     def cancel_jobs(self) -> None:
@@ -725,7 +736,9 @@ class MainWindow(QMainWindow):
         if channel == WARM_UP_CHANNEL:  # the user's own Measure will say what is wrong
             log.debug("warm-up failed: %s", message)
             return
-        self.statusBar().showMessage(f"{channel} failed: {message}", 10_000)
+        text = f"{channel} failed: {message}"
+        self._failure = (text, time.monotonic() + FAILURE_SHOWN_S)
+        self.statusBar().showMessage(text, int(FAILURE_SHOWN_S * 1000))
 
     # -- device --------------------------------------------------------------------------------
     def _describe_device(self) -> None:

@@ -240,6 +240,30 @@ def _held_job(worker, gate):
     return job
 
 
+def test_a_failure_covered_by_a_later_jobs_running_text_comes_back(qtbot, make_window):
+    """A job that starts within a failure's 10 s shows "running …" over it; when it ends the
+    failure is shown again, not an empty status bar (in CI a panel's own job, started late
+    under load, wiped "job failed: broken" that way)."""
+    win = make_window(TINY)
+    worker = win.worker
+    _waits_for_idle_indicator(qtbot, win)
+
+    def fails():
+        raise RuntimeError("broken")
+    with qtbot.waitSignal(worker.failed_job):
+        worker.submit("job", fails)
+    _waits_for_idle_indicator(qtbot, win)
+    assert win.statusBar().currentMessage() == "job failed: broken"
+    gate = threading.Event()
+    with qtbot.waitSignal(worker.started_job):
+        worker.submit("other", _held_job(worker, gate))
+    qtbot.waitUntil(lambda: win.statusBar().currentMessage().startswith("running"),
+                    timeout=1000)
+    gate.set()
+    _waits_for_idle_indicator(qtbot, win)
+    assert win.statusBar().currentMessage() == "job failed: broken"
+
+
 def test_busy_indicator_clears_by_every_route(qtbot, make_window):
     """finished, failed, cancelled by the Cancel button (running and pending), replaced before
     it started, dropped by a panel's cancel, and a training run's Stop: each time the last job
@@ -259,10 +283,12 @@ def test_busy_indicator_clears_by_every_route(qtbot, make_window):
     gate.set()
     _waits_for_idle_indicator(qtbot, win)
 
-    # failed (the failure's message stays after the indicator goes)
+    # failed (the failure's message stays after the indicator goes); the job can end before
+    # the indicator ever shows, so wait for its failure, not only for an idle indicator
     def fails():
         raise RuntimeError("broken")
-    worker.submit("job", fails)
+    with qtbot.waitSignal(worker.failed_job):
+        worker.submit("job", fails)
     _waits_for_idle_indicator(qtbot, win)
     assert "job failed: broken" in win.statusBar().currentMessage()
 
