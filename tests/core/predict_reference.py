@@ -7,12 +7,12 @@ agreement tests develop and hold out (``test_predict.py``'s ``DEVELOPED``, ``HEL
 ``EVERY_FIELD``, ``PARALLEL_ENC_DEC``), every shipped preset (at most 128 tokens × 2
 sequences, so the whole set runs in seconds; their stacks, widths and fields as shipped) and
 the GPT-3 shape of ``benchmarks/predict_speed.py`` at its full 2048 tokens but 4 layers (the
-binned, map-scaled grid), each under every parametrization. Per case it records every row's
-name, kind, RMS, parametrization scales and formula text (names and formulas as SHA-256
-digests, the scales as one of their values at 12 significant digits; every other number
-stored at 12 significant digits and compared within 1e-9 relative), each row's headroom
-status in :data:`FORMATS`, the stream's own shares (the collapse) and its anisotropy at each
-norm.
+binned, map-scaled grid), each under every parametrization. Per case it records every row
+(sorted by name and kind: the order rows are listed in is not pinned): its name, kind, RMS,
+parametrization scales and formula text (names and formulas as SHA-256 digests, the scales
+as one of their values at 12 significant digits; every other number stored at 12
+significant digits and compared within 1e-9 relative), its headroom status in
+:data:`FORMATS`; and the stream's own shares (the collapse) and its anisotropy at each norm.
 
 Regenerate the reference only in a commit that changes predictions on purpose, and say so
 in its message (a speed change must leave it as it is)::
@@ -95,7 +95,9 @@ def _digest(parts) -> str:
 def record(cfg: ModelConfig) -> dict:
     """What is pinned of one prediction (cache cleared first: a fresh pass)."""
     P.clear_cache()
-    rows = P.predict(cfg, formats=FORMATS)
+    # by name and kind: what is pinned is each row's prediction, not the order rows are
+    # listed in (a display matter, changed on its own, e.g. experts listed one by one)
+    rows = sorted(P.predict(cfg, formats=FORMATS), key=lambda r: (r.name, r.kind))
     rms = np.array([r.rms for r in rows], dtype=np.float64)
     # the scales are functions of the config's shape alone: a digest of them at 12
     # significant digits (a change within 1e-9 could only flip a digit at a rounding
