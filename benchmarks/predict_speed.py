@@ -7,16 +7,26 @@ parametrizations (each also reported). For a small config it is compared with ru
 prediction cache cleared (the numerical rule caches stay warm, as in a running app).
 
     python benchmarks/predict_speed.py [--repeats 5] [--json]
+    python benchmarks/predict_speed.py --breakdown [--repeats 5]
+
+``--breakdown`` prints, per parametrization, where the GPT-3-shaped pass spends its time:
+each predictor step's inclusive wall time (ms, summed over the 96 layers; nested steps count
+in their callers too), from the fastest of ``--repeats`` passes, each step timed by a
+wrapper (which adds ~1 µs a call).
 """
 
 from __future__ import annotations
+
+import gc
+import time
 
 from _common import median_ms, parser, ratio_entry, report
 
 from unitscale_core import ModelConfig
 from unitscale_core.config import PARAMETRIZATIONS
 from unitscale_core.measure import measure
-from unitscale_core.scaling import rules
+from unitscale_core.scaling import covariance, rules
+from unitscale_core.scaling import predict as _predict_module
 from unitscale_core.scaling.predict import clear_cache, predict
 
 GPT3 = ModelConfig(d_model=12288, n_heads=96, d_ff=49152, n_layers=96, vocab_size=50257,
@@ -48,6 +58,64 @@ def run(repeats: int = 5, compare_measure: bool = True) -> dict:
     return out
 
 
+#: the steps ``--breakdown`` times: predictor methods, then covariance kernels
+_STEPS = (
+    [(_predict_module._Predictor, name) for name in (
+        "run", "stack", "stack_bwd", "attention_fwd", "attention_bwd", "ffn_fwd", "ffn_bwd",
+        "norm_fwd", "norm_bwd", "linear_fwd", "linear_bwd", "act", "grad", "weight", "wgrad")]
+    + [(covariance, name) for name in (
+        "query_gradient", "key_gradient", "attend", "attend_transposed",
+        "shared_projection_term", "elementwise", "row_variance")])
+
+
+def breakdown(repeats: int = 5) -> dict[str, dict[str, float]]:
+    """parametrization → step → inclusive ms of the fastest of ``repeats`` cold passes."""
+    spent: dict[str, float] = {}
+    originals = [(owner, name, getattr(owner, name)) for owner, name in _STEPS]
+
+    def timed(fn, label):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    out = {}
+    try:
+        for owner, name, fn in originals:
+            label = name if owner is _predict_module._Predictor else f"covariance.{name}"
+            setattr(owner, name, timed(fn, label))
+        for param in PARAMETRIZATIONS:
+            cfg = GPT3.replace(parametrization=param)
+            predict(cfg)
+            best = None
+            for _ in range(max(1, repeats)):
+                spent.clear()
+                clear_cache()
+                gc.disable()
+                try:
+                    predict(cfg, formats=("fp8_e4m3",))
+                finally:
+                    gc.enable()
+                if best is None or spent["run"] < best["run"]:
+                    best = dict(spent)
+            out[param] = {k: round(v * 1e3, 1) for k, v in
+                          sorted(best.items(), key=lambda kv: -kv[1])}
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    return out
+
+
 if __name__ == "__main__":
-    args = parser(__doc__).parse_args()
-    report(run(args.repeats), args.json)
+    p = parser(__doc__)
+    p.add_argument("--breakdown", action="store_true",
+                   help="time each predictor step instead (see above)")
+    args = p.parse_args()
+    if args.breakdown:
+        for param, steps in breakdown(args.repeats).items():
+            print(param + ": " + ", ".join(f"{k} {v}" for k, v in steps.items()))
+    else:
+        report(run(args.repeats), args.json)

@@ -14,6 +14,7 @@ ratio (ours / theirs), goal, met. ``--json`` prints one object with the keys bel
 | measure_vs_track_scales | ``measure`` (fwd+bwd, every tensor) | ``unit_scaling.transforms.track_scales`` | ratio ≤ 1.0 |
 | ui_max_stall_ms | longest 5 ms-heartbeat gap, measure + attention jobs | (idle heartbeat) | ≤ 50 ms |
 | predict_96_layers_ms | GPT-3-shaped analytic prediction | (one frame) | ≤ 16 ms |
+| sweep_24_layers_8_widths_ms | 24-layer decoder at 8 widths × 3 parametrizations, predicted (issue 22) | (one second) | ≤ 1000 ms |
 | cold_start_s | launch to first paint | (bare PySide6 window) | ≤ 3 s |
 | scaling_panel_96_layers_ms | scaling panel update + paint, GPT-3-shaped (issue 3) | (one frame) | ≤ 16 ms |
 | scaling_panel_dtype_or_format_ms | the same for another dtype or format of that model | (one frame) | ≤ 16 ms |
@@ -46,6 +47,8 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "measure_vs_track_scales": ("measure_speed", 1.0, "ratio"),
     "ui_max_stall_ms": ("ui_stall", 50.0, "value"),
     "predict_96_layers_ms": ("predict_speed", 16.0, "value"),
+    # issue 22: a width × parametrization sweep of analytic predictions within a second
+    "sweep_24_layers_8_widths_ms": ("sweep_speed", 1000.0, "value"),
     "cold_start_s": ("cold_start", 3.0, "value"),
     # issue 3: the scaling panel's whole update (predict + redraw + paint), not an issue-7 key
     "scaling_panel_96_layers_ms": ("scaling_panel_update", 16.0, "value"),
@@ -61,7 +64,8 @@ GOALS: dict[str, tuple[str, float, str]] = {
 AT_LEAST = {"training_panel_vs_cli"}
 #: repeats per module: (full, quick).
 REPEATS = {"attention_speed": (7, 3), "heatmaps": (15, 7), "measure_speed": (5, 3),
-           "ui_stall": (3, 2), "predict_speed": (7, 3), "cold_start": (5, 3),
+           "ui_stall": (3, 2), "predict_speed": (7, 3), "sweep_speed": (3, 1),
+           "cold_start": (5, 3),
            "scaling_panel_update": (5, 3), "measure_memory": (1, 1),
            "training_panel": (2, 1)}
 

@@ -823,7 +823,10 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     weights at one position per bin (brute force), checked against sampled attention
     (``tests/core/test_covariance.py``).
     """
-    W, Q, R0, n, r0 = amap.W, amap.Q, amap.R0, amap.counts, amap.r0
+    W, R0, n, r0 = amap.W, amap.R0, amap.counts, amap.r0
+    # keys and values are often one tensor (one projection of one input, no rotation):
+    # then each term that is the same for both is computed once (the same arithmetic)
+    same = v is k
     uv, Cv, RV, XV = _centring(amap, v)  # RV[c, b]: (C p_b) at key bin c; XV = W C Wᵀ
     uk, Ck, RK, XK = _centring(amap, k)
     coherent = _centred_products(amap, Cv, RV, XV, Ck, RK, XK)
@@ -834,9 +837,9 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     aa = a[:, None] * a
     # distinct queries: the overlaps Q against four vectors at once, and Σ_c Q_abc u_c R_cb
     # for keys and values as one batched product
-    K = len(n)
-    Qv, Qk, Quu, Qh = np.moveaxis((Q.reshape(K * K, K) @ np.stack((uv, uk, uvk, h), 1)
-                                   ).reshape(K, K, 4), 2, 0)
+    # (from the rows a ≤ b of the symmetric Q: half the largest array to read)
+    Qv, Qk, Quu, Qh = np.moveaxis(np.take(amap.Q_half @ np.stack((uv, uk, uvk, h), 1),
+                                          amap.half_index, axis=0), 2, 0)
     v.memo["Q_u"] = (amap, Qv)  # the key gradient's values meet the same overlaps
     both = np.matmul(amap.Q_by_second, np.stack(((uv[:, None] * RK).T, (uk[:, None] * RV).T),
                                                  2))  # [b, a, 2]
@@ -853,12 +856,13 @@ def query_gradient(amap: AttentionMap, g: Cov, v: Cov, k: Cov, sum_p2: np.ndarra
     jac0 = r0 * (1.0 - 2.0 / n) + r0 * r0
     ok = jac0 > 1e-300
     own_s = np.where(ok, own0 * jacobian / np.where(ok, jac0, 1.0), 0.0) * shared_input
-    cross_s = (Rh - 2.0 * ((R0 * uv) * RK.T).sum(1) - 2.0 * ((R0 * uk) * RV.T).sum(1)
-               + Rv * XKd + XVd * Rk)
+    uv_rk = ((R0 * uv) * RK.T).sum(1)
+    uk_rv = uv_rk if same else ((R0 * uk) * RV.T).sum(1)
+    cross_s = Rh - 2.0 * uv_rk - 2.0 * uk_rv + Rv * XKd + XVd * Rk
     # the weights' spread about p̄ meets the keys' unshared spread of the shared products
     # (first order in δp, as in :func:`attend`): E δp_j δp_l = excess·(δ_jl/n − 1/(n(n−1)))
     cv_d = Cv.diagonal()[None, :] - 2.0 * RV.T + XVd[:, None]  # [a, c]: Ã_cc
-    ck_d = Ck.diagonal()[None, :] - 2.0 * RK.T + XKd[:, None]
+    ck_d = cv_d if same else Ck.diagonal()[None, :] - 2.0 * RK.T + XKd[:, None]
     prod = cv_d * ck_d
     shared_d = uv * ck_d + cv_d * uk + prod
     spread = np.maximum((W * shared_d).sum(1) - (coherent_d - (R0 * prod).sum(1))
@@ -888,10 +892,15 @@ def _coherent_across(amap: AttentionMap, Mv: np.ndarray, Mk: np.ndarray) -> np.n
     weights are independent, so their products are the expected ones: the ``C·C`` term of
     :func:`query_gradient` with ``M`` for ``C`` and no random-weight factor."""
     W = amap.W
+    same = Mv is Mk  # (keys and values one tensor: centred once)
     Mv = Mv - _mean(Mv)
+    RV = Mv @ amap.WT
+    XV = W @ RV
+    if same:
+        return _centred_products(amap, Mv, RV, XV, Mv, RV, XV)
     Mk = Mk - _mean(Mk)
-    RV, RK = Mv @ amap.WT, Mk @ amap.WT
-    return _centred_products(amap, Mv, RV, W @ RV, Mk, RK, W @ RK)
+    RK = Mk @ amap.WT
+    return _centred_products(amap, Mv, RV, XV, Mk, RK, W @ RK)
 
 
 def _centred_products(amap: AttentionMap, A: np.ndarray, RA: np.ndarray, XA: np.ndarray,
@@ -953,14 +962,14 @@ def key_gradient(amap: AttentionMap, g: Cov, v: Cov, q: Cov, sum_p2: np.ndarray,
     per_p2 = own * row_variance(amap, v) * jacobian / sum_p2
     hit = v.memo.get("Q_u")
     Quv = hit[1] if hit is not None and hit[0] is amap else Q @ uv
-    K = len(n)
     # the same query: per key (Qt against four vectors at once), and its centring between
-    # keys; Σ_a Qt_cda x_ca for two x as one batched product
+    # keys; Σ_a Qt_cda x_ca for two x as one batched product (the first from the rows
+    # c ≤ d of the symmetric Qt)
     # (two keys of one query: E p_ij p_il = a_i p̄_ij p̄_il)
     own_a = own * a
-    Qo, Qox, Qon, Qor = np.moveaxis((Qt.reshape(K * K, K) @ np.stack(
-        (own_a, own_a * XV.diagonal(), own_a / n, own_a * (amap.R0 @ uv)), 1)
-    ).reshape(K, K, 4), 2, 0)
+    Qo, Qox, Qon, Qor = np.moveaxis(np.take(amap.Qt_half @ np.stack(
+        (own_a, own_a * XV.diagonal(), own_a / n, own_a * (amap.R0 @ uv)), 1),
+        amap.half_index, axis=0), 2, 0)
     third = (rest + a / n)[:, None] * shared * a
     VT = amap.VT
     t2, U = np.moveaxis(np.matmul(Qt, np.stack((own_a * RV, V @ third), 2)), 2, 0)
