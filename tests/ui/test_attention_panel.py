@@ -82,7 +82,7 @@ def test_model_view_click_selects_layer_and_head(qtbot, make_panel, minilm_atten
     assert (panel.layer.value(), panel.head.value()) == (4, 9)
     np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[4, 9],
                                rtol=1e-5, atol=1e-7)
-    assert box.borderRect.pen().color().name() == "#d62728"  # outlined as selected
+    assert box.pen().color().name() == "#d62728"  # outlined as selected
     panel.view.setCurrentIndex(panel.view.findData("average"))
     np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[4].mean(0),
                                rtol=1e-5, atol=1e-7)
@@ -296,21 +296,27 @@ def _painted_outside(item) -> int:
 
 
 def test_selection_frame_moves_without_leaving_a_trace(qtbot, make_panel):
-    """The selected thumbnail's red frame is drawn inside an item's bounding rectangle; the
-    previous selection draws none (ViewBox.setBorder painted half of it outside the box,
-    where a real screen kept it after the selection moved)."""
+    """The selected thumbnail's red frame is drawn inside the grid item's bounding rectangle
+    (one item draws every cell, so moving the frame repaints the old one away); the previous
+    selection has none (ViewBox.setBorder painted half of a frame outside its box, where a
+    real screen kept it after the selection moved)."""
     panel = make_panel()
     choose(panel, qtbot, panel.source, "minilm")
+    grid = panel.model_view.grid
     old, new = panel.model_view.boxes[0][0], panel.model_view.boxes[2][3]
+    panel.select(0, 0)
+    assert _painted_outside(grid) == 0
+    panel.select(2, 3)  # an outer cell's frame too
+    assert _painted_outside(grid) == 0
+    panel.select(5, 11)
+    assert _painted_outside(grid) == 0
     panel.select(2, 3)
-    for box in (old, new):
-        assert _painted_outside(box) == 0 and _painted_outside(box.borderRect) == 0
-    assert old.borderRect.pen().style() == Qt.PenStyle.NoPen
-    assert new.borderRect.pen().color().name() == "#d62728"
+    assert old.pen() is None
+    assert new.pen().color().name() == "#d62728"
     panel.view.setCurrentIndex(panel.view.findData("average"))  # the whole layer, orange
-    assert all(b.borderRect.pen().style() != Qt.PenStyle.NoPen
-               for b in panel.model_view.boxes[2])
-    assert new.borderRect.pen().color().name() != "#d62728"
+    assert all(b.pen() is not None for b in panel.model_view.boxes[2])
+    assert new.pen().color().name() != "#d62728"
+    assert all(b.pen() is None for b in panel.model_view.boxes[1])
 
 
 @pytest.mark.parametrize("width", [560, 700, 1000])
