@@ -6,6 +6,7 @@ Data flow (DESIGN.md): the model panel edits a draft; each valid edit replaces
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -227,6 +228,7 @@ class MainWindow(QMainWindow):
         # cancelled, stopped, replaced or dropped before it started), never a count of signals
         self.worker.activity_changed.connect(self._on_activity)
         self.worker.failed_job.connect(self._on_job_failed)
+        self.worker.finished_job.connect(self._on_warm_up_done)
         self.device_label = QLabel("device: looking…", objectName="deviceLabel")
         self.statusBar().addPermanentWidget(self.device_label)
         self.device_described.connect(self.device_label.setText)
@@ -691,6 +693,15 @@ class MainWindow(QMainWindow):
         cfg, worker = self._config, self.worker
         worker.submit(WARM_UP_CHANNEL, warm_up, cfg, check_cancelled=worker.check_cancelled)
 
+    def _on_warm_up_done(self, channel: str, *_args) -> None:
+        """The warm-up has paid the imports and first-model costs: what the heap holds now
+        (torch, Qt, pyqtgraph, the cached model: 0.37 M objects) lives as long as the
+        program. Frozen out of the cyclic garbage collector it is never traversed again:
+        the first full collection after start-up took ~230 ms holding the GIL, stalling the
+        window as long during the first measurement (``benchmarks/ui_stall.py``)."""
+        if channel == WARM_UP_CHANNEL:
+            gc.freeze()
+
     def user_jobs(self) -> tuple[str, ...]:
         """The channels the busy indicator names: the worker's running and pending ones, less
         the warm-up (the user did not ask for it)."""
@@ -724,6 +735,7 @@ class MainWindow(QMainWindow):
     def _on_job_failed(self, channel: str, request_id: int, message: str) -> None:
         if channel == WARM_UP_CHANNEL:  # the user's own Measure will say what is wrong
             log.debug("warm-up failed: %s", message)
+            self._on_warm_up_done(channel)
             return
         self.statusBar().showMessage(f"{channel} failed: {message}", 10_000)
 
