@@ -118,6 +118,21 @@ def job_label(channel: str) -> str:
     return channel.replace(".", " ")
 
 
+def _warm_up_then_freeze(cfg: ModelConfig, check_cancelled=None) -> ModelConfig:
+    """The worker's warm-up (:func:`unitscale_core.warmup.warm_up`), then the heap frozen out
+    of the cyclic garbage collector (``gc.freeze``, also after a failed warm-up). What the
+    heap holds by then (torch, Qt, pyqtgraph, the cached model: 0.37 M objects) lives as
+    long as the program; the first full collection after start-up traversed it all, 230 ms
+    holding the GIL, and stalled the window as long during the first measurement
+    (``benchmarks/ui_stall.py``). Frozen, it is never traversed again."""
+    from unitscale_core.warmup import warm_up
+
+    try:
+        return warm_up(cfg, check_cancelled=check_cancelled)
+    finally:
+        gc.freeze()
+
+
 class MainWindow(QMainWindow):
     """``MainWindow()`` opens on the default config; ``config`` is always the last valid one."""
 
@@ -228,7 +243,6 @@ class MainWindow(QMainWindow):
         # cancelled, stopped, replaced or dropped before it started), never a count of signals
         self.worker.activity_changed.connect(self._on_activity)
         self.worker.failed_job.connect(self._on_job_failed)
-        self.worker.finished_job.connect(self._on_warm_up_done)
         self.device_label = QLabel("device: looking…", objectName="deviceLabel")
         self.statusBar().addPermanentWidget(self.device_label)
         self.device_described.connect(self.device_label.setText)
@@ -687,20 +701,10 @@ class MainWindow(QMainWindow):
     def _start_warm_up(self, _device: str) -> None:
         if not self._warm_up:
             return
-        from unitscale_core.warmup import warm_up
-
         self._warm_up = False  # once per session
         cfg, worker = self._config, self.worker
-        worker.submit(WARM_UP_CHANNEL, warm_up, cfg, check_cancelled=worker.check_cancelled)
-
-    def _on_warm_up_done(self, channel: str, *_args) -> None:
-        """The warm-up has paid the imports and first-model costs: what the heap holds now
-        (torch, Qt, pyqtgraph, the cached model: 0.37 M objects) lives as long as the
-        program. Frozen out of the cyclic garbage collector it is never traversed again:
-        the first full collection after start-up took ~230 ms holding the GIL, stalling the
-        window as long during the first measurement (``benchmarks/ui_stall.py``)."""
-        if channel == WARM_UP_CHANNEL:
-            gc.freeze()
+        worker.submit(WARM_UP_CHANNEL, _warm_up_then_freeze, cfg,
+                      check_cancelled=worker.check_cancelled)
 
     def user_jobs(self) -> tuple[str, ...]:
         """The channels the busy indicator names: the worker's running and pending ones, less
@@ -735,7 +739,6 @@ class MainWindow(QMainWindow):
     def _on_job_failed(self, channel: str, request_id: int, message: str) -> None:
         if channel == WARM_UP_CHANNEL:  # the user's own Measure will say what is wrong
             log.debug("warm-up failed: %s", message)
-            self._on_warm_up_done(channel)
             return
         self.statusBar().showMessage(f"{channel} failed: {message}", 10_000)
 
