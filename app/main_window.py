@@ -124,7 +124,9 @@ def _warm_up_then_freeze(cfg: ModelConfig, check_cancelled=None) -> ModelConfig:
     heap holds by then (torch, Qt, pyqtgraph, the cached model: 0.37 M objects) lives as
     long as the program; the first full collection after start-up traversed it all, 230 ms
     holding the GIL, and stalled the window as long during the first measurement
-    (``benchmarks/ui_stall.py``). Frozen, it is never traversed again."""
+    (``benchmarks/ui_stall.py``). Frozen, it is never traversed again. Nothing is kept that
+    a collection would free: a full one at this point finds no unreachable object (and
+    takes 190 ms, which is why it is not run here)."""
     from unitscale_core.warmup import warm_up
 
     try:
