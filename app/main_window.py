@@ -6,6 +6,7 @@ Data flow (DESIGN.md): the model panel edits a draft; each valid edit replaces
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -119,6 +120,23 @@ def job_label(channel: str) -> str:
     if head == "training" and tail == "attention":
         return "training attention maps"
     return channel.replace(".", " ")
+
+
+def _warm_up_then_freeze(cfg: ModelConfig, check_cancelled=None) -> ModelConfig:
+    """The worker's warm-up (:func:`unitscale_core.warmup.warm_up`), then the heap frozen out
+    of the cyclic garbage collector (``gc.freeze``, also after a failed warm-up). What the
+    heap holds by then (torch, Qt, pyqtgraph, the cached model: 0.37 M objects) lives as
+    long as the program; the first full collection after start-up traversed it all, 230 ms
+    holding the GIL, and stalled the window as long during the first measurement
+    (``benchmarks/ui_stall.py``). Frozen, it is never traversed again. Nothing is kept that
+    a collection would free: a full one at this point finds no unreachable object (and
+    takes 190 ms, which is why it is not run here)."""
+    from unitscale_core.warmup import warm_up
+
+    try:
+        return warm_up(cfg, check_cancelled=check_cancelled)
+    finally:
+        gc.freeze()
 
 
 class MainWindow(QMainWindow):
@@ -692,11 +710,10 @@ class MainWindow(QMainWindow):
     def _start_warm_up(self, _device: str) -> None:
         if not self._warm_up:
             return
-        from unitscale_core.warmup import warm_up
-
         self._warm_up = False  # once per session
         cfg, worker = self._config, self.worker
-        worker.submit(WARM_UP_CHANNEL, warm_up, cfg, check_cancelled=worker.check_cancelled)
+        worker.submit(WARM_UP_CHANNEL, _warm_up_then_freeze, cfg,
+                      check_cancelled=worker.check_cancelled)
 
     def user_jobs(self) -> tuple[str, ...]:
         """The channels the busy indicator names: the worker's running and pending ones, less

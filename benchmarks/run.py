@@ -10,7 +10,7 @@ ratio (ours / theirs), goal, met. ``--json`` prints one object with the keys bel
 | key | ours | theirs | goal |
 |---|---|---|---|
 | attention_vs_transformers_128/512 | MiniLM maps, ``pretrained.attention_probs`` | transformers eager, ``output_attentions=True`` | ratio ≤ 1.0 |
-| heatmaps_vs_matplotlib | ``ModelView`` 6 × 12 × 128² update + repaint | matplotlib ``set_data`` + ``draw`` | ratio ≤ 0.05 |
+| heatmaps_vs_matplotlib | ``ModelView`` 6 × 12 × 128² update + repaint | matplotlib's faster of ``set_data`` + ``draw`` and blitting | ratio ≤ 0.1 |
 | measure_vs_track_scales | ``measure`` (fwd+bwd, every tensor) | ``unit_scaling.transforms.track_scales`` | ratio ≤ 1.0 |
 | ui_max_stall_ms | longest 5 ms-heartbeat gap, measure + attention jobs | (idle heartbeat) | ≤ 50 ms |
 | predict_96_layers_ms | GPT-3-shaped analytic prediction | (one frame) | ≤ 16 ms |
@@ -43,7 +43,7 @@ from _common import machine, machine_line  # noqa: E402
 GOALS: dict[str, tuple[str, float, str]] = {
     "attention_vs_transformers_128": ("attention_speed", 1.0, "ratio"),
     "attention_vs_transformers_512": ("attention_speed", 1.0, "ratio"),
-    "heatmaps_vs_matplotlib": ("heatmaps", 0.05, "ratio"),
+    "heatmaps_vs_matplotlib": ("heatmaps", 0.1, "ratio"),  # issue 22's goal
     "measure_vs_track_scales": ("measure_speed", 1.0, "ratio"),
     "ui_max_stall_ms": ("ui_stall", 50.0, "value"),
     "predict_96_layers_ms": ("predict_speed", 16.0, "value"),

@@ -49,7 +49,8 @@ def run(repeats: int = 1, warm_up: bool = True) -> dict:
     "warm_up_ms"}``.
 
     ``value`` is the worst of ``repeats`` rounds, the first included: it pays what the warm-up
-    leaves to the first request (the first construction of the attention grid);
+    leaves to the first request (the attention panel's first full-size draw; until the
+    warm-up froze the start-up heap, also the first full garbage collection, ~230 ms);
     ``rounds_ms`` lists every round's largest gap."""
     app = QApplication.instance() or QApplication([])
     from app.main_window import MainWindow

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
+import shiboken6
 from PySide6.QtCore import (
     QPointF,
     QRectF,
@@ -73,6 +74,7 @@ from ..export import (
     save_png,
     save_table,
 )
+from ..widgets.atlas import AtlasGrid
 from ..widgets.controls_state import restore_controls, save_controls
 from ..widgets.heatmap import Heatmap, fit_label
 from ..widgets.label_holder import LabelHolder
@@ -451,26 +453,53 @@ class TokenAxis(pg.AxisItem):
             p.restore()
 
 
-class _ThumbBox(pg.ViewBox):
-    """One model-view cell; a left click selects its layer and head."""
+class _Cell:
+    """One model-view cell as a handle (the grid draws every cell itself): its layer and
+    head, tooltip, scene rectangle and selection frame."""
 
-    def __init__(self, layer: int, head: int, on_click: Callable[[int, int], None]):
-        super().__init__(enableMouse=False, enableMenu=False, invertY=True, defaultPadding=0.0)
-        self.layer, self.head = layer, head
-        self._on_click = on_click
-        self.setBackgroundColor(MASKED_COLOUR)
-        self.setMinimumSize(8, 8)
+    def __init__(self, view: ModelView, layer: int, head: int):
+        self._view, self.layer, self.head = view, layer, head
 
-    def mouseClickEvent(self, ev) -> None:
-        if ev.button() == Qt.MouseButton.LeftButton:
-            ev.accept()
-            self._on_click(self.layer, self.head)
-        else:
-            ev.ignore()
+    def toolTip(self) -> str:  # noqa: N802 (Qt's name, as the old per-cell items had)
+        return self._view.grid.cell_tooltip(self.layer, self.head)
+
+    def setToolTip(self, text: str) -> None:  # noqa: N802
+        self._view.grid.tooltips[(self.layer, self.head)] = text
+
+    def sceneBoundingRect(self) -> QRectF:  # noqa: N802
+        grid = self._view.grid
+        return grid.mapRectToScene(grid.cell_rect(self.layer, self.head))
+
+    def pen(self) -> QPen | None:
+        """The selection frame drawn around the cell (None: none)."""
+        return self._view.grid.outline_pen(self.layer, self.head)
+
+
+class _CellImage:
+    """One cell's map and levels, as the old per-cell ``ImageItem``'s ``image`` and
+    ``getLevels()`` gave them."""
+
+    def __init__(self, grid: AtlasGrid, layer: int, head: int):
+        self._grid, self._at = grid, (layer, head)
+
+    @property
+    def image(self) -> np.ndarray | None:
+        maps = self._grid.maps
+        return None if maps is None else maps[self._at]
+
+    def getLevels(self) -> np.ndarray | None:  # noqa: N802 (pyqtgraph's name)
+        if self._grid.lo is None:
+            return None
+        return np.array([self._grid.lo[self._at], self._grid.hi[self._at]])
 
 
 class ModelView(pg.GraphicsLayoutWidget):
-    """Every layer × head as a thumbnail (one ImageItem per cell in a grid of ViewBoxes)."""
+    """Every layer × head as a thumbnail: one texture atlas drawn by one item
+    (:class:`~app.widgets.atlas.AtlasGrid`) under a fitted title. A left click on a cell
+    calls ``on_click(layer, head)``; hovering one names it in the tooltip and emits
+    ``hovered(layer, head)``."""
+
+    hovered = Signal(int, int)
 
     def __init__(self, on_click: Callable[[int, int], None], parent: QWidget | None = None,
                  hint: str = ""):
@@ -478,53 +507,75 @@ class ModelView(pg.GraphicsLayoutWidget):
         of exported pictures (:meth:`exporting`)."""
         super().__init__(parent)
         self.setObjectName("attnModelView")
+        self.setAccessibleName("attention model view")
         self.hint = hint
         self._hint_shown = True
         self.setBackground("w")
         self.ci.layout.setSpacing(2)
         self.ci.setContentsMargins(2, 2, 2, 2)
         self._on_click = on_click
-        self.boxes: list[list[_ThumbBox]] = []
-        self.images: list[list[pg.ImageItem]] = []
+        self.grid = AtlasGrid(CMAP, MASKED_COLOUR)
+        self.grid.clicked.connect(lambda layer, head: self._on_click(layer, head))
+        self.grid.hovered.connect(self.hovered)
         self.title = None
-        self._labels: tuple[list, list] = ([], [])  # the heads' and the layers' labels
         self._title_parts: list[str] = []
-        self._shape = (0, 0)
-        self._outlined: list[_ThumbBox] = []
+        self._selected: tuple[int, int | None] | None = None
+        self._ensure_items()
+
+    def _ensure_items(self) -> bool:
+        """The title and the grid in the layout (``clear()`` removes them: the training view
+        clears the view before an empty ``set_shape``); False once the view is closed."""
+        if getattr(self, "closed", False) or not shiboken6.isValid(self.grid):
+            return False
+        if self.grid not in self.ci.items:
+            self.title = self.ci.addLabel("", row=0, col=0, color="k", size="9pt")
+            self.ci.addItem(self.grid, row=1, col=0)
+            self._title_parts = []
+        return True
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(layers, heads) shown."""
+        return self.grid.grid_shape
+
+    @property
+    def boxes(self) -> list[list[_Cell]]:
+        """Per layer, per head: a handle on each cell (tooltip, scene rectangle, frame)."""
+        layers, heads = self.grid.grid_shape
+        return [[_Cell(self, layer, h) for h in range(heads)] for layer in range(layers)]
+
+    @property
+    def images(self) -> list[list[_CellImage]]:
+        """Per layer, per head: each cell's map (``.image``) and levels (``.getLevels()``)."""
+        layers, heads = self.grid.grid_shape
+        return [[_CellImage(self.grid, layer, h) for h in range(heads)]
+                for layer in range(layers)]
 
     def set_shape(self, layers: int, heads: int) -> None:
-        if (layers, heads) == self._shape:
+        """An empty grid of ``layers`` × ``heads`` grey cells (nothing when unchanged)."""
+        if not self._ensure_items():
             return
-        self.clear()
-        self._shape = (layers, heads)
-        self._outlined = []
-        self.title = self.addLabel("", row=0, col=0, colspan=heads + 1, color="k", size="9pt")
-        self._labels = ([self.addLabel(f"H{h}", row=1, col=h + 1, color="k", size="8pt")
-                         for h in range(heads)], [])
-        cmap = pg.colormap.get(CMAP)
-        self.boxes, self.images = [], []
-        for layer in range(layers):
-            self._labels[1].append(
-                self.addLabel(f"L{layer}", row=layer + 2, col=0, color="k", size="8pt"))
-            row_boxes, row_images = [], []
-            for h in range(heads):
-                box = _ThumbBox(layer, h, self._on_click)
-                image = pg.ImageItem()
-                image.setColorMap(cmap)
-                box.addItem(image)
-                self.addItem(box, row=layer + 2, col=h + 1)
-                row_boxes.append(box)
-                row_images.append(image)
-            self.boxes.append(row_boxes)
-            self.images.append(row_images)
+        if (layers, heads) != self.grid.grid_shape:
+            self._selected = None
+            self.grid.set_shape(layers, heads)
+            self._describe()
         self._fit()
+
+    def set_head_names(self, name: Callable[[int], str]) -> None:
+        """How a cell's tooltip names its head (``name(5)`` → "head 5 · kv 1")."""
+        self.grid.head_name = name
+        self.grid.tooltips.clear()
+        self.grid.hovered_cell = None  # the tooltip is renamed on the next hover
 
     def set_title(self, text: str) -> None:
         """The grid's title, fitted to the width (one line, or its " · " parts on lines of
         their own): wider than the grid, it widened the scene past the view, which then
         cut off the last heads."""
+        if not self._ensure_items():
+            return
         self._title_parts = text.split(" · ")
         self._fit()
+        self._describe()
 
     def resizeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         super().resizeEvent(event)
@@ -544,54 +595,56 @@ class ModelView(pg.GraphicsLayoutWidget):
             self._fit()
 
     def _fit(self) -> None:
-        if getattr(self, "closed", False):
+        if getattr(self, "closed", False) or self.title is None:
             return  # GraphicsView.close cleared the scene (its labels are gone), then resizes
-        heads = self._shape[1]
-        if self.title is not None and self._title_parts:
+        if self._title_parts:
             hint = [self.hint] if self.hint and self._hint_shown else []
             fit_label(self.title, self._title_parts + hint, self.width() - 12, "9pt")
         # the grid's own least width (the title fits any): the "L5" column, then per head
-        # the wider of its "H11" label and a box's 8 px, 2 px spacing between columns
-        if not self._shape[1]:
-            return
-        heads_row, layers_column = self._labels
-        spacing = self.ci.layout.horizontalSpacing()
-        wanted = math.ceil(max(item.minimumWidth() for item in layers_column)
-                           + sum(max(item.minimumWidth(), 8.0) for item in heads_row)
-                           + spacing * heads + 4 + 2 * self.frameWidth() + 2)
-        if self.minimumWidth() != wanted:
+        # a cell of at least 8 px and 2 px between cells (the head labels thin out)
+        wanted = math.ceil(self.grid.minimumWidth() + 4 + 2 * self.frameWidth() + 2)
+        if self.grid.grid_shape[1] and self.minimumWidth() != wanted:
             self.setMinimumWidth(wanted)
 
     def set_maps(self, thumbs: np.ndarray, levels: Callable[[np.ndarray], tuple[float, float]]):
-        """``thumbs`` ``[layers, heads, a, b]`` (NaN: masked), each coloured by ``levels``."""
-        layers, heads, a, b = thumbs.shape
+        """``thumbs`` ``[layers, heads, a, b]`` (NaN: masked), each map coloured by
+        ``levels(map)``; a ``levels`` with a ``batch(thumbs)`` attribute gives every map's
+        (lo, hi) ``[layers, heads]`` arrays at once."""
+        if not self._ensure_items():
+            return
+        thumbs = np.ascontiguousarray(thumbs, dtype=np.float32)
+        layers, heads = thumbs.shape[:2]
+        batch = getattr(levels, "batch", None)
+        if batch is not None:
+            lo, hi = batch(thumbs)
+        else:
+            pairs = np.array([levels(thumbs[layer, h]) for layer in range(layers)
+                              for h in range(heads)], dtype=np.float64).reshape(layers, heads, 2)
+            lo, hi = pairs[..., 0], pairs[..., 1]
         self.set_shape(layers, heads)
-        for layer in range(layers):
-            for h in range(heads):
-                data = thumbs[layer, h]
-                self.images[layer][h].setImage(data, autoLevels=False, levels=levels(data))
-                self.boxes[layer][h].setRange(xRange=(0, b), yRange=(0, a), padding=0)
+        self.grid.set_maps(thumbs, lo, hi)
 
     def highlight(self, layer: int, head: int | None) -> None:
         """Outline the selected head (``head`` None: the whole layer)."""
-        if not 0 <= layer < len(self.boxes):
+        layers, heads = self.grid.grid_shape
+        if not 0 <= layer < layers:
             return
-        boxes = self.boxes[layer] if head is None else self.boxes[layer][head:head + 1]
-        for box in self._outlined:
-            if box not in boxes:
-                _outline(box, None)
-        for box in boxes:
-            _outline(box, SELECTED_PEN if head is not None else LAYER_PEN)
-        self._outlined = list(boxes)
+        if head is None:
+            self.grid.set_outline([(layer, h) for h in range(heads)], LAYER_PEN)
+        else:
+            self.grid.set_outline([(layer, head)], SELECTED_PEN)
+        if self._selected != (layer, head):
+            self._selected = (layer, head)
+            self._describe()
 
-
-def _outline(box: pg.ViewBox, pen: QPen | None) -> None:
-    """Frame a thumbnail with ``pen`` (None: no frame) drawn by the box's border rectangle
-    only. ``ViewBox.setBorder`` also has the box paint the frame itself, half of a 3 px pen
-    outside the box's bounding rectangle: Qt never repaints there for the box, so on a real
-    screen a deselected head kept the outer part of its red frame."""
-    box.border = None  # ViewBox.paint draws nothing
-    box.borderRect.setPen(pen if pen is not None else QPen(Qt.PenStyle.NoPen))
+    def _describe(self) -> None:
+        """The accessible description: the title, and what is selected."""
+        parts = [" · ".join(self._title_parts)] if self._title_parts else []
+        if self._selected is not None:
+            layer, head = self._selected
+            parts.append(f"selected: layer {layer}" if head is None else
+                         f"selected: {self.grid.cell_tooltip(layer, head)}")
+        self.setAccessibleDescription("; ".join(parts))
 
 
 def _label(token: str) -> str:
@@ -639,13 +692,38 @@ def model_view_title(km: KindMaps, log: bool = False) -> str:
 
 
 def _linear_levels(data: np.ndarray) -> tuple[float, float]:
+    """0 to the largest finite value (1 when there is none, or it is not positive)."""
     finite = data[np.isfinite(data)]
     hi = float(finite.max()) if finite.size else 1.0
     return 0.0, hi if hi > 0 else 1.0
 
 
+def _linear_levels_batch(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_linear_levels` of every ``maps[l, h]`` at once: ``(lo, hi)`` ``[L, H]``.
+    ``np.fmax`` skips NaN (masked cells); a map whose maximum is not finite (all masked, or
+    an infinity) takes the per-map rule."""
+    layers, heads = maps.shape[:2]
+    if maps.size == 0:
+        return np.zeros((layers, heads)), np.ones((layers, heads))
+    hi = np.fmax.reduce(maps.reshape(layers, heads, -1), axis=2).astype(np.float64)
+    for layer, head in zip(*np.nonzero(~np.isfinite(hi))):
+        hi[layer, head] = _linear_levels(maps[layer, head])[1]
+    hi[~(hi > 0)] = 1.0
+    return np.zeros_like(hi), hi
+
+
 def _log_levels(_data: np.ndarray) -> tuple[float, float]:
     return math.log10(LOG_FLOOR), 0.0
+
+
+def _log_levels_batch(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    shape = maps.shape[:2]
+    return np.full(shape, math.log10(LOG_FLOOR)), np.zeros(shape)
+
+
+# ModelView.set_maps colours every map at once with these
+_linear_levels.batch = _linear_levels_batch
+_log_levels.batch = _log_levels_batch
 
 
 # -- the panel -------------------------------------------------------------------------------
@@ -780,9 +858,9 @@ class AttentionPanel(QWidget):
         layout.addWidget(self.splitter, 1)
         for view in (self.head_view.view, self.model_view, self.entropy_view.view):
             attach_context_menu(view, self, self.export_items)
-        # the thumbnail grid (a view box per layer and head: ~30 ms of pyqtgraph for a small
-        # model) is built in the first idle moment for the shape the first result will most
-        # likely have, not when that result arrives while the worker is still busy
+        # the entropy view's value labels (a TextItem per layer and head, ~1 ms each) are
+        # built in the first idle moment for the shape the first result will most likely
+        # have, not when that result arrives while the worker is still busy
         QTimer.singleShot(0, self._prebuild_grid)
 
         worker.finished_job.connect(self._on_result)
@@ -1024,9 +1102,7 @@ class AttentionPanel(QWidget):
             thumbs = self._colour_values(km.thumbs, km.thumb_allowed)
             self.model_view.set_maps(thumbs, _log_levels if log else _linear_levels)
             self.model_view.set_title(model_view_title(km, log))
-            for layer_boxes in self.model_view.boxes:  # "layer 2, head 5 · kv 1"
-                for box in layer_boxes:
-                    box.setToolTip(f"layer {box.layer}, {km.head_name(box.head)}")
+            self.model_view.set_head_names(km.head_name)  # "layer 2, head 5 · kv 1"
         self.model_view.highlight(layer, head if view == "head" else None)
         if self._drawn.get("entropy") != km.name:
             self._drawn["entropy"] = km.name

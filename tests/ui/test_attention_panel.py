@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_model_view_click_selects_layer_and_head(qtbot, make_panel, minilm_atten
     assert (panel.layer.value(), panel.head.value()) == (4, 9)
     np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[4, 9],
                                rtol=1e-5, atol=1e-7)
-    assert box.borderRect.pen().color().name() == "#d62728"  # outlined as selected
+    assert box.pen().color().name() == "#d62728"  # outlined as selected
     panel.view.setCurrentIndex(panel.view.findData("average"))
     np.testing.assert_allclose(panel.head_view.data, minilm_attention.attentions[4].mean(0),
                                rtol=1e-5, atol=1e-7)
@@ -296,21 +297,27 @@ def _painted_outside(item) -> int:
 
 
 def test_selection_frame_moves_without_leaving_a_trace(qtbot, make_panel):
-    """The selected thumbnail's red frame is drawn inside an item's bounding rectangle; the
-    previous selection draws none (ViewBox.setBorder painted half of it outside the box,
-    where a real screen kept it after the selection moved)."""
+    """The selected thumbnail's red frame is drawn inside the grid item's bounding rectangle
+    (one item draws every cell, so moving the frame repaints the old one away); the previous
+    selection has none (ViewBox.setBorder painted half of a frame outside its box, where a
+    real screen kept it after the selection moved)."""
     panel = make_panel()
     choose(panel, qtbot, panel.source, "minilm")
+    grid = panel.model_view.grid
     old, new = panel.model_view.boxes[0][0], panel.model_view.boxes[2][3]
+    panel.select(0, 0)
+    assert _painted_outside(grid) == 0
+    panel.select(2, 3)  # an outer cell's frame too
+    assert _painted_outside(grid) == 0
+    panel.select(5, 11)
+    assert _painted_outside(grid) == 0
     panel.select(2, 3)
-    for box in (old, new):
-        assert _painted_outside(box) == 0 and _painted_outside(box.borderRect) == 0
-    assert old.borderRect.pen().style() == Qt.PenStyle.NoPen
-    assert new.borderRect.pen().color().name() == "#d62728"
+    assert old.pen() is None
+    assert new.pen().color().name() == "#d62728"
     panel.view.setCurrentIndex(panel.view.findData("average"))  # the whole layer, orange
-    assert all(b.borderRect.pen().style() != Qt.PenStyle.NoPen
-               for b in panel.model_view.boxes[2])
-    assert new.borderRect.pen().color().name() != "#d62728"
+    assert all(b.pen() is not None for b in panel.model_view.boxes[2])
+    assert new.pen().color().name() != "#d62728"
+    assert all(b.pen() is None for b in panel.model_view.boxes[1])
 
 
 @pytest.mark.parametrize("width", [560, 700, 1000])
@@ -509,3 +516,60 @@ def test_checkpoint_tokens_are_shown_readable_with_the_raw_piece_in_the_tooltip(
     at = pieces.index(marker + "the")
     hover = panel.head_view.describe(at, at)  # what hovering the cell shows
     assert f"' the' (piece '{marker}the')" in hover, hover
+
+
+def test_model_view_hover_names_the_gqa_head_and_a_click_selects_it(qtbot, make_panel):
+    """The atlas maps the mouse to (layer, head): the tooltip names the K/V group, a click
+    shows that head and the accessible description says what is selected."""
+    panel = make_panel(ModelConfig(**SMALL, n_kv_heads=2))  # 2 layers × 4 heads, 2 K/V heads
+    grid = panel.model_view.grid
+    for layer, head in [(0, 1), (1, 2), (1, 3)]:
+        name = f"layer {layer}, head {head} · kv {head // 2}"
+        pos = panel.model_view.mapFromScene(
+            panel.model_view.boxes[layer][head].sceneBoundingRect().center())
+        qtbot.wait(30)  # pyqtgraph drops mouse moves closer than 10 ms to the previous one
+        with qtbot.waitSignal(panel.model_view.hovered, timeout=2000) as hovered:
+            qtbot.mouseMove(panel.model_view.viewport(), pos)
+        assert hovered.args == [layer, head]
+        assert grid.toolTip() == name
+        qtbot.mouseClick(panel.model_view.viewport(), Qt.MouseButton.LeftButton, pos=pos)
+        assert (panel.layer.value(), panel.head.value()) == (layer, head)
+        assert panel.head_view.title_text().replace("\n", " · ").endswith(name)
+        assert panel.model_view.boxes[layer][head].pen().color().name() == "#d62728"
+        assert f"selected: {name}" in panel.model_view.accessibleDescription()
+
+
+def test_model_view_png_and_svg_draw_the_atlas(qtbot, make_panel, tmp_path):
+    """The exported picture is the atlas drawn at the export's pixels: a cell's colour is
+    the per-cell ImageItem's for that map; the SVG holds it as an image, the labels as text."""
+    from PySide6.QtGui import QImage
+
+    from app import export
+    from app.panels.attention_panel import _linear_levels, colour_values
+
+    from .test_model_view_atlas import _argb, _reference
+
+    panel = make_panel()
+    km = panel.current()
+    view, grid = panel.model_view, panel.model_view.grid
+    items = {i.key: i for i in panel.export_items()}
+    export.save_item(items["attentionModelView"], tmp_path / "grid.png")
+    picture = _argb(QImage(str(tmp_path / "grid.png")))
+    scale = picture.shape[1] / view.width()
+    thumbs = colour_values(km.thumbs, km.thumb_allowed, False)
+    rows, cols = thumbs.shape[-2:]
+    for layer, head in [(0, 0), (1, 3)]:
+        data = thumbs[layer, head]
+        want = _reference(data, _linear_levels(data))
+        rect = grid.cell_rect(layer, head, grid.geometry_for(scale))
+        for i, j in [(rows - 1, 0), (rows // 2, cols // 3)]:
+            at = grid.mapToScene(QPointF(rect.left() + (j + 0.5) * rect.width() / cols,
+                                         rect.top() + (i + 0.5) * rect.height() / rows))
+            point = view.viewport().mapTo(view, view.mapFromScene(at))
+            assert picture[round(point.y() * scale), round(point.x() * scale)] == want[i, j]
+    export.save_item(items["attentionModelView"], tmp_path / "grid.svg")
+    svg = (tmp_path / "grid.svg").read_text(encoding="utf-8")
+    sizes = re.findall(r'<image x="[^"]*" y="[^"]*" width="(\d+)" height="(\d+)"', svg)
+    whole = (str(view.width()), str(view.height()))  # the view's background
+    assert len([s for s in sizes if s != whole]) == 1  # one atlas, not an image per head
+    assert all(f">{label}<" in svg for label in ("H0", "H3", "L0", "L1"))
