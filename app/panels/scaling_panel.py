@@ -222,6 +222,31 @@ def measure_job(worker: Worker, cfg: ModelConfig, run: ModelConfig, seeds: int,
     return Measured(cfg, run, seeds, rows, spread, left_out)
 
 
+class ScaleTableView(QTableView):
+    """The scale table's view: a change of many rows repaints only the cells of it on
+    screen. Qt repaints the whole viewport for a ``dataChanged`` of more rows than it shows
+    (another format's columns, all 5,779 rows of a 96-layer model: ~4.5 ms, even when those
+    columns are scrolled out of view)."""
+
+    def dataChanged(self, top_left, bottom_right, roles=()) -> None:  # noqa: N802 (Qt's)
+        model, viewport = self.model(), self.viewport()
+        header = self.horizontalHeader()
+        if model is None or not top_left.isValid() or not bottom_right.isValid() or \
+                header.sectionsMoved() or self.verticalHeader().sectionsMoved():
+            super().dataChanged(top_left, bottom_right, roles)
+            return
+        rows = (self.rowAt(0), self.rowAt(viewport.height() - 1))
+        columns = (self.columnAt(0), self.columnAt(viewport.width() - 1))
+        last_row, last_column = model.rowCount() - 1, model.columnCount() - 1
+        r0 = max(top_left.row(), rows[0] if rows[0] >= 0 else 0)
+        r1 = min(bottom_right.row(), rows[1] if rows[1] >= 0 else last_row)
+        c0 = max(top_left.column(), columns[0] if columns[0] >= 0 else 0)
+        c1 = min(bottom_right.column(), columns[1] if columns[1] >= 0 else last_column)
+        if r0 > r1 or c0 > c1:
+            return  # nothing of it on screen (the view asks for cells as it shows them)
+        super().dataChanged(model.index(r0, c0), model.index(r1, c1), roles)
+
+
 class ScalingPanel(QWidget):
     """Chart and table of one parametrization's tensors, a format selector and a summary."""
 
@@ -353,7 +378,7 @@ class ScalingPanel(QWidget):
         self.chart.setObjectName("scaleChart")
         self.model = ScaleTableModel(self)  # filters and sorts itself: no proxy to re-sort
         self.proxy = self.model  # the rows as shown (filtered, sorted), e.g. for export
-        self.table = QTableView(objectName="scaleTable")
+        self.table = ScaleTableView(objectName="scaleTable")
         self.table.setModel(self.model)
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # op-graph order until sorted

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QEvent, QObject, QRect, Qt
 
 from app.export import EXPORT_ROLE
 from app.panels import scaling_panel
@@ -137,4 +137,43 @@ def test_a_format_change_updates_the_table_in_place_and_keeps_the_selection(qtbo
               for r in range(model.rowCount())]
     keys = [-np.inf if v is None else v for v in values]
     assert keys == sorted(keys)
+    panel.shutdown()
+
+
+class _Paints(QObject):
+    """The rectangles of a widget's paint events."""
+
+    def __init__(self, widget):
+        super().__init__()
+        self.rects: list[QRect] = []
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Paint:
+            self.rects.append(QRect(event.rect()))
+        return False
+
+
+def test_the_table_repaints_the_format_columns_when_they_are_on_screen(qtbot, worker):
+    """The view repaints only the changed cells on screen: none while the format's columns
+    are scrolled out of view, their cells once they are in it (and they show the format)."""
+    panel = _panel(qtbot, worker, CFG)
+    paints = _Paints(panel.table.viewport())
+    status = COLUMNS.index("status")
+    assert panel.table.columnViewportPosition(status) > panel.table.viewport().width()
+    panel.format.setCurrentIndex(panel.format.findData("bf16"))
+    _settle(qtbot, panel)
+    assert not paints.rects  # nothing of it on screen
+    panel.table.scrollTo(panel.model.index(0, status))
+    qtbot.wait(50)
+    x = panel.table.columnViewportPosition(status)
+    assert 0 <= x < panel.table.viewport().width()
+    paints.rects.clear()
+    panel.format.setCurrentIndex(panel.format.findData("fp8_e5m2"))
+    _settle(qtbot, panel)
+    assert any(r.contains(x + 2, 2) for r in paints.rects)
+    model = panel.model
+    assert [model.index(r, status).data() for r in range(model.rowCount())] == \
+        [model._column_values([row], "status")[0] for row in model.rows]
+    assert model.format == "fp8_e5m2"
     panel.shutdown()
