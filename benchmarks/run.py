@@ -16,7 +16,7 @@ ratio (ours / theirs), goal, met. ``--json`` prints one object with the keys bel
 | predict_96_layers_ms | GPT-3-shaped analytic prediction | (one frame) | ≤ 16 ms |
 | sweep_24_layers_8_widths_ms | 24-layer decoder at 8 widths × 3 parametrizations, predicted (issue 22) | (one second) | ≤ 1000 ms |
 | cold_start_s | launch to first paint | (bare PySide6 window) | ≤ 3 s |
-| scaling_panel_96_layers_ms | scaling panel update + paint, GPT-3-shaped (issue 3) | (one frame) | ≤ 16 ms |
+| scaling_panel_96_layers_ms | scaling panel update + paint, GPT-3-shaped (issue 22) | (one frame) | ≤ 50 ms |
 | scaling_panel_dtype_or_format_ms | the same for another dtype or format of that model | (one frame) | ≤ 16 ms |
 | training_panel_vs_cli | the panel's three default training runs, steps/s | the same runs through ``unitscale_core.training`` | ratio ≥ 0.8 |
 | training_gui_thread_cpu | the GUI thread's CPU share while they train | (an idle window) | ≤ 15 % |
@@ -51,7 +51,7 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "sweep_24_layers_8_widths_ms": ("sweep_speed", 1000.0, "value"),
     "cold_start_s": ("cold_start", 3.0, "value"),
     # issue 3: the scaling panel's whole update (predict + redraw + paint), not an issue-7 key
-    "scaling_panel_96_layers_ms": ("scaling_panel_update", 16.0, "value"),
+    "scaling_panel_96_layers_ms": ("scaling_panel_update", 50.0, "value"),
     "scaling_panel_dtype_or_format_ms": ("scaling_panel_update", 16.0, "value"),
     # issue 19: a measurement's peak memory against the estimate its budget check uses
     "measure_peak_rss_vs_estimate": ("measure_memory", 1.25, "ratio"),

@@ -20,11 +20,16 @@ heartbeat on the GUI thread:
   switch interval, 5 ms, for the GIL);
 - ``settled_ms``: from the change until the chart, the table and the whole summary show it.
 
-Medians over ``repeats`` changes. ``met``: value ≤ 16 ms; ``stall_met``: max stall ≤ 16 ms.
+Medians over ``repeats`` changes. ``met``: value ≤ 50 ms for a new model, ≤ 16 ms for another
+dtype or format; ``stall_met``: max stall ≤ 16 ms.
 ``scaling_panel_dtype_or_format_ms``: the same figures for changes that reuse the shown
 model's predictor passes (another dtype in the model, another format in the panel), each
 ``repeats`` times: the answer and every parametrization's summary count come from the cached
-passes (rows copied, a format table per distinct RMS).
+passes (rows copied, a format table per distinct RMS). ``dtype_ms`` and ``format_ms`` are
+the medians of each kind's ``value``, and ``value`` the larger of them (each kind must meet
+the goal). Such a change may leave the chart's markers, or the whole chart, as they are:
+``value`` ends at the first paint of the chart, the table or the summary after the change
+is applied.
 
     python benchmarks/scaling_panel_update.py [--repeats 5] [--json]
 """
@@ -39,7 +44,8 @@ from _common import parser, report
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-GOAL_MS = 16.0
+GOAL_MS = 16.0  # another dtype or format (issue 22)
+GOAL_96_MS = 50.0  # a new 96-layer model, from the edit to the new chart (issue 22)
 HEARTBEAT_MS = 2
 TIMEOUT_S = 30.0
 
@@ -84,7 +90,7 @@ def run(repeats: int = 5) -> dict:
     def on_computed() -> None:
         state.setdefault("computed", time.perf_counter())
 
-    class PaintSpy(QObject):  # the chart's first paint after the new prediction reached it
+    class PaintSpy(QObject):  # the first paint of what shows the change, once it is applied
         def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt's name)
             if event.type() == QEvent.Type.Paint and "computed" in state:
                 state["painted"] = True
@@ -101,7 +107,12 @@ def run(repeats: int = 5) -> dict:
 
     panel.computed.connect(on_computed)
     spy = PaintSpy()
-    panel.chart.plot_widget.viewport().installEventFilter(spy)
+    # the chart, the table or the summary: another dtype or format of the shown model keeps
+    # the chart's markers (and, for a dtype, often the whole chart and table), so the first
+    # of them to show the change is the one that repaints
+    watched = (panel.chart.plot_widget.viewport(), panel.table.viewport(), panel.summary)
+    for w in watched:
+        w.installEventFilter(spy)
     heartbeat = QTimer()
     heartbeat.setInterval(HEARTBEAT_MS)
     heartbeat.timeout.connect(tick)
@@ -145,7 +156,8 @@ def run(repeats: int = 5) -> dict:
             reused.append(timed(lambda f=fmt: panel.format.setCurrentIndex(
                 panel.format.findData(f))))
     finally:
-        panel.chart.plot_widget.viewport().removeEventFilter(spy)
+        for w in watched:
+            w.removeEventFilter(spy)
         getattr(panel, "shutdown", lambda: None)()
         worker.stop()
 
@@ -154,8 +166,13 @@ def run(repeats: int = 5) -> dict:
                 enumerate(("value", "update_ms", "max_stall_ms", "settled_ms"))}
 
     med, again = medians(cold), medians(reused)
+    # the two kinds apart (the runs alternate: a dtype, then a format): one median over both
+    # lands between them
+    again["dtype_ms"] = round(statistics.median(r[0] for r in reused[0::2]), 1)
+    again["format_ms"] = round(statistics.median(r[0] for r in reused[1::2]), 1)
+    again["value"] = max(again["dtype_ms"], again["format_ms"])  # each kind must fit
     return {"scaling_panel_96_layers_ms": {
-                **med, "goal": GOAL_MS, "met": med["value"] <= GOAL_MS,
+                **med, "goal": GOAL_96_MS, "met": med["value"] <= GOAL_96_MS,
                 "stall_met": med["max_stall_ms"] <= GOAL_MS},
             "scaling_panel_dtype_or_format_ms": {
                 **again, "goal": GOAL_MS, "met": again["value"] <= GOAL_MS,

@@ -54,6 +54,9 @@ _SPREAD_COLUMNS = frozenset(COLUMNS.index(c) for c in ("measured RMS", "log₂ e
 _SCALE_KEYS = {"× forward": "forward", "× grad-in": "grad_input", "× grad-w": "grad_weight"}
 _FORMAT_KEYS = {"underflow": "underflow", "overflow": "overflow",
                 "↑ headroom": "headroom_max_log2", "↓ headroom": "headroom_min_log2"}
+#: The columns that depend on the number format (underflow … status: adjacent)
+_FORMAT_COLUMNS = tuple(COLUMNS.index(c) for c in (*_FORMAT_KEYS, "status"))
+assert _FORMAT_COLUMNS == tuple(range(_FORMAT_COLUMNS[0], _FORMAT_COLUMNS[-1] + 1))
 _RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 _ALIGNMENTS = tuple(None if c in ("tensor", "kind") else _RIGHT for c in COLUMNS)
 _BRUSHES = {colour: QBrush(QColor(colour)) for colour in STATUS_COLOURS.values()}
@@ -170,6 +173,11 @@ class ScaleTableModel(QAbstractTableModel):
         self.sort_column = -1  # op-graph order
         self.sort_order = Qt.SortOrder.AscendingOrder
         self._cells: dict[int, _Cells] = {}  # shown row → its cells, made when first asked
+        #: ``rows[i] is all_rows[_order[i]]`` (None: all rows in their order)
+        self._order: list[int] | None = None
+        #: set_rows' ``measured`` and ``spread`` arguments (what a same-pass update keeps)
+        self._measured_rows: Sequence[TensorRow] | None = None
+        self._spread_arg: Mapping[tuple[str, str], SeedSpread] | None = None
         #: (name, kind) of rows whose values are rounding noise, and why (one line)
         self.noise: frozenset[tuple[str, str]] = frozenset()
         self.noise_reason = ""
@@ -179,11 +187,23 @@ class ScaleTableModel(QAbstractTableModel):
     def set_rows(self, rows: Sequence[TensorRow], measured: Sequence[TensorRow] | None = None,
                  fmt: str | None = None, noise: frozenset[tuple[str, str]] = frozenset(),
                  noise_reason: str = "",
-                 spread: Mapping[tuple[str, str], SeedSpread] | None = None) -> None:
+                 spread: Mapping[tuple[str, str], SeedSpread] | None = None,
+                 same_values: bool = False) -> None:
         """Show ``rows`` (joined with ``measured``) in ``fmt``; ``noise``: rows marked ⚠ as
         rounding noise, ``noise_reason`` their tooltip's line; ``spread``: each measured
-        tensor's variation over the seeds of a measurement over several."""
+        tensor's variation over the seeds of a measurement over several.
+
+        ``same_values``: the caller knows ``rows`` are the rows shown but for their formats
+        (another dtype or format of one predictor pass: same names, kinds, RMS, scales and
+        formulas, in the same order). With the same ``measured`` and ``spread`` objects, and
+        the view not sorted by a column of another format, the model then swaps the rows
+        in place and says which cells changed (the format's columns, the rows whose noise
+        mark changed) instead of a reset: a view repaints only those of them on screen."""
+        if same_values and self._update_in_place(rows, measured, fmt, noise, noise_reason,
+                                                 spread):
+            return
         self.beginResetModel()
+        self._measured_rows, self._spread_arg = measured, spread
         self.noise, self.noise_reason = noise, noise_reason
         self.spread = spread or {}
         self.all_rows = list(rows)
@@ -193,6 +213,34 @@ class ScaleTableModel(QAbstractTableModel):
         self.rows = self._arranged()
         self._cells = {}
         self.endResetModel()
+
+    def _update_in_place(self, rows: Sequence[TensorRow],
+                         measured: Sequence[TensorRow] | None, fmt: str | None,
+                         noise: frozenset[tuple[str, str]], noise_reason: str,
+                         spread: Mapping[tuple[str, str], SeedSpread] | None) -> bool:
+        """:meth:`set_rows` without a reset, when it can be (see there); False: it cannot."""
+        fmt = self.format if fmt is None else fmt
+        new_format = fmt != self.format
+        if measured is not self._measured_rows or spread is not self._spread_arg or \
+                len(rows) != len(self.all_rows) or \
+                (new_format and self.sort_column in _FORMAT_COLUMNS):
+            return False
+        changed = noise != self.noise or (noise_reason != self.noise_reason and noise)
+        marked = self.noise | noise if changed else frozenset()
+        self.all_rows = list(rows)
+        self.rows = self.all_rows[:] if self._order is None else \
+            [self.all_rows[i] for i in self._order]
+        self.format, self.noise, self.noise_reason = fmt, noise, noise_reason
+        self._cells = {}
+        last = len(COLUMNS) - 1
+        if marked:  # the ⚠ in the name and the tooltips of rows marked before or now
+            shown = [i for i, r in enumerate(self.rows) if (r.name, r.kind) in marked]
+            if shown:
+                self.dataChanged.emit(self.index(shown[0], 0), self.index(shown[-1], last))
+        if new_format and self.rows:
+            self.dataChanged.emit(self.index(0, _FORMAT_COLUMNS[0]),
+                                  self.index(len(self.rows) - 1, _FORMAT_COLUMNS[-1]))
+        return True
 
     def set_filter(self, text: str, kind: str) -> None:
         """Show only rows whose name contains ``text`` (any case) and whose kind is ``kind``
@@ -205,13 +253,19 @@ class ScaleTableModel(QAbstractTableModel):
         self.endResetModel()
 
     def _arranged(self) -> list[TensorRow]:
+        """The rows to show: filtered, sorted; keeps their indices in ``all_rows`` in
+        ``_order`` (a later :meth:`set_rows` of the same pass rearranges by it)."""
         text, kind = self.filter_text, self.filter_kind
+        every = self.all_rows
         if not text and not kind:
-            rows = self.all_rows
+            index = None
+            rows = every
         else:
-            rows = [r for r in self.all_rows
-                    if (not kind or r.kind == kind) and text in r.name.lower()]
+            index = [i for i, r in enumerate(every)
+                     if (not kind or r.kind == kind) and text in r.name.lower()]
+            rows = [every[i] for i in index]
         if not 0 <= self.sort_column < len(COLUMNS):
+            self._order = index
             return list(rows)
         column = COLUMNS[self.sort_column]
         keys = [_sort_key(v) for v in self._column_values(rows, column)]
@@ -219,6 +273,7 @@ class ScaleTableModel(QAbstractTableModel):
             keys = [str(k) if not isinstance(k, str) else k for k in keys]
         order = sorted(range(len(rows)), key=keys.__getitem__,
                        reverse=self.sort_order == Qt.SortOrder.DescendingOrder)
+        self._order = order if index is None else [index[i] for i in order]
         return [rows[i] for i in order]
 
     def _column_values(self, rows: Sequence[TensorRow], column: str) -> list:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 from itertools import repeat
@@ -1650,14 +1650,20 @@ class _Pass:
     asked for (a format's table is computed once per distinct RMS: a stack's weights all
     share a few values)."""
 
-    __slots__ = ("rows", "own_shares", "distinct", "index", "tables")
+    __slots__ = ("rows", "own_shares", "distinct", "index", "tables", "rms", "columns",
+                 "counts")
 
     def __init__(self, rows: list[TensorRow], own_shares: list[tuple[str, float]]):
         self.rows, self.own_shares = tuple(rows), tuple(own_shares)
-        rms = np.fromiter(map(_RMS, rows), dtype=np.float64, count=len(rows))
+        self.rms = np.fromiter(map(_RMS, rows), dtype=np.float64, count=len(rows))
+        rms = self.rms.copy()
         rms[~np.isfinite(rms) | (rms < 0)] = 0.0
         self.distinct, self.index = np.unique(rms, return_inverse=True)
         self.tables: dict[str, dict[str, np.ndarray]] = {}
+        #: each attribute of the rows, column by column, for :meth:`answer`'s copies
+        self.columns = tuple(tuple(map(attrgetter(a), rows)) for a in (
+            "name", "kind", "rms", "scales", "shape", "_formula"))
+        self.counts: dict[str, dict[str, int]] = {}  # status_counts per format
 
     def table(self, fmt: str) -> dict[str, np.ndarray]:
         """Gaussian underflow/overflow fractions and headroom of every row in ``fmt``,
@@ -1675,21 +1681,16 @@ class _Pass:
                           Collapse | None]:
         """Fresh rows with headroom in ``formats``, their table, and ``cfg``'s collapse."""
         tables = {fmt: self.table(fmt) for fmt in formats}
-        rows = tuple(map(_copy_row, self.rows))
-        if tables:
-            # row i reads entry i: ``row._formats = (tables, i)``, a TableRow view made when
-            # first read (the setter's work), in one pass that runs in C (a Python loop over
-            # ~6000 rows costs a millisecond)
-            deque(map(_SET_FORMATS, rows, zip(repeat(tables), range(len(rows)))), maxlen=0)
+        names, kinds, rms, scales, shapes, formulas = self.columns
+        # row i reads entry i: ``formats=(tables, i)``, a TableRow view made when first read;
+        # the rows made column by column in one ``map`` (a Python function per row, reading
+        # the pass's row attribute by attribute, cost twice as long)
+        entries = zip(repeat(tables), range(len(names))) if tables else repeat(None)
+        rows = tuple(map(TensorRow, names, kinds, rms, scales, entries, shapes, formulas))
         return rows, tables, find_collapse(self.own_shares, cfg.dtype, cfg.seq_len)
 
 
-def _copy_row(row: TensorRow) -> TensorRow:
-    return TensorRow(row.name, row.kind, row.rms, row.scales, None, row.shape, row._formula)
-
-
 _RMS = attrgetter("rms")
-_SET_FORMATS = TensorRow._formats.__set__
 
 #: Config fields the prediction does not depend on: the dtype only decides where a deep
 #: stack's tokens collapse (:mod:`.collapse`, from the pass's own shares), and the seed and
@@ -1756,12 +1757,14 @@ def status_counts(cfg: ModelConfig, fmt: str) -> dict[str, int]:
     ``fine``, ``at_risk`` and ``lost`` in ``fmt`` (:func:`~.formats.headroom_status` of each
     row, vectorised; from the pass's table, with no rows made)."""
     p = _pass(cfg)
-    table = p.table(fmt)
-    rms = np.fromiter(map(_RMS, p.rows), dtype=np.float64, count=len(p.rows))
-    statuses = headroom_status_array(table["underflow"], table["subnormal"], table["overflow"],
-                                     rms)
-    return {status: int(np.count_nonzero(statuses == status))
-            for status in ("zero", "fine", "at_risk", "lost")}
+    counts = p.counts.get(fmt)
+    if counts is None:  # once per pass and format (a summary asks on every change)
+        table = p.table(fmt)
+        statuses = headroom_status_array(table["underflow"], table["subnormal"],
+                                         table["overflow"], p.rms)
+        counts = p.counts[fmt] = {status: int(np.count_nonzero(statuses == status))
+                                  for status in ("zero", "fine", "at_risk", "lost")}
+    return dict(counts)
 
 
 def is_predicted(cfg: ModelConfig, formats: tuple[str, ...]) -> bool:
