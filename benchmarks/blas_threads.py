@@ -22,13 +22,12 @@ from _common import parser, report
 
 _CHILD = """
 import json, sys, time
-from threadpoolctl import threadpool_info
-from unitscale_core.blas_threads import use_one_blas_thread
+from unitscale_core.blas_threads import blas_thread_counts, use_one_blas_thread
 from unitscale_core.presets import load_preset
 from unitscale_core.scaling.predict import predict
 if sys.argv[1] == "one":
     use_one_blas_thread()
-threads = max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+threads = max(blas_thread_counts())
 cfg = load_preset("llama-3-8b")
 t, c = time.perf_counter(), time.process_time()
 predict(cfg)

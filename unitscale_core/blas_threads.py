@@ -35,3 +35,13 @@ def use_one_blas_thread() -> int | None:
 
     threadpool_limits(limits=limit, user_api="blas")
     return limit
+
+
+def blas_thread_counts() -> set[int]:
+    """The thread counts of the BLAS libraries numpy loaded, as ``threadpoolctl`` sees them
+    (what :func:`use_one_blas_thread` set, or the libraries' own defaults)."""
+    import numpy  # noqa: F401  (the libraries are found once loaded)
+    from threadpoolctl import threadpool_info
+
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+

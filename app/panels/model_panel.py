@@ -231,7 +231,8 @@ class ModelPanel(QWidget):
         # (unitscale_core.presets.PRESET_NOTES), while the fields are the preset's
         self.preset_note = QLabel(objectName="presetNote")
         self.preset_note.setWordWrap(True)
-        # grey as placeholder text is, in any theme (palette(mid) was too faint to read)
+        # the theme's placeholder-text grey, readable in light and dark themes (palette(mid),
+        # tried first, was too faint to read)
         self.preset_note.setForegroundRole(QPalette.ColorRole.PlaceholderText)
         self.preset_note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.preset_note.hide()

@@ -85,14 +85,18 @@ def test_every_modern_field_is_predicted_at_every_entry_point(change):
     assert all(math.isfinite(r.rms) for r in predict(cfg))
 
 
+def _refuse_moe(cfg: ModelConfig) -> dict[str, str]:
+    """``unpredicted_features`` as it would be for a field without its rule: MoE here."""
+    return {"n_experts": "n_experts: the predictor has no rule for it"} if cfg.is_moe else {}
+
+
 def test_a_refused_feature_is_named_at_every_entry_point(monkeypatch):
     """The refusal mechanism a field without a rule goes through (none today): every entry
     point raises UnpredictedFeature, a ValueError naming the field, rather than predicting
     the model as if the feature were absent."""
     from unitscale_core.scaling import predict as P
 
-    monkeypatch.setattr(P, "unpredicted_features", lambda cfg: (
-        {"n_experts": "n_experts: the predictor has no rule for it"} if cfg.is_moe else {}))
+    monkeypatch.setattr(P, "unpredicted_features", _refuse_moe)
     cfg = ModelConfig(**{**TINY, "n_experts": 4, "experts_per_token": 2})
     for entry in ENTRY_POINTS:
         with pytest.raises(UnpredictedFeature) as info:
@@ -126,8 +130,7 @@ def test_cli_predict_refuses_in_one_line(tmp_path, capsys, monkeypatch):
     rule would be) is one line on stderr naming it, exit 2."""
     from unitscale_core.scaling import predict as P
 
-    monkeypatch.setattr(P, "unpredicted_features", lambda cfg: (
-        {"n_experts": "n_experts: the predictor has no rule for it"} if cfg.is_moe else {}))
+    monkeypatch.setattr(P, "unpredicted_features", _refuse_moe)
     path = tmp_path / "c.json"
     path.write_text(dumps_json(ModelConfig(**{**TINY, "n_experts": 4,
                                               "experts_per_token": 2})))

@@ -27,17 +27,16 @@ def _seed_means(base: dict, seeds, keep) -> dict[tuple[str, str], float]:
     return {key: sum(v) / len(v) for key, v in errors.items()}
 
 
-# ------------------------------------------------------------------ tied head, own logit
-@pytest.mark.parametrize("c", [0.2, 0.6, 0.92])
-def test_tied_cross_entropy_grad_matches_sampled_draws(c):
-    """Sampled: a tied N(0, 1) table ``E`` (V × d), a normed stream ``x̂`` keeping a share
-    ``c`` of each token's own row (``p_self`` 0.47, 1, 1), random targets. The logits
-    gradient's RMS is :func:`~unitscale_core.scaling.rules.tied_cross_entropy_grad` of the
-    sampled ``p_self`` moments (within 0.02 log2; measured within 0.008; the i.i.d. rule,
-    whose ``EΣp²`` stands where ``p_self²`` should, is 0.03–0.08 low), and the LayerNorm's
-    backward takes ``E p_self²·c²`` out of each element's ``V·g²`` (within 0.03; 0.013)."""
+#: the sampled tied head's sizes: vocabulary, width, tokens
+_V, _D, _N = 1024, 256, 2048
+
+
+def _tied_head_draws(c: float, loss_input) -> tuple[torch.Tensor, ...]:
+    """A tied N(0, 1) table ``E`` (V × d), a stream keeping a share ``c`` of each token's own
+    row, LayerNorm, logits ``z = x̂ Eᵀ`` and cross-entropy of ``loss_input(z)`` on random
+    targets, backward run: ``(table, tok, x, x̂, z)`` with ``x.grad`` and ``z.grad`` filled."""
     gen = torch.Generator().manual_seed(7)
-    v, d, n = 1024, 256, 2048
+    v, d, n = _V, _D, _N
     table = torch.randn(v, d, generator=gen, dtype=torch.float64)
     tok = torch.randint(v, (n,), generator=gen)
     target = torch.randint(v, (n,), generator=gen)
@@ -47,7 +46,31 @@ def test_tied_cross_entropy_grad_matches_sampled_draws(c):
     xn = F.layer_norm(x, (d,), eps=1e-5)
     z = xn @ table.T
     z.retain_grad()
-    F.cross_entropy(z, target).backward()
+    F.cross_entropy(loss_input(z), target).backward()
+    return table, tok, x, xn, z
+
+
+def _through_norm(table, tok, x, xn, grad_logits: float, own_sq: float) -> float:
+    """The LayerNorm's input gradient (mean square) the rule gives: each element's
+    ``V·g²`` less the own row's ``own_sq·c²`` part (the norm's projection on x̂ removes it;
+    σ² and ``c = e_t·x̂/d`` measured), times ``(d − 2)/d / σ²``."""
+    d = xn.shape[1]
+    share = float((table[tok] * xn.detach()).sum(1).mean() / d)
+    sigma2 = float(x.detach().var(1, unbiased=False).mean())
+    return (_V * grad_logits**2 - own_sq * share**2 / _N**2) * (d - 2) / d / sigma2
+
+
+# ------------------------------------------------------------------ tied head, own logit
+@pytest.mark.parametrize("c", [0.2, 0.6, 0.92])
+def test_tied_cross_entropy_grad_matches_sampled_draws(c):
+    """Sampled: a tied N(0, 1) table ``E`` (V × d), a normed stream ``x̂`` keeping a share
+    ``c`` of each token's own row (``p_self`` 0.47, 1, 1), random targets. The logits
+    gradient's RMS is :func:`~unitscale_core.scaling.rules.tied_cross_entropy_grad` of the
+    sampled ``p_self`` moments (within 0.02 log2; measured within 0.008; the i.i.d. rule,
+    whose ``EΣp²`` stands where ``p_self²`` should, is 0.03–0.08 low), and the LayerNorm's
+    backward takes ``E p_self²·c²`` out of each element's ``V·g²`` (within 0.03; 0.013)."""
+    v, d, n = _V, _D, _N
+    table, tok, x, xn, z = _tied_head_draws(c, lambda z: z)
     p = torch.softmax(z.detach(), -1)[torch.arange(n), tok]
     p1, p2 = float(p.mean()), float((p * p).mean())
     assert p1 > 0.4  # the own logit takes much of the row, as in a standard tied model
@@ -59,9 +82,7 @@ def test_tied_cross_entropy_grad_matches_sampled_draws(c):
     assert math.log2(iid / measured) < -0.02, (iid, measured)
     # the norm's backward: g_x = (g − mean g − x̂ mean(g x̂))/σ, whose projection on x̂
     # removes the own row's c x̂ part of p_self e_t (σ ≈ 1, c measured as e_t·x̂/d)
-    share = float((table[tok] * xn.detach()).sum(1).mean() / d)
-    sigma2 = float(x.detach().var(1, unbiased=False).mean())
-    pred_x = (v * pred**2 - p2 * share**2 / n**2) * (d - 2) / d / sigma2
+    pred_x = _through_norm(table, tok, x, xn, pred, p2)
     measured_x = float(x.grad.pow(2).mean())
     assert abs(0.5 * math.log2(pred_x / measured_x)) < 0.03, (pred_x, measured_x)
 
@@ -97,18 +118,8 @@ def test_capped_tied_cross_entropy_grad_matches_sampled_draws(c, cap):
     uncapped ``E p_self²`` taken out instead (what the defects2 merge did) the saturating
     case is 0.19 log2 low here and was 8.3 log2 low in gemma-softcaps' stream gradients,
     where that part is nearly all of the norm's input gradient."""
-    gen = torch.Generator().manual_seed(7)
-    v, d, n = 1024, 256, 2048
-    table = torch.randn(v, d, generator=gen, dtype=torch.float64)
-    tok = torch.randint(v, (n,), generator=gen)
-    target = torch.randint(v, (n,), generator=gen)
-    x = (c * table[tok] + math.sqrt(1 - c * c) * torch.randn(n, d, generator=gen,
-                                                             dtype=torch.float64))
-    x.requires_grad_(True)
-    xn = F.layer_norm(x, (d,), eps=1e-5)
-    z = xn @ table.T
-    z.retain_grad()
-    F.cross_entropy(cap * torch.tanh(z / cap), target).backward()
+    v, n = _V, _N
+    table, tok, x, xn, z = _tied_head_draws(c, lambda z: cap * torch.tanh(z / cap))
     zd, rows = z.detach(), torch.arange(n)
     p = torch.softmax(cap * torch.tanh(zd / cap), -1)[rows, tok]
     q = p * (1.0 - torch.tanh(zd[rows, tok] / cap) ** 2)  # through the cap's slope
@@ -120,12 +131,10 @@ def test_capped_tied_cross_entropy_grad_matches_sampled_draws(c, cap):
     pred = R.capped_tied_cross_entropy_grad(mom, vocab=v, n_tokens=n, p_self=p1,
                                             p_self_sq=p2, q_self_sq=q2)
     assert abs(math.log2(pred / measured)) < 0.01, (pred, measured)
-    share = float((table[tok] * xn.detach()).sum(1).mean() / d)
-    sigma2 = float(x.detach().var(1, unbiased=False).mean())
     measured_x = float(x.grad.pow(2).mean())
 
     def through_norm(own_sq: float) -> float:
-        return (v * pred**2 - own_sq * share**2 / n**2) * (d - 2) / d / sigma2
+        return _through_norm(table, tok, x, xn, pred, own_sq)
 
     assert abs(0.5 * math.log2(through_norm(q2) / measured_x)) < 0.02, (q2, measured_x)
     if cap == 30.0:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from unitscale_core import blas_threads
-
-
-def _blas_threads() -> set[int]:
-    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+from unitscale_core.blas_threads import blas_thread_counts
 
 
 def test_the_app_applies_it_before_its_window(monkeypatch, tmp_path):
@@ -20,7 +17,7 @@ def test_the_app_applies_it_before_its_window(monkeypatch, tmp_path):
     real = main_window.MainWindow
 
     def window(*args, **kwargs):
-        seen.append(_blas_threads())
+        seen.append(blas_thread_counts())
         return real(*args, **kwargs)
 
     monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
@@ -30,6 +27,6 @@ def test_the_app_applies_it_before_its_window(monkeypatch, tmp_path):
     try:
         entry.main(["--screenshot", str(tmp_path / "w.png")])
     finally:
-        after = _blas_threads()
+        after = blas_thread_counts()
         threadpool_limits(limits=2, user_api="blas")
     assert seen == [{1}] and after == {1}

@@ -240,6 +240,17 @@ def _held_job(worker, gate):
     return job
 
 
+def _fail_a_job(qtbot, win) -> None:
+    """Submit a job that raises "broken" and wait for its failure, then for an idle
+    indicator (the job can end before the indicator ever shows, so waiting for an idle
+    indicator alone may return before the queued failure arrives)."""
+    def fails():
+        raise RuntimeError("broken")
+    with qtbot.waitSignal(win.worker.failed_job):
+        win.worker.submit("job", fails)
+    _waits_for_idle_indicator(qtbot, win)
+
+
 def test_a_failure_covered_by_a_later_jobs_running_text_comes_back(qtbot, make_window):
     """A job that starts within a failure's 10 s shows "running …" over it; when it ends the
     failure is shown again, not an empty status bar (in CI a panel's own job, started late
@@ -247,12 +258,7 @@ def test_a_failure_covered_by_a_later_jobs_running_text_comes_back(qtbot, make_w
     win = make_window(TINY)
     worker = win.worker
     _waits_for_idle_indicator(qtbot, win)
-
-    def fails():
-        raise RuntimeError("broken")
-    with qtbot.waitSignal(worker.failed_job):
-        worker.submit("job", fails)
-    _waits_for_idle_indicator(qtbot, win)
+    _fail_a_job(qtbot, win)
     assert win.statusBar().currentMessage() == "job failed: broken"
     gate = threading.Event()
     with qtbot.waitSignal(worker.started_job):
@@ -283,13 +289,8 @@ def test_busy_indicator_clears_by_every_route(qtbot, make_window):
     gate.set()
     _waits_for_idle_indicator(qtbot, win)
 
-    # failed (the failure's message stays after the indicator goes); the job can end before
-    # the indicator ever shows, so wait for its failure, not only for an idle indicator
-    def fails():
-        raise RuntimeError("broken")
-    with qtbot.waitSignal(worker.failed_job):
-        worker.submit("job", fails)
-    _waits_for_idle_indicator(qtbot, win)
+    # failed (the failure's message stays after the indicator goes)
+    _fail_a_job(qtbot, win)
     assert "job failed: broken" in win.statusBar().currentMessage()
 
     # the Cancel button: the running job and a pending one it names, both ended
